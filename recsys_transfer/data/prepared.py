@@ -1,0 +1,506 @@
+"""The prepared-dataset format, shared by every source (MovieLens, Criteo, synthetic).
+
+Layout of a prepared directory::
+
+    DIR/meta.json                 the schema artifact (see :class:`DatasetMeta`)
+    DIR/train/part-00000.parquet  shards per split; columns: one int64 id column per sparse field,
+    DIR/valid/...                 one float32 column per dense field, one float32 column per label
+    DIR/test/...
+    DIR/vocab/<field>.parquet     raw value -> id (and training count) per vocabulary-encoded field
+
+Ids: 0 is the OOV row of every sparse field (values unseen in train, below ``min_count``, or missing);
+vocabulary ids 1..V-1 are assigned in order of decreasing training count (ties by raw value), so id order is
+frequency order. Hashed fields map a raw value to ``1 + h(value) mod (hash_size - 1)`` with a stable
+64-bit hash (:func:`stable_hash`), so they need no vocabulary.
+
+Building is two passes over a re-iterable stream of raw chunks (polars DataFrames) so memory is bounded by the
+chunk size plus the vocabularies, never by the file: pass 1 counts values on training rows (fit on train only,
+as FuxiCTR does), pass 2 maps and writes. Sources supply the chunks; see :func:`build_prepared`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys_transfer.data.splits import SPLITS, HeadTailSpec, SplitSpec, splitmix64
+from recsys_transfer.errors import UserError
+
+FORMAT_VERSION = 1
+OOV_INDEX = 0
+ROW_COL = "__row"  # global 0-based record index in the input, supplied by the source
+SPLIT_COL = "__split"  # optional split code (0/1/2) supplied by the source (temporal splits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema given by a source
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """One categorical field. ``min_count``: values seen fewer times in train map to OOV.
+    ``hash_size``: if set, hash into that many rows (row 0 stays OOV/missing) instead of a vocabulary."""
+
+    name: str
+    min_count: int = 1
+    hash_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1:
+            raise ValueError(f"{self.name}: min_count must be >= 1")
+        if self.hash_size is not None and self.hash_size < 2:
+            raise ValueError(f"{self.name}: hash_size must be >= 2")
+
+
+@dataclass(frozen=True)
+class Schema:
+    sparse: tuple[SparseSpec, ...]
+    dense: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ("label",)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sparse] + list(self.dense) + list(self.labels)
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate column names in schema: {names}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# meta.json
+
+
+@dataclass(frozen=True)
+class SparseFieldMeta:
+    name: str
+    vocab_size: int  # number of embedding rows, OOV row included
+    oov_index: int
+    hashed: bool
+    min_count: int
+    frequencies: list[int]  # training count per id, length vocab_size (OOV row counts OOV occurrences)
+    head_ids: list[int]  # source domain S (sorted); tail = every other non-OOV id
+
+    @property
+    def num_head(self) -> int:
+        return len(self.head_ids)
+
+    def head_mask(self) -> np.ndarray:
+        """bool[vocab_size]: True for head (source) ids."""
+        mask = np.zeros(self.vocab_size, dtype=bool)
+        mask[np.asarray(self.head_ids, dtype=np.int64)] = True
+        return mask
+
+    def tail_mask(self) -> np.ndarray:
+        """bool[vocab_size]: True for tail (rough target) ids; the OOV row is neither head nor tail."""
+        mask = ~self.head_mask()
+        mask[self.oov_index] = False
+        return mask
+
+    def tail_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.tail_mask())
+
+    def is_head(self, ids: np.ndarray) -> np.ndarray:
+        return self.head_mask()[np.asarray(ids, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """Everything a model, loader or transfer method needs to know about a prepared dataset."""
+
+    dataset: str
+    sparse: list[SparseFieldMeta]
+    dense: list[str]
+    labels: list[str]
+    split: dict
+    head_tail: dict
+    split_rows: dict[str, int]
+    split_files: dict[str, list[str]]
+    input_rows: int
+    skipped_rows: int
+    skip_reasons: dict[str, int]
+    source: dict
+    format_version: int = FORMAT_VERSION
+    dataset_id: str = ""
+
+    # -- queries ---------------------------------------------------------------------------------------------
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    def field(self, name: str) -> SparseFieldMeta:
+        for f in self.sparse:
+            if f.name == name:
+                return f
+        raise UserError(f"unknown sparse field {name!r}; this dataset has {self.sparse_names}")
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.split_rows.values())
+
+    # -- io --------------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def compute_id(d: dict) -> str:
+        """Content id of the schema + data split (not of paths), so a model can refuse another dataset."""
+        key = {
+            "dataset": d["dataset"],
+            "sparse": [(f["name"], f["vocab_size"], f["hashed"]) for f in d["sparse"]],
+            "dense": d["dense"],
+            "labels": d["labels"],
+            "split": d["split"],
+            "split_rows": d["split_rows"],
+            "source": {k: v for k, v in d["source"].items() if k != "input"},
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def write(self, directory: Path) -> None:
+        d = self.to_json()
+        (Path(directory) / "meta.json").write_text(json.dumps(d, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DatasetMeta":
+        path = Path(directory) / "meta.json"
+        if not path.is_file():
+            raise UserError(f"{path}: not a prepared dataset (meta.json missing); run `recsys-transfer prepare` first")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        if d.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path}: format_version {d.get('format_version')} is not {FORMAT_VERSION}; prepare the data again")
+        d["sparse"] = [SparseFieldMeta(**f) for f in d["sparse"]]
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hashing
+
+
+def stable_hash(values: pl.Series) -> np.ndarray:
+    """A 64-bit hash of each value that does not depend on the polars version: the MD5 prefix is too slow, so
+    we hash the UTF-8 bytes with FNV-1a folded through SplitMix64, vectorized over the Arrow buffers."""
+    arr = values.cast(pl.Utf8).fill_null("").to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    arr = arr.cast(pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    h = np.full(n, np.uint64(0xCBF29CE484222325))
+    prime = np.uint64(0x100000001B3)
+    max_len = int(lengths.max()) if n else 0
+    starts = offsets[:-1]
+    with np.errstate(over="ignore"):
+        for k in range(max_len):  # loop over character positions (short strings), vectorized over rows
+            live = lengths > k
+            idx = np.flatnonzero(live)
+            h[idx] = (h[idx] ^ data[starts[idx] + k].astype(np.uint64)) * prime
+        h ^= lengths.astype(np.uint64)
+    return splitmix64(h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building
+
+
+@dataclass
+class BuildReport:
+    input_rows: int = 0
+    skipped_rows: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped_rows += n
+        self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + n
+
+
+ChunkFactory = Callable[[], Iterable[pl.DataFrame]]
+
+
+def _split_codes(chunk: pl.DataFrame, split: SplitSpec) -> np.ndarray:
+    if SPLIT_COL in chunk.columns:
+        return chunk[SPLIT_COL].to_numpy().astype(np.uint8)
+    if split.kind != "random":
+        raise ValueError("a temporal split must be assigned by the source (column __split)")
+    return split.assign_random(chunk[ROW_COL].to_numpy())
+
+
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterator:
+    if not enabled:
+        yield from iterable
+        return
+    from tqdm import tqdm
+
+    with tqdm(iterable, desc=desc, unit="chunk", total=total, leave=False) as bar:
+        yield from bar
+
+
+def _count_pass(chunks: ChunkFactory, schema: Schema, split: SplitSpec, progress: bool) -> dict[str, pl.DataFrame]:
+    """Pass 1: training counts of every raw value of every vocabulary field (bounded by vocab size)."""
+    vocab_fields = [s.name for s in schema.sparse if s.hash_size is None]
+    partial: dict[str, list[pl.DataFrame]] = {n: [] for n in vocab_fields}
+    pending = 0
+    for chunk in _progress(chunks(), "count", progress):
+        train = chunk.filter(pl.Series(_split_codes(chunk, split) == 0))
+        for name in vocab_fields:
+            partial[name].append(train.group_by(name).len(name="count"))
+        pending += len(train)
+        if pending > 5_000_000:  # fold partial counts so memory stays bounded by the vocabularies
+            partial = {n: [pl.concat(p).group_by(n).agg(pl.col("count").sum())] for n, p in partial.items()}
+            pending = 0
+    out = {}
+    for name, parts in partial.items():
+        if parts:
+            counts = pl.concat(parts).group_by(name).agg(pl.col("count").sum())
+        else:
+            counts = pl.DataFrame({name: [], "count": []}, schema={name: pl.Utf8, "count": pl.UInt32})
+        out[name] = counts
+    return out
+
+
+def _make_vocab(name: str, counts: pl.DataFrame, min_count: int) -> tuple[pl.DataFrame, int]:
+    """raw -> id table for one field (ids from 1 in frequency order) and the OOV training count."""
+    counts = counts.with_columns(pl.col("count").cast(pl.Int64))
+    nulls = counts.filter(pl.col(name).is_null())["count"].sum()
+    kept = counts.filter(pl.col(name).is_not_null() & (pl.col("count") >= min_count))
+    dropped = counts.filter(pl.col(name).is_not_null() & (pl.col("count") < min_count))["count"].sum()
+    kept = kept.sort(["count", name], descending=[True, False]).with_row_index("id", offset=1)
+    kept = kept.with_columns(pl.col("id").cast(pl.Int64))
+    return kept.select(name, "id", "count"), int(nulls or 0) + int(dropped or 0)
+
+
+def _encode(chunk: pl.DataFrame, schema: Schema, vocabs: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    cols = []
+    for spec in schema.sparse:
+        raw = chunk[spec.name]
+        if spec.hash_size is not None:
+            ids = 1 + (stable_hash(raw) % np.uint64(spec.hash_size - 1)).astype(np.int64)
+            ids[raw.is_null().to_numpy()] = OOV_INDEX
+            cols.append(pl.Series(spec.name, ids, dtype=pl.Int64))
+        else:
+            vocab = vocabs[spec.name]
+            mapped = (
+                chunk.select(pl.col(spec.name).cast(vocab[spec.name].dtype))
+                .join(vocab.select(spec.name, "id"), on=spec.name, how="left", maintain_order="left")
+                .get_column("id")
+                .fill_null(OOV_INDEX)
+            )
+            cols.append(mapped.alias(spec.name).cast(pl.Int64))
+    for name in schema.dense:
+        cols.append(chunk[name].cast(pl.Float32))
+    for name in schema.labels:
+        cols.append(chunk[name].cast(pl.Float32))
+    return pl.DataFrame(cols)
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, rows_per_shard: int, row_group_size: int) -> None:
+        self.directory = directory
+        self.rows_per_shard = rows_per_shard
+        self.row_group_size = row_group_size
+        self.files: list[str] = []
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                name = f"part-{len(self.files):05d}.parquet"
+                self._writer = pq.ParquetWriter(self.directory / name, table.schema, compression="zstd")
+                self.files.append(f"{self.directory.name}/{name}")
+                self._in_shard = 0
+            take = min(table.num_rows, self.rows_per_shard - self._in_shard)
+            self._writer.write_table(table.slice(0, take), row_group_size=self.row_group_size)
+            self._in_shard += take
+            self.rows += take
+            table = table.slice(take)
+            if self._in_shard >= self.rows_per_shard:
+                self._writer.close()
+                self._writer = None
+
+    def close(self, schema: pa.Schema) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self.files:  # an empty split still gets one (empty) shard so readers see the schema
+            name = f"part-{0:05d}.parquet"
+            pq.write_table(schema.empty_table(), self.directory / name)
+            self.files.append(f"{self.directory.name}/{name}")
+
+
+def build_prepared(
+    chunks: ChunkFactory,
+    schema: Schema,
+    output: str | Path,
+    *,
+    dataset: str,
+    split: SplitSpec,
+    head_tail: HeadTailSpec,
+    report: BuildReport,
+    source: dict,
+    progress: bool = True,
+    rows_per_shard: int = 2_000_000,
+    row_group_size: int = 131_072,
+) -> DatasetMeta:
+    """Two passes over ``chunks()`` (a factory, so the stream can be read twice) -> prepared directory.
+
+    Each chunk is a polars DataFrame with the raw columns named in ``schema``, ``__row`` (the global record
+    index, used by the random split) and optionally ``__split``. Sources count their skipped rows in ``report``
+    during pass 1 only (``report`` is frozen after it), so ``input_rows == prepared rows + skipped rows``.
+    """
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "meta.json").is_file():
+            raise UserError(f"{out}: output directory exists, is not empty and is not a prepared dataset; refusing to overwrite")
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    counts = _count_pass(chunks, schema, split, progress)
+    frozen = BuildReport(report.input_rows, report.skipped_rows, dict(report.skip_reasons))
+
+    vocabs: dict[str, pl.DataFrame] = {}
+    fields_meta: list[SparseFieldMeta] = []
+    (tmp / "vocab").mkdir()
+    for spec in schema.sparse:
+        if spec.hash_size is None:
+            vocab, oov_count = _make_vocab(spec.name, counts[spec.name], spec.min_count)
+            vocabs[spec.name] = vocab
+            vocab.write_parquet(tmp / "vocab" / f"{spec.name}.parquet")
+            freq = np.zeros(len(vocab) + 1, dtype=np.int64)
+            freq[vocab["id"].to_numpy()] = vocab["count"].to_numpy()
+            freq[OOV_INDEX] = oov_count
+        else:
+            freq = None  # filled during pass 2
+        fields_meta.append(freq)  # type: ignore[arg-type]
+
+    hashed_freq = {s.name: np.zeros(s.hash_size, dtype=np.int64) for s in schema.sparse if s.hash_size is not None}
+    writers = {name: _ShardWriter(tmp / name, rows_per_shard, row_group_size) for name in SPLITS}
+    arrow_schema = None
+    for chunk in _progress(chunks(), "encode", progress):
+        codes = _split_codes(chunk, split)
+        encoded = _encode(chunk, schema, vocabs)
+        arrow_schema = arrow_schema or encoded.to_arrow().schema
+        for name, counter in hashed_freq.items():
+            counter += np.bincount(encoded[name].to_numpy()[codes == 0], minlength=len(counter))
+        for code, name in enumerate(SPLITS):
+            part = encoded.filter(pl.Series(codes == code))
+            if len(part):
+                writers[name].write(part.to_arrow())
+    if arrow_schema is None:
+        arrow_schema = _encode(pl.DataFrame(schema=_raw_schema(schema)), schema, vocabs).to_arrow().schema
+    for w in writers.values():
+        w.close(arrow_schema)
+
+    sparse_meta = []
+    for spec, freq in zip(schema.sparse, fields_meta):
+        if freq is None:
+            freq = hashed_freq[spec.name]
+        sparse_meta.append(
+            SparseFieldMeta(
+                name=spec.name,
+                vocab_size=int(len(freq)),
+                oov_index=OOV_INDEX,
+                hashed=spec.hash_size is not None,
+                min_count=spec.min_count,
+                frequencies=[int(x) for x in freq],
+                head_ids=[int(x) for x in head_tail.head_ids(freq, OOV_INDEX)],
+            )
+        )
+    split_rows = {name: writers[name].rows for name in SPLITS}
+    prepared_rows = sum(split_rows.values())
+    if prepared_rows + frozen.skipped_rows != frozen.input_rows:
+        raise RuntimeError(
+            f"row accounting broken: {prepared_rows} prepared + {frozen.skipped_rows} skipped != {frozen.input_rows} input"
+        )
+    d = dict(
+        dataset=dataset,
+        sparse=[asdict(f) for f in sparse_meta],
+        dense=list(schema.dense),
+        labels=list(schema.labels),
+        split=split.to_json(),
+        head_tail=head_tail.to_json(),
+        split_rows=split_rows,
+        split_files={name: writers[name].files for name in SPLITS},
+        input_rows=frozen.input_rows,
+        skipped_rows=frozen.skipped_rows,
+        skip_reasons=frozen.skip_reasons,
+        source=source,
+    )
+    d["dataset_id"] = DatasetMeta.compute_id(d)
+    d["sparse"] = sparse_meta
+    meta = DatasetMeta(**d)
+    meta.write(tmp)
+    tmp.rename(out) if not out.exists() else (shutil.rmtree(out), tmp.rename(out))
+    return meta
+
+
+def _raw_schema(schema: Schema) -> dict:
+    d: dict = {s.name: pl.Utf8 for s in schema.sparse}
+    d.update({n: pl.Float32 for n in schema.dense})
+    d.update({n: pl.Float32 for n in schema.labels})
+    return d
+
+
+def chunked(df: pl.DataFrame, chunk_rows: int) -> Callable[[], Iterator[pl.DataFrame]]:
+    """Chunk factory over an in-memory frame (adds ``__row`` if absent)."""
+    if ROW_COL not in df.columns:
+        df = df.with_row_index(ROW_COL).with_columns(pl.col(ROW_COL).cast(pl.UInt64))
+
+    def factory() -> Iterator[pl.DataFrame]:
+        for start in range(0, max(len(df), 1), chunk_rows):
+            part = df.slice(start, chunk_rows)
+            if len(part) or start == 0:
+                yield part
+
+    return factory
+
+
+def human_summary(meta: DatasetMeta) -> str:
+    lines = [
+        f"dataset {meta.dataset} (id {meta.dataset_id}): {meta.total_rows:,} rows "
+        + ", ".join(f"{k} {v:,}" for k, v in meta.split_rows.items())
+        + f"; input {meta.input_rows:,}, skipped {meta.skipped_rows:,}"
+        + (f" {meta.skip_reasons}" if meta.skip_reasons else ""),
+    ]
+    for f in meta.sparse:
+        lines.append(
+            f"  {f.name:<16} vocab {f.vocab_size:>9,}  head {f.num_head:>8,}  "
+            f"oov-count {f.frequencies[f.oov_index]:>8,}{'  (hashed)' if f.hashed else ''}"
+        )
+    if meta.dense:
+        lines.append(f"  dense: {', '.join(meta.dense)}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BuildReport",
+    "DatasetMeta",
+    "HeadTailSpec",
+    "Schema",
+    "SparseFieldMeta",
+    "SparseSpec",
+    "SplitSpec",
+    "build_prepared",
+    "chunked",
+    "human_summary",
+    "stable_hash",
+    "ROW_COL",
+    "SPLIT_COL",
+    "OOV_INDEX",
+]
