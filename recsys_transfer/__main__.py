@@ -1,0 +1,5 @@
+import sys
+
+from recsys_transfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""MovieLens (100K and 1M) -> prepared dataset, for the CTR task of the harmless-transfer paper's code base.
+
+Task (as in "Learnable Embedding Sizes for Recommender Systems", which the paper builds on): ratings equal to 3
+are dropped (reported as a counted skip, reason ``rating == 3 (neutral)``), the label is ``rating > 3``.
+
+Layouts, detected from the directory:
+
+* ML-100K: ``u.data`` (``user \\t item \\t rating \\t unix_ts``), ``u.user`` (``user|age|gender|occupation|zip``),
+  ``u.item`` (``item|title|release_date|video_release|url|19 genre flags``, latin-1).
+* ML-1M: ``ratings.dat`` (``user::item::rating::ts``), ``users.dat`` (``user::gender::age::occupation::zip``),
+  ``movies.dat`` (``item::title (year)::Genre|Genre``), ``::``-separated, latin-1.
+
+Sparse fields (all single-valued): ``user_id``, ``item_id``, ``time`` (the rating's ISO year-week, ``2019-W07``),
+``age`` (ML-100K: years; ML-1M: the published age group code), ``gender``, ``occupation``, ``zip`` (the raw zip
+code string; the paper's long-tail transfer field), ``year`` (release year; missing -> OOV), ``genres`` (the
+combination of genres as one value, e.g. ``Action|Comedy``). No dense fields; one label, ``label``.
+
+Everything fits in memory (ML-1M is 1,000,209 ratings), so the whole table is one chunk; the builder still fits
+vocabularies on the training split only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys_transfer.data.prepared import (
+    ROW_COL,
+    SPLIT_COL,
+    BuildReport,
+    DatasetMeta,
+    Schema,
+    SparseSpec,
+    build_prepared,
+    chunked,
+)
+from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+from recsys_transfer.data.text import read_lines, split_fields, to_int
+from recsys_transfer.errors import DataError, UserError
+
+FIELDS = ("user_id", "item_id", "time", "age", "gender", "occupation", "zip", "year", "genres")
+GENRES_100K = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)
+LAYOUTS = {"ml-100k": ("u.data", "u.user", "u.item"), "ml-1m": ("ratings.dat", "users.dat", "movies.dat")}
+
+
+def detect_layout(directory: Path) -> str:
+    if not directory.is_dir():
+        raise UserError(f"{directory}: MovieLens input must be a directory holding u.data/u.user/u.item (ML-100K) "
+                        "or ratings.dat/users.dat/movies.dat (ML-1M)")
+    for name, files in LAYOUTS.items():
+        if (directory / files[0]).exists():
+            return name
+    raise UserError(f"{directory}: unknown MovieLens layout: expected u.data, u.user, u.item (ML-100K) or "
+                    "ratings.dat, users.dat, movies.dat (ML-1M)")
+
+
+def _read_ratings(path: Path, sep: str, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
+    lines = read_lines(path, "utf-8")
+    n_input = len(lines)
+    df = split_fields(path, lines, sep, 4, ["user", "item", "rating", "ts"], on_bad_row=on_bad_row, skipped=skipped)
+    df = to_int(path, df, ["user", "item", "rating", "ts"], on_bad_row=on_bad_row, skipped=skipped)
+    bad = ~df["rating"].is_between(1, 5)
+    if bad.any():
+        if on_bad_row != "skip":
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(path, f"rating must be 1..5, got {df['rating'][i]}", int(df["__line"][i]))
+        skipped["rating out of 1..5"] = skipped.get("rating out of 1..5", 0) + int(bad.sum())
+        df = df.filter(~bad)
+    return df, n_input
+
+
+def _check_unique(path: Path, df: pl.DataFrame, key: str) -> None:
+    dup = df[key].is_duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[-1])
+        raise DataError(path, f"duplicate {key} {df[key][i]}", int(df["__line"][i]))
+
+
+def _load_100k(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
+    ratings, n_input = _read_ratings(d / "u.data", "\t", on_bad_row, skipped)
+    up = d / "u.user"
+    users = split_fields(up, read_lines(up, "utf-8"), "|", 5, ["user", "age", "gender", "occupation", "zip"])
+    users = to_int(up, users, ["user"])
+    _check_unique(up, users, "user")
+    ip = d / "u.item"
+    item_names = ["item", "title", "release", "video", "url", *[f"g{k}" for k in range(19)]]
+    items = split_fields(ip, read_lines(ip, "latin-1"), "|", 24, item_names)
+    items = to_int(ip, items, ["item"])
+    _check_unique(ip, items, "item")
+    flags = pl.concat_list([pl.col(f"g{k}") == "1" for k in range(19)])
+    items = items.select(
+        "item",
+        pl.col("release").str.slice(-4).cast(pl.Int64, strict=False).cast(pl.Utf8).alias("year"),
+        flags.list.eval(pl.arg_where(pl.element())).list.eval(pl.element().replace_strict(list(range(19)), list(GENRES_100K)))
+        .list.join("|").alias("genres"),
+    )
+    return _join(ratings, users, items, d / "u.data", on_bad_row, skipped), n_input
+
+
+def _load_1m(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
+    ratings, n_input = _read_ratings(d / "ratings.dat", "::", on_bad_row, skipped)
+    up = d / "users.dat"
+    users = split_fields(up, read_lines(up, "latin-1"), "::", 5, ["user", "gender", "age", "occupation", "zip"])
+    users = to_int(up, users, ["user"])
+    _check_unique(up, users, "user")
+    ip = d / "movies.dat"
+    items = split_fields(ip, read_lines(ip, "latin-1"), "::", 3, ["item", "title", "genres"])
+    items = to_int(ip, items, ["item"])
+    _check_unique(ip, items, "item")
+    items = items.select(
+        "item",
+        pl.col("title").str.extract(r"\((\d{4})\)\s*$").alias("year"),
+        pl.col("genres").str.split("|").list.sort().list.join("|").alias("genres"),
+    )
+    return _join(ratings, users, items, d / "ratings.dat", on_bad_row, skipped), n_input
+
+
+def _join(ratings: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame, path: Path, on_bad_row: str,
+          skipped: dict[str, int]) -> pl.DataFrame:
+    df = ratings.join(users.drop("__line"), on="user", how="left", maintain_order="left")
+    df = df.join(items, on="item", how="left", maintain_order="left")
+    for key, probe in (("user", "gender"), ("item", "genres")):
+        missing = df[probe].is_null() if key == "user" else ~df["item"].is_in(items["item"].implode())
+        if missing.any():
+            if on_bad_row != "skip":
+                i = int(np.flatnonzero(missing.to_numpy())[0])
+                raise DataError(path, f"{key} id {df[key][i]} is not in the {key} file", int(df["__line"][i]))
+            skipped[f"unknown {key}"] = skipped.get(f"unknown {key}", 0) + int(missing.sum())
+            df = df.filter(~missing)
+    return df
+
+
+def prepare_movielens(
+    input_dir: str | Path,
+    output: str | Path,
+    *,
+    split: SplitSpec = SplitSpec(),
+    head_tail: HeadTailSpec = HeadTailSpec(),
+    min_count: int = 1,
+    on_bad_row: str = "error",
+    progress: bool = True,
+) -> DatasetMeta:
+    """Raw MovieLens directory -> prepared dataset in ``output`` (see module docstring)."""
+    if on_bad_row not in ("error", "skip"):
+        raise UserError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    d = Path(input_dir)
+    layout = detect_layout(d)
+    skipped: dict[str, int] = {}
+    df, n_input = (_load_100k if layout == "ml-100k" else _load_1m)(d, on_bad_row, skipped)
+
+    neutral = df["rating"] == 3
+    skipped["rating == 3 (neutral)"] = int(neutral.sum())
+    df = df.filter(~neutral)
+    week = pl.from_epoch(pl.col("ts"), time_unit="s").dt
+    df = df.select(
+        pl.col("user").cast(pl.Utf8).alias("user_id"),
+        pl.col("item").cast(pl.Utf8).alias("item_id"),
+        pl.format("{}-W{}", week.iso_year(), week.week().cast(pl.Utf8).str.zfill(2)).alias("time"),
+        pl.col("age").str.strip_chars(),
+        pl.col("gender").str.strip_chars(),
+        pl.col("occupation").str.strip_chars(),
+        pl.col("zip").str.strip_chars(),
+        pl.col("year"),
+        pl.col("genres"),
+        (pl.col("rating") > 3).cast(pl.Float32).alias("label"),
+        pl.col("ts"),
+    )
+    df = df.with_row_index(ROW_COL).with_columns(pl.col(ROW_COL).cast(pl.UInt64))
+    if split.kind == "temporal":
+        df = df.with_columns(pl.Series(SPLIT_COL, split.assign_temporal(df["ts"].to_numpy())))
+    df = df.drop("ts")
+
+    report = BuildReport(input_rows=n_input)
+    for reason, n in skipped.items():
+        report.skip(reason, n)
+    schema = Schema(sparse=tuple(SparseSpec(f, min_count=min_count) for f in FIELDS), dense=(), labels=("label",))
+    return build_prepared(
+        chunked(df, max(len(df), 1)),
+        schema,
+        output,
+        dataset=layout,
+        split=split,
+        head_tail=head_tail,
+        report=report,
+        source={"kind": "movielens", "layout": layout, "input": str(d), "min_count": min_count,
+                "on_bad_row": on_bad_row, "task": "drop rating 3; label = rating > 3"},
+        progress=progress,
+    )
