@@ -47,7 +47,7 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, total=len(loader), desc="train", unit="batch", leave=False)
+        it = tqdm(loader, total=len(loader), desc="train", unit="batch", leave=False, mininterval=0.5)
     for batch in it:
         logits = model(batch)[label]
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels[label])
@@ -56,8 +56,8 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
         optimizer.step()
         total += float(loss.detach()) * batch.batch_size
         rows += batch.batch_size
-        if progress:
-            it.set_postfix(loss=f"{total / rows:.4f}")
+        if progress and rows // batch.batch_size % 50 == 0:
+            it.set_postfix(loss=f"{total / rows:.4f}", refresh=False)
     return EpochStats(total / max(rows, 1), rows, time.perf_counter() - t0)
 
 
