@@ -1,0 +1,96 @@
+"""torchrun worker for the sharded-vs-single-process equality test (tests/test_barrier_distributed.py).
+
+Each rank trains the same FM on the same global batches (rank r takes rows [r*B, (r+1)*B) of each global batch of
+size W*B) under DistributedModelParallel with the transfer plug-in, starting from the weights in --init, and saves
+its local shards (with their row offsets) and the dense parameters to --out/rank<r>.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from recsys_transfer.data.loader import BatchLoader
+from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.models.fm import FM
+from recsys_transfer.train.distributed import init_distributed, shard_model, shutdown
+from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+from recsys_transfer.types import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def local_rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows [start, stop) of a batch of single-valued fields."""
+    keys = batch.sparse.keys()
+    n = batch.batch_size
+    values = batch.sparse.values().view(len(keys), n)[:, start:stop].reshape(-1)
+    m = stop - start
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(len(keys) * m, dtype=torch.int32), stride=m)
+    return Batch(batch.dense[start:stop], kjt, {k: v[start:stop] for k, v in batch.labels.items()})
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--init", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sharding", choices=("table_wise", "row_wise"), required=True)
+    p.add_argument("--mode", default="lexico")
+    p.add_argument("--loss", default="mmd")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--fields", default="zip,user_id")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    args = p.parse_args()
+
+    info = init_distributed()
+    torch.manual_seed(0)
+    meta = DatasetMeta.load(args.data)
+    model = FM(meta, embedding_dim=8)
+    model.load_state_dict(torch.load(args.init))
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dmp = shard_model(model, info.device, sharding_type=args.sharding)
+    # copy the reference initial weights into the local shards (DMP re-initializes sharded tables)
+    for key, value in dmp.state_dict().items():
+        src = init_state[key]
+        if hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                off = shard.metadata.shard_offsets
+                size = shard.metadata.shard_sizes
+                shard.tensor.copy_(src[off[0]:off[0] + size[0], off[1]:off[1] + size[1]])
+        else:
+            value.copy_(src)
+    cfg = TransferConfig(mode=args.mode, loss=args.loss, fields=tuple(args.fields.split(",")), optimizer=args.optimizer,
+                         lr=args.lr, lam=0.5)
+    plugin = TransferPlugin(dmp, meta, cfg)
+    dense_opt = torch.optim.SGD(plugin.dense_parameters(), lr=args.lr)
+    W, B = info.world_size, args.batch
+    loader = BatchLoader(args.data, "train", W * B, drop_last=True)
+    for step, batch in enumerate(loader):
+        if step == args.steps:
+            break
+        local = local_rows(batch, info.rank * B, (info.rank + 1) * B)
+        loss = F.binary_cross_entropy_with_logits(dmp(local)["label"], local.labels["label"])
+        dense_opt.zero_grad()
+        plugin.backward(loss)
+        dense_opt.step()
+    saved = {}
+    for key, value in dmp.state_dict().items():
+        if hasattr(value, "local_shards"):
+            saved[key] = [(list(s.metadata.shard_offsets), s.tensor.detach().clone()) for s in value.local_shards()]
+        else:
+            saved[key] = [([0] * value.dim(), value.detach().clone())]
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": saved, "stats": plugin.stats()}, args.out / f"rank{info.rank}.pt")
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
