@@ -1,0 +1,264 @@
+"""Throughput and peak memory of ``prepare_criteo`` against a straightforward pandas implementation.
+
+Generates Criteo-schema synthetic TSV files (40 tab-separated fields: label, I1..I13 with empties and
+negatives, C1..C26 8-hex tokens drawn Zipf-like from a few thousand values per field, some empty), then for
+each size runs both implementations of the same transformation, each in a FRESH subprocess so the peak RSS
+(``ru_maxrss`` of that process) belongs to one implementation only:
+
+* ``ours``:   ``recsys_transfer.data.criteo.prepare_criteo`` (streaming, two passes, bounded memory);
+* ``pandas``: ``pd.read_csv`` of the whole file, the same seeded random split, min-count vocabularies fit on
+  train per sparse field, log-square bucketing of I1..I13, dense ``log1p(max(v,0))``, ids via ``Series.map``,
+  one parquet file per split.
+
+Usage::
+
+    python benchmarks/prepare_throughput.py                       # 2,000,000 rows
+    python benchmarks/prepare_throughput.py --sizes 1000000,2000000
+    python benchmarks/prepare_throughput.py --rows 5000000 --impls ours   # the >= 5M-row proof
+
+Results go to ``benchmarks/results/prepare_throughput.{json,md}`` (``--tag`` adds a suffix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+INT_FIELDS = [f"I{i}" for i in range(1, 14)]
+CAT_FIELDS = [f"C{i}" for i in range(1, 27)]
+COLUMNS = ["label", *INT_FIELDS, *CAT_FIELDS]
+MIN_COUNT = 10
+SEED = 2022
+
+
+# ----------------------------------------------------------------------------------------------------------
+# synthetic Criteo TSV (vectorized: ~1-2 s per million rows)
+
+
+def write_synthetic_criteo(path: Path, rows: int, seed: int = 0, block: int = 1_000_000) -> None:
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    pool_sizes = rng.integers(3, 8000, size=len(CAT_FIELDS))
+    pools = [
+        pl.Series([f"{x:08x}" for x in rng.integers(0, 2**32, size=int(k), dtype=np.uint64)], dtype=pl.Utf8)
+        for k in pool_sizes
+    ]
+    cat_null = rng.uniform(0.0, 0.4, size=len(CAT_FIELDS))
+    int_null = rng.uniform(0.0, 0.45, size=len(INT_FIELDS))
+    int_mu = rng.uniform(0.0, 6.0, size=len(INT_FIELDS))
+    tmp = path.with_suffix(".part")
+    with tmp.open("wb") as f:
+        for start in range(0, rows, block):
+            n = min(block, rows - start)
+            cols: dict[str, pl.Series] = {"label": pl.Series((rng.random(n) < 0.25).astype(np.int64))}
+            for j, name in enumerate(INT_FIELDS):
+                v = np.floor(np.exp(rng.normal(int_mu[j], 1.5, size=n))).astype(np.int64)
+                v[rng.random(n) < 0.03] *= -1  # some negatives
+                s = pl.Series(name, v)
+                cols[name] = pl.select(pl.when(pl.Series(rng.random(n) < int_null[j])).then(None).otherwise(s)).to_series()
+            for j, name in enumerate(CAT_FIELDS):
+                k = len(pools[j])
+                idx = np.minimum((k * rng.random(n) ** 3).astype(np.int64), k - 1)  # Zipf-like: low ids common
+                s = pools[j].gather(idx)
+                cols[name] = pl.select(pl.when(pl.Series(rng.random(n) < cat_null[j])).then(None).otherwise(s)).to_series()
+            df = pl.DataFrame({name: cols[name].alias(name) for name in COLUMNS})
+            df.write_csv(f, separator="\t", include_header=False, quote_style="never", null_value="")
+    tmp.rename(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the two implementations (run inside a worker subprocess)
+
+
+def run_ours(inp: Path, out: Path, chunk_rows: int) -> int:
+    from recsys_transfer.data.criteo import prepare_criteo
+    from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+
+    meta = prepare_criteo(
+        [inp], out, split=SplitSpec(seed=SEED), head_tail=HeadTailSpec(), min_count=MIN_COUNT,
+        chunk_rows=chunk_rows, progress=False,
+    )
+    return meta.total_rows
+
+
+def run_pandas(inp: Path, out: Path) -> int:
+    import pandas as pd
+
+    from recsys_transfer.data.splits import SplitSpec
+
+    dtypes = {"label": "int64", **{c: "float64" for c in INT_FIELDS}, **{c: "str" for c in CAT_FIELDS}}
+    df = pd.read_csv(inp, sep="\t", header=None, names=COLUMNS, dtype=dtypes, na_values=[""], keep_default_na=False)
+    codes = SplitSpec(seed=SEED).assign_random(np.arange(len(df), dtype=np.uint64))
+    train = codes == 0
+    result = pd.DataFrame(index=df.index)
+    for c in INT_FIELDS:  # log-square bucket as the sparse key
+        v = df[c]
+        bucket = np.where(v > 2, np.floor(np.log(v.where(v > 2, 3.0)) ** 2), v)
+        df[c + "_b"] = pd.Series(bucket, index=df.index).astype("Int64")
+    for c, key in [(c, c + "_b") for c in INT_FIELDS] + [(c, c) for c in CAT_FIELDS]:
+        counts = df.loc[train, key].value_counts()
+        counts = counts[counts >= MIN_COUNT]
+        vocab = counts.rename_axis("value").reset_index(name="count").sort_values(
+            ["count", "value"], ascending=[False, True]
+        )
+        mapping = pd.Series(np.arange(1, len(vocab) + 1, dtype=np.int64), index=vocab["value"].to_numpy())
+        result[c] = df[key].map(mapping).fillna(0).astype("int64")
+    for c in INT_FIELDS:
+        result["dense_" + c] = np.log1p(df[c].clip(lower=0)).fillna(0.0).astype("float32")
+    result["label"] = df["label"].astype("float32")
+    out.mkdir(parents=True, exist_ok=True)
+    for code, name in enumerate(("train", "valid", "test")):
+        result[codes == code].to_parquet(out / f"{name}.parquet", index=False)
+    return len(result)
+
+
+def worker(impl: str, inp: Path, out: Path, chunk_rows: int) -> None:
+    t0 = time.perf_counter()
+    rows = run_ours(inp, out, chunk_rows) if impl == "ours" else run_pandas(inp, out)
+    seconds = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # ru_maxrss is in KiB on Linux
+    print(json.dumps({"impl": impl, "rows": rows, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                      "peak_rss_mib": usage.ru_maxrss / 1024}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("polars", "pyarrow", "pandas", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--sizes", type=str, default="", help="comma-separated row counts (overrides --rows)")
+    ap.add_argument("--impls", type=str, default="ours,pandas")
+    ap.add_argument("--chunk-rows", type=int, default=500_000)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per implementation and size; the fastest is kept")
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "recsys_bench_criteo")
+    ap.add_argument("--keep-data", action="store_true", help="keep the generated TSV files")
+    ap.add_argument("--tag", type=str, default="", help="suffix of the result files")
+    ap.add_argument("--worker", choices=["ours", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.input, args.output, args.chunk_rows)
+        return
+
+    sizes = [int(s) for s in args.sizes.split(",") if s] or [args.rows]
+    impls = [s for s in args.impls.split(",") if s]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for rows in sizes:
+        data = args.workdir / f"criteo_synth_{rows}.tsv"
+        if not data.exists():
+            t0 = time.perf_counter()
+            write_synthetic_criteo(data, rows, seed=rows)
+            print(f"generated {rows:,} rows ({data.stat().st_size / 2**20:,.0f} MiB) in {time.perf_counter() - t0:.1f}s", flush=True)
+        for impl in impls:
+            out = args.workdir / f"out_{impl}_{rows}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, __file__, "--worker", impl, "--input", str(data), "--output", str(out),
+                   "--chunk-rows", str(args.chunk_rows)]
+            runs = []
+            for _ in range(args.repeat):  # best wall time of N fresh processes (the machine may be shared)
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stderr)
+                    raise SystemExit(f"{impl} worker failed on {rows} rows")
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                shutil.rmtree(out, ignore_errors=True)
+            res = dict(min(runs, key=lambda r: r["seconds"]))
+            res["all_seconds"] = [r["seconds"] for r in runs]
+            res["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+            res["input_rows"] = rows
+            res["input_mib"] = data.stat().st_size / 2**20
+            res["rows_per_s"] = res["rows"] / res["seconds"]
+            results.append(res)
+            print(f"{impl:<7} {rows:>10,} rows {res['seconds']:8.2f}s (cpu {res['cpu_seconds']:.1f}s) "
+                  f"{res['rows_per_s']:>12,.0f} rows/s peak RSS {res['peak_rss_mib']:8.0f} MiB", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        if not args.keep_data:
+            data.unlink()
+
+    lines = ["| impl | rows | input MiB | seconds | CPU seconds | rows/s | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['impl']} | {r['rows']:,} | {r['input_mib']:,.0f} | {r['seconds']:.2f} | "
+                     f"{r.get('cpu_seconds', float('nan')):.1f} | {r['rows_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |")
+    ratios = {}
+    for rows in sizes:
+        by = {r["impl"]: r for r in results if r["input_rows"] == rows}
+        if "ours" in by and "pandas" in by:
+            ratios[rows] = by["ours"]["rows_per_s"] / by["pandas"]["rows_per_s"]
+    table = "\n".join(lines)
+    ratio_lines = [f"ratio (ours rows/s / pandas rows/s) at {rows:,} rows: {x:.2f}x" for rows, x in ratios.items()]
+    print()
+    print(table)
+    for line in ratio_lines:
+        print(line)
+
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": _git_commit(),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "versions": _versions(),
+        "chunk_rows": args.chunk_rows,
+        "repeat": args.repeat,
+        "load_average_at_end": os.getloadavg(),
+        "min_count": MIN_COUNT,
+        "results": results,
+        "ratio": {str(k): v for k, v in ratios.items()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "prepare_throughput" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    md = [
+        "# prepare_criteo throughput vs pandas",
+        "",
+        f"Command: `{record['command']}`  ",
+        f"Commit: `{record['git_commit']}`  ",
+        f"Machine: {record['machine']['cpu_count']} CPUs, {record['machine']['platform']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "  ",
+        f"chunk_rows {args.chunk_rows:,}, min_count {MIN_COUNT}, best of {args.repeat} run(s); each run is a fresh "
+        "subprocess, peak RSS is that process's ru_maxrss (max over runs). The machine may be shared with other "
+        "jobs: wall times are noisy, CPU seconds less so.",
+        "",
+        table,
+        "",
+        *[f"- {line}" for line in ratio_lines],
+        "",
+    ]
+    (RESULTS / f"{stem}.md").write_text("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
