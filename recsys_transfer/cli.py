@@ -2,6 +2,7 @@
 
     recsys-transfer prepare --dataset {movielens,criteo,synthetic} --input PATH --output DIR [options]
     recsys-transfer info DIR [--field NAME]
+    recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer demo [--output DIR]
 
 User mistakes (missing files, malformed rows, bad options) print one line ``error: ...`` and exit with status 2,
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarize a prepared dataset")
     p.add_argument("data", type=Path)
     p.add_argument("--field", default=None, help="also list this field's head (source) ids")
+
+    p = sub.add_parser("select", help="selective target domain T'_eta per field (paper Eq. 3)")
+    p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
+    p.add_argument("--fields", nargs="*", default=None, help="default: every sparse field with more than 100 ids")
+    p.add_argument("--top-k", type=int, default=1000, help="co-occurrence coordinates: the K most frequent values")
+    p.add_argument("--quantile", type=float, default=0.2, help="eta = this quantile of the tail items' scores")
+    p.add_argument("--eta", type=float, default=None, help="explicit threshold (overrides --quantile)")
+    p.add_argument("--context-fields", nargs="*", default=None, help="fields that supply coordinates (default: all others)")
+    p.add_argument("--output", type=Path, default=None, help="default: DATA/selection")
 
     p = sub.add_parser("demo", help="synthetic long-tail data -> prepare -> train a model -> held-out AUC")
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
@@ -132,6 +142,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select(args: argparse.Namespace) -> int:
+    from recsys_transfer.transfer.domains import select_command
+
+    kwargs = {"context_fields": args.context_fields} if args.context_fields else {}
+    try:
+        selections = select_command(args.data, args.fields, args.output, top_k=args.top_k, quantile=args.quantile,
+                                    eta=args.eta, **kwargs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for sel in selections:
+        c = sel.counts()
+        print(f"{sel.field:<16} eta {sel.eta:.4f}  " + "  ".join(f"{k} {v:,}" for k, v in c.items()))
+    print(f"wrote {args.output or args.data / 'selection'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from recsys_transfer.demo import run_demo
 
@@ -141,7 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": cmd_prepare, "info": cmd_info, "demo": cmd_demo}[args.command]
+    handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except UserError as exc:

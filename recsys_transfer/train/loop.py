@@ -39,7 +39,9 @@ class EpochStats:
 
 
 def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer, label: str,
-                progress: bool = False) -> EpochStats:
+                progress: bool = False, plugin=None) -> EpochStats:
+    """One pass over ``loader``. With a transfer ``plugin`` (see :mod:`recsys_transfer.transfer.plugin`) the
+    embedding rows are updated inside ``plugin.backward`` and ``optimizer`` holds the dense parameters only."""
     check_dataset(model, loader)
     model.train()
     total, rows, t0 = 0.0, 0, time.perf_counter()
@@ -52,7 +54,10 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
         logits = model(batch)[label]
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels[label])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if plugin is None:
+            loss.backward()
+        else:
+            plugin.backward(loss)
         optimizer.step()
         total += float(loss.detach()) * batch.batch_size
         rows += batch.batch_size
