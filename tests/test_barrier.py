@@ -51,7 +51,7 @@ class Reference:
         self.tables = {}
         for f in self.fields:
             self.tables[f"embedding.{f}"] = sd[f"embedding.embedding_bags.t_{f}.weight"].double().clone()
-            self.tables[f"linear.{f}"] = sd[f"linear.embedding_bags.t_{f}.weight"].double().clone()
+            self.tables[f"linear.{f}"] = sd[f"linear.tables.embedding_bags.t_{f}.weight"].double().clone()
         self.bias = sd["bias"].double().clone()
         self.meta = meta
         self.optimizer = optimizer
@@ -142,9 +142,9 @@ def test_matches_dense_float64_reference(ml100k_prepared, optimizer, mode):
     sd = model.state_dict()
     moved = 0.0
     for f in meta.sparse_names:
-        for kind in ("embedding", "linear"):
+        for kind in ("embedding", "linear.tables"):
             got = sd[f"{kind}.embedding_bags.t_{f}.weight"].double()
-            want = ref.tables[f"{kind}.{f}"]
+            want = ref.tables[f"{kind.split('.')[0]}.{f}"]
             torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{kind}.{f}")
             moved = max(moved, float((want - got).abs().max()))
     torch.testing.assert_close(sd["bias"].double(), ref.bias, rtol=1e-4, atol=1e-6)
@@ -172,7 +172,7 @@ def test_untouched_rows_and_state_bitwise_unchanged(ml100k_prepared):
     ids = _ids(batch)
     checked = 0
     for f in meta.sparse_names:
-        for kind in ("embedding", "linear"):
+        for kind in ("embedding", "linear.tables"):
             key = f"{kind}.embedding_bags.t_{f}.weight"
             param = dict(model.named_parameters())[key]
             untouched = torch.ones(len(param), dtype=torch.bool)
@@ -245,7 +245,7 @@ def test_first_order_padding_columns_never_move(ml100k_prepared):
             break
         plugin.backward(F.binary_cross_entropy_with_logits(model(batch)["label"], batch.labels["label"]))
     for f in meta.sparse_names:
-        w = dict(model.named_parameters())[f"linear.embedding_bags.t_{f}.weight"]
+        w = dict(model.named_parameters())[f"linear.tables.embedding_bags.t_{f}.weight"]
         assert w.shape[1] == FIRST_ORDER_WIDTH
         assert torch.count_nonzero(w[:, 1:]) == 0
         assert torch.count_nonzero(w[:, 0]) > 0

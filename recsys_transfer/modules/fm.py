@@ -1,0 +1,40 @@
+"""Factorization-machine blocks shared by FM and DeepFM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.modules.embedding import make_ebc
+
+#: fbgemm's fused TBE (the kernel DistributedModelParallel uses for model-parallel tables) needs widths divisible
+#: by 4, so first-order weights live in 4-wide tables of which only column 0 is read; columns 1-3 receive zero
+#: gradient and never move from their zero init.
+FIRST_ORDER_WIDTH = 4
+
+
+def fm_second_order(v: torch.Tensor) -> torch.Tensor:
+    """``1/2 * sum_k [(sum_f v_fk)^2 - sum_f v_fk^2]`` for ``v: [B, F, k]`` -> ``[B]`` (Rendle 2010, Eq. 5)."""
+    return 0.5 * (v.sum(dim=1).pow(2) - v.pow(2).sum(dim=1)).sum(dim=1)
+
+
+class FirstOrder(nn.Module):
+    """``sum_f w_f[x_f] + <w_d, dense>`` -> ``[B]``, with one (4-wide, column 0 used) table per sparse field."""
+
+    def __init__(self, meta: DatasetMeta) -> None:
+        super().__init__()
+        self.num_fields = len(meta.sparse_names)
+        self.tables = make_ebc(meta, FIRST_ORDER_WIDTH)
+        for p in self.tables.parameters():
+            nn.init.zeros_(p)
+        self.dense = nn.Linear(len(meta.dense), 1, bias=False) if meta.dense else None
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
+        B = dense.shape[0]
+        w = self.tables(sparse).values().view(B, self.num_fields, FIRST_ORDER_WIDTH)[:, :, 0]  # [B, F]
+        out = w.sum(dim=1)
+        if self.dense is not None:
+            out = out + self.dense(dense).squeeze(1)
+        return out
