@@ -194,15 +194,14 @@ def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, monkeypatch):
     plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",), lr=1e-2))
     dense = torch.optim.Adam(plugin.dense_parameters(), lr=1e-2)
     seen = []
-    original = barrier_mod.RowUpdater.direction
+    original = barrier_mod.barrier_direction
 
-    def spy(self, global_ids, rows, g_main, group):
-        mu = original(self, global_ids, rows, g_main, group)
-        if self.mode != "B":
-            seen.append((g_main.double(), mu.double(), float(self.main_loss)))
-        return mu
+    def spy(g_main, g_transfer, main_loss, alpha):
+        mu, lam = original(g_main, g_transfer, main_loss, alpha)
+        seen.append((g_main.double(), mu.double(), float(main_loss)))
+        return mu, lam
 
-    monkeypatch.setattr(barrier_mod.RowUpdater, "direction", spy)
+    monkeypatch.setattr(barrier_mod, "barrier_direction", spy)
     for step, batch in enumerate(BatchLoader(out, "train", 512, shuffle=True, seed=2)):
         if step == 20:
             break

@@ -2,18 +2,20 @@
 
 Design
 ------
-Every embedding lookup of a table under transfer goes through :class:`_FusedRowUpdate`, a custom autograd
-function. Its forward is the ordinary pooled lookup on the (detached) table. Its backward receives the gradient of
-the pooled output, and instead of returning a gradient for the table it
+All lookups of a collection's tables go through :class:`_FusedRowUpdate`, a custom autograd function over the
+whole collection (every table and feature in one call, like a TBE). Its forward is the ordinary pooled lookup on
+the (detached) tables. Its backward receives the gradient of the pooled output ``[B, sum D]`` and, instead of
+returning gradients for the tables, runs :func:`fused_step` once for all of them:
 
-1. sums the output gradient per *unique* row of the batch: ``g_i = dl_main/de_i`` for the touched rows only
-   (``[U, D]``; no ``[num_embeddings, D]`` gradient is ever allocated);
-2. asks the table's :class:`RowUpdater` for the update direction of those rows, which evaluates the transfer loss
-   on the touched rows (source rows vs target rows present in the batch), takes ``t_i = dl_transfer/de_i`` with a
-   small autograd graph over ``[U, D]`` leaves, and combines ``g`` and ``t`` according to the training mode —
-   for ``+Ours``/``lexico`` the barrier of Algorithm 1 (:func:`barrier_direction`);
-3. applies the direction through a row optimizer (:mod:`recsys_transfer.optim.rowwise`: SGD, momentum, Adam,
-   row-wise Adagrad) that reads and writes the touched rows of the weight and of its state only.
+1. per table, the output gradient is summed per *unique* row of the batch: ``g_i = dl_main/de_i`` for the
+   touched rows only (``[U, D]``; no ``[num_embeddings, D]`` gradient is ever allocated);
+2. the transfer loss of every table under transfer is evaluated in ONE batched call (rows of all tables padded to
+   ``[T, N, D]``, :mod:`recsys_transfer.transfer.losses`) on the touched rows (source rows vs target rows present
+   in the batch), giving ``t_i = dl_transfer/de_i`` from a small autograd graph over those rows;
+3. the direction is combined per row according to the training mode — for ``+Ours``/``lexico`` the barrier of
+   Algorithm 1 (:func:`barrier_direction`), evaluated for the rows of all tables at once;
+4. each table's direction is applied by a row optimizer (:mod:`recsys_transfer.optim.rowwise`: SGD, momentum,
+   Adam, row-wise Adagrad) that reads and writes the touched rows of the weight and of its state only.
 
 Extra memory is ``O(U x D)`` per table and step, independent of the table size.
 
@@ -22,8 +24,9 @@ Why a custom lookup and not TorchRec's fused TBE: the barrier needs, per row, th
 (``OptimType.NONE``, which returns gradients, is CUDA-only); ``apply_optimizer_in_backward`` would hand us a dense
 ``[num_embeddings, D]`` gradient. So the plug-in replaces the lookup *kernel* and keeps everything else TorchRec's:
 
-* unsharded :class:`~torchrec.EmbeddingBagCollection`: each ``nn.EmbeddingBag`` in ``embedding_bags`` is swapped
-  for :class:`BarrierEmbeddingBag`, which keeps the same ``weight`` Parameter (state-dict keys unchanged);
+* unsharded :class:`~torchrec.EmbeddingBagCollection`: the instance's ``forward`` is replaced by
+  :func:`attach_ebc`'s fused forward over the same ``nn.EmbeddingBag`` weights (same Parameters, state-dict keys
+  unchanged, same ``KeyedTensor`` output);
 * under :class:`~torchrec.distributed.DistributedModelParallel`: in every sharded EBC lookup group, the TBE module
   (``emb_module`` of ``BatchedFusedEmbeddingBag``/``BatchedDenseEmbeddingBag``) is swapped for
   :class:`BarrierTBE`, which computes the same ``[B, sum D]`` output from the shard's own weight views
@@ -59,7 +62,7 @@ _USES_BARRIER = {"+Ours": True, "lexico": True, "+T": False, "select": False}
 
 
 def barrier_direction(g_main: torch.Tensor, g_transfer: torch.Tensor, main_loss: torch.Tensor | float,
-                      alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      alpha: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1, per row ``i`` (rows of ``[U, D]`` inputs):
 
     ``phi_i = alpha * min(||g_i||^2, l_main)``,
@@ -85,82 +88,122 @@ class StepStats:
     mean_lambda: float = 0.0
 
 
-class RowUpdater:
-    """Update rule of one table: mode, domains, transfer loss, row optimizer.
+class BarrierContext:
+    """State shared by every table rule of one plug-in: the current ``l_main`` (for ``phi_i``)."""
+
+    def __init__(self) -> None:
+        self.main_loss: torch.Tensor | None = None
+
+
+class TableRule:
+    """Update rule of one table: mode, domains, transfer loss (shared, batched over tables), row optimizer.
 
     ``source_mask`` / ``target_mask``: bool ``[num_embeddings]`` over *global* row ids (S and T or T'_eta).
-    ``row_offset``: global id of local row 0 (row-wise shards). ``group``: process group over which the touched
-    rows of a row-wise sharded table are gathered (None when the table is whole on this rank).
+    ``loss_index``: this table's slot in the shared ``loss`` (its own discriminator, for the adversarial loss).
     """
 
-    def __init__(self, name: str, mode: str, optimizer: RowOptimizer, *, loss: TransferLoss | None = None,
-                 source_mask: torch.Tensor | None = None, target_mask: torch.Tensor | None = None,
-                 lam: float = 1e-2, alpha: float = 2.0) -> None:
+    def __init__(self, name: str, mode: str, context: BarrierContext, *, loss: TransferLoss | None = None,
+                 loss_index: int = 0, source_mask: torch.Tensor | None = None,
+                 target_mask: torch.Tensor | None = None, lam: float = 1e-2, alpha: float = 2.0) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "B" and (loss is None or source_mask is None or target_mask is None):
             raise ValueError(f"mode {mode!r} needs a transfer loss and source/target masks")
         self.name = name
         self.mode = mode
-        self.optimizer = optimizer
+        self.context = context
+        self.optimizer: RowOptimizer | None = None  # set by the plug-in once every table weight is known
         self.loss = loss
+        self.loss_index = loss_index
         self.source_mask = source_mask
         self.target_mask = target_mask
         self.lam = lam
         self.alpha = alpha
-        self.main_loss: torch.Tensor | None = None
         self.stats = StepStats()
 
-    # -- transfer gradient on the touched rows ---------------------------------------------------------------
-    def transfer_grad(self, global_ids: torch.Tensor, rows: torch.Tensor, group) -> torch.Tensor:
-        """``dl_transfer/de_i`` for the touched rows ``rows`` ([U, D] current values, global ids ``global_ids``)."""
-        assert self.loss is not None and self.source_mask is not None and self.target_mask is not None
-        all_ids, all_rows, mine = global_ids, rows, None
-        if group is not None and dist.get_world_size(group) > 1:
-            all_ids, all_rows, mine = _all_gather_rows(global_ids, rows, group)
-        if self.loss.uses_all_rows:
-            src_sel = torch.ones_like(all_ids, dtype=torch.bool)
-            tgt_sel = torch.zeros_like(src_sel)
-        else:
-            src_sel = self.source_mask[all_ids]
-            tgt_sel = self.target_mask[all_ids]
-        with torch.enable_grad():
-            leaf = all_rows.detach().clone().requires_grad_(True)
-            source, target = leaf[src_sel], leaf[tgt_sel]
-            value = self.loss(source, target)
-            if value.requires_grad:
-                (grad,) = torch.autograd.grad(value, leaf)
-            else:  # an empty side: no transfer signal this step
-                grad = torch.zeros_like(leaf)
-        self.loss.update_discriminator(source.detach(), target.detach())
-        self.stats.source_rows = int(src_sel.sum())
-        self.stats.target_rows = int(tgt_sel.sum())
-        self.stats.transfer_loss = float(value.detach())
-        return grad if mine is None else grad[mine]
 
-    # -- the row update -----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def direction(self, global_ids: torch.Tensor, rows: torch.Tensor, g_main: torch.Tensor, group) -> torch.Tensor:
-        self.stats = StepStats(rows=len(global_ids))
-        if self.mode == "B":
-            return g_main
-        t = self.transfer_grad(global_ids, rows, group).to(g_main.dtype)
-        if not _USES_BARRIER[self.mode]:
-            return g_main + self.lam * t  # Eq. 1: gradient of l_main + lambda * l_transfer
-        if self.main_loss is None:
-            raise RuntimeError(f"table {self.name}: the main loss is unknown; call plugin.backward(loss) "
-                               "(or plugin.set_main_loss(loss)) instead of loss.backward()")
-        mu, lam = barrier_direction(g_main, t, self.main_loss, self.alpha)
-        self.stats.mean_lambda = float(lam.mean()) if len(lam) else 0.0
-        return mu
+@dataclass
+class _Item:
+    rule: TableRule
+    weight: torch.Tensor
+    rows: torch.Tensor  # unique local row ids [U]
+    row_offset: int
+    g: torch.Tensor  # main gradient [U, D]
+    group: object  # process group of a row-wise sharded table, else None
 
-    def apply(self, weight: torch.Tensor, local_rows: torch.Tensor, row_offset: int, g_main: torch.Tensor,
-              group=None) -> None:
-        """One fused step for the touched ``local_rows`` (unique) of ``weight`` with main gradient ``g_main``."""
-        global_ids = local_rows + row_offset
-        rows = weight.detach().index_select(0, local_rows)
-        mu = self.direction(global_ids, rows, g_main, group)
-        self.optimizer.update_rows(weight, local_rows, mu)
+
+def _domain_rows(item: _Item):
+    """(global ids, current rows, index of this rank's rows or None), gathered over a row-wise table's group."""
+    ids = item.rows + item.row_offset
+    cur = item.weight.detach().index_select(0, item.rows)
+    if item.group is not None and dist.get_world_size(item.group) > 1:
+        return _all_gather_rows(ids, cur, item.group)
+    return ids, cur, None
+
+
+def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
+    """``t_i`` for every item, one batched loss call per shared loss object."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    buckets: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        buckets.setdefault(id(it.rule.loss), []).append(k)
+    for ks in buckets.values():
+        loss = items[ks[0]].rule.loss
+        assert loss is not None
+        parts = [_domain_rows(items[k]) for k in ks]
+        n_max = max(max(len(ids) for ids, _, _ in parts), 1)
+        dim = items[ks[0]].weight.shape[1]
+        x = torch.zeros((len(ks), n_max, dim), dtype=items[ks[0]].weight.dtype)
+        src = torch.zeros((len(ks), n_max), dtype=torch.bool)
+        tgt = torch.zeros_like(src)
+        for j, (k, (ids, cur, _)) in enumerate(zip(ks, parts)):
+            rule = items[k].rule
+            n = len(ids)
+            x[j, :n] = cur
+            if loss.uses_all_rows:
+                src[j, :n] = True
+            else:
+                src[j, :n] = rule.source_mask[ids]
+                tgt[j, :n] = rule.target_mask[ids]
+        tables = torch.tensor([items[k].rule.loss_index for k in ks], dtype=torch.int64)
+        values, gx = loss.grad(x, src, tgt, tables)
+        for j, (k, (ids, _, mine)) in enumerate(zip(ks, parts)):
+            t = gx[j, : len(ids)]
+            out[k] = t if mine is None else t.index_select(0, mine)
+            st = items[k].rule.stats
+            st.source_rows, st.target_rows = int(src[j].sum()), int(tgt[j].sum())
+            st.transfer_loss = float(values[j])
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def fused_step(items: list[_Item]) -> None:
+    """Directions for the touched rows of every table of one lookup call, then the row updates."""
+    for it in items:
+        it.rule.stats = StepStats(rows=len(it.rows))
+    transfer = [k for k, it in enumerate(items) if it.rule.mode != "B"]
+    t_grads = dict(zip(transfer, _transfer_grads([items[k] for k in transfer]))) if transfer else {}
+    mus: list[torch.Tensor] = [it.g for it in items]
+    barrier = [k for k in transfer if _USES_BARRIER[items[k].rule.mode]]
+    for k in transfer:
+        if k not in barrier:
+            mus[k] = items[k].g + items[k].rule.lam * t_grads[k].to(items[k].g.dtype)  # Eq. 1: l_main + lam l_tr
+    if barrier:
+        main_loss = items[barrier[0]].rule.context.main_loss
+        if main_loss is None:
+            raise RuntimeError("the main loss is unknown: call plugin.backward(loss) (or plugin.set_main_loss(loss)) "
+                               "instead of loss.backward()")
+        sizes = [len(items[k].rows) for k in barrier]
+        g = torch.cat([items[k].g for k in barrier])
+        t = torch.cat([t_grads[k].to(g.dtype) for k in barrier])
+        alpha = torch.cat([torch.full((n,), items[k].rule.alpha, dtype=g.dtype) for k, n in zip(barrier, sizes)])
+        mu, lam = barrier_direction(g, t, main_loss, alpha)
+        for k, m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
+            mus[k] = m
+            items[k].rule.stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
+    for it, mu in zip(items, mus):
+        assert it.rule.optimizer is not None
+        it.rule.optimizer.update_rows(it.weight, it.rows, mu)
 
 
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
@@ -191,110 +234,120 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
 # the fused lookup
 
 
+def _lookup(indices, offsets, per_sample_weights, tables, features, means) -> torch.Tensor:
+    n_feat = len(features)
+    batch = (len(offsets) - 1) // n_feat
+    outs = []
+    for f, t in enumerate(features):
+        weight = tables[t][0]
+        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        off = offsets[f * batch : (f + 1) * batch + 1] - lo
+        psw = per_sample_weights[lo:hi] if per_sample_weights is not None else None
+        outs.append(F.embedding_bag(indices[lo:hi], weight.detach(), off, mode="mean" if means[f] else "sum",
+                                    per_sample_weights=psw, include_last_offset=True))
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
 class _FusedRowUpdate(torch.autograd.Function):
     """Pooled lookup whose backward updates the touched rows in place and returns no table gradient.
 
-    ``tables``: list of (weight [R, D], updater, row_offset, group) per table of the lookup; ``features``: the
-    table index of each feature; ``indices``/``offsets``: TBE layout (features major, ``offsets`` of length
-    ``F * B + 1``). Output: ``[B, sum_f D_f]``.
+    ``tables``: list of (weight [R, D], rule, row_offset, group) per table; ``features``: the table index of each
+    feature; ``means``: mean pooling per feature; ``indices``/``offsets``: TBE layout (features major, ``offsets``
+    of length ``F * B + 1``). Output: ``[B, sum_f D_f]``.
     """
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-                per_sample_weights: torch.Tensor | None, tables: list, features: list[int], mean: bool):
-        n_feat = len(features)
-        batch = (len(offsets) - 1) // n_feat
-        outs = []
-        for f, t in enumerate(features):
-            weight = tables[t][0]
-            lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-            off = offsets[f * batch : (f + 1) * batch + 1] - lo
-            psw = per_sample_weights[lo:hi] if per_sample_weights is not None else None
-            outs.append(F.embedding_bag(indices[lo:hi], weight.detach(), off, mode="mean" if mean else "sum",
-                                        per_sample_weights=psw, include_last_offset=True))
+    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, means):
         ctx.save_for_backward(indices, offsets, per_sample_weights if per_sample_weights is not None else torch.empty(0))
         ctx.has_psw = per_sample_weights is not None
-        ctx.tables, ctx.features, ctx.mean, ctx.batch = tables, features, mean, batch
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        ctx.tables, ctx.features, ctx.means = tables, features, means
+        return _lookup(indices, offsets, per_sample_weights, tables, features, means)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         indices, offsets, psw = ctx.saved_tensors
-        tables, features, batch = ctx.tables, ctx.features, ctx.batch
-        # occurrence-level gradients per table, then one segment sum over the table's unique rows
+        tables, features = ctx.tables, ctx.features
+        batch = (len(offsets) - 1) // len(features)
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         col = 0
         for f, t in enumerate(features):
             dim = tables[t][0].shape[1]
             lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-            lengths = (offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch])
-            bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
-            occ = grad_out[:, col : col + dim].index_select(0, bag)  # [n_occ, D]
-            if ctx.mean:
-                occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
+            lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
+            gf = grad_out[:, col : col + dim]
+            if bool((lengths == 1).all()):  # single-valued field: occurrence k is bag k
+                occ = gf
+            else:
+                bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
+                occ = gf.index_select(0, bag)
+                if ctx.means[f]:
+                    occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
             if ctx.has_psw:
                 occ = occ * psw[lo:hi].unsqueeze(1)
             ids, grads = per_table.setdefault(t, ([], []))
             ids.append(indices[lo:hi].long())
             grads.append(occ)
             col += dim
+        items = []
         for t, (ids, grads) in per_table.items():
-            weight, updater, row_offset, group = tables[t]
-            all_ids = torch.cat(ids)
+            weight, rule, row_offset, group = tables[t]
+            all_ids = torch.cat(ids) if len(ids) > 1 else ids[0]
             rows, inverse = torch.unique(all_ids, return_inverse=True)
-            g = torch.zeros((len(rows), weight.shape[1]), dtype=torch.float64 if weight.dtype == torch.float64
-                            else grad_out.dtype, device=weight.device)
-            g.index_add_(0, inverse, torch.cat(grads).to(g.dtype))
-            updater.apply(weight, rows, row_offset, g.to(weight.dtype), group)
+            occ = torch.cat(grads) if len(grads) > 1 else grads[0]
+            g = torch.zeros((len(rows), weight.shape[1]), dtype=occ.dtype, device=weight.device)
+            # scatter_add_, not index_add_: on CPU index_add_ with repeated indices takes ~100x longer
+            g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
+            items.append(_Item(rule, weight, rows, row_offset, g.to(weight.dtype), group))
+        fused_step(items)
         return None, None, None, None, None, None, None
 
 
 def _anchor() -> torch.Tensor:
+    """A 0-element leaf that requires grad, so autograd calls the fused backward (the tables themselves get none)."""
     return torch.zeros(0, requires_grad=True)
 
 
-class BarrierEmbeddingBag(nn.Module):
-    """Drop-in for one ``nn.EmbeddingBag`` of an unsharded EBC; keeps the same ``weight`` Parameter."""
-
-    def __init__(self, bag: nn.EmbeddingBag, updater: RowUpdater) -> None:
-        super().__init__()
+def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
+    """Replace an unsharded EmbeddingBagCollection's forward by the fused one; returns its table weights."""
+    configs = ebc.embedding_bag_configs()
+    tables, features, means, names = [], [], [], []
+    for t, cfg in enumerate(configs):
+        bag = ebc.embedding_bags[cfg.name]
         if bag.mode not in ("sum", "mean"):
-            raise ValueError(f"pooling {bag.mode!r} is not supported by the barrier lookup (sum, mean)")
-        self.weight = bag.weight
-        self.mode = bag.mode
-        self.updater = updater
-        self.register_buffer("_anchor", _anchor(), persistent=False)
+            raise ValueError(f"table {cfg.name}: pooling {bag.mode!r} is not supported by the fused lookup (sum, mean)")
+        tables.append((bag.weight, rules[cfg.name], 0, None))
+        for fname in cfg.feature_names:
+            features.append(t)
+            means.append(bag.mode == "mean")
+            names.append(fname)
+    anchor = _anchor()
 
-    @property
-    def num_embeddings(self) -> int:
-        return self.weight.shape[0]
+    def forward(features_kjt):
+        from torchrec.sparse.jagged_tensor import KeyedTensor
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.weight.shape[1]
+        kjt = features_kjt
+        if kjt.keys() != names:
+            kjt = kjt.permute([kjt.keys().index(n) for n in names])
+        weights = kjt.weights_or_none() if ebc.is_weighted() else None
+        args = (kjt.values(), kjt.offsets(), weights, tables, features, means)
+        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _lookup(*args)
+        return KeyedTensor(keys=ebc._embedding_names, values=values, length_per_key=ebc._lengths_per_embedding)
 
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None):
-        anchor = self._anchor if self._anchor.requires_grad else self._anchor.requires_grad_(True)
-        if not torch.is_grad_enabled():
-            return F.embedding_bag(input, self.weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights,
-                                   include_last_offset=True)
-        return _FusedRowUpdate.apply(anchor, input, offsets, per_sample_weights,
-                                     [(self.weight, self.updater, 0, None)], [0], self.mode == "mean")
+    ebc.forward = forward
+    return [t[0] for t in tables]
 
 
 class BarrierTBE(nn.Module):
     """Drop-in for a sharded lookup group's TBE module (``emb_module``), over the shard's weight views."""
 
-    def __init__(self, tbe: nn.Module, updaters: list[RowUpdater], row_offsets: list[int],
-                 feature_table_map: list[int], mean: bool, groups: list) -> None:
+    def __init__(self, tbe: nn.Module, rules: list[TableRule], row_offsets: list[int],
+                 feature_table_map: list[int], means: list[bool], groups: list) -> None:
         super().__init__()
         self.base = tbe
         self.weights = list(tbe.split_embedding_weights())
-        self.updaters = updaters
-        self.row_offsets = row_offsets
+        self.tables = list(zip(self.weights, rules, row_offsets, groups))
         self.feature_table_map = list(feature_table_map)
-        self.mean = mean
-        self.groups = groups
+        self.means = means
         self._anchor = _anchor()
 
     def split_embedding_weights(self):
@@ -308,17 +361,7 @@ class BarrierTBE(nn.Module):
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
                 **_: object) -> torch.Tensor:
-        tables = [(w, u, o, g) for w, u, o, g in zip(self.weights, self.updaters, self.row_offsets, self.groups)]
+        args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.means)
         if not torch.is_grad_enabled():
-            with torch.no_grad():
-                return _FusedRowUpdate.forward(_Ctx(), self._anchor, indices, offsets, per_sample_weights, tables,
-                                               self.feature_table_map, self.mean)
-        return _FusedRowUpdate.apply(self._anchor, indices, offsets, per_sample_weights, tables,
-                                     self.feature_table_map, self.mean)
-
-
-class _Ctx:
-    """Stand-in autograd context for inference calls of the fused lookup."""
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        pass
+            return _lookup(*args)
+        return _FusedRowUpdate.apply(self._anchor, *args)

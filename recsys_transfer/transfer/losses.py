@@ -1,19 +1,24 @@
-"""Transfer losses ``l_transfer(e) = Dist({e_i}_S, {e_i}_T')`` (paper Eq. 2), one instance per field.
+"""Transfer losses ``l_transfer(e) = Dist({e_i}_S, {e_i}_T')`` (paper Eq. 2), batched over tables.
 
-Each loss takes the embedding rows of the source items and of the target items that are present in the current
-batch (``source: [Ns, D]``, ``target: [Nt, D]``) and returns a scalar; its gradient therefore lives on the touched
-rows only, like the main loss's. When either side is empty the loss is 0 (no transfer signal this step).
+A loss object serves every table (field) it was built for; the fused row update calls it once per backward
+group with the touched rows of several tables, padded: ``x: [T, N, D]``, ``src, tgt: bool [T, N]`` (source rows /
+target rows present in the batch), ``tables: int64 [T]`` (which of the loss's tables each slice is). It returns
+the per-table losses ``[T]`` and, from :meth:`TransferLoss.grad`, their gradient with respect to ``x``; padded
+and non-domain rows get zero gradient. A table with an empty side has loss 0 (no transfer signal this step).
+Per-table results do not depend on which other tables share the call (there are no cross-table reductions),
+so sharded and single-process runs agree.
 
-* :class:`AdversarialLoss` — a discriminator with its own optimizer learns source (1) vs target (0); the target
-  rows get the inverted-label term ``-mean log D(e_t)`` (ADDA, Tzeng et al. 2017, the network the paper uses for
-  CTR; FRAGE, Gong et al. 2018, is the same game). The discriminator is updated by :meth:`update_discriminator`
-  on detached rows, after the embeddings' transfer gradient of the step has been taken.
-* :class:`MMDLoss` — squared Maximum Mean Discrepancy with a multi-bandwidth RBF kernel; bandwidths are
-  multiples of the mean pairwise squared distance (detached), as in multi-kernel MMD (DAN).
+* :class:`AdversarialLoss` — one discriminator per table with its own optimizer (lazy Adam over the tables present)
+  learns source (1) vs target (0); the target rows get the inverted-label term ``-mean log D(e_t)`` (ADDA, Tzeng
+  et al. 2017, the network the paper uses for CTR; FRAGE, Gong et al. 2018, is the same game). One forward serves
+  both the rows' gradient and the discriminator's step, which uses the rows' current (pre-update) values.
+* :class:`MMDLoss` — squared Maximum Mean Discrepancy with a multi-bandwidth RBF kernel; bandwidths are multiples
+  of the mean pairwise squared distance (detached), as in multi-kernel MMD (DAN). O(N^2) per table: at most
+  ``max_rows`` rows per side are used (an evenly spaced subset in id order, deterministic).
 * :class:`MomentLoss` — moment matching: ``||m_S - m_T||^2 + ||C_S - C_T||_F^2 / (4 D^2)`` (CORAL's scaling on
-  the covariance term).
-* :class:`CosRegLoss` — Gao et al. 2019: mean pairwise cosine similarity over all touched rows
-  (its target domain is every item, its "source" the uniform spherical distribution).
+  the covariance term; covariances with the ``n - 1`` normalizer, mean term only when a side has one row).
+* :class:`CosRegLoss` — Gao et al. 2019: mean pairwise cosine similarity over all touched rows (its target domain is
+  every item; ``src | tgt`` are the rows it regularizes).
 """
 
 from __future__ import annotations
@@ -22,112 +27,169 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_transfer.optim.rowwise import adam_rows
+
 __all__ = ["TransferLoss", "AdversarialLoss", "MMDLoss", "MomentLoss", "CosRegLoss", "make_transfer_loss"]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-table mean of the masked rows: ([T, D], counts [T])."""
+    n = mask.sum(dim=1)
+    m = (x * mask.unsqueeze(-1)).sum(dim=1) / n.clamp_min(1).unsqueeze(-1).to(x.dtype)
+    return m, n
 
 
 class TransferLoss(nn.Module):
     #: CosReg regularizes every touched row; the others compare source rows with target rows.
     uses_all_rows: bool = False
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise TypeError("use a concrete transfer loss")
+    def __init__(self, num_tables: int) -> None:
+        super().__init__()
+        self.num_tables = num_tables
 
-    def update_discriminator(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        """Adversarial losses train their discriminator here; the others have nothing to learn."""
+    def forward(self, x: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        raise TypeError("use a concrete transfer loss")  # pragma: no cover
 
-
-def _zero(x: torch.Tensor) -> torch.Tensor:
-    return x.sum() * 0.0
+    def grad(self, x: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor,
+             tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-table losses [T], d sum(losses) / dx [T, N, D]); learnable parts take their step here."""
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            values = self(leaf, src, tgt, tables)
+            total = values.sum()
+            g = torch.autograd.grad(total, leaf)[0] if total.requires_grad else torch.zeros_like(leaf)
+        return values.detach(), g
 
 
 class AdversarialLoss(TransferLoss):
-    def __init__(self, dim: int, hidden: int = 64, lr: float = 1e-3, seed: int | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.discriminator = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1)).to(dtype)
-        if gen is not None:
-            with torch.no_grad():
-                for p in self.discriminator.parameters():
-                    p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=gen) / p.shape[-1] ** 0.5)
-        for p in self.discriminator.parameters():
-            p.requires_grad_(True)
-        self.optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+    def __init__(self, num_tables: int, dim: int, hidden: int = 32, lr: float = 1e-3, seed: int = 0,
+                 betas: tuple[float, float] = (0.5, 0.999), dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(num_tables)
+        self.lr, self.betas = lr, betas
+        w1 = torch.empty(num_tables, dim, hidden, dtype=dtype)
+        b1 = torch.zeros(num_tables, hidden, dtype=dtype)
+        w2 = torch.empty(num_tables, hidden, dtype=dtype)
+        b2 = torch.zeros(num_tables, dtype=dtype)
+        for t in range(num_tables):  # each table's discriminator from its own seed: independent of grouping
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
+            w1[t].uniform_(-1, 1, generator=gen).mul_(dim ** -0.5)
+            w2[t].uniform_(-1, 1, generator=gen).mul_(hidden ** -0.5)
+        self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(p) for p in (w1, b1, w2, b2))
+        self._state = {name: (torch.zeros_like(p).view(num_tables, -1), torch.zeros_like(p).view(num_tables, -1),
+                              torch.zeros(num_tables, dtype=torch.int64)) for name, p in self.named_parameters()}
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if len(target) == 0 or len(source) == 0:
-            return _zero(torch.cat([source, target]))
-        logits = self.discriminator(target).squeeze(1)
-        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # -mean log D(e_t)
+    def logits(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits ``[T, N]`` of each table's own discriminator."""
+        h = torch.baddbmm(self.b1[tables].unsqueeze(1), x, self.w1[tables])  # [T, N, H]
+        h = F.leaky_relu(h, 0.2)
+        return (h * self.w2[tables].unsqueeze(1)).sum(-1) + self.b2[tables].unsqueeze(1)
 
-    def discriminator_loss(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        s = self.discriminator(source).squeeze(1)
-        t = self.discriminator(target).squeeze(1)
-        return 0.5 * (F.binary_cross_entropy_with_logits(s, torch.ones_like(s))
-                      + F.binary_cross_entropy_with_logits(t, torch.zeros_like(t)))
+    @staticmethod
+    def _terms(z: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor):
+        ns = src.sum(1).clamp_min(1).to(z.dtype)
+        nt = tgt.sum(1).clamp_min(1).to(z.dtype)
+        active = (src.any(1) & tgt.any(1)).to(z.dtype)
+        adv = (F.softplus(-z) * tgt).sum(1) / nt * active  # -mean_T log D(e)
+        disc = 0.5 * ((F.softplus(-z) * src).sum(1) / ns + (F.softplus(z) * tgt).sum(1) / nt) * active
+        return adv, disc, active
 
-    def update_discriminator(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        if len(source) == 0 or len(target) == 0:
-            return
+    def forward(self, x, src, tgt, tables):
+        return self._terms(self.logits(x, tables), src, tgt)[0]
+
+    def discriminator_loss(self, x, src, tgt, tables) -> torch.Tensor:
+        return self._terms(self.logits(x, tables), src, tgt)[1]
+
+    def grad(self, x, src, tgt, tables):
+        params = [self.w1, self.b1, self.w2, self.b2]
         with torch.enable_grad():
-            loss = self.discriminator_loss(source.detach(), target.detach())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        self.optimizer.step()
+            leaf = x.detach().requires_grad_(True)
+            adv, disc, active = self._terms(self.logits(leaf, tables), src, tgt)
+            gx = torch.autograd.grad(adv.sum(), leaf, retain_graph=True)[0]
+            gp = torch.autograd.grad(disc.sum(), params)
+        live = tables[active > 0]
+        if len(live):  # lazy Adam over the tables that had both sides this step
+            for (name, p), g in zip(self.named_parameters(), gp):
+                m, v, step = self._state[name]
+                flat = g.view(self.num_tables, -1)
+                adam_rows(p.data.view(self.num_tables, -1), live, flat.index_select(0, live), m, v, step,
+                          lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=1e-8, weight_decay=0.0)
+        return adv.detach(), gx
+
+    def state_dict_extra(self) -> dict:
+        return {k: [t.clone() for t in v] for k, v in self._state.items()}
 
 
 class MMDLoss(TransferLoss):
-    def __init__(self, multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> None:
-        super().__init__()
+    def __init__(self, num_tables: int, multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0),
+                 max_rows: int = 1024) -> None:
+        super().__init__(num_tables)
         self.multipliers = tuple(multipliers)
+        self.max_rows = max_rows
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if len(source) == 0 or len(target) == 0:
-            return _zero(torch.cat([source, target]))
-        x = torch.cat([source, target])
-        d2 = torch.cdist(x, x).pow(2)  # [N, N]
-        n = len(x)
-        base = (d2.detach().sum() / max(n * n - n, 1)).clamp_min(1e-12)
-        k = sum(torch.exp(-d2 / (2 * m * base)) for m in self.multipliers)
-        ns = len(source)
-        return k[:ns, :ns].mean() + k[ns:, ns:].mean() - 2 * k[:ns, ns:].mean()
+    def _subset(self, idx: torch.Tensor) -> torch.Tensor:
+        if len(idx) <= self.max_rows:
+            return idx
+        pick = torch.linspace(0, len(idx) - 1, self.max_rows).round().long()
+        return idx[pick]
+
+    def forward(self, x, src, tgt, tables):
+        out = []
+        for k in range(x.shape[0]):
+            s = self._subset(torch.nonzero(src[k]).squeeze(1))
+            t = self._subset(torch.nonzero(tgt[k]).squeeze(1))
+            if len(s) == 0 or len(t) == 0:
+                out.append(x[k].sum() * 0.0)
+                continue
+            z = x[k][torch.cat([s, t])]
+            d2 = torch.cdist(z, z).pow(2)
+            n = len(z)
+            base = (d2.detach().sum() / max(n * n - n, 1)).clamp_min(1e-12)
+            kern = sum(torch.exp(-d2 / (2 * m * base)) for m in self.multipliers)
+            ns = len(s)
+            out.append(kern[:ns, :ns].mean() + kern[ns:, ns:].mean() - 2 * kern[:ns, ns:].mean())
+        return torch.stack(out)
 
 
 class MomentLoss(TransferLoss):
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if len(source) == 0 or len(target) == 0:
-            return _zero(torch.cat([source, target]))
-        mean_term = (source.mean(0) - target.mean(0)).pow(2).sum()
-        if len(source) < 2 or len(target) < 2:
-            return mean_term
-        d = source.shape[1]
-        cov_term = (torch.cov(source.T) - torch.cov(target.T)).pow(2).sum() / (4 * d * d)
-        return mean_term + cov_term
+    def forward(self, x, src, tgt, tables):
+        ms, ns = _masked_mean(x, src)
+        mt, nt = _masked_mean(x, tgt)
+        active = ((ns > 0) & (nt > 0)).to(x.dtype)
+        mean_term = (ms - mt).pow(2).sum(-1)
+        d = x.shape[-1]
+
+        def cov(m, mask, n):
+            c = (x - m.unsqueeze(1)) * mask.unsqueeze(-1)
+            return c.transpose(1, 2) @ c / (n - 1).clamp_min(1).to(x.dtype).view(-1, 1, 1)
+
+        has_cov = ((ns >= 2) & (nt >= 2)).to(x.dtype)
+        cov_term = (cov(ms, src, ns) - cov(mt, tgt, nt)).pow(2).sum((1, 2)) / (4 * d * d)
+        return (mean_term + has_cov * cov_term) * active
 
 
 class CosRegLoss(TransferLoss):
     uses_all_rows = True
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([source, target])
-        n = len(x)
-        if n < 2:
-            return _zero(x)
-        u = F.normalize(x, dim=1)
-        s = u.sum(0)
+    def forward(self, x, src, tgt, tables):
+        rows = (src | tgt).unsqueeze(-1).to(x.dtype)
+        u = F.normalize(x, dim=-1) * rows
+        n = rows.squeeze(-1).sum(1)
+        s = u.sum(1)
         # sum_{i != j} cos(e_i, e_j) = ||sum_i u_i||^2 - sum_i ||u_i||^2, averaged over the N (N - 1) pairs
-        return (s.dot(s) - (u * u).sum()) / (n * (n - 1))
+        pairs = (s * s).sum(-1) - (u * u).sum((1, 2))
+        return torch.where(n >= 2, pairs / (n * (n - 1)).clamp_min(1), torch.zeros_like(pairs))
 
 
-def make_transfer_loss(name: str, dim: int, **kwargs) -> TransferLoss:
+def make_transfer_loss(name: str, num_tables: int, dim: int, **kwargs) -> TransferLoss:
     """``adversarial`` | ``mmd`` | ``moment`` | ``cosreg``."""
     name = name.lower()
     if name in ("adversarial", "frage", "adda"):
-        return AdversarialLoss(dim, **kwargs)
+        return AdversarialLoss(num_tables, dim, **kwargs)
+    kwargs.pop("seed", None)
     if name == "mmd":
-        return MMDLoss(**kwargs)
+        return MMDLoss(num_tables, **kwargs)
     if name in ("moment", "coral"):
-        return MomentLoss(**kwargs)
+        return MomentLoss(num_tables, **kwargs)
     if name == "cosreg":
-        return CosRegLoss(**kwargs)
+        return CosRegLoss(num_tables, **kwargs)
     raise ValueError(f"unknown transfer loss {name!r}: adversarial, mmd, moment, cosreg")

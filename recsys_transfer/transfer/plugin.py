@@ -29,8 +29,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.optim.rowwise import RowOptimizer, make_row_optimizer
-from recsys_transfer.transfer.barrier import MODES, BarrierEmbeddingBag, BarrierTBE, RowUpdater
-from recsys_transfer.transfer.losses import make_transfer_loss
+from recsys_transfer.transfer.barrier import MODES, BarrierContext, BarrierTBE, TableRule, attach_ebc
+from recsys_transfer.transfer.losses import TransferLoss, make_transfer_loss
 
 SELECTIVE_MODES = ("+Ours", "select")
 
@@ -87,33 +87,37 @@ class TransferPlugin:
                 raise UserError(f"mode {config.mode!r} needs the selective target domain of {missing}: "
                                 "run `recsys-transfer select` (or pass domains=)")
         self.domains = domains or {}
-        self.updaters: dict[str, RowUpdater] = {}
+        self.context = BarrierContext()
+        self.rules: dict[str, TableRule] = {}
+        self.losses: dict[int, TransferLoss] = {}  # one batched loss per embedding width
         self.table_weights: list[torch.Tensor] = []
         self._attach()
         self.optimizer: RowOptimizer = make_row_optimizer(config.optimizer, self.table_weights, lr=config.lr,
                                                           **config.optimizer_kwargs)
-        for u in self.updaters.values():
-            u.optimizer = self.optimizer
+        for rule in self.rules.values():
+            rule.optimizer = self.optimizer
 
-    # -- building the updaters ------------------------------------------------------------------------------------
-    def _updater(self, key: str, field_name: str, dim: int, transfer: bool) -> RowUpdater:
+    # -- building the rules ---------------------------------------------------------------------------------------
+    def _loss_for(self, dim: int) -> TransferLoss:
+        if dim not in self.losses:
+            kwargs = dict(self.config.loss_kwargs)
+            kwargs.setdefault("seed", self.config.seed)
+            self.losses[dim] = make_transfer_loss(self.config.loss, len(self.meta.sparse_names), dim, **kwargs)
+        return self.losses[dim]
+
+    def _rule(self, key: str, field_name: str, dim: int, transfer: bool) -> TableRule:
         mode = self.config.mode if transfer else "B"
         if mode == "B":
-            return RowUpdater(key, "B", optimizer=None)  # type: ignore[arg-type]  # optimizer set after attach
+            return TableRule(key, "B", self.context)
         f = self.meta.field(field_name)
         source = torch.from_numpy(f.head_mask())
         target = (torch.from_numpy(np.asarray(self.domains[field_name], dtype=bool)) if mode in SELECTIVE_MODES
                   else torch.from_numpy(f.tail_mask()))
         if len(target) != f.vocab_size:
             raise UserError(f"target domain of {field_name!r} has {len(target)} entries, the field has {f.vocab_size} ids")
-        target = target & ~source
-        seed = self.config.seed * 1000 + self.meta.sparse_names.index(field_name)
-        kwargs = dict(self.config.loss_kwargs)
-        if self.config.loss in ("adversarial", "frage", "adda"):
-            kwargs.setdefault("seed", seed)
-        loss = make_transfer_loss(self.config.loss, dim, **kwargs)
-        return RowUpdater(key, mode, optimizer=None, loss=loss, source_mask=source, target_mask=target,  # type: ignore[arg-type]
-                          lam=self.config.lam, alpha=self.config.alpha)
+        return TableRule(key, mode, self.context, loss=self._loss_for(dim),
+                         loss_index=self.meta.sparse_names.index(field_name), source_mask=source,
+                         target_mask=target & ~source, lam=self.config.lam, alpha=self.config.alpha)
 
     def _attach(self) -> None:
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
@@ -137,17 +141,15 @@ class TransferPlugin:
         return names[0]
 
     def _attach_unsharded(self, path: str, ebc: EmbeddingBagCollection, transfer_ebc: bool) -> None:
+        rules = {}
         for cfg in ebc.embedding_bag_configs():
             fname = self._field_of(cfg)
             key = f"{path}.{cfg.name}"
-            upd = self._updater(key, fname, cfg.embedding_dim, transfer_ebc and fname in self.fields)
-            bag = ebc.embedding_bags[cfg.name]
-            ebc.embedding_bags[cfg.name] = BarrierEmbeddingBag(bag, upd)
-            self.updaters[key] = upd
-            self.table_weights.append(bag.weight)
+            rules[cfg.name] = self.rules[key] = self._rule(key, fname, cfg.embedding_dim,
+                                                           transfer_ebc and fname in self.fields)
+        self.table_weights.extend(attach_ebc(ebc, rules))
 
     def _attach_sharded(self, path: str, sebc: nn.Module, transfer_ebc: bool) -> None:
-        from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # noqa: F401  (documented kernels)
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
         for lookup in sebc._lookups:
@@ -155,22 +157,19 @@ class TransferPlugin:
             if not hasattr(inner, "_emb_modules"):
                 raise UserError(f"{path}: unsupported sharded lookup {type(inner).__name__} (use table-wise or row-wise sharding)")
             for emb in inner._emb_modules:
-                tables = emb._config.embedding_tables
-                updaters, offsets, groups = [], [], []
-                for t in tables:
+                rules, offsets, groups = [], [], []
+                for t in emb._config.embedding_tables:
                     if t.local_cols != t.embedding_dim:
                         raise UserError(f"table {t.name}: column-wise sharding splits rows' dimensions; the barrier "
                                         "needs whole rows (use table-wise or row-wise sharding)")
                     fname = self._field_of(t)
                     key = f"{path}.{t.name}"
-                    upd = self._updater(key, fname, t.embedding_dim, transfer_ebc and fname in self.fields)
-                    self.updaters[key] = upd
-                    row_off = t.local_metadata.shard_offsets[0] if t.local_metadata is not None else 0
-                    offsets.append(int(row_off))
+                    rule = self.rules[key] = self._rule(key, fname, t.embedding_dim, transfer_ebc and fname in self.fields)
+                    rules.append(rule)
+                    offsets.append(int(t.local_metadata.shard_offsets[0]) if t.local_metadata is not None else 0)
                     groups.append(emb._pg if t.local_rows != t.num_embeddings else None)
-                    updaters.append(upd)
-                tbe = BarrierTBE(emb._emb_module, updaters, offsets, emb._feature_table_map,
-                                 mean=emb._pooling == PoolingMode.MEAN, groups=groups)
+                means = [emb._pooling == PoolingMode.MEAN] * len(emb._feature_table_map)
+                tbe = BarrierTBE(emb._emb_module, rules, offsets, emb._feature_table_map, means, groups)
                 emb._emb_module = tbe
                 self.table_weights.extend(tbe.weights)
 
@@ -191,12 +190,11 @@ class TransferPlugin:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(value)
             value /= dist.get_world_size()
-        for u in self.updaters.values():
-            u.main_loss = value[0]
+        self.context.main_loss = value[0]
 
     def backward(self, loss: torch.Tensor) -> None:
         self.set_main_loss(loss)
         loss.backward()
 
     def stats(self) -> dict[str, dict]:
-        return {k: vars(u.stats) for k, u in self.updaters.items() if u.mode != "B"}
+        return {k: vars(r.stats) for k, r in self.rules.items() if r.mode != "B"}
