@@ -1,0 +1,217 @@
+"""Step time and memory of +Ours (item-wise barrier, fused backward row update) against B on Criteo-schema data.
+
+Same model (DeepFM: 26 sparse fields, all under transfer, dim 16, MLP 400-400-400, 13 dense), same batches
+(Zipf-distributed ids, batch 4096), in one run, at two sizes: every table 1e5 rows; then one table grown to 1e7
+rows (the rest unchanged). Methods, each in a fresh subprocess so peak RSS is its own:
+
+* ``B``        — main loss only, tables updated by our fused row hook (row-wise Adagrad);
+* ``+Ours``    — selective domain + barrier with the adversarial transfer loss on all 26 fields, same hook;
+* ``B-fused``  — main loss only with TorchRec's own path: DistributedModelParallel (1 rank, gloo), fbgemm fused
+                 TBE with its fused EXACT_ROWWISE_ADAGRAD, no plug-in (the library's fastest CPU path).
+
+Dense parameters use Adam in every method. Printed per size: median step time (ms), peak RSS, RSS growth
+during training ("extra"), and the ``ratio`` of +Ours to B and to B-fused. Results go to
+``benchmarks/results/barrier_overhead.{json,md}``.
+
+    python benchmarks/barrier_overhead.py                 # both sizes, 40 timed steps each
+    python benchmarks/barrier_overhead.py --sizes 100000 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+NUM_SPARSE, NUM_DENSE, DIM, MLP_HIDDEN = 26, 13, 16, (400, 400, 400)
+
+
+def make_meta(big_rows: int | None, rows: int):
+    import numpy as np
+
+    from recsys_transfer.data.prepared import DatasetMeta, SparseFieldMeta
+
+    sparse = []
+    for k in range(NUM_SPARSE):
+        n = big_rows if (big_rows and k == 0) else rows
+        # ids are in frequency order (as prepared data is): expected Zipf(1.05) counts per 1e8 records
+        freq = (1e8 / np.arange(1, n + 1) ** 1.05).astype(np.int64)
+        freq = np.concatenate([[0], freq[: n - 1]])
+        head = np.arange(1, int(np.ceil(0.2 * (n - 1))) + 1)
+        sparse.append(SparseFieldMeta(name=f"C{k + 1}", vocab_size=n, oov_index=0, hashed=False, min_count=1,
+                                      frequencies=freq.tolist(), head_ids=head.tolist()))
+    d = dict(dataset="criteo-schema-synthetic", sparse=sparse, dense=[f"dense_I{k + 1}" for k in range(NUM_DENSE)],
+             labels=["label"], split={}, head_tail={}, split_rows={"train": 0, "valid": 0, "test": 0},
+             split_files={}, input_rows=0, skipped_rows=0, skip_reasons={}, source={})
+    return DatasetMeta(**d, dataset_id="bench")
+
+
+def make_batches(meta, batch: int, count: int, seed: int = 0):
+    import numpy as np
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_transfer.types import Batch
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        cols = []
+        for f in meta.sparse:
+            ids = rng.zipf(1.05, batch)
+            ids = np.where(ids < f.vocab_size, ids, rng.integers(1, f.vocab_size, batch))
+            cols.append(ids)
+        values = torch.from_numpy(np.concatenate(cols).astype(np.int64))
+        kjt = KeyedJaggedTensor(keys=meta.sparse_names, values=values,
+                                lengths=torch.ones(len(cols) * batch, dtype=torch.int32), stride=batch)
+        dense = torch.from_numpy(rng.normal(size=(batch, NUM_DENSE)).astype(np.float32))
+        labels = torch.from_numpy((rng.random(batch) < 0.25).astype(np.float32))
+        out.append(Batch(dense, kjt, {"label": labels}))
+    return out
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(method: str, big_rows: int | None, rows: int, steps: int, warmup: int, batch: int) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from recsys_transfer.models.deepfm import DeepFM
+
+    torch.manual_seed(0)
+    meta = make_meta(big_rows, rows)
+    batches = make_batches(meta, batch, 6)
+    model = DeepFM(meta, embedding_dim=DIM, hidden=MLP_HIDDEN)
+    if method == "B-fused":
+        import torch.distributed as dist
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+        from recsys_transfer.train.distributed import shard_model
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        model = shard_model(model, torch.device("cpu"), sharding_type="table_wise",
+                            fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01})
+        dense_params = [p for n, p in model.named_parameters() if "embedding_bags" not in n]
+        plugin = None
+    else:
+        from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+
+        rng = np.random.default_rng(1)
+        domains = {}
+        for f in meta.sparse:
+            keep = f.tail_mask() & (rng.random(f.vocab_size) >= 0.2)  # T'_eta: 20% of the tail dropped
+            domains[f.name] = keep
+        mode = "B" if method == "B" else "+Ours"
+        plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="adversarial", fields=tuple(meta.sparse_names),
+                                                            optimizer="rowwise_adagrad", lr=0.01), domains=domains)
+        dense_params = plugin.dense_parameters()
+    dense = torch.optim.Adam(dense_params, lr=1e-3)
+    rss_setup = rss_mib()
+    times = []
+    for step in range(warmup + steps):
+        b = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        loss = F.binary_cross_entropy_with_logits(model(b)["label"], b.labels["label"])
+        dense.zero_grad(set_to_none=True)
+        if plugin is None:
+            loss.backward()
+        else:
+            plugin.backward(loss)
+        dense.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"method": method, "big_rows": big_rows, "rows": rows, "median_ms": statistics.median(times) * 1e3,
+              "p90_ms": float(np.percentile(times, 90)) * 1e3, "steps": steps, "rss_setup_mib": rss_setup,
+              "rss_peak_mib": peak, "rss_extra_mib": rss_mib() - rss_setup}
+    if method == "B-fused":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="100000,10000000", help="comma list: 1e5 = every table 1e5 rows; larger = one table grown")
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--methods", default="B,+Ours,B-fused")
+    p.add_argument("--worker", nargs=2, metavar=("METHOD", "BIG"), help=argparse.SUPPRESS)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    if args.worker:
+        method, big = args.worker
+        res = worker(method, int(big) or None, args.rows, args.steps, args.warmup, args.batch)
+        print("RESULT " + json.dumps(res))
+        return 0
+
+    rows_out = []
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for size in [int(float(s)) for s in args.sizes.split(",")]:
+        big = size if size != args.rows else 0
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--worker", method, str(big), "--rows", str(args.rows), "--steps",
+                   str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+            if r.returncode != 0 or not line:
+                print(r.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"worker {method} failed")
+            res = json.loads(line[0][7:])
+            res["size"] = size
+            rows_out.append(res)
+            print(f"  {method:<8} size {size:>10,}  median {res['median_ms']:8.1f} ms  p90 {res['p90_ms']:8.1f} ms  "
+                  f"peak RSS {res['rss_peak_mib']:8.0f} MiB  extra {res['rss_extra_mib']:7.0f} MiB", flush=True)
+    lines = ["| table rows | method | median step ms | p90 ms | peak RSS MiB | RSS growth in training MiB |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows_out:
+        lines.append(f"| {r['size']:,} | {r['method']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                     f"{r['rss_peak_mib']:.0f} | {r['rss_extra_mib']:.0f} |")
+    summary = []
+    for size in sorted({r["size"] for r in rows_out}):
+        by = {r["method"]: r for r in rows_out if r["size"] == size}
+        if "+Ours" in by and "B" in by:
+            text = (f"size {size:,}: +Ours/B step-time ratio {by['+Ours']['median_ms'] / by['B']['median_ms']:.3f}")
+            if "B-fused" in by:
+                text += (f"; +Ours/B-fused ratio {by['+Ours']['median_ms'] / by['B-fused']['median_ms']:.3f}"
+                         f"; B/B-fused ratio {by['B']['median_ms'] / by['B-fused']['median_ms']:.3f}")
+            text += (f"; extra peak RSS of +Ours over B {by['+Ours']['rss_peak_mib'] - by['B']['rss_peak_mib']:.0f} MiB")
+            summary.append(text)
+    print("\n".join(lines))
+    print("\n".join(summary))
+    if not args.no_record:
+        RESULTS.mkdir(exist_ok=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "commit": commit,
+                "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
+                "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+        (RESULTS / "barrier_overhead.json").write_text(json.dumps({"meta": meta, "runs": rows_out, "summary": summary},
+                                                                  indent=1) + "\n")
+        (RESULTS / "barrier_overhead.md").write_text(
+            "# barrier_overhead\n\n" + f"`{meta['command']}` at {commit[:10]}, {meta['cpus']} CPUs, load "
+            f"{meta['loadavg'][0]:.1f}\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
