@@ -2,7 +2,7 @@
 
 Same model (DeepFM: 26 sparse fields, all under transfer, dim 16, MLP 400-400-400, 13 dense), same batches
 (Zipf-distributed ids, batch 4096), in one run, at two sizes: every table 1e5 rows; then one table grown to 1e7
-rows (the rest unchanged). Methods, each in a fresh subprocess so peak RSS is its own:
+rows (the rest unchanged). Methods:
 
 * ``B``        — main loss only, tables updated by our fused row hook (row-wise Adagrad);
 * ``+Ours``    — selective domain + barrier with the adversarial transfer loss on all 26 fields, same hook;
@@ -10,8 +10,9 @@ rows (the rest unchanged). Methods, each in a fresh subprocess so peak RSS is it
                  TBE with its fused EXACT_ROWWISE_ADAGRAD, no plug-in (the library's fastest CPU path).
 
 Dense parameters use Adam in every method. Printed per size: median step time (ms), peak RSS, RSS growth
-during training ("extra"), and the ``ratio`` of +Ours to B and to B-fused. Results go to
-``benchmarks/results/barrier_overhead.{json,md}``.
+during training ("extra"), and the ``ratio`` of +Ours to B and to B-fused. Step times come from ONE
+process that interleaves the methods step by step (so background load hits all alike); memory from one fresh
+process per method. Results go to ``benchmarks/results/barrier_overhead.{json,md}``.
 
     python benchmarks/barrier_overhead.py                 # both sizes, 40 timed steps each
     python benchmarks/barrier_overhead.py --sizes 100000 --steps 10
@@ -86,7 +87,8 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def worker(method: str, big_rows: int | None, rows: int, steps: int, warmup: int, batch: int) -> dict:
+def build(method: str, meta, batch_dim_dense: int = NUM_DENSE):
+    """(step function, dense optimizer) for one method on a fresh DeepFM."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -94,39 +96,34 @@ def worker(method: str, big_rows: int | None, rows: int, steps: int, warmup: int
     from recsys_transfer.models.deepfm import DeepFM
 
     torch.manual_seed(0)
-    meta = make_meta(big_rows, rows)
-    batches = make_batches(meta, batch, 6)
     model = DeepFM(meta, embedding_dim=DIM, hidden=MLP_HIDDEN)
+    plugin = None
     if method == "B-fused":
         import torch.distributed as dist
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
         from recsys_transfer.train.distributed import shard_model
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            dist.init_process_group("gloo", rank=0, world_size=1)
         model = shard_model(model, torch.device("cpu"), sharding_type="table_wise",
                             fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01})
         dense_params = [p for n, p in model.named_parameters() if "embedding_bags" not in n]
-        plugin = None
     else:
         from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
 
         rng = np.random.default_rng(1)
-        domains = {}
-        for f in meta.sparse:
-            keep = f.tail_mask() & (rng.random(f.vocab_size) >= 0.2)  # T'_eta: 20% of the tail dropped
-            domains[f.name] = keep
+        domains = {f.name: f.tail_mask() & (rng.random(f.vocab_size) >= 0.2) for f in meta.sparse}  # T'_eta
         mode = "B" if method == "B" else "+Ours"
-        plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="adversarial", fields=tuple(meta.sparse_names),
+        plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="adversarial",
+                                                            fields=tuple(meta.sparse_names),
                                                             optimizer="rowwise_adagrad", lr=0.01), domains=domains)
         dense_params = plugin.dense_parameters()
     dense = torch.optim.Adam(dense_params, lr=1e-3)
-    rss_setup = rss_mib()
-    times = []
-    for step in range(warmup + steps):
-        b = batches[step % len(batches)]
+
+    def step(b) -> float:
         t0 = time.perf_counter()
         loss = F.binary_cross_entropy_with_logits(model(b)["label"], b.labels["label"])
         dense.zero_grad(set_to_none=True)
@@ -135,17 +132,47 @@ def worker(method: str, big_rows: int | None, rows: int, steps: int, warmup: int
         else:
             plugin.backward(loss)
         dense.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"method": method, "big_rows": big_rows, "rows": rows, "median_ms": statistics.median(times) * 1e3,
-              "p90_ms": float(np.percentile(times, 90)) * 1e3, "steps": steps, "rss_setup_mib": rss_setup,
-              "rss_peak_mib": peak, "rss_extra_mib": rss_mib() - rss_setup}
-    if method == "B-fused":
-        import torch.distributed as dist
+        return time.perf_counter() - t0
 
+    return step
+
+
+def time_worker(methods: list[str], big_rows: int | None, rows: int, steps: int, warmup: int, batch: int) -> dict:
+    """All methods in one process, steps interleaved round-robin (rotating the order), so load from anything
+    else on the machine hits every method alike; same batches for every method."""
+    import numpy as np
+
+    meta = make_meta(big_rows, rows)
+    batches = make_batches(meta, batch, 6)
+    steppers = {m: build(m, meta) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for k in range(warmup + steps):
+        order = methods[k % len(methods):] + methods[: k % len(methods)]
+        for m in order:
+            dt = steppers[m](batches[k % len(batches)])
+            if k >= warmup:
+                times[m].append(dt)
+    return {m: {"median_ms": statistics.median(v) * 1e3, "p90_ms": float(np.percentile(v, 90)) * 1e3}
+            for m, v in times.items()}
+
+
+def mem_worker(method: str, big_rows: int | None, rows: int, steps: int, batch: int) -> dict:
+    """One method alone: RSS after setup, peak RSS, RSS growth while training."""
+    meta = make_meta(big_rows, rows)
+    batches = make_batches(meta, batch, 6)
+    step = build(method, meta)
+    rss_setup = rss_mib()
+    for k in range(steps):
+        step(batches[k % len(batches)])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rss_setup_mib": rss_setup, "rss_peak_mib": peak, "rss_extra_mib": peak - rss_setup}
+
+
+def _finish_dist() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
         dist.destroy_process_group()
-    return result
 
 
 def main() -> int:
@@ -156,32 +183,42 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--methods", default="B,+Ours,B-fused")
-    p.add_argument("--worker", nargs=2, metavar=("METHOD", "BIG"), help=argparse.SUPPRESS)
+    p.add_argument("--mem-steps", type=int, default=8)
+    p.add_argument("--worker", nargs=3, metavar=("KIND", "METHODS", "BIG"), help=argparse.SUPPRESS)
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     if args.worker:
-        method, big = args.worker
-        res = worker(method, int(big) or None, args.rows, args.steps, args.warmup, args.batch)
+        kind, methods, big = args.worker
+        if kind == "time":
+            res = time_worker(methods.split(","), int(big) or None, args.rows, args.steps, args.warmup, args.batch)
+        else:
+            res = mem_worker(methods, int(big) or None, args.rows, args.mem_steps, args.batch)
+        _finish_dist()
         print("RESULT " + json.dumps(res))
         return 0
 
+    def run(kind: str, methods: str, big: int) -> dict:
+        cmd = [sys.executable, __file__, "--worker", kind, methods, str(big), "--rows", str(args.rows), "--steps",
+               str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--mem-steps",
+               str(args.mem_steps)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        if r.returncode != 0 or not line:
+            print(r.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{kind} worker for {methods} failed")
+        return json.loads(line[0][7:])
+
     rows_out = []
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    methods = args.methods.split(",")
     for size in [int(float(s)) for s in args.sizes.split(",")]:
         big = size if size != args.rows else 0
-        for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--worker", method, str(big), "--rows", str(args.rows), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-            if r.returncode != 0 or not line:
-                print(r.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"worker {method} failed")
-            res = json.loads(line[0][7:])
-            res["size"] = size
+        timing = run("time", ",".join(methods), big)
+        for method in methods:
+            res = {"method": method, "size": size, **timing[method], **run("mem", method, big)}
             rows_out.append(res)
             print(f"  {method:<8} size {size:>10,}  median {res['median_ms']:8.1f} ms  p90 {res['p90_ms']:8.1f} ms  "
-                  f"peak RSS {res['rss_peak_mib']:8.0f} MiB  extra {res['rss_extra_mib']:7.0f} MiB", flush=True)
+                  f"peak RSS {res['rss_peak_mib']:8.0f} MiB  growth {res['rss_extra_mib']:7.0f} MiB", flush=True)
     lines = ["| table rows | method | median step ms | p90 ms | peak RSS MiB | RSS growth in training MiB |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows_out:
@@ -204,7 +241,7 @@ def main() -> int:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "commit": commit,
                 "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
-                "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps}
         (RESULTS / "barrier_overhead.json").write_text(json.dumps({"meta": meta, "runs": rows_out, "summary": summary},
                                                                   indent=1) + "\n")
         (RESULTS / "barrier_overhead.md").write_text(

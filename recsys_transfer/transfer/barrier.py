@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
@@ -142,7 +143,11 @@ def _domain_rows(item: _Item):
 
 
 def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
-    """``t_i`` for every item, one batched loss call per shared loss object."""
+    """``t_i`` for every item, one batched loss call per shared loss object.
+
+    Only domain rows (source or target; every row for CosReg) enter the loss: they are packed per table and
+    padded to ``[T, N, D]``; every other touched row gets ``t_i = 0``.
+    """
     out: list[torch.Tensor | None] = [None] * len(items)
     buckets: dict[int, list[int]] = {}
     for k, it in enumerate(items):
@@ -150,29 +155,36 @@ def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
     for ks in buckets.values():
         loss = items[ks[0]].rule.loss
         assert loss is not None
-        parts = [_domain_rows(items[k]) for k in ks]
-        n_max = max(max(len(ids) for ids, _, _ in parts), 1)
-        dim = items[ks[0]].weight.shape[1]
-        x = torch.zeros((len(ks), n_max, dim), dtype=items[ks[0]].weight.dtype)
-        src = torch.zeros((len(ks), n_max), dtype=torch.bool)
-        tgt = torch.zeros_like(src)
-        for j, (k, (ids, cur, _)) in enumerate(zip(ks, parts)):
+        parts, xs, srcs, tgts = [], [], [], []
+        for k in ks:
             rule = items[k].rule
-            n = len(ids)
-            x[j, :n] = cur
+            ids, cur, mine = _domain_rows(items[k])
             if loss.uses_all_rows:
-                src[j, :n] = True
+                keep = None
+                s, t = torch.ones(len(ids), dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool)
             else:
-                src[j, :n] = rule.source_mask[ids]
-                tgt[j, :n] = rule.target_mask[ids]
+                s, t = rule.source_mask[ids], rule.target_mask[ids]
+                keep = torch.nonzero(s | t).squeeze(1)
+                cur, s, t = cur.index_select(0, keep), s.index_select(0, keep), t.index_select(0, keep)
+            parts.append((len(ids), keep, mine))
+            xs.append(cur)
+            srcs.append(s)
+            tgts.append(t)
+        x = pad_sequence(xs, batch_first=True)  # [T, N, D]
+        src = pad_sequence(srcs, batch_first=True)  # [T, N], padding False
+        tgt = pad_sequence(tgts, batch_first=True)
         tables = torch.tensor([items[k].rule.loss_index for k in ks], dtype=torch.int64)
         values, gx = loss.grad(x, src, tgt, tables)
-        for j, (k, (ids, _, mine)) in enumerate(zip(ks, parts)):
-            t = gx[j, : len(ids)]
+        n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
+        for j, (k, (n_all, keep, mine)) in enumerate(zip(ks, parts)):
+            if keep is None:
+                t = gx[j, :n_all]
+            else:
+                t = torch.zeros((n_all, x.shape[2]), dtype=gx.dtype)
+                t.index_copy_(0, keep, gx[j, : len(keep)])
             out[k] = t if mine is None else t.index_select(0, mine)
             st = items[k].rule.stats
-            st.source_rows, st.target_rows = int(src[j].sum()), int(tgt[j].sum())
-            st.transfer_loss = float(values[j])
+            st.source_rows, st.target_rows, st.transfer_loss = n_src[j], n_tgt[j], vals[j]
     return out  # type: ignore[return-value]
 
 
