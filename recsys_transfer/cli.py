@@ -3,6 +3,7 @@
     recsys-transfer prepare --dataset {movielens,criteo,synthetic} --input PATH --output DIR [options]
     recsys-transfer info DIR [--field NAME]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
+    recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR
     recsys-transfer demo [--output DIR]
 
 User mistakes (missing files, malformed rows, bad options) print one line ``error: ...`` and exit with status 2,
@@ -12,6 +13,7 @@ without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None, help="explicit threshold (overrides --quantile)")
     p.add_argument("--context-fields", nargs="*", default=None, help="fields that supply coordinates (default: all others)")
     p.add_argument("--output", type=Path, default=None, help="default: DATA/selection")
+
+    p = sub.add_parser("train", help="train one model/mode from a pipeline config (also under torchrun)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 --set transfer.mode=+Ours")
+    p.add_argument("--output", type=Path, required=True)
 
     p = sub.add_parser("demo", help="synthetic long-tail data -> prepare -> train a model -> held-out AUC")
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
@@ -158,6 +166,22 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from recsys_transfer.config import load_config
+    from recsys_transfer.train.trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_training(cfg, args.output)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    t = result["test"]
+    line = f"test AUC {t['auc']:.4f}  logloss {t['logloss']:.4f}"
+    if "head_auc" in t:
+        line += f"  head AUC {t['head_auc']:.4f}  tail AUC {t['tail_auc']:.4f} ({t['field']})"
+    print(line + f"  best epoch {result['best_epoch']}  -> {args.output}/metrics.json")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from recsys_transfer.demo import run_demo
 
@@ -167,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "demo": cmd_demo}[args.command]
+    handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "train": cmd_train, "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -101,4 +101,24 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
     )
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
     plan = planner.collective_plan(model, [sharder], pg) if pg is not None else planner.plan(model, [sharder])
-    return DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
+    copy_into_shards(dmp, init)
+    return dmp
+
+
+@torch.no_grad()
+def copy_into_shards(dmp: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
+    """Write a full (unsharded) state dict into a DMP model: each rank copies the slices of its local shards.
+
+    DistributedModelParallel re-initializes sharded tables from the table configs; this keeps the model's own
+    initialization, so a sharded run starts exactly where the single-process run does.
+    """
+    for key, value in dmp.state_dict().items():
+        src = full_state[key]
+        if hasattr(value, "local_shards"):
+            for shard in value.local_shards():
+                off, size = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(src[tuple(slice(o, o + n) for o, n in zip(off, size))])
+        else:
+            value.copy_(src)

@@ -39,7 +39,7 @@ class EpochStats:
 
 
 def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer, label: str,
-                progress: bool = False, plugin=None) -> EpochStats:
+                progress: bool = False, plugin=None, after_step=None) -> EpochStats:
     """One pass over ``loader``. With a transfer ``plugin`` (see :mod:`recsys_transfer.transfer.plugin`) the
     embedding rows are updated inside ``plugin.backward`` and ``optimizer`` holds the dense parameters only."""
     check_dataset(model, loader)
@@ -59,6 +59,8 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
         else:
             plugin.backward(loss)
         optimizer.step()
+        if after_step is not None:
+            after_step()
         total += float(loss.detach()) * batch.batch_size
         rows += batch.batch_size
         if progress and rows // batch.batch_size % 50 == 0:

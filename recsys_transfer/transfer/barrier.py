@@ -371,6 +371,9 @@ class BarrierTBE(nn.Module):
     def purge(self) -> None:
         """No cache to purge (see :meth:`flush`)."""
 
+    def reset_cache_states(self) -> None:
+        """No cache (TorchRec calls this before loading a state dict)."""
+
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
                 **_: object) -> torch.Tensor:
         args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.means)

@@ -54,18 +54,7 @@ def main() -> int:
     meta = DatasetMeta.load(args.data)
     model = FM(meta, embedding_dim=8)
     model.load_state_dict(torch.load(args.init))
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    dmp = shard_model(model, info.device, sharding_type=args.sharding)
-    # copy the reference initial weights into the local shards (DMP re-initializes sharded tables)
-    for key, value in dmp.state_dict().items():
-        src = init_state[key]
-        if hasattr(value, "local_shards"):
-            for shard in value.local_shards():
-                off = shard.metadata.shard_offsets
-                size = shard.metadata.shard_sizes
-                shard.tensor.copy_(src[off[0]:off[0] + size[0], off[1]:off[1] + size[1]])
-        else:
-            value.copy_(src)
+    dmp = shard_model(model, info.device, sharding_type=args.sharding)  # keeps the loaded initial weights
     cfg = TransferConfig(mode=args.mode, loss=args.loss, fields=tuple(args.fields.split(",")), optimizer=args.optimizer,
                          lr=args.lr, lam=0.5)
     plugin = TransferPlugin(dmp, meta, cfg)
