@@ -1,0 +1,46 @@
+"""Model names -> classes, and :func:`build_model`, which rejects unknown names and unknown keyword arguments.
+
+Example::
+
+    model = build_model("deepfm", meta, embedding_dim=16, hidden=(100, 100))
+    build_model("deepfm", meta, embeding_dim=16)  # UserError: ... unknown argument 'embeding_dim' ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+
+from torch import nn
+
+from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.errors import UserError
+from recsys_transfer.models.autoint import AutoInt
+from recsys_transfer.models.deepfm import DeepFM
+from recsys_transfer.models.fm import FM
+from recsys_transfer.models.lr import LR
+
+MODELS: dict[str, type[nn.Module]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, "autoint": AutoInt}
+
+
+def model_arguments(name: str) -> list[str]:
+    """The keyword arguments model ``name`` accepts (its constructor's parameters after ``meta``)."""
+    params = list(inspect.signature(MODELS[name].__init__).parameters.values())[2:]  # drop self, meta
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def build_model(name: str, meta: DatasetMeta, **kwargs) -> nn.Module:
+    """``MODELS[name](meta, **kwargs)``; raises :class:`UserError` (one line) for an unknown name or argument."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}{_suggest(name, list(MODELS))}; choose one of {sorted(MODELS)}")
+    allowed = model_arguments(name)
+    for key in kwargs:
+        if key not in allowed:
+            raise UserError(f"model {name!r}: unknown argument {key!r}{_suggest(key, allowed)}; "
+                            f"it accepts {allowed}")
+    return MODELS[name](meta, **kwargs)

@@ -1,0 +1,219 @@
+"""Models on real ML-100K batches: outputs, gradients, exact maths (float64 references), registry, training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_transfer.data.loader import BatchLoader
+from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
+from recsys_transfer.errors import UserError
+from recsys_transfer.models.registry import MODELS, build_model, model_arguments
+from recsys_transfer.modules.fm import FIRST_ORDER_WIDTH
+from recsys_transfer.modules.interacting import InteractingLayer
+from recsys_transfer.train.loop import evaluate, train_epoch
+from recsys_transfer.types import Batch
+
+# Every registered model with its defaults, plus AutoInt with every optional branch switched on.
+CASES = [(name, {}) for name in MODELS] + [
+    ("autoint", {"first_order": True, "hidden": (32,), "scaled": True, "dropout": 0.4, "dnn_dropout": 0.2}),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core machine OpenMP threads
+    waiting for a busy core made a DeepFM epoch on ML-100K ~10x slower (15 s instead of 1.5 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory):
+    """A small synthetic dataset (4 sparse fields, dense fields) — the dense path, and a second dataset id."""
+    out = tmp_path_factory.mktemp("synthetic") / "prepared"
+    meta = prepare_synthetic(SyntheticConfig(rows=5000), out, split=SplitSpec(), head_tail=HeadTailSpec(),
+                             progress=False)
+    return out, meta
+
+
+@pytest.fixture(params=["ml100k", "synthetic"])
+def dataset(request, ml100k_prepared, synthetic_prepared):
+    return ml100k_prepared if request.param == "ml100k" else synthetic_prepared
+
+
+def first_batch(data_dir, meta, batch_size: int) -> Batch:
+    return next(iter(BatchLoader(data_dir, "train", batch_size, meta=meta)))
+
+
+def test_registry_lists_the_paper_models():
+    assert set(MODELS) == {"lr", "fm", "deepfm", "autoint"}
+    assert "embedding_dim" in model_arguments("deepfm") and "meta" not in model_arguments("deepfm")
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}{'+' if k else ''}" for n, k in CASES])
+def test_forward_backward_on_real_batch(name, kwargs, dataset):
+    data_dir, meta = dataset
+    torch.manual_seed(0)
+    batch = first_batch(data_dir, meta, 256)
+    model = build_model(name, meta, **kwargs)
+    model.train()
+    out = model(batch)
+    assert set(out) == {meta.labels[0]}
+    logits = out[meta.labels[0]]
+    assert logits.shape == (batch.batch_size,) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels[meta.labels[0]])
+    loss.backward()
+    ids = {f: batch.sparse[f].values() for f in meta.sparse_names}
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        if "embedding_bags" in pname:
+            # Embedding tables: untouched rows get no gradient, rows used by exactly one example a non-zero one
+            # (column 0 only for 4-wide first-order tables). Rows used several times may cancel exactly, e.g. in
+            # LR at its all-zero init, where every example's gradient is +-1/(2B).
+            table = pname.split("embedding_bags.")[1].split(".")[0]
+            field = table[len("t_"):]
+            uses = torch.bincount(ids[field], minlength=p.shape[0])
+            touched, once = uses > 0, uses == 1
+            g = p.grad
+            if pname.startswith("linear."):
+                assert p.shape[1] == FIRST_ORDER_WIDTH
+                assert (g[:, 1:] == 0).all()
+                g = g[:, :1]
+            assert (g[~touched] == 0).all(), f"{name}: {pname} untouched rows got a gradient"
+            assert (g[once].abs().sum(dim=1) > 0).all(), f"{name}: {pname} a row used once got no gradient"
+            assert g[touched].abs().sum() > 0, f"{name}: {pname} got an all-zero gradient"
+        else:
+            assert p.grad.abs().sum() > 0, f"{name}: {pname} got an all-zero gradient"
+    if name != "lr":
+        assert model.embedding.embedding_bags[f"t_{meta.sparse_names[0]}"].weight.shape[1] > FIRST_ORDER_WIDTH
+
+
+# -- exact maths --------------------------------------------------------------------------------------------------
+def reference_interacting(e, layer: InteractingLayer, scaled: bool, residual: bool) -> torch.Tensor:
+    """Eq. 5-8 of AutoInt written out: explicit loops over heads, fields and an explicit softmax."""
+    B, F, _ = e.shape
+    H, d = layer.heads, layer.att_dim
+    wq, wk, wv = layer.w_query.weight, layer.w_key.weight, layer.w_value.weight  # [H*d', in]
+    out = torch.zeros(B, F, H * d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            rows = slice(h * d, (h + 1) * d)
+            for m in range(F):
+                q = wq[rows] @ e[b, m]
+                scores = torch.stack([(q @ (wk[rows] @ e[b, k])) for k in range(F)])
+                if scaled:
+                    scores = scores / math.sqrt(d)
+                alpha = torch.exp(scores - scores.max())
+                alpha = alpha / alpha.sum()
+                out[b, m, rows] = sum(alpha[k] * (wv[rows] @ e[b, k]) for k in range(F))
+    if residual:
+        out = out + torch.einsum("oi,bfi->bfo", layer.w_res.weight, e)
+    return torch.relu(out)
+
+
+@pytest.mark.parametrize(("scaled", "residual"), [(False, True), (True, True), (False, False)])
+def test_interacting_layer_matches_explicit_equations(scaled, residual):
+    torch.manual_seed(1)
+    layer = InteractingLayer(6, heads=2, att_dim=4, residual=residual, dropout=0.3, scaled=scaled).double().eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.7)  # large enough that attention is far from uniform
+    e = torch.randn(3, 5, 6, dtype=torch.float64)
+    got = layer(e)
+    assert got.shape == (3, 5, 8)
+    want = reference_interacting(e, layer, scaled, residual)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10), (got - want).abs().max()
+    layer.train()  # attention dropout is active in training only
+    assert not torch.allclose(layer(e), want)
+
+
+def test_deepfm_matches_explicit_formula(ml100k_prepared):
+    data_dir, meta = ml100k_prepared
+    torch.manual_seed(2)
+    batch = first_batch(data_dir, meta, 8)
+    model = build_model("deepfm", meta, embedding_dim=4, hidden=(5, 3)).double().eval()
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+        if "embedding_bags" in name:
+            # TorchRec's EBC returns float32 whatever the weights' dtype (``.float()`` in its forward), so the FM
+            # terms are computed in float32. Multiples of 1/16 in [-1, 1] make that cast and every float32 sum and
+            # product of the FM terms exact; the MLP runs in float64.
+            p.data = torch.randint(-16, 17, p.shape, dtype=torch.float64) / 16
+    got = model(Batch(batch.dense.double(), batch.sparse, batch.labels))["label"]
+
+    fields = meta.sparse_names
+    ids = {f: batch.sparse[f].values() for f in fields}
+    emb = {f: model.embedding.embedding_bags[f"t_{f}"].weight.detach() for f in fields}
+    lin = {f: model.linear.tables.embedding_bags[f"t_{f}"].weight.detach() for f in fields}
+    layers = [m for m in model.dnn if isinstance(m, torch.nn.Linear)]
+    want = torch.zeros(batch.batch_size, dtype=torch.float64)
+    for b in range(batch.batch_size):
+        v = [emb[f][ids[f][b]] for f in fields]
+        first = sum(lin[f][ids[f][b], 0] for f in fields)
+        second = sum(v[i] @ v[j] for i in range(len(v)) for j in range(i + 1, len(v)))  # Rendle Eq. 1
+        h = torch.cat(v)  # no dense fields in ML-100K
+        for k, layer in enumerate(layers):
+            h = layer.weight.detach() @ h + layer.bias.detach()
+            if k < len(layers) - 1:
+                h = torch.relu(h)
+        want[b] = model.bias.detach()[0] + first + second + h[0]
+    assert torch.allclose(got, want, rtol=0, atol=1e-10), (got - want).abs().max()
+    assert want.abs().min() > 1e-3  # the check is not vacuous
+
+
+# -- user errors --------------------------------------------------------------------------------------------------
+def test_build_model_rejects_unknown_name_and_arguments(ml100k_prepared):
+    _, meta = ml100k_prepared
+    with pytest.raises(UserError, match="unknown model 'deepfmm'.*did you mean 'deepfm'") as err:
+        build_model("deepfmm", meta)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="unknown argument 'embeding_dim'.*did you mean 'embedding_dim'") as err:
+        build_model("deepfm", meta, embeding_dim=16)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="unknown argument 'hidden'"):
+        build_model("lr", meta, hidden=(10,))
+    with pytest.raises(UserError, match="dropout"):
+        build_model("autoint", meta, dropout=1.5)
+
+
+def test_model_refuses_another_dataset(ml100k_prepared, synthetic_prepared):
+    _, meta = ml100k_prepared
+    other_dir, other_meta = synthetic_prepared
+    assert other_meta.dataset_id != meta.dataset_id
+    model = build_model("fm", meta)
+    loader = BatchLoader(other_dir, "test", 512)
+    with pytest.raises(UserError, match="does not match the model"):
+        evaluate(model, loader, "label")
+    with pytest.raises(UserError, match="does not match the model"):
+        train_epoch(model, BatchLoader(other_dir, "train", 512), torch.optim.Adam(model.parameters()), "label")
+
+
+# -- real training ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "kwargs", "epochs"), [
+    ("deepfm", {"embedding_dim": 16, "hidden": (100, 100)}, 3),
+    ("autoint", {"embedding_dim": 16}, 1),  # ~10 s/epoch on one CPU thread; 3 epochs reach ~0.84 (see report)
+])
+def test_short_training_run_learns_ml100k(name, kwargs, epochs, ml100k_prepared):
+    data_dir, meta = ml100k_prepared
+    torch.manual_seed(0)
+    train = BatchLoader(data_dir, "train", 1024, shuffle=True, seed=0, meta=meta)
+    test = BatchLoader(data_dir, "test", 4096, meta=meta)
+    model = build_model(name, meta, **kwargs)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for epoch in range(epochs):
+        train.set_epoch(epoch)
+        losses.append(train_epoch(model, train, opt, "label").loss)
+    metrics = evaluate(model, test, "label")
+    print(f"{name}: {epochs} epochs, train loss {losses}, test {metrics}")
+    assert np.isfinite(losses).all() and losses == sorted(losses, reverse=True)
+    assert metrics["auc"] > 0.75, metrics
