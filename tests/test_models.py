@@ -24,16 +24,6 @@ CASES = [(name, {}) for name in MODELS] + [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a shared 2-core machine OpenMP threads
-    waiting for a busy core made a DeepFM epoch on ML-100K ~10x slower (15 s instead of 1.5 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def synthetic_prepared(tmp_path_factory: pytest.TempPathFactory):
     """A small synthetic dataset (4 sparse fields, dense fields) — the dense path, and a second dataset id."""
