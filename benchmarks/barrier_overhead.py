@@ -87,7 +87,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def build(method: str, meta, batch_dim_dense: int = NUM_DENSE):
+def build(method: str, meta, loss: str = "adversarial"):
     """(step function, dense optimizer) for one method on a fresh DeepFM."""
     import numpy as np
     import torch
@@ -117,7 +117,7 @@ def build(method: str, meta, batch_dim_dense: int = NUM_DENSE):
         rng = np.random.default_rng(1)
         domains = {f.name: f.tail_mask() & (rng.random(f.vocab_size) >= 0.2) for f in meta.sparse}  # T'_eta
         mode = "B" if method == "B" else "+Ours"
-        plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="adversarial",
+        plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss=loss,
                                                             fields=tuple(meta.sparse_names),
                                                             optimizer="rowwise_adagrad", lr=0.01), domains=domains)
         dense_params = plugin.dense_parameters()
@@ -137,14 +137,15 @@ def build(method: str, meta, batch_dim_dense: int = NUM_DENSE):
     return step
 
 
-def time_worker(methods: list[str], big_rows: int | None, rows: int, steps: int, warmup: int, batch: int) -> dict:
+def time_worker(methods: list[str], big_rows: int | None, rows: int, steps: int, warmup: int, batch: int,
+                loss: str) -> dict:
     """All methods in one process, steps interleaved round-robin (rotating the order), so load from anything
     else on the machine hits every method alike; same batches for every method."""
     import numpy as np
 
     meta = make_meta(big_rows, rows)
     batches = make_batches(meta, batch, 6)
-    steppers = {m: build(m, meta) for m in methods}
+    steppers = {m: build(m, meta, loss) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for k in range(warmup + steps):
         order = methods[k % len(methods):] + methods[: k % len(methods)]
@@ -156,11 +157,11 @@ def time_worker(methods: list[str], big_rows: int | None, rows: int, steps: int,
             for m, v in times.items()}
 
 
-def mem_worker(method: str, big_rows: int | None, rows: int, steps: int, batch: int) -> dict:
+def mem_worker(method: str, big_rows: int | None, rows: int, steps: int, batch: int, loss: str) -> dict:
     """One method alone: RSS after setup, peak RSS, RSS growth while training."""
     meta = make_meta(big_rows, rows)
     batches = make_batches(meta, batch, 6)
-    step = build(method, meta)
+    step = build(method, meta, loss)
     rss_setup = rss_mib()
     for k in range(steps):
         step(batches[k % len(batches)])
@@ -184,15 +185,22 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--methods", default="B,+Ours,B-fused")
     p.add_argument("--mem-steps", type=int, default=8)
+    p.add_argument("--loss", default="adversarial", help="transfer loss of +Ours (the paper's CTR choice: adversarial)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--worker", nargs=3, metavar=("KIND", "METHODS", "BIG"), help=argparse.SUPPRESS)
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     if args.worker:
         kind, methods, big = args.worker
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         if kind == "time":
-            res = time_worker(methods.split(","), int(big) or None, args.rows, args.steps, args.warmup, args.batch)
+            res = time_worker(methods.split(","), int(big) or None, args.rows, args.steps, args.warmup, args.batch,
+                              args.loss)
         else:
-            res = mem_worker(methods, int(big) or None, args.rows, args.mem_steps, args.batch)
+            res = mem_worker(methods, int(big) or None, args.rows, args.mem_steps, args.batch, args.loss)
         _finish_dist()
         print("RESULT " + json.dumps(res))
         return 0
@@ -200,7 +208,7 @@ def main() -> int:
     def run(kind: str, methods: str, big: int) -> dict:
         cmd = [sys.executable, __file__, "--worker", kind, methods, str(big), "--rows", str(args.rows), "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch), "--mem-steps",
-               str(args.mem_steps)]
+               str(args.mem_steps), "--loss", args.loss, "--threads", str(args.threads)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         if r.returncode != 0 or not line:
@@ -241,7 +249,8 @@ def main() -> int:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "commit": commit,
                 "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
-                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps}
+                "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
+                "loss": args.loss, "threads": args.threads or "default"}
         (RESULTS / "barrier_overhead.json").write_text(json.dumps({"meta": meta, "runs": rows_out, "summary": summary},
                                                                   indent=1) + "\n")
         (RESULTS / "barrier_overhead.md").write_text(

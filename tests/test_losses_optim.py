@@ -1,0 +1,119 @@
+"""Transfer losses (batched over tables) against plain per-table formulas; row optimizers against torch.optim."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys_transfer.optim.rowwise import RowAdagrad, RowAdam, RowSGD
+from recsys_transfer.transfer.losses import AdversarialLoss, CosRegLoss, MMDLoss, MomentLoss
+
+
+def _case(seed: int = 0, tables: int = 3, n: int = 9, d: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tables, n, d, generator=g, dtype=torch.float64)
+    src = torch.rand(tables, n, generator=g) < 0.4
+    tgt = ~src & (torch.rand(tables, n, generator=g) < 0.8)
+    src[:, -1] = tgt[:, -1] = False  # padding row
+    src[2] = False  # table 2 has no source rows: loss 0, gradient 0
+    return x, src, tgt
+
+
+def test_cosreg_matches_pairwise_loop():
+    x, src, tgt = _case()
+    got = CosRegLoss(3)(x, src, tgt, torch.arange(3))
+    for t in range(3):
+        rows = x[t][src[t] | tgt[t]]
+        pairs = [F.cosine_similarity(rows[i], rows[j], dim=0) for i, j in itertools.permutations(range(len(rows)), 2)]
+        assert torch.isclose(got[t], torch.stack(pairs).mean(), atol=1e-12)
+
+
+def test_mmd_matches_explicit_kernel_sums():
+    x, src, tgt = _case()
+    got = MMDLoss(3)(x, src, tgt, torch.arange(3))
+    for t in range(2):
+        s, q = x[t][src[t]], x[t][tgt[t]]
+        z = torch.cat([s, q])
+        d2 = torch.tensor([[float((a - b).pow(2).sum()) for b in z] for a in z], dtype=torch.float64)
+        n = len(z)
+        base = d2.sum() / (n * n - n)
+        k = sum(torch.exp(-d2 / (2 * m * base)) for m in (0.25, 0.5, 1.0, 2.0, 4.0))
+        ns = len(s)
+        want = k[:ns, :ns].mean() + k[ns:, ns:].mean() - 2 * k[:ns, ns:].mean()
+        assert torch.isclose(got[t], want, atol=1e-12)
+    assert got[2] == 0
+
+
+def test_batched_equals_one_table_at_a_time_and_gradients():
+    x, src, tgt = _case(seed=3)
+    for loss in (MomentLoss(3), CosRegLoss(3), MMDLoss(3)):
+        values, grad = loss.grad(x, src, tgt, torch.arange(3))
+        for t in range(3):
+            v1, g1 = loss.grad(x[t : t + 1], src[t : t + 1], tgt[t : t + 1], torch.tensor([t]))
+            assert torch.allclose(values[t], v1[0]) and torch.allclose(grad[t], g1[0])
+        outside = ~(src | tgt)
+        if not isinstance(loss, CosRegLoss):
+            assert (grad[outside.unsqueeze(-1).expand_as(grad)] == 0).all()
+        assert (grad[2] == 0).all() or isinstance(loss, CosRegLoss)
+
+
+def test_adversarial_discriminators_are_per_table_and_learn():
+    x, src, tgt = _case(seed=5)
+    x[:, :, 0] += 3.0 * src.double()  # a separable source/target shift
+    a = AdversarialLoss(3, 4, hidden=8, lr=0.05, seed=1, dtype=torch.float64)
+    b = AdversarialLoss(3, 4, hidden=8, lr=0.05, seed=1, dtype=torch.float64)
+    before = a.discriminator_loss(x, src, tgt, torch.arange(3)).detach()
+    for _ in range(30):
+        a.grad(x, src, tgt, torch.arange(3))
+        b.grad(x[1:2], src[1:2], tgt[1:2], torch.tensor([1]))  # table 1 alone, in another grouping
+    after = a.discriminator_loss(x, src, tgt, torch.arange(3)).detach()
+    assert after[0] < before[0] - 0.1 and after[1] < before[1] - 0.1
+    assert after[2] == before[2] == 0  # no source rows in table 2: nothing learned, nothing changed
+    assert torch.allclose(a.w1[1], b.w1[1]) and torch.allclose(a.b2[1], b.b2[1])  # grouping does not matter
+    assert torch.equal(b.w1[0], AdversarialLoss(3, 4, hidden=8, seed=1, dtype=torch.float64).w1[0])  # untouched
+
+
+@pytest.mark.parametrize("make_row,make_dense", [
+    (lambda p: RowSGD([p], lr=0.1, momentum=0.9), lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.9)),
+    (lambda p: RowSGD([p], lr=0.1, momentum=0.9, nesterov=True),
+     lambda p: torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True)),
+    (lambda p: RowAdam([p], lr=0.01), lambda p: torch.optim.Adam([p], lr=0.01)),
+])
+def test_row_optimizers_equal_torch_when_every_row_is_touched(make_row, make_dense):
+    """With all rows touched every step, lazy per-row state is exactly the dense optimizer's."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    row, dense = make_row(a), make_dense(b)
+    rows = torch.arange(6)
+    for _ in range(7):
+        grad = torch.randn(6, 3, generator=g, dtype=torch.float64)
+        row.update_rows(a, rows, grad)
+        b.grad = grad.clone()
+        dense.step()
+    assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_rowwise_adagrad_formula_and_laziness():
+    w = torch.nn.Parameter(torch.ones(4, 2, dtype=torch.float64))
+    opt = RowAdagrad([w], lr=0.5, eps=0.0)
+    opt.update_rows(w, torch.tensor([1, 3]), torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=torch.float64))
+    # s_1 = mean(9, 16) = 12.5; w_1 = 1 - 0.5 * g / sqrt(12.5)
+    assert torch.allclose(w[1], 1 - 0.5 * torch.tensor([3.0, 4.0], dtype=torch.float64) / 12.5 ** 0.5)
+    assert torch.equal(w[0], torch.ones(2, dtype=torch.float64)) and torch.equal(w[2], w[0])
+    assert opt.state[w]["sum"].tolist() == [0.0, 12.5, 0.0, 1.0]
+    state = opt.state_dict()
+    fresh = RowAdagrad([w], lr=0.5, eps=0.0)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.state[w]["sum"], opt.state[w]["sum"])
+
+
+def test_row_optimizer_validation():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="learning rate"):
+        RowSGD([p], lr=0)
+    with pytest.raises(ValueError, match="nesterov"):
+        RowSGD([p], nesterov=True)
