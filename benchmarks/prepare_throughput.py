@@ -5,10 +5,15 @@ negatives, C1..C26 8-hex tokens drawn Zipf-like from a few thousand values per f
 each size runs both implementations of the same transformation, each in a FRESH subprocess so the peak RSS
 (``ru_maxrss`` of that process) belongs to one implementation only:
 
-* ``ours``:   ``recsys_transfer.data.criteo.prepare_criteo`` (streaming, two passes, bounded memory);
+* ``ours``:   ``recsys_transfer.data.criteo.prepare_criteo`` (streaming: one parse, two passes via a spill
+  file, bounded memory);
 * ``pandas``: ``pd.read_csv`` of the whole file, the same seeded random split, min-count vocabularies fit on
   train per sparse field, log-square bucketing of I1..I13, dense ``log1p(max(v,0))``, ids via ``Series.map``,
   one parquet file per split.
+
+The driver checks that both give the same rows per split and the same vocabulary size for every sparse
+field, and records wall and CPU seconds (user + system, all threads, imports excluded) of every run and the
+load average, since the machine may be shared.
 
 Usage::
 
@@ -83,7 +88,7 @@ def write_synthetic_criteo(path: Path, rows: int, seed: int = 0, block: int = 1_
 # the two implementations (run inside a worker subprocess)
 
 
-def run_ours(inp: Path, out: Path, chunk_rows: int) -> int:
+def run_ours(inp: Path, out: Path, chunk_rows: int) -> dict:
     from recsys_transfer.data.criteo import prepare_criteo
     from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 
@@ -91,10 +96,11 @@ def run_ours(inp: Path, out: Path, chunk_rows: int) -> int:
         [inp], out, split=SplitSpec(seed=SEED), head_tail=HeadTailSpec(), min_count=MIN_COUNT,
         chunk_rows=chunk_rows, progress=False,
     )
-    return meta.total_rows
+    return {"rows": meta.total_rows, "split_rows": dict(meta.split_rows),
+            "vocab_sizes": {f.name: f.vocab_size for f in meta.sparse}}
 
 
-def run_pandas(inp: Path, out: Path) -> int:
+def run_pandas(inp: Path, out: Path) -> dict:
     import pandas as pd
 
     from recsys_transfer.data.splits import SplitSpec
@@ -104,6 +110,7 @@ def run_pandas(inp: Path, out: Path) -> int:
     codes = SplitSpec(seed=SEED).assign_random(np.arange(len(df), dtype=np.uint64))
     train = codes == 0
     result = pd.DataFrame(index=df.index)
+    vocab_sizes = {}
     for c in INT_FIELDS:  # log-square bucket as the sparse key
         v = df[c]
         bucket = np.where(v > 2, np.floor(np.log(v.where(v > 2, 3.0)) ** 2), v)
@@ -116,22 +123,30 @@ def run_pandas(inp: Path, out: Path) -> int:
         )
         mapping = pd.Series(np.arange(1, len(vocab) + 1, dtype=np.int64), index=vocab["value"].to_numpy())
         result[c] = df[key].map(mapping).fillna(0).astype("int64")
+        vocab_sizes[c] = len(vocab) + 1  # + the OOV row 0
     for c in INT_FIELDS:
         result["dense_" + c] = np.log1p(df[c].clip(lower=0)).fillna(0.0).astype("float32")
     result["label"] = df["label"].astype("float32")
     out.mkdir(parents=True, exist_ok=True)
+    split_rows = {}
     for code, name in enumerate(("train", "valid", "test")):
-        result[codes == code].to_parquet(out / f"{name}.parquet", index=False)
-    return len(result)
+        part = result[codes == code]
+        part.to_parquet(out / f"{name}.parquet", index=False)
+        split_rows[name] = len(part)
+    return {"rows": len(result), "split_rows": split_rows, "vocab_sizes": vocab_sizes}
 
 
 def worker(impl: str, inp: Path, out: Path, chunk_rows: int) -> None:
     t0 = time.perf_counter()
-    rows = run_ours(inp, out, chunk_rows) if impl == "ours" else run_pandas(inp, out)
+    c0 = time.process_time()
+    check = run_ours(inp, out, chunk_rows) if impl == "ours" else run_pandas(inp, out)
     seconds = time.perf_counter() - t0
+    cpu_run = time.process_time() - c0  # all threads of this process, the run only (imports excluded)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # ru_maxrss is in KiB on Linux
-    print(json.dumps({"impl": impl, "rows": rows, "seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                      "peak_rss_mib": usage.ru_maxrss / 1024}))
+    print(json.dumps({"impl": impl, "rows": check["rows"], "seconds": seconds, "cpu_seconds": cpu_run,
+                      "cpu_seconds_process": usage.ru_utime + usage.ru_stime, "user_seconds": usage.ru_utime,
+                      "system_seconds": usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024,
+                      "split_rows": check["split_rows"], "vocab_sizes": check["vocab_sizes"]}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,9 +165,30 @@ def _versions() -> dict:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _check_same_output(rows: int, by: dict[str, dict]) -> str:
+    """Both implementations must produce the same rows per split and the same vocabulary sizes."""
+    if "ours" not in by or "pandas" not in by:
+        return "not compared (one implementation only)"
+    a, b = by["ours"], by["pandas"]
+    problems = []
+    if a["rows"] != b["rows"] or a["split_rows"] != b["split_rows"]:
+        problems.append(f"rows differ: ours {a['split_rows']} vs pandas {b['split_rows']}")
+    diff = {k: (a["vocab_sizes"].get(k), b["vocab_sizes"].get(k)) for k in set(a["vocab_sizes"]) | set(b["vocab_sizes"])
+            if a["vocab_sizes"].get(k) != b["vocab_sizes"].get(k)}
+    if diff:
+        problems.append(f"vocab sizes differ (ours, pandas): {diff}")
+    if problems:
+        raise SystemExit(f"{rows:,} rows: the implementations disagree: " + "; ".join(problems))
+    return (f"equal at {rows:,} rows: rows per split {a['split_rows']}, vocab sizes of all "
+            f"{len(a['vocab_sizes'])} sparse fields (total {sum(a['vocab_sizes'].values()):,} rows)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s] or [args.rows]
     impls = [s for s in args.impls.split(",") if s]
     args.workdir.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()
     results = []
+    checks = []
     for rows in sizes:
         data = args.workdir / f"criteo_synth_{rows}.tsv"
         if not data.exists():
@@ -189,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, __file__, "--worker", impl, "--input", str(data), "--output", str(out),
                    "--chunk-rows", str(args.chunk_rows)]
             runs = []
+            load_before = os.getloadavg()[0]
             for _ in range(args.repeat):  # best wall time of N fresh processes (the machine may be shared)
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if proc.returncode != 0:
@@ -198,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(out, ignore_errors=True)
             res = dict(min(runs, key=lambda r: r["seconds"]))
             res["all_seconds"] = [r["seconds"] for r in runs]
+            res["all_cpu_seconds"] = [r["cpu_seconds"] for r in runs]
+            res["min_cpu_seconds"] = min(r["cpu_seconds"] for r in runs)
+            res["load_average_1m_before_runs"] = load_before
             res["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
             res["input_rows"] = rows
             res["input_mib"] = data.stat().st_size / 2**20
@@ -206,21 +248,29 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{impl:<7} {rows:>10,} rows {res['seconds']:8.2f}s (cpu {res['cpu_seconds']:.1f}s) "
                   f"{res['rows_per_s']:>12,.0f} rows/s peak RSS {res['peak_rss_mib']:8.0f} MiB", flush=True)
             shutil.rmtree(out, ignore_errors=True)
+        checks.append(_check_same_output(rows, {r["impl"]: r for r in results if r["input_rows"] == rows}))
+        print(checks[-1], flush=True)
         if not args.keep_data:
             data.unlink()
 
-    lines = ["| impl | rows | input MiB | seconds | CPU seconds | rows/s | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| impl | rows | input MiB | best wall s | all wall s | CPU s of best | all CPU s | rows/s (wall) | "
+             "rows per CPU s | peak RSS MiB | load 1m before |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['impl']} | {r['rows']:,} | {r['input_mib']:,.0f} | {r['seconds']:.2f} | "
-                     f"{r.get('cpu_seconds', float('nan')):.1f} | {r['rows_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |")
-    ratios = {}
+                     f"{', '.join(f'{x:.1f}' for x in r['all_seconds'])} | {r['cpu_seconds']:.1f} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['all_cpu_seconds'])} | {r['rows_per_s']:,.0f} | "
+                     f"{r['rows'] / r['min_cpu_seconds']:,.0f} | {r['peak_rss_mib']:,.0f} | "
+                     f"{r['load_average_1m_before_runs']:.2f} |")
+    ratios, cpu_ratios = {}, {}
     for rows in sizes:
         by = {r["impl"]: r for r in results if r["input_rows"] == rows}
         if "ours" in by and "pandas" in by:
             ratios[rows] = by["ours"]["rows_per_s"] / by["pandas"]["rows_per_s"]
+            cpu_ratios[rows] = by["pandas"]["min_cpu_seconds"] / by["ours"]["min_cpu_seconds"]
     table = "\n".join(lines)
-    ratio_lines = [f"ratio (ours rows/s / pandas rows/s) at {rows:,} rows: {x:.2f}x" for rows, x in ratios.items()]
+    ratio_lines = [f"ratio at {rows:,} rows: wall (ours rows/s / pandas rows/s, best runs) {x:.2f}x; "
+                   f"CPU (pandas CPU s / ours CPU s, least of each) {cpu_ratios[rows]:.2f}x" for rows, x in ratios.items()]
     print()
     print(table)
     for line in ratio_lines:
@@ -233,10 +283,13 @@ def main(argv: list[str] | None = None) -> None:
         "versions": _versions(),
         "chunk_rows": args.chunk_rows,
         "repeat": args.repeat,
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
+        "output_check": checks,
         "min_count": MIN_COUNT,
         "results": results,
         "ratio": {str(k): v for k, v in ratios.items()},
+        "cpu_ratio": {str(k): v for k, v in cpu_ratios.items()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "prepare_throughput" + (f"_{args.tag}" if args.tag else "")
@@ -250,11 +303,15 @@ def main(argv: list[str] | None = None) -> None:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "  ",
         f"chunk_rows {args.chunk_rows:,}, min_count {MIN_COUNT}, best of {args.repeat} run(s); each run is a fresh "
         "subprocess, peak RSS is that process's ru_maxrss (max over runs). The machine may be shared with other "
-        "jobs: wall times are noisy, CPU seconds less so.",
+        "jobs: wall times are noisy, CPU seconds less so. CPU seconds: user + system time of all threads of the "
+        "worker during the run (imports excluded).  ",
+        f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_at_start)}, at end "
+        f"{tuple(round(x, 2) for x in record['load_average_at_end'])}.",
         "",
         table,
         "",
         *[f"- {line}" for line in ratio_lines],
+        *[f"- output check: {line}" for line in checks],
         "",
     ]
     (RESULTS / f"{stem}.md").write_text("\n".join(md))

@@ -373,3 +373,18 @@ def test_streaming_200k_rows_small_chunks(tmp_path: Path) -> None:
     assert [f.frequencies for f in small.sparse] == [f.frequencies for f in big.sparse]
     for s in SPLITS:
         assert _load(tmp_path / "small", s).equals(_load(tmp_path / "big", s))
+
+
+def test_spill_dir_is_used_and_cleaned(criteo8k_dir: Path, tmp_path: Path, prepared_min1) -> None:
+    """The TSV is parsed once; the spill goes to spill_dir and is removed; the output does not depend on it."""
+    spill = tmp_path / "spill"
+    meta = _prep(_inputs(criteo8k_dir), tmp_path / "s", spill_dir=spill, chunk_rows=1500)
+    assert spill.is_dir() and not any(spill.iterdir())
+    ref_dir, ref = prepared_min1
+    assert meta.dataset_id == ref.dataset_id and meta.sparse == ref.sparse
+    for s in SPLITS:
+        assert _load(tmp_path / "s", s).equals(_load(ref_dir, s))
+    for name in (*INT_FIELDS, *CAT_FIELDS):
+        v1 = pl.read_parquet(tmp_path / "s" / "vocab" / f"{name}.parquet")
+        v2 = pl.read_parquet(ref_dir / "vocab" / f"{name}.parquet")
+        assert v1.equals(v2), name

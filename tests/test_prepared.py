@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from recsys_transfer.data.prepared import (
+    ROW_COL,
     BuildReport,
     DatasetMeta,
     Schema,
@@ -108,3 +109,77 @@ def test_validation_errors(tmp_path: Path):
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(UserError, match="refusing to overwrite"):
         _build(_frame(100), tmp_path / "junk", 50)
+
+
+def test_vocab_ties_by_raw_value_for_string_and_int_fields(tmp_path: Path):
+    """Temporary ids are first-seen order; final ids must still be (count desc, raw value asc) in the raw dtype."""
+    # every value seen twice -> all tied; first-seen order is the reverse of the raw order
+    s = ["zz", "b", "a10", "a9", None] * 2
+    i = [30, 4, -7, 100, None] * 2
+    df = pl.DataFrame({"s": s, "i": i, "label": [0.0] * 10}, schema={"s": pl.String, "i": pl.Int64, "label": pl.Float32})
+    schema = Schema(sparse=(SparseSpec("s"), SparseSpec("i")))
+    meta = build_prepared(chunked(df, 3), schema, tmp_path / "p", dataset="ties", split=SplitSpec(fractions=(1.0, 0.0, 0.0)),
+                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=10), source={}, progress=False)
+    vs = pl.read_parquet(tmp_path / "p" / "vocab" / "s.parquet")
+    vi = pl.read_parquet(tmp_path / "p" / "vocab" / "i.parquet")
+    assert vs["s"].to_list() == ["a10", "a9", "b", "zz"] and vs["id"].to_list() == [1, 2, 3, 4]
+    assert vi["i"].to_list() == [-7, 4, 30, 100] and vi["i"].dtype == pl.Int64  # numeric, not string, order
+    assert meta.field("s").frequencies == [2, 2, 2, 2, 2]  # OOV row counts the missing values
+    data = pl.read_parquet(tmp_path / "p" / "train")
+    assert data["s"].to_list() == [4, 3, 1, 2, 0] * 2 and data["i"].to_list() == [3, 2, 1, 4, 0] * 2
+
+
+def test_source_read_once_and_spill_removed(tmp_path: Path):
+    df = _frame(2000)
+    calls = []
+    base = chunked(df.with_columns(pl.col("a").alias("h")), 300)
+
+    def source():
+        calls.append(1)
+        return base()
+
+    spill = tmp_path / "spill"
+    meta = build_prepared(source, SCHEMA, tmp_path / "p", dataset="toy", split=SplitSpec(), head_tail=HeadTailSpec(),
+                          report=BuildReport(input_rows=len(df)), source={}, progress=False, spill_dir=spill)
+    assert len(calls) == 1  # pass 2 reads the spill, not the source
+    assert spill.is_dir() and not any(spill.iterdir())  # our spill subdirectory is gone
+    assert not (tmp_path / "p" / "_spill").exists() and not (tmp_path / "p.tmp").exists()
+    # the default spill location (inside <output>.tmp) gives the same dataset
+    again = _build(df, tmp_path / "q", 300)
+    assert again.dataset_id == meta.dataset_id and again.sparse == meta.sparse
+    a, b = _all(tmp_path / "p", meta), _all(tmp_path / "q", again)
+    assert all(a[s].equals(b[s]) for s in a)
+
+
+def test_spill_removed_when_the_source_fails(tmp_path: Path):
+    df = _frame(1000).with_columns(pl.col("a").alias("h"))
+
+    def failing():
+        yield from chunked(df, 300)()
+        raise ValueError("source broke")
+
+    spill = tmp_path / "spill"
+    with pytest.raises(ValueError, match="source broke"):
+        build_prepared(failing, SCHEMA, tmp_path / "p", dataset="toy", split=SplitSpec(), head_tail=HeadTailSpec(),
+                       report=BuildReport(input_rows=len(df)), source={}, progress=False, spill_dir=spill)
+    assert not any(spill.iterdir())
+    assert not (tmp_path / "p").exists()
+
+
+def test_all_null_chunk_before_typed_chunks(tmp_path: Path):
+    """A chunk whose column is all-null (dtype Null) must not fix the field's dtype."""
+    first = pl.DataFrame({"s": [None, None], "i": [None, None], "label": [0.0, 1.0]},
+                         schema={"s": pl.Null, "i": pl.Null, "label": pl.Float32})
+    rest = pl.DataFrame({"s": ["x", "y", "x"], "i": [5, 6, 5], "label": [0.0, 1.0, 0.0]},
+                        schema={"s": pl.String, "i": pl.Int64, "label": pl.Float32})
+
+    def source():
+        yield first.with_columns(pl.Series(ROW_COL, [0, 1], dtype=pl.UInt64))
+        yield rest.with_columns(pl.Series(ROW_COL, [2, 3, 4], dtype=pl.UInt64))
+
+    schema = Schema(sparse=(SparseSpec("s"), SparseSpec("i")))
+    meta = build_prepared(source, schema, tmp_path / "p", dataset="nulls", split=SplitSpec(fractions=(1.0, 0.0, 0.0)),
+                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=5), source={}, progress=False)
+    assert meta.field("s").frequencies == [2, 2, 1] and meta.field("i").frequencies == [2, 2, 1]
+    data = pl.read_parquet(tmp_path / "p" / "train")
+    assert data["s"].to_list() == [0, 0, 1, 2, 1] and data["i"].to_list() == [0, 0, 1, 2, 1]

@@ -13,9 +13,23 @@ vocabulary ids 1..V-1 are assigned in order of decreasing training count (ties b
 frequency order. Hashed fields map a raw value to ``1 + h(value) mod (hash_size - 1)`` with a stable
 64-bit hash (:func:`stable_hash`), so they need no vocabulary.
 
-Building is two passes over a re-iterable stream of raw chunks (polars DataFrames) so memory is bounded by the
-chunk size plus the vocabularies, never by the file: pass 1 counts values on training rows (fit on train only,
-as FuxiCTR does), pass 2 maps and writes. Sources supply the chunks; see :func:`build_prepared`.
+Building reads the stream of raw chunks (polars DataFrames) ONCE and makes two passes, so memory is bounded by
+the chunk size plus the vocabularies, never by the file. Sources supply the chunks; see :func:`build_prepared`.
+
+* Pass 1 (over the source): every value of a vocabulary field gets a temporary integer id (a per-field
+  growing dictionary: a private polars ``Categorical`` for strings, a join table for other dtypes; 0 =
+  missing), training counts are accumulated per temporary id (fit on train only, as FuxiCTR does), hashed
+  fields are hashed, and the int-coded rows (temporary ids, hashed ids, dense, labels, split code) are spilled
+  to an uncompressed Arrow IPC stream file.
+* Vocabularies: per field, the raw values with ``count >= min_count`` sorted by (count desc, raw value asc)
+  -- the raw values keep their dtype, so ties order exactly as the raw values themselves -- give the final
+  ids and a lookup array temporary id -> final id.
+* Pass 2 (over the spill, not the source): final ids by array lookup, rows split and written as parquet.
+
+The source is therefore parsed once, and no string is hashed or joined in pass 2. The spill file costs
+temporary disk of about 4 bytes per row per sparse/dense/label field plus 1 (~210 bytes per Criteo row, about
+the size of the TSV itself); it goes to ``spill_dir`` (default: inside the output's temporary directory
+``<output>.tmp``) and is removed when the build ends, also when it fails.
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -266,63 +282,96 @@ def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = 
         yield from bar
 
 
-def _count_pass(chunks: ChunkFactory, schema: Schema, split: SplitSpec, progress: bool) -> dict[str, pl.DataFrame]:
-    """Pass 1: training counts of every raw value of every vocabulary field (bounded by vocab size)."""
-    vocab_fields = [s.name for s in schema.sparse if s.hash_size is None]
-    partial: dict[str, list[pl.DataFrame]] = {n: [] for n in vocab_fields}
-    pending = 0
-    for chunk in _progress(chunks(), "count", progress):
-        train = chunk.filter(pl.Series(_split_codes(chunk, split) == 0)).lazy()
-        # all fields in one collect_all: polars runs the group-bys concurrently (~30% faster than one by one)
-        for name, counts in zip(vocab_fields, pl.collect_all([train.group_by(name).len(name="count") for name in vocab_fields])):
-            partial[name].append(counts)
-        pending += len(chunk)
-        if pending > 5_000_000:  # fold partial counts so memory stays bounded by the vocabularies
-            partial = {n: [pl.concat(p).group_by(n).agg(pl.col("count").sum())] for n, p in partial.items()}
-            pending = 0
-    out = {}
-    for name, parts in partial.items():
-        if parts:
-            counts = pl.concat(parts).group_by(name).agg(pl.col("count").sum())
+class _FieldEncoder:
+    """Pass 1: raw values of one vocabulary field -> temporary integer ids (0 = missing, 1.. = first-seen order).
+
+    Strings go through a polars ``Categorical`` with a private ``Categories`` (a growing string -> UInt32
+    dictionary, one hash probe per value); any other dtype through a growing polars join table. Training
+    counts are accumulated per temporary id (``np.bincount``), so pass 2 maps ints by array lookup instead of
+    joining strings. Memory: one entry per distinct raw value (the same bound as the old per-value counts).
+    """
+
+    def __init__(self, name: str, tag: str) -> None:
+        self.name = name
+        self.tag = tag
+        self.dtype: pl.DataType | None = None
+        self.counts = np.zeros(1, dtype=np.int64)  # training count per temporary id; [0] counts missing values
+        self._categories: pl.Categories | None = None
+        self._keepalive: pl.Series | None = None  # polars frees a Categories mapping that no series uses
+        self._table: pl.DataFrame | None = None  # non-string fields: raw value -> temporary id
+
+    def encode(self, values: pl.Series, train: np.ndarray) -> np.ndarray:
+        if values.dtype == pl.Null:  # an all-missing chunk says nothing about the field's dtype
+            self.counts[0] += int(np.count_nonzero(train))
+            return np.zeros(len(values), dtype=np.uint32)
+        if self.dtype is None:
+            self.dtype = values.dtype
+            if self.dtype == pl.String:
+                self._categories = pl.Categories(f"recsys-build-{self.tag}-{self.name}")
+                self._keepalive = pl.Series([], dtype=pl.Categorical(self._categories))
+            else:
+                self._table = pl.DataFrame(
+                    {self.name: pl.Series([], dtype=self.dtype), "tid": pl.Series([], dtype=pl.UInt32)}
+                )
+        if self._categories is not None:
+            tid = (values.cast(pl.String).cast(pl.Categorical(self._categories)).to_physical().cast(pl.UInt32) + 1)
+            tid = tid.fill_null(0).to_numpy()
         else:
-            counts = pl.DataFrame({name: [], "count": []}, schema={name: pl.Utf8, "count": pl.UInt32})
-        out[name] = counts
-    return out
-
-
-def _make_vocab(name: str, counts: pl.DataFrame, min_count: int) -> tuple[pl.DataFrame, int]:
-    """raw -> id table for one field (ids from 1 in frequency order) and the OOV training count."""
-    counts = counts.with_columns(pl.col("count").cast(pl.Int64))
-    nulls = counts.filter(pl.col(name).is_null())["count"].sum()
-    kept = counts.filter(pl.col(name).is_not_null() & (pl.col("count") >= min_count))
-    dropped = counts.filter(pl.col(name).is_not_null() & (pl.col("count") < min_count))["count"].sum()
-    kept = kept.sort(["count", name], descending=[True, False]).with_row_index("id", offset=1)
-    kept = kept.with_columns(pl.col("id").cast(pl.Int64))
-    return kept.select(name, "id", "count"), int(nulls or 0) + int(dropped or 0)
-
-
-def _encode(chunk: pl.DataFrame, schema: Schema, vocabs: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    cols = []
-    for spec in schema.sparse:
-        raw = chunk[spec.name]
-        if spec.hash_size is not None:
-            ids = 1 + (stable_hash(raw) % np.uint64(spec.hash_size - 1)).astype(np.int64)
-            ids[raw.is_null().to_numpy()] = OOV_INDEX
-            cols.append(pl.Series(spec.name, ids, dtype=pl.Int64))
-        else:
-            vocab = vocabs[spec.name]
-            mapped = (
-                chunk.select(pl.col(spec.name).cast(vocab[spec.name].dtype))
-                .join(vocab.select(spec.name, "id"), on=spec.name, how="left", maintain_order="left")
-                .get_column("id")
-                .fill_null(OOV_INDEX)
+            frame = values.cast(self.dtype).alias(self.name).to_frame()
+            new = frame.drop_nulls().unique(maintain_order=True).join(self._table, on=self.name, how="anti")
+            if len(new):
+                start = len(self._table) + 1
+                new = new.with_columns(pl.int_range(start, start + len(new), dtype=pl.UInt32).alias("tid"))
+                self._table = pl.concat([self._table, new], rechunk=True)
+            tid = (
+                frame.join(self._table, on=self.name, how="left", maintain_order="left")
+                .get_column("tid")
+                .fill_null(0)
+                .to_numpy()
             )
-            cols.append(mapped.alias(spec.name).cast(pl.Int64))
-    for name in schema.dense:
-        cols.append(chunk[name].cast(pl.Float32))
-    for name in schema.labels:
-        cols.append(chunk[name].cast(pl.Float32))
-    return pl.DataFrame(cols)
+        counts = np.bincount(tid[train], minlength=len(self.counts))
+        if len(counts) > len(self.counts):
+            counts[: len(self.counts)] += self.counts
+            self.counts = counts
+        else:
+            self.counts += counts
+        return tid.astype(np.uint32, copy=False)
+
+    def raw_values(self) -> pl.Series:
+        """Raw value of each temporary id 1..n (index i -> id i + 1)."""
+        if self._categories is not None:
+            values = self._categories.to_series().cast(pl.String)
+        elif self._table is not None:
+            values = self._table.get_column(self.name)  # rows were appended in id order
+        else:  # no chunk at all
+            values = pl.Series([], dtype=pl.String)
+        return values.alias(self.name)
+
+    def vocabulary(self, min_count: int) -> tuple[pl.DataFrame, np.ndarray, int]:
+        """(raw -> id table, lookup temporary id -> final id, OOV training count).
+
+        Final ids: 1.. in order of decreasing training count, ties by raw value (in the raw dtype's order,
+        exactly as before the temporary ids existed); missing, unseen and rare values -> OOV_INDEX."""
+        values = self.raw_values()
+        n = len(values)
+        counts = np.zeros(n + 1, dtype=np.int64)
+        counts[: min(len(self.counts), n + 1)] = self.counts[: n + 1]
+        if len(self.counts) > n + 1 and self.counts[n + 1 :].any():
+            raise RuntimeError(f"{self.name}: training counts for ids the dictionary does not know")
+        table = pl.DataFrame({
+            self.name: values,
+            "tid": np.arange(1, n + 1, dtype=np.int64),
+            "count": counts[1:],
+        })
+        if values.null_count() and table.filter(pl.col(self.name).is_null())["count"].sum():
+            raise RuntimeError(f"{self.name}: a temporary id with training rows has no raw value")
+        keep = pl.col("count") >= min_count
+        kept = table.filter(keep).sort(["count", self.name], descending=[True, False]).with_row_index("id", offset=1)
+        kept = kept.with_columns(pl.col("id").cast(pl.Int64))
+        lut = np.zeros(n + 1, dtype=np.int64)
+        lut[kept["tid"].to_numpy()] = kept["id"].to_numpy()
+        oov = int(counts[0]) + int(counts[1:][counts[1:] < min_count].sum())
+        return kept.select(self.name, "id", "count"), lut, oov
 
 
 class _ShardWriter:
@@ -375,12 +424,15 @@ def build_prepared(
     progress: bool = True,
     rows_per_shard: int = 2_000_000,
     row_group_size: int = 131_072,
+    spill_dir: str | Path | None = None,
 ) -> DatasetMeta:
-    """Two passes over ``chunks()`` (a factory, so the stream can be read twice) -> prepared directory.
+    """``chunks()`` (a factory of raw chunks) -> prepared directory, reading the source ONCE.
 
     Each chunk is a polars DataFrame with the raw columns named in ``schema``, ``__row`` (the global record
     index, used by the random split) and optionally ``__split``. Sources count their skipped rows in ``report``
-    during pass 1 only (``report`` is frozen after it), so ``input_rows == prepared rows + skipped rows``.
+    while their chunks are read (``report`` is frozen after that), so ``input_rows == prepared rows + skipped
+    rows``. See the module docstring for the two passes and the spill file (``spill_dir``: where the spill
+    goes; default: inside the output's temporary directory; it is always removed, also on errors).
     """
     out = Path(output)
     if out.exists() and any(out.iterdir()):
@@ -391,62 +443,141 @@ def build_prepared(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    if spill_dir is None:
+        spill_root = tmp / "_spill"
+        spill_root.mkdir()
+    else:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+        spill_root = Path(tempfile.mkdtemp(prefix="recsys-spill-", dir=spill_dir))
+    try:
+        meta = _build(chunks, schema, tmp, spill_root / "pass1.arrows", dataset=dataset, split=split,
+                      head_tail=head_tail, report=report, source=source, progress=progress,
+                      rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+    finally:
+        shutil.rmtree(spill_root, ignore_errors=True)
+    tmp.rename(out) if not out.exists() else (shutil.rmtree(out), tmp.rename(out))
+    return meta
 
-    counts = _count_pass(chunks, schema, split, progress)
+
+def _output_schema(schema: Schema) -> pa.Schema:
+    return pa.schema(
+        [pa.field(s.name, pa.int64()) for s in schema.sparse]
+        + [pa.field(n, pa.float32()) for n in (*schema.dense, *schema.labels)]
+    )
+
+
+def _spill_schema(schema: Schema) -> pa.Schema:
+    return pa.schema(
+        [pa.field(s.name, pa.uint32() if s.hash_size is None else pa.int64()) for s in schema.sparse]
+        + [pa.field(n, pa.float32()) for n in (*schema.dense, *schema.labels)]
+        + [pa.field(SPLIT_COL, pa.uint8())]
+    )
+
+
+def _float32(values: pl.Series) -> pa.Array:
+    arr = values.cast(pl.Float32).to_arrow()
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _build(
+    chunks: ChunkFactory,
+    schema: Schema,
+    tmp: Path,
+    spill_path: Path,
+    *,
+    dataset: str,
+    split: SplitSpec,
+    head_tail: HeadTailSpec,
+    report: BuildReport,
+    source: dict,
+    progress: bool,
+    rows_per_shard: int,
+    row_group_size: int,
+) -> DatasetMeta:
+    # -- pass 1: read the source once; temporary ids + training counts; spill the int-coded rows -------------
+    tag = uuid.uuid4().hex
+    encoders = {s.name: _FieldEncoder(s.name, tag) for s in schema.sparse if s.hash_size is None}
+    hashed_freq = {s.name: np.zeros(s.hash_size, dtype=np.int64) for s in schema.sparse if s.hash_size is not None}
+    spill_schema = _spill_schema(schema)
+    batches = 0
+    with pa.OSFile(str(spill_path), "wb") as sink, pa.ipc.new_stream(sink, spill_schema) as spill:
+        for chunk in _progress(chunks(), "read", progress):
+            codes = _split_codes(chunk, split)
+            train = codes == 0
+            cols: list[pa.Array] = []
+            for spec in schema.sparse:
+                raw = chunk[spec.name]
+                if spec.hash_size is None:
+                    cols.append(pa.array(encoders[spec.name].encode(raw, train)))
+                else:
+                    ids = 1 + (stable_hash(raw) % np.uint64(spec.hash_size - 1)).astype(np.int64)
+                    ids[raw.is_null().to_numpy()] = OOV_INDEX
+                    hashed_freq[spec.name] += np.bincount(ids[train], minlength=spec.hash_size)
+                    cols.append(pa.array(ids))
+            cols += [_float32(chunk[n]) for n in (*schema.dense, *schema.labels)]
+            cols.append(pa.array(codes.astype(np.uint8, copy=False)))
+            spill.write_batch(pa.RecordBatch.from_arrays(cols, schema=spill_schema))
+            batches += 1
     frozen = BuildReport(report.input_rows, report.skipped_rows, dict(report.skip_reasons))
 
-    vocabs: dict[str, pl.DataFrame] = {}
-    fields_meta: list[SparseFieldMeta] = []
+    # -- vocabularies (train only) ---------------------------------------------------------------------------
+    luts: dict[str, np.ndarray] = {}
+    freqs: dict[str, np.ndarray] = {}
     (tmp / "vocab").mkdir()
     for spec in schema.sparse:
         if spec.hash_size is None:
-            vocab, oov_count = _make_vocab(spec.name, counts[spec.name], spec.min_count)
-            vocabs[spec.name] = vocab
+            vocab, lut, oov_count = encoders[spec.name].vocabulary(spec.min_count)
             vocab.write_parquet(tmp / "vocab" / f"{spec.name}.parquet")
+            luts[spec.name] = lut
             freq = np.zeros(len(vocab) + 1, dtype=np.int64)
             freq[vocab["id"].to_numpy()] = vocab["count"].to_numpy()
             freq[OOV_INDEX] = oov_count
+            freqs[spec.name] = freq
         else:
-            freq = None  # filled during pass 2
-        fields_meta.append(freq)  # type: ignore[arg-type]
+            freqs[spec.name] = hashed_freq[spec.name]
+    del encoders
 
-    hashed_freq = {s.name: np.zeros(s.hash_size, dtype=np.int64) for s in schema.sparse if s.hash_size is not None}
+    # -- pass 2: read the spill, map temporary ids by array lookup, write the shards --------------------------
+    out_schema = _output_schema(schema)
     writers = {name: _ShardWriter(tmp / name, rows_per_shard, row_group_size) for name in SPLITS}
-    arrow_schema = None
+    n_sparse = len(schema.sparse)
 
     def write_parts(parts: list[tuple[str, pa.Table]]) -> None:
         for name, table in parts:
             writers[name].write(table)
 
-    # Parquet encoding runs on one core and releases the GIL: write chunk k in a background thread while
-    # chunk k+1 is read and encoded. At most one chunk is pending, so memory stays bounded by the chunk size.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as pool:
+    # Parquet encoding runs on one core and releases the GIL: write batch k in a background thread while
+    # batch k+1 is read and mapped. At most one batch is pending, so memory stays bounded by the chunk size.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as pool, pa.OSFile(str(spill_path), "rb") as src:
         pending: Future | None = None
-        for chunk in _progress(chunks(), "encode", progress):
-            codes = _split_codes(chunk, split)
-            encoded = _encode(chunk, schema, vocabs)
-            arrow_schema = arrow_schema or encoded.to_arrow().schema
-            for name, counter in hashed_freq.items():
-                counter += np.bincount(encoded[name].to_numpy()[codes == 0], minlength=len(counter))
+        reader = pa.ipc.open_stream(src)
+        for batch in _progress(reader, "write", progress, total=batches):
+            codes = batch.column(len(batch.schema) - 1).to_numpy()
+            sparse = [batch.column(i).to_numpy() for i in range(n_sparse)]
+            rest = [batch.column(i) for i in range(n_sparse, len(batch.schema) - 1)]
             parts = []
             for code, name in enumerate(SPLITS):
-                part = encoded.filter(pl.Series(codes == code))
-                if len(part):
-                    parts.append((name, part.to_arrow()))
+                rows = np.flatnonzero(codes == code)
+                if not len(rows):
+                    continue
+                take = None if len(rows) == len(codes) else rows
+                cols = []
+                for spec, values in zip(schema.sparse, sparse):
+                    values = values if take is None else values[take]
+                    cols.append(pa.array(luts[spec.name][values] if spec.hash_size is None else values))
+                cols += [c if take is None else c.take(pa.array(take)) for c in rest]
+                parts.append((name, pa.Table.from_arrays(cols, schema=out_schema)))
             if pending is not None:
                 pending.result()
             pending = pool.submit(write_parts, parts)
         if pending is not None:
             pending.result()
-    if arrow_schema is None:
-        arrow_schema = _encode(pl.DataFrame(schema=_raw_schema(schema)), schema, vocabs).to_arrow().schema
     for w in writers.values():
-        w.close(arrow_schema)
+        w.close(out_schema)
 
     sparse_meta = []
-    for spec, freq in zip(schema.sparse, fields_meta):
-        if freq is None:
-            freq = hashed_freq[spec.name]
+    for spec in schema.sparse:
+        freq = freqs[spec.name]
         sparse_meta.append(
             SparseFieldMeta(
                 name=spec.name,
@@ -482,15 +613,7 @@ def build_prepared(
     d["sparse"] = sparse_meta
     meta = DatasetMeta(**d)
     meta.write(tmp)
-    tmp.rename(out) if not out.exists() else (shutil.rmtree(out), tmp.rename(out))
     return meta
-
-
-def _raw_schema(schema: Schema) -> dict:
-    d: dict = {s.name: pl.Utf8 for s in schema.sparse}
-    d.update({n: pl.Float32 for n in schema.dense})
-    d.update({n: pl.Float32 for n in schema.labels})
-    return d
 
 
 def chunked(df: pl.DataFrame, chunk_rows: int) -> Callable[[], Iterator[pl.DataFrame]]:
