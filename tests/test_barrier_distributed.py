@@ -16,11 +16,17 @@ from recsys_transfer.models.fm import FM
 from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
 
 WORKER = Path(__file__).parent / "workers" / "barrier_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+from seq_model import SeqModel  # noqa: E402
 STEPS, LOCAL_BATCH, WORLD = 4, 64, 2
 
 
-def _single_process(data: Path, meta, init: dict, mode: str, loss: str, optimizer: str) -> dict:
-    model = FM(meta, embedding_dim=8)
+def _model(kind: str, meta):
+    return SeqModel(meta, dim=8) if kind == "seq" else FM(meta, embedding_dim=8)
+
+
+def _single_process(data: Path, meta, init: dict, mode: str, loss: str, optimizer: str, kind: str = "fm") -> dict:
+    model = _model(kind, meta)
     model.load_state_dict(init)
     plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss=loss, fields=("zip", "user_id"),
                                                         optimizer=optimizer, lr=0.05, lam=0.5))
@@ -36,15 +42,16 @@ def _single_process(data: Path, meta, init: dict, mode: str, loss: str, optimize
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("sharding,mode,loss,optimizer", [
-    ("table_wise", "lexico", "mmd", "adam"),
-    ("row_wise", "lexico", "mmd", "adam"),
-    ("row_wise", "+T", "adversarial", "momentum"),
+@pytest.mark.parametrize("sharding,mode,loss,optimizer,kind", [
+    ("table_wise", "lexico", "mmd", "adam", "fm"),
+    ("row_wise", "lexico", "mmd", "adam", "fm"),
+    ("row_wise", "+T", "adversarial", "momentum", "fm"),
+    ("row_wise", "lexico", "moment", "adam", "seq"),  # EmbeddingCollection (sequence embeddings)
 ])
-def test_sharded_equals_single_process(ml100k_prepared, tmp_path, sharding, mode, loss, optimizer):
+def test_sharded_equals_single_process(ml100k_prepared, tmp_path, sharding, mode, loss, optimizer, kind):
     data, meta = ml100k_prepared
     torch.manual_seed(0)
-    model = FM(meta, embedding_dim=8)
+    model = _model(kind, meta)
     with torch.no_grad():
         for p in model.embedding.parameters():
             p.normal_(0, 0.1)
@@ -53,12 +60,12 @@ def test_sharded_equals_single_process(ml100k_prepared, tmp_path, sharding, mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", str(WORKER),
            "--data", str(data), "--init", str(tmp_path / "init.pt"), "--out", str(tmp_path / "out"),
            "--sharding", sharding, "--mode", mode, "--loss", loss, "--optimizer", optimizer,
-           "--steps", str(STEPS), "--batch", str(LOCAL_BATCH)]
+           "--steps", str(STEPS), "--batch", str(LOCAL_BATCH), "--model", kind]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
 
-    want = _single_process(data, meta, init, mode, loss, optimizer)
+    want = _single_process(data, meta, init, mode, loss, optimizer, kind)
     parts = [torch.load(tmp_path / "out" / f"rank{k}.pt") for k in range(WORLD)]
     layouts = set()
     for key, full in want.items():
@@ -69,9 +76,9 @@ def test_sharded_equals_single_process(ml100k_prepared, tmp_path, sharding, mode
                 sl = tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape))
                 got[sl] = tensor
                 covered[sl] += 1
-                if key.startswith("embedding.embedding_bags.t_zip"):
+                if key.startswith(("embedding.embedding_bags.t_zip", "embedding.embeddings.t_zip")):
                     layouts.add((rank, tuple(offsets)))
-        if "embedding_bags" in key:
+        if "embedding_bags" in key or "embeddings" in key:
             assert bool((covered == 1).all()), f"{key}: shards overlap or miss rows"
         torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5, msg=key)
         assert not torch.equal(full, init[key]), f"{key} did not train"

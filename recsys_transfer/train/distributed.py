@@ -78,31 +78,34 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
     fused optimizer of plain TorchRec training); with the transfer plug-in the lookup kernel is replaced after
     sharding and the fused optimizer is not used.
     """
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     constraints = {}
     for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
-            for cfg in module.embedding_bag_configs():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            configs = (module.embedding_bag_configs() if isinstance(module, EmbeddingBagCollection)
+                       else module.embedding_configs())
+            for cfg in configs:
                 constraints[cfg.name] = ParameterConstraints(
                     sharding_types=[sharding_type] if sharding_type else None,
                     # fbgemm's fused TBE needs dims divisible by 4; narrower tables (e.g. FM's 1-wide first-order
                     # weights) use the dense kernel
                     compute_kernels=[compute_kernel if cfg.embedding_dim % 4 == 0 else "dense"],
                 )
-    sharder = _sharder_cls()(fused_params=fused_params)
+    sharders = [_sharder_cls()(fused_params=fused_params), EmbeddingCollectionSharder(fused_params=fused_params)]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device=device.type),
         constraints=constraints,
     )
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
-    plan = planner.collective_plan(model, [sharder], pg) if pg is not None else planner.plan(model, [sharder])
+    plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=[sharder])
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     copy_into_shards(dmp, init)
     return dmp
 

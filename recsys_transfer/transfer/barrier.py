@@ -24,9 +24,10 @@ Why a custom lookup and not TorchRec's fused TBE: the barrier needs, per row, th
 (``OptimType.NONE``, which returns gradients, is CUDA-only); ``apply_optimizer_in_backward`` would hand us a dense
 ``[num_embeddings, D]`` gradient. So the plug-in replaces the lookup *kernel* and keeps everything else TorchRec's:
 
-* unsharded :class:`~torchrec.EmbeddingBagCollection`: the instance's ``forward`` is replaced by
-  :func:`attach_ebc`'s fused forward over the same ``nn.EmbeddingBag`` weights (same Parameters, state-dict keys
-  unchanged, same ``KeyedTensor`` output);
+* unsharded :class:`~torchrec.EmbeddingBagCollection` / :class:`~torchrec.EmbeddingCollection`: the instance's
+  ``forward`` is replaced by the fused one (:func:`attach_ebc`, :func:`attach_ec`) over the same
+  ``nn.EmbeddingBag``/``nn.Embedding`` weights (same Parameters, state-dict keys unchanged, same ``KeyedTensor`` /
+  ``Dict[str, JaggedTensor]`` output);
 * under :class:`~torchrec.distributed.DistributedModelParallel`: in every sharded EBC lookup group, the TBE module
   (``emb_module`` of ``BatchedFusedEmbeddingBag``/``BatchedDenseEmbeddingBag``) is swapped for
   :class:`BarrierTBE`, which computes the same ``[B, sum D]`` output from the shard's own weight views
@@ -246,34 +247,41 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
 # the fused lookup
 
 
-def _lookup(indices, offsets, per_sample_weights, tables, features, means) -> torch.Tensor:
+def _lookup(indices, offsets, per_sample_weights, tables, features, modes) -> torch.Tensor:
+    """Pooled (``sum``/``mean``: ``[B, sum_f D_f]``) or sequence (``none``: ``[n_indices, D]``) lookup."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
     outs = []
     for f, t in enumerate(features):
-        weight = tables[t][0]
+        weight = tables[t][0].detach()
         lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        if modes[f] == "none":
+            outs.append(F.embedding(indices[lo:hi], weight))
+            continue
         off = offsets[f * batch : (f + 1) * batch + 1] - lo
         psw = per_sample_weights[lo:hi] if per_sample_weights is not None else None
-        outs.append(F.embedding_bag(indices[lo:hi], weight.detach(), off, mode="mean" if means[f] else "sum",
-                                    per_sample_weights=psw, include_last_offset=True))
-    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        outs.append(F.embedding_bag(indices[lo:hi], weight, off, mode=modes[f], per_sample_weights=psw,
+                                    include_last_offset=True))
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs, dim=0 if modes[0] == "none" else 1)
 
 
 class _FusedRowUpdate(torch.autograd.Function):
-    """Pooled lookup whose backward updates the touched rows in place and returns no table gradient.
+    """Lookup whose backward updates the touched rows in place and returns no table gradient.
 
     ``tables``: list of (weight [R, D], rule, row_offset, group) per table; ``features``: the table index of each
-    feature; ``means``: mean pooling per feature; ``indices``/``offsets``: TBE layout (features major, ``offsets``
-    of length ``F * B + 1``). Output: ``[B, sum_f D_f]``.
+    feature; ``modes``: pooling per feature (``sum``, ``mean``, or ``none`` for sequence embeddings — all features
+    of one call are pooled or all are not); ``indices``/``offsets``: TBE layout (features major, ``offsets`` of
+    length ``F * B + 1``). Output: ``[B, sum_f D_f]`` pooled, ``[n_indices, D]`` for sequences.
     """
 
     @staticmethod
-    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, means):
+    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, modes):
         ctx.save_for_backward(indices, offsets, per_sample_weights if per_sample_weights is not None else torch.empty(0))
         ctx.has_psw = per_sample_weights is not None
-        ctx.tables, ctx.features, ctx.means = tables, features, means
-        return _lookup(indices, offsets, per_sample_weights, tables, features, means)
+        ctx.tables, ctx.features, ctx.modes = tables, features, modes
+        return _lookup(indices, offsets, per_sample_weights, tables, features, modes)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -285,21 +293,24 @@ class _FusedRowUpdate(torch.autograd.Function):
         for f, t in enumerate(features):
             dim = tables[t][0].shape[1]
             lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-            lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
-            gf = grad_out[:, col : col + dim]
-            if bool((lengths == 1).all()):  # single-valued field: occurrence k is bag k
-                occ = gf
+            if ctx.modes[f] == "none":  # sequence output: row k of the output is occurrence k
+                occ = grad_out[lo:hi]
             else:
-                bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
-                occ = gf.index_select(0, bag)
-                if ctx.means[f]:
-                    occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
-            if ctx.has_psw:
-                occ = occ * psw[lo:hi].unsqueeze(1)
+                lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
+                gf = grad_out[:, col : col + dim]
+                col += dim
+                if bool((lengths == 1).all()):  # single-valued field: occurrence k is bag k
+                    occ = gf
+                else:
+                    bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
+                    occ = gf.index_select(0, bag)
+                    if ctx.modes[f] == "mean":
+                        occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
+                if ctx.has_psw:
+                    occ = occ * psw[lo:hi].unsqueeze(1)
             ids, grads = per_table.setdefault(t, ([], []))
             ids.append(indices[lo:hi].long())
             grads.append(occ)
-            col += dim
         items = []
         for t, (ids, grads) in per_table.items():
             weight, rule, row_offset, group = tables[t]
@@ -322,7 +333,7 @@ def _anchor() -> torch.Tensor:
 def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
     """Replace an unsharded EmbeddingBagCollection's forward by the fused one; returns its table weights."""
     configs = ebc.embedding_bag_configs()
-    tables, features, means, names = [], [], [], []
+    tables, features, modes, names = [], [], [], []
     for t, cfg in enumerate(configs):
         bag = ebc.embedding_bags[cfg.name]
         if bag.mode not in ("sum", "mean"):
@@ -330,7 +341,7 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
         tables.append((bag.weight, rules[cfg.name], 0, None))
         for fname in cfg.feature_names:
             features.append(t)
-            means.append(bag.mode == "mean")
+            modes.append(bag.mode)
             names.append(fname)
     anchor = _anchor()
 
@@ -341,7 +352,7 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
         if kjt.keys() != names:
             kjt = kjt.permute([kjt.keys().index(n) for n in names])
         weights = kjt.weights_or_none() if ebc.is_weighted() else None
-        args = (kjt.values(), kjt.offsets(), weights, tables, features, means)
+        args = (kjt.values(), kjt.offsets(), weights, tables, features, modes)
         values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _lookup(*args)
         return KeyedTensor(keys=ebc._embedding_names, values=values, length_per_key=ebc._lengths_per_embedding)
 
@@ -349,17 +360,50 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
     return [t[0] for t in tables]
 
 
+def attach_ec(ec: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
+    """Replace an unsharded EmbeddingCollection's forward (sequence embeddings) by the fused one."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    tables, features, names, out_names = [], [], [], []
+    for t, cfg in enumerate(ec.embedding_configs()):
+        tables.append((ec.embeddings[cfg.name].weight, rules[cfg.name], 0, None))
+        for fname, ename in zip(cfg.feature_names, ec._embedding_names_by_table[t]):
+            features.append(t)
+            names.append(fname)
+            out_names.append(ename)
+    modes = ["none"] * len(features)
+    anchor = _anchor()
+
+    def forward(features_kjt):
+        kjt = features_kjt
+        if kjt.keys() != names:
+            kjt = kjt.permute([kjt.keys().index(n) for n in names])
+        args = (kjt.values(), kjt.offsets(), None, tables, features, modes)
+        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _lookup(*args)
+        out, start = {}, 0
+        for name, fname in zip(out_names, names):
+            lengths = kjt[fname].lengths()
+            n = int(lengths.sum())
+            out[name] = JaggedTensor(values=values[start : start + n], lengths=lengths,
+                                     weights=kjt[fname].values() if ec.need_indices() else None)
+            start += n
+        return out
+
+    ec.forward = forward
+    return [t[0] for t in tables]
+
+
 class BarrierTBE(nn.Module):
     """Drop-in for a sharded lookup group's TBE module (``emb_module``), over the shard's weight views."""
 
     def __init__(self, tbe: nn.Module, rules: list[TableRule], row_offsets: list[int],
-                 feature_table_map: list[int], means: list[bool], groups: list) -> None:
+                 feature_table_map: list[int], modes: list[str], groups: list) -> None:
         super().__init__()
         self.base = tbe
         self.weights = list(tbe.split_embedding_weights())
         self.tables = list(zip(self.weights, rules, row_offsets, groups))
         self.feature_table_map = list(feature_table_map)
-        self.means = means
+        self.modes = modes
         self._anchor = _anchor()
 
     def split_embedding_weights(self):
@@ -376,7 +420,7 @@ class BarrierTBE(nn.Module):
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
                 **_: object) -> torch.Tensor:
-        args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.means)
+        args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.modes)
         if not torch.is_grad_enabled():
             return _lookup(*args)
         return _FusedRowUpdate.apply(self._anchor, *args)

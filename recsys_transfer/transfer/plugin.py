@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.optim.rowwise import RowOptimizer, make_row_optimizer
-from recsys_transfer.transfer.barrier import MODES, BarrierContext, BarrierTBE, TableRule, attach_ebc
+from recsys_transfer.transfer.barrier import MODES, BarrierContext, BarrierTBE, TableRule, attach_ebc, attach_ec
 from recsys_transfer.transfer.losses import TransferLoss, make_transfer_loss
 
 SELECTIVE_MODES = ("+Ours", "select")
@@ -120,15 +120,16 @@ class TransferPlugin:
                          target_mask=target & ~source, lam=self.config.lam, alpha=self.config.alpha)
 
     def _attach(self) -> None:
+        from torchrec.distributed.embedding import ShardedEmbeddingCollection
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
         found = False
         for path, module in list(self.model.named_modules()):
             transfer_ebc = _is_transfer_ebc(path, self.config.embedding_module)
-            if isinstance(module, EmbeddingBagCollection):
+            if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
                 found |= transfer_ebc
                 self._attach_unsharded(path, module, transfer_ebc)
-            elif isinstance(module, ShardedEmbeddingBagCollection):
+            elif isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)):
                 found |= transfer_ebc
                 self._attach_sharded(path, module, transfer_ebc)
         if self.fields and not found:
@@ -140,14 +141,15 @@ class TransferPlugin:
             raise UserError(f"table {config.name} serves {len(names)} features; the barrier needs one field per table")
         return names[0]
 
-    def _attach_unsharded(self, path: str, ebc: EmbeddingBagCollection, transfer_ebc: bool) -> None:
+    def _attach_unsharded(self, path: str, ebc: nn.Module, transfer_ebc: bool) -> None:
+        pooled = isinstance(ebc, EmbeddingBagCollection)
         rules = {}
-        for cfg in ebc.embedding_bag_configs():
+        for cfg in (ebc.embedding_bag_configs() if pooled else ebc.embedding_configs()):
             fname = self._field_of(cfg)
             key = f"{path}.{cfg.name}"
             rules[cfg.name] = self.rules[key] = self._rule(key, fname, cfg.embedding_dim,
                                                            transfer_ebc and fname in self.fields)
-        self.table_weights.extend(attach_ebc(ebc, rules))
+        self.table_weights.extend((attach_ebc if pooled else attach_ec)(ebc, rules))
 
     def _attach_sharded(self, path: str, sebc: nn.Module, transfer_ebc: bool) -> None:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
@@ -168,8 +170,10 @@ class TransferPlugin:
                     rules.append(rule)
                     offsets.append(int(t.local_metadata.shard_offsets[0]) if t.local_metadata is not None else 0)
                     groups.append(emb._pg if t.local_rows != t.num_embeddings else None)
-                means = [emb._pooling == PoolingMode.MEAN] * len(emb._feature_table_map)
-                tbe = BarrierTBE(emb._emb_module, rules, offsets, emb._feature_table_map, means, groups)
+                pooling = getattr(emb, "_pooling", PoolingMode.NONE)  # sequence (EC) lookups have no pooling
+                mode = {PoolingMode.SUM: "sum", PoolingMode.MEAN: "mean"}.get(pooling, "none")
+                tbe = BarrierTBE(emb._emb_module, rules, offsets, emb._feature_table_map,
+                                 [mode] * len(emb._feature_table_map), groups)
                 emb._emb_module = tbe
                 self.table_weights.extend(tbe.weights)
 
@@ -178,9 +182,12 @@ class TransferPlugin:
         """Model parameters outside the embedding collections (theta): give these to the dense optimizer."""
         from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 
+        from torchrec.distributed.embedding import ShardedEmbeddingCollection
+
         table_ids = {id(w) for w in self.table_weights}
         for module in self.model.modules():
-            if isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection)):
+            if isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection, EmbeddingCollection,
+                                   ShardedEmbeddingCollection)):
                 table_ids |= {id(p) for p in module.parameters()}
         return [p for p in self.model.parameters() if id(p) not in table_ids and p.requires_grad]
 

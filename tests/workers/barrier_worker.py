@@ -47,12 +47,19 @@ def main() -> int:
     p.add_argument("--fields", default="zip,user_id")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--model", choices=("fm", "seq"), default="fm")
     args = p.parse_args()
 
     info = init_distributed()
     torch.manual_seed(0)
     meta = DatasetMeta.load(args.data)
-    model = FM(meta, embedding_dim=8)
+    if args.model == "seq":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from seq_model import SeqModel
+
+        model = SeqModel(meta, dim=8)
+    else:
+        model = FM(meta, embedding_dim=8)
     model.load_state_dict(torch.load(args.init))
     dmp = shard_model(model, info.device, sharding_type=args.sharding)  # keeps the loaded initial weights
     cfg = TransferConfig(mode=args.mode, loss=args.loss, fields=tuple(args.fields.split(",")), optimizer=args.optimizer,
