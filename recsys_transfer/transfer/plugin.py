@@ -1,5 +1,6 @@
-"""The transfer plug-in: one switch (``mode``) turns any model built on TorchRec tables into B / +T / +Ours /
-select / lexico training, without touching the model's code.
+"""The transfer plug-in: one switch (``mode``) turns any model built on TorchRec tables (EmbeddingBagCollection
+or EmbeddingCollection, plain or sharded by DistributedModelParallel) into B / +T / +Ours / select / lexico
+training, without touching the model's code.
 
     plugin = TransferPlugin(model, meta, TransferConfig(mode="+Ours", fields=("zip",)), domains=selection)
     dense_opt = torch.optim.Adam(plugin.dense_parameters(), lr=1e-3)
