@@ -4,6 +4,7 @@
     recsys-transfer info DIR [--field NAME]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR
+    recsys-transfer bench --config benchmarks/grids/NAME.yaml --output DIR
     recsys-transfer demo [--output DIR]
 
 User mistakes (missing files, malformed rows, bad options) print one line ``error: ...`` and exit with status 2,
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set transfer.mode=+Ours")
     p.add_argument("--output", type=Path, required=True)
+
+    from recsys_transfer.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser("demo", help="synthetic long-tail data -> prepare -> train a model -> held-out AUC")
     p.add_argument("--output", type=Path, default=Path("runs/demo"))
@@ -191,7 +196,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "train": cmd_train, "demo": cmd_demo}[args.command]
+    from recsys_transfer.bench.cli import cmd_bench
+
+    handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "train": cmd_train, "bench": cmd_bench,
+               "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except UserError as exc:

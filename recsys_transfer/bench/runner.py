@@ -1,0 +1,226 @@
+"""Expand a grid into runs and execute them resumably.
+
+Each cell x seed is one :func:`run_training` into ``OUT/runs/<run_id>/``; ``run_id`` is a readable slug plus a
+hash of the resolved config (minus ``train.progress``), so it is stable across invocations and identical configs
+share one run. A run counts as done when its ``metrics.json`` exists (the trainer writes it last), so a run
+interrupted midway is redone from scratch. After training the harness writes, next to it:
+
+* ``bench.json``  — the cell (dataset, model, mode, dim, seed, extra, lam), overrides and ``params`` (#P:
+  every parameter of the built model, embedding tables included);
+* ``test_predictions.npz`` — labels, scores and row index of the test split, recomputed from ``best/`` with the
+  test loader in file order (the same forward path as the trainer), for the paired bootstrap.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recsys_transfer.bench.spec import GridSpec
+from recsys_transfer.config import RunConfig, load_config
+
+CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "test_auc",
+               "test_logloss", "head_auc", "tail_auc", "best_epoch", "epochs_run", "best_valid_auc",
+               "transfer_loss", "wall_seconds", "run_id", "commit"]
+
+
+@dataclass
+class Run:
+    dataset: str
+    model: str
+    mode: str
+    dim: int
+    seed: int
+    extra: str
+    lam: float
+    pipeline: str
+    overrides: list[str]
+    cfg: RunConfig = field(repr=False)
+    run_id: str = ""
+
+    def cell(self) -> dict:
+        return {"dataset": self.dataset, "model": self.model, "mode": self.mode, "dim": self.dim, "seed": self.seed,
+                "extra": self.extra, "lam": self.lam, "pipeline": self.pipeline, "overrides": self.overrides}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("+", "p"))
+
+
+def run_id_of(cfg: RunConfig, slug: str) -> str:
+    tree = cfg.to_dict()
+    tree["train"].pop("progress", None)
+    digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{_slug(slug)}-{digest}"
+
+
+def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) -> list[Run]:
+    """Every run of the grid, in a deterministic order (seeds innermost); identical configs appear once."""
+    runs, seen = [], set()
+    for ds in spec.datasets:
+        pipeline = ds.pipeline or spec.base
+        for ex in spec.extras:
+            for m in spec.models:
+                for dim in spec.dims:
+                    for mode in spec.modes:
+                        lams = [None]
+                        if mode == "+T" and spec.lambdas:
+                            lams = [None, *spec.lambdas]
+                        for lam in lams:
+                            for seed in spec.seeds:
+                                ov = [*spec.overrides, *ds.overrides, f"model.name={m.name}"]
+                                if m.params is not None:
+                                    ov.append("model.params=" + json.dumps(m.params))
+                                ov += [*m.overrides, f"model.params.embedding_dim={dim}", f"transfer.mode={mode}",
+                                       *ex.overrides]
+                                if lam is not None:
+                                    ov.append(f"transfer.lam={lam}")
+                                ov += [f"train.seed={seed}", f"transfer.seed={seed}", *extra_overrides]
+                                cfg = load_config(pipeline, ov)
+                                slug = f"{ds.name}-{m.name}-d{dim}-{mode}-{ex.name}-lam{cfg.transfer.lam:g}-s{seed}"
+                                rid = run_id_of(cfg, slug)
+                                if rid in seen:
+                                    continue
+                                seen.add(rid)
+                                runs.append(Run(ds.name, m.name, mode, dim, seed, ex.name, cfg.transfer.lam,
+                                                pipeline, ov, cfg, rid))
+    return runs
+
+
+def count_parameters(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _rebuild(cfg: RunConfig):
+    """Model + test loader of a finished run (B-mode plug-in attached: the trainer's fused lookup path)."""
+    from recsys_transfer.data.prepared import DatasetMeta
+    from recsys_transfer.models.registry import build_model
+    from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+
+    meta = DatasetMeta.load(Path(cfg.data.path))
+    model = build_model(cfg.model.name, meta, **cfg.model.params)
+    TransferPlugin(model, meta, TransferConfig(mode="B"))
+    return meta, model
+
+
+def save_predictions(cfg: RunConfig, run_dir: Path) -> dict:
+    """Recompute test predictions from ``run_dir/best``; returns {'params', 'pred_auc'}."""
+    from recsys_transfer.data.loader import BatchLoader
+    from recsys_transfer.metrics import auc
+    from recsys_transfer.train.trainer import _load, _predict
+
+    meta, model = _rebuild(cfg)
+    params = count_parameters(model)
+    _load(model, run_dir / "best")
+    test = BatchLoader(Path(cfg.data.path), "test", cfg.train.eval_batch_size, rank=0, world_size=1, meta=meta)
+    y, p, _ = _predict(model, test, meta.labels[0], None)
+    np.savez_compressed(run_dir / "test_predictions.npz", labels=y.astype(np.int8), scores=p.astype(np.float64),
+                        row=np.arange(len(y), dtype=np.int64))
+    return {"params": params, "pred_auc": auc(y, p)}
+
+
+def _transfer_loss(metrics: dict) -> float | None:
+    vals = [v.get("transfer_loss") for v in (metrics.get("transfer") or {}).values() if "transfer_loss" in v]
+    return float(np.mean(vals)) if vals else None
+
+
+def row_of(run_dir: Path) -> dict | None:
+    mpath, bpath = run_dir / "metrics.json", run_dir / "bench.json"
+    if not (mpath.is_file() and bpath.is_file()):
+        return None
+    m = json.loads(mpath.read_text())
+    b = json.loads(bpath.read_text())
+    t = m["test"]
+    return {"dataset": b["dataset"], "model": b["model"], "mode": b["mode"], "dim": b["dim"],
+            "params": b.get("params"), "seed": b["seed"], "extra": b["extra"], "lam": b["lam"],
+            "overrides": " ".join(b["overrides"]), "test_auc": t["auc"], "test_logloss": t["logloss"],
+            "head_auc": t.get("head_auc"), "tail_auc": t.get("tail_auc"), "best_epoch": m["best_epoch"],
+            "epochs_run": m.get("epochs_run"), "best_valid_auc": m.get("best_valid_auc"),
+            "transfer_loss": _transfer_loss(m), "wall_seconds": m["wall_seconds"], "run_id": run_dir.name,
+            "commit": b.get("code_commit") or m.get("commit", "")}
+
+
+def rebuild_csv(out: Path, run_ids: list[str] | None = None) -> list[dict]:
+    """Rewrite ``results.csv`` from the finished runs' files (all of ``runs/``, or ``run_ids``, in that order)."""
+    dirs = [out / "runs" / r for r in run_ids] if run_ids is not None else sorted((out / "runs").glob("*"))
+    rows = [r for r in (row_of(d) for d in dirs) if r is not None]
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def _append_csv(out: Path, row: dict) -> None:
+    path = out / "results.csv"
+    new = not path.is_file()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def code_state() -> str:
+    """HEAD at harness start (+ '-dirty' when recsys_transfer/ has uncommitted changes): the code every run of this
+    process executes, since the modules are imported once (the trainer's per-run commit is HEAD at run end)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "recsys_transfer"], capture_output=True, text=True,
+                               timeout=5, cwd=root).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("-dirty" if dirty else "")
+
+
+def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int | None = None,
+             log=print) -> dict:
+    """Run every missing run of ``spec`` into ``out``; returns {'ran': [...], 'skipped': [...], 'runs': [...]}."""
+    import torch
+
+    from recsys_transfer.train.trainer import run_training
+
+    torch.set_num_threads(spec.threads)
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs = expand(spec, extra_overrides)
+    (out / "grid.json").write_text(json.dumps({"source": spec.source, "extra_overrides": list(extra_overrides),
+                                               "runs": [r.run_id for r in runs]}, indent=1) + "\n")
+    ran, skipped = [], []
+    code = code_state()
+    for i, r in enumerate(runs):
+        d = out / "runs" / r.run_id
+        done = (d / "metrics.json").is_file()
+        if done and (d / "bench.json").is_file() and (d / "test_predictions.npz").is_file():
+            skipped.append(r.run_id)
+            continue
+        if max_runs is not None and len(ran) >= max_runs:
+            break
+        d.mkdir(parents=True, exist_ok=True)
+        bench = r.cell()
+        if not done:
+            bench["code_commit"] = code
+            log(f"[{i + 1}/{len(runs)}] {r.run_id}")
+            t0 = time.perf_counter()
+            run_training(r.cfg, d)
+            log(f"    done in {time.perf_counter() - t0:.1f}s")
+        elif (d / "bench.json").is_file():
+            bench["code_commit"] = json.loads((d / "bench.json").read_text()).get("code_commit", "")
+        bench.update(save_predictions(r.cfg, d))
+        (d / "bench.json").write_text(json.dumps(bench, indent=1) + "\n")
+        ran.append(r.run_id)
+        row = row_of(d)
+        if row is not None:
+            _append_csv(out, row)
+    rebuild_csv(out, [r.run_id for r in runs])
+    return {"ran": ran, "skipped": skipped, "runs": [r.run_id for r in runs]}

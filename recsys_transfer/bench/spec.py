@@ -1,0 +1,112 @@
+"""Grid spec: a strict YAML file (unknown keys are errors naming the file and key path, as in config.py).
+
+Example (``benchmarks/grids/ml100k.yaml``)::
+
+    name: ml100k
+    base: pipelines/movielens100k.yaml     # pipeline config every run starts from
+    overrides: [train.epochs=5]            # --set style, applied to every run
+    datasets:                              # each: its own pipeline (default: base) and/or overrides
+      - {name: ml100k}
+    models:                                # names, or {name, params (replaces model.params), overrides}
+      - deepfm
+      - {name: autoint, params: {num_layers: 3}}
+    modes: [B, +T, +Ours]                  # subset of B, +T, +Ours, select, lexico
+    dims: [16]                             # model.params.embedding_dim; #P is counted from the built model
+    seeds: [0, 1, 2]                       # train.seed and transfer.seed (>= 3 unless allow_few_seeds)
+    extras:                                # optional named override sets (optimizer variants ...)
+      - {name: adam}
+      - {name: sgd_m09, overrides: [transfer.optimizer=momentum, transfer.lr=0.1]}
+    lambdas: [0.001, 0.01, 0.1, 1.0]       # optional lambda sweep for +T (extra +T runs)
+    lam_main: 0.01                         # the lambda of the +T column in the tables (default: the base config's)
+    n_boot: 1000                           # paired bootstrap resamples in the report
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from recsys_transfer.config import _build
+from recsys_transfer.errors import UserError
+from recsys_transfer.transfer.barrier import MODES
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    pipeline: str | None = None  # default: the grid's base
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    params: dict | None = None  # replaces model.params of the pipeline when given
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExtraSpec:
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    name: str
+    base: str
+    datasets: tuple[DatasetSpec, ...]
+    models: tuple[ModelSpec, ...]
+    modes: tuple[str, ...]
+    dims: tuple[int, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+    extras: tuple[ExtraSpec, ...] = (ExtraSpec("default"),)
+    lambdas: tuple[float, ...] = ()
+    lam_main: float | None = None
+    n_boot: int = 1000
+    allow_few_seeds: bool = False
+    threads: int = 1
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"modes: unknown {bad}; choose from {list(MODES)}")
+        if "B" not in self.modes:
+            raise ValueError("modes: must include B (the reference of NTG and the CIs)")
+        if not self.seeds or (len(self.seeds) < 3 and not self.allow_few_seeds):
+            raise ValueError(f"seeds: need at least 3, got {list(self.seeds)} (set allow_few_seeds: true for smoke grids)")
+        for label, items in (("datasets", self.datasets), ("models", self.models), ("extras", self.extras)):
+            names = [i.name for i in items]
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"{label}: need at least one, with unique names; got {names}")
+        if not self.dims or any(d < 1 for d in self.dims):
+            raise ValueError(f"dims: need positive embedding dims, got {list(self.dims)}")
+        if self.lambdas and "+T" not in self.modes:
+            raise ValueError("lambdas: a lambda sweep needs +T in modes")
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: grid file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    if "models" in tree and isinstance(tree["models"], list):  # a plain name is {name: ...}
+        tree["models"] = [{"name": m} if isinstance(m, str) else m for m in tree["models"]]
+    if "datasets" in tree and isinstance(tree["datasets"], list):
+        tree["datasets"] = [{"name": d} if isinstance(d, str) else d for d in tree["datasets"]]
+    if "extras" in tree and isinstance(tree["extras"], list):
+        tree["extras"] = [{"name": e} if isinstance(e, str) else e for e in tree["extras"]]
+    missing = [k for k in ("name", "base", "datasets", "models", "modes", "dims", "seeds") if k not in tree]
+    if missing:
+        raise UserError(f"{path}: missing required key(s) {missing}")
+    tree["source"] = str(path)
+    return _build(GridSpec, tree, str(path))

@@ -1,0 +1,160 @@
+"""Benchmark harness: grid -> runs -> results.csv / results.md / plots; paired bootstrap; resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from recsys_transfer.bench.report import write_report
+from recsys_transfer.bench.runner import expand, run_grid
+from recsys_transfer.bench.spec import load_grid
+from recsys_transfer.errors import UserError
+from recsys_transfer.metrics.bootstrap import paired_bootstrap_auc_diff
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _grid(tmp: Path, data: Path, modes=("B", "+Ours"), seeds=(0, 1), extra: str = "") -> Path:
+    g = tmp / "grid.yaml"
+    g.write_text(f"""
+name: tiny
+base: {ROOT / 'pipelines' / 'synthetic.yaml'}
+overrides: [data.path={data}, data.prepare.rows=20000, train.epochs=1, train.progress=false]
+datasets: [synthetic20k]
+models: [fm]
+modes: [{', '.join(modes)}]
+dims: [16]
+seeds: [{', '.join(str(s) for s in seeds)}]
+allow_few_seeds: true
+n_boot: 200
+{extra}
+""")
+    return g
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    spec = load_grid(_grid(tmp, tmp / "data"))
+    out = tmp / "out"
+    res = run_grid(spec, out, log=lambda *_: None)
+    write_report(out, spec)
+    return spec, out, res
+
+
+def test_grid_produces_csv_report_plots(tiny_run):
+    spec, out, res = tiny_run
+    assert len(res["ran"]) == 4 and not res["skipped"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4
+    assert {(r["mode"], r["seed"]) for r in rows} == {("B", "0"), ("B", "1"), ("+Ours", "0"), ("+Ours", "1")}
+    for r in rows:
+        assert 0.0 < float(r["test_auc"]) < 1 and int(r["params"]) > 0 and r["head_auc"] and r["tail_auc"]
+        d = out / "runs" / r["run_id"]
+        z = np.load(d / "test_predictions.npz")
+        m = json.loads((d / "metrics.json").read_text())
+        from recsys_transfer.metrics import auc
+
+        assert auc(z["labels"], z["scores"]) == pytest.approx(m["test"]["auc"], abs=1e-9)  # same model, same rows
+    md = (out / "results.md").read_text()
+    assert "Test AUC" in md and "NTG" in md and "95% CI" in md and "fm +Ours" in md
+    pngs = {p.name for p in (out / "plots").glob("*.png")}
+    assert any(p.startswith("auc_") for p in pngs) and any(p.startswith("curves_") for p in pngs)
+
+
+def test_resume_redoes_only_interrupted_run(tiny_run, tmp_path):
+    spec, out, _ = tiny_run
+    runs = sorted((out / "runs").iterdir())
+    victim = runs[1]
+    mtimes = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in runs}
+    (victim / "metrics.json").unlink()  # a run killed mid-training has no metrics.json
+    (out / "results.csv").unlink()
+    res = run_grid(spec, out, log=lambda *_: None)
+    assert res["ran"] == [victim.name]
+    assert len(res["skipped"]) == 3
+    for d in runs:
+        same = (d / "metrics.json").stat().st_mtime_ns == mtimes[d.name]
+        assert same == (d != victim)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["run_id"] for r in rows) == sorted(mtimes)
+
+
+def test_run_ids_are_stable_and_distinct(tmp_path):
+    spec = load_grid(_grid(tmp_path, tmp_path / "data", modes=("B", "+T"), seeds=(0, 1, 2),
+                           extra="lambdas: [0.001, 0.01]\nlam_main: 0.01"))
+    a = [r.run_id for r in expand(spec)]
+    b = [r.run_id for r in expand(spec)]
+    assert a == b and len(set(a)) == len(a)
+    # B x 3 seeds, +T at the base lambda (0.01) and 0.001 (0.01 deduplicated) x 3 seeds
+    assert len(a) == 3 + 6
+
+
+def test_grid_rejects_unknown_keys(tmp_path):
+    g = _grid(tmp_path, tmp_path / "data", extra="sedes: [1]")
+    with pytest.raises(UserError, match=r"grid.yaml.*unknown key.*sedes"):
+        load_grid(g)
+    g.write_text(g.read_text().replace("sedes: [1]", "datasets: [{name: x, overide: []}]").replace(
+        "datasets: [synthetic20k]\n", ""))
+    with pytest.raises(UserError, match=r"grid.yaml.datasets.*overide"):
+        load_grid(g)
+    few = tmp_path / "few.yaml"
+    few.write_text(_grid(tmp_path, tmp_path / "data").read_text().replace("allow_few_seeds: true", ""))
+    with pytest.raises(UserError, match="at least 3"):
+        load_grid(few)
+
+
+def _binormal(rng, n, d_a, d_b, rho=0.5):
+    y = rng.integers(0, 2, n)
+    shared = rng.normal(size=n)
+    a = d_a * y + np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=n)
+    b = d_b * y + np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=n)
+    return y, a, b
+
+
+def test_bootstrap_ci_covers_true_difference():
+    d_a, d_b = 1.0, 0.8
+    true = norm.cdf(d_a / np.sqrt(2)) - norm.cdf(d_b / np.sqrt(2))  # binormal AUC, unit noise per class
+    rng = np.random.default_rng(1)
+    hits = 0
+    for rep in range(20):
+        y, a, b = _binormal(rng, 3000, d_a, d_b)
+        diff, lo, hi = paired_bootstrap_auc_diff(y, a, b, n_boot=500, seed=rep)
+        assert lo <= diff <= hi
+        hits += lo <= true <= hi
+    assert hits >= 16
+
+
+def test_bootstrap_ci_narrower_for_larger_n_and_fast():
+    import time
+
+    rng = np.random.default_rng(2)
+    widths = []
+    for n in (1000, 10000):
+        y, a, b = _binormal(rng, n, 1.0, 0.8)
+        t = time.perf_counter()
+        _, lo, hi = paired_bootstrap_auc_diff(y, a, b, n_boot=2000 if n == 10000 else 500, seed=0)
+        if n == 10000:
+            assert time.perf_counter() - t < 10
+        widths.append(hi - lo)
+    assert widths[1] < 0.6 * widths[0]
+
+
+def test_cli_parser_and_dry_run(tmp_path, capsys):
+    import argparse
+
+    from recsys_transfer.bench.cli import add_bench_parser, cmd_bench
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_bench_parser(sub)
+    g = _grid(tmp_path, tmp_path / "data")
+    args = parser.parse_args(["bench", "--config", str(g), "--output", str(tmp_path / "o"), "--dry-run",
+                              "--set", "train.epochs=2"])
+    assert cmd_bench(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("todo ") for line in lines)
