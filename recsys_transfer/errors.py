@@ -23,3 +23,16 @@ class DataError(UserError):
         self.message = message
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {message}")
+
+
+def read_json(path: str | Path, missing: str):
+    """Parse a JSON file the project wrote; a missing file or bad JSON is a one-line :class:`UserError`."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None

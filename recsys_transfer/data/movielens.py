@@ -81,17 +81,18 @@ def _check_unique(path: Path, df: pl.DataFrame, key: str) -> None:
         raise DataError(path, f"duplicate {key} {df[key][i]}", int(df["__line"][i]))
 
 
+def _read_table(path: Path, encoding: str, sep: str, names: list[str]) -> pl.DataFrame:
+    """A user or item file: every line must have ``len(names)`` fields, the first an integer unique id."""
+    df = to_int(path, split_fields(path, read_lines(path, encoding), sep, len(names), names), [names[0]])
+    _check_unique(path, df, names[0])
+    return df
+
+
 def _load_100k(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
     ratings, n_input = _read_ratings(d / "u.data", "\t", on_bad_row, skipped)
-    up = d / "u.user"
-    users = split_fields(up, read_lines(up, "utf-8"), "|", 5, ["user", "age", "gender", "occupation", "zip"])
-    users = to_int(up, users, ["user"])
-    _check_unique(up, users, "user")
-    ip = d / "u.item"
-    item_names = ["item", "title", "release", "video", "url", *[f"g{k}" for k in range(19)]]
-    items = split_fields(ip, read_lines(ip, "latin-1"), "|", 24, item_names)
-    items = to_int(ip, items, ["item"])
-    _check_unique(ip, items, "item")
+    users = _read_table(d / "u.user", "utf-8", "|", ["user", "age", "gender", "occupation", "zip"])
+    items = _read_table(d / "u.item", "latin-1", "|",
+                        ["item", "title", "release", "video", "url", *[f"g{k}" for k in range(19)]])
     flags = pl.concat_list([pl.col(f"g{k}") == "1" for k in range(19)])
     items = items.select(
         "item",
@@ -104,14 +105,8 @@ def _load_100k(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.Da
 
 def _load_1m(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
     ratings, n_input = _read_ratings(d / "ratings.dat", "::", on_bad_row, skipped)
-    up = d / "users.dat"
-    users = split_fields(up, read_lines(up, "latin-1"), "::", 5, ["user", "gender", "age", "occupation", "zip"])
-    users = to_int(up, users, ["user"])
-    _check_unique(up, users, "user")
-    ip = d / "movies.dat"
-    items = split_fields(ip, read_lines(ip, "latin-1"), "::", 3, ["item", "title", "genres"])
-    items = to_int(ip, items, ["item"])
-    _check_unique(ip, items, "item")
+    users = _read_table(d / "users.dat", "latin-1", "::", ["user", "gender", "age", "occupation", "zip"])
+    items = _read_table(d / "movies.dat", "latin-1", "::", ["item", "title", "genres"])
     items = items.select(
         "item",
         pl.col("title").str.extract(r"\((\d{4})\)\s*$").alias("year"),

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import tempfile
 import uuid
@@ -51,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_transfer.data.splits import SPLITS, HeadTailSpec, SplitSpec, splitmix64
-from recsys_transfer.errors import UserError
+from recsys_transfer.errors import UserError, read_json
 
 FORMAT_VERSION = 1
 OOV_INDEX = 0
@@ -195,12 +194,7 @@ class DatasetMeta:
     @classmethod
     def load(cls, directory: str | Path) -> "DatasetMeta":
         path = Path(directory) / "meta.json"
-        if not path.is_file():
-            raise UserError(f"{path}: not a prepared dataset (meta.json missing); run `recsys-transfer prepare` first")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        d = read_json(path, "not a prepared dataset (meta.json missing); run `recsys-transfer prepare` first")
         if d.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{path}: format_version {d.get('format_version')} is not {FORMAT_VERSION}; prepare the data again")
         d["sparse"] = [SparseFieldMeta(**f) for f in d["sparse"]]

@@ -47,7 +47,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys_transfer.data.prepared import DatasetMeta
-from recsys_transfer.errors import UserError
+from recsys_transfer.errors import UserError, read_json
 
 ROLES = ("none", "source", "target", "dropped")
 DEFAULT_TOP_K = 1000
@@ -360,12 +360,7 @@ def load_selection(out_dir: str | Path, field_name: str, meta: DatasetMeta) -> S
     """Read one field's selection back, refusing one made for another dataset or vocabulary."""
     out = Path(out_dir)
     path = out / SELECTION_JSON
-    if not path.is_file():
-        raise UserError(f"{path}: no selection found; run `recsys-transfer select` first")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    doc = read_json(path, "no selection found; run `recsys-transfer select` first")
     entry = doc.get("fields", {}).get(field_name)
     if entry is None:
         raise UserError(f"{path}: no selection for field {field_name!r} (has {sorted(doc.get('fields', {}))}); "
