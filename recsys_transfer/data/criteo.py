@@ -322,7 +322,7 @@ def _parse_slow(block: _Block, skip_bad: bool) -> tuple[pl.DataFrame, dict[str, 
 def read_criteo(
     inputs: Sequence[str | Path],
     *,
-    chunk_rows: int = 500_000,
+    chunk_rows: int = 250_000,
     on_bad_row: str = "error",
     report: BuildReport | None = None,
 ) -> Iterator[pl.DataFrame]:
@@ -415,7 +415,7 @@ def prepare_criteo(
     int_as_categorical: bool = True,
     dense: bool = True,
     on_bad_row: str = "error",
-    chunk_rows: int = 500_000,
+    chunk_rows: int = 250_000,
     progress: bool = True,
     spill_dir: str | Path | None = None,
 ) -> DatasetMeta:
