@@ -91,9 +91,9 @@ def build(method: str, meta, loss: str = "adversarial"):
     """(step function, dense optimizer) for one method on a fresh DeepFM."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from recsys_transfer.models.deepfm import DeepFM
+    from recsys_transfer.train.loop import train_step
 
     torch.manual_seed(0)
     model = DeepFM(meta, embedding_dim=DIM, hidden=MLP_HIDDEN)
@@ -125,13 +125,7 @@ def build(method: str, meta, loss: str = "adversarial"):
 
     def step(b) -> float:
         t0 = time.perf_counter()
-        loss = F.binary_cross_entropy_with_logits(model(b)["label"], b.labels["label"])
-        dense.zero_grad(set_to_none=True)
-        if plugin is None:
-            loss.backward()
-        else:
-            plugin.backward(loss)
-        dense.step()
+        train_step(model, b, dense, "label", plugin)
         return time.perf_counter() - t0
 
     return step

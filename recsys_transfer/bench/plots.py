@@ -16,6 +16,15 @@ import numpy as np
 import pandas as pd
 
 
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def _plt():
     import matplotlib
 
@@ -61,11 +70,7 @@ def make_plots(out: Path, df: pd.DataFrame, main: pd.DataFrame, lam_main) -> lis
         ax.set_ylabel("test AUC")
         ax.set_title(f"{ds} / {ex}: test AUC (mean ± std over seeds)", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = pdir / f"auc_{_safe(ds)}_{_safe(ex)}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(fig, pdir / f"auc_{_safe(ds)}_{_safe(ex)}.png"))
     for key, g in df.groupby(["dataset", "extra", "model", "dim"], sort=False):
         t = g[g["mode"] == "+T"]
         if len(t):
@@ -87,11 +92,7 @@ def make_plots(out: Path, df: pd.DataFrame, main: pd.DataFrame, lam_main) -> lis
             ax.set_ylabel("test AUC")
             ax.set_title(" / ".join(str(k) for k in key), fontsize=9)
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            p = pdir / f"lambda_{'_'.join(_safe(k) for k in key)}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            made.append(p)
+            made.append(_save(fig, pdir / f"lambda_{'_'.join(_safe(k) for k in key)}.png"))
     for key, g in main.groupby(["dataset", "extra", "model", "dim"], sort=False):
         modes = [m for m in ("B", "+Ours") if m in set(g["mode"])] or list(dict.fromkeys(g["mode"]))[:2]
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
@@ -108,9 +109,5 @@ def make_plots(out: Path, df: pd.DataFrame, main: pd.DataFrame, lam_main) -> lis
             a.set_xlabel("epoch")
             a.legend(fontsize=8)
         fig.suptitle(" / ".join(str(k) for k in key) + " (mean over seeds)", fontsize=9)
-        fig.tight_layout()
-        p = pdir / f"curves_{'_'.join(_safe(k) for k in key)}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        made.append(p)
+        made.append(_save(fig, pdir / f"curves_{'_'.join(_safe(k) for k in key)}.png"))
     return made

@@ -38,6 +38,19 @@ class EpochStats:
         return self.rows / max(self.seconds, 1e-9)
 
 
+def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, label: str, plugin=None) -> torch.Tensor:
+    """One step: BCE-with-logits on ``label``, backward (through ``plugin.backward`` when a transfer plug-in owns
+    the embedding rows), dense optimizer step. Returns the loss."""
+    loss = F.binary_cross_entropy_with_logits(model(batch)[label], batch.labels[label])
+    optimizer.zero_grad(set_to_none=True)
+    if plugin is None:
+        loss.backward()
+    else:
+        plugin.backward(loss)
+    optimizer.step()
+    return loss
+
+
 def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer, label: str,
                 progress: bool = False, plugin=None, after_step=None) -> EpochStats:
     """One pass over ``loader``. With a transfer ``plugin`` (see :mod:`recsys_transfer.transfer.plugin`) the
@@ -51,14 +64,7 @@ def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Op
 
         it = tqdm(loader, total=len(loader), desc="train", unit="batch", leave=False, mininterval=0.5)
     for batch in it:
-        logits = model(batch)[label]
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels[label])
-        optimizer.zero_grad(set_to_none=True)
-        if plugin is None:
-            loss.backward()
-        else:
-            plugin.backward(loss)
-        optimizer.step()
+        loss = train_step(model, batch, optimizer, label, plugin)
         if after_step is not None:
             after_step()
         total += float(loss.detach()) * batch.batch_size
