@@ -201,13 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "train": cmd_train, "bench": cmd_bench,
                "demo": cmd_demo}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: leave without the gloo teardown abort
+        from recsys_transfer.train.distributed import exit_rank
+
+        exit_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.models.fm import FM
-from recsys_transfer.train.distributed import init_distributed, shard_model, shutdown
+from recsys_transfer.train.distributed import exit_rank, init_distributed, shard_model
 from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
 from recsys_transfer.types import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -83,8 +83,7 @@ def main() -> int:
             saved[key] = [([0] * value.dim(), value.detach().clone())]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save({"state": saved, "stats": plugin.stats()}, args.out / f"rank{info.rank}.pt")
-    shutdown()
-    return 0
+    exit_rank(0)
 
 
 if __name__ == "__main__":
