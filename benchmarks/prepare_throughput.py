@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--sizes", type=str, default="", help="comma-separated row counts (overrides --rows)")
     ap.add_argument("--impls", type=str, default="ours,pandas")
-    ap.add_argument("--chunk-rows", type=int, default=250_000)
+    ap.add_argument("--chunk-rows", type=int, default=125_000)
     ap.add_argument("--repeat", type=int, default=1, help="runs per implementation and size; the fastest is kept")
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "recsys_bench_criteo")
     ap.add_argument("--keep-data", action="store_true", help="keep the generated TSV files")

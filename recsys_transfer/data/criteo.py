@@ -46,9 +46,7 @@ empty fields) for tests and other consumers.
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +62,7 @@ from recsys_transfer.data.prepared import (
     SparseSpec,
     build_prepared,
 )
+from recsys_transfer.data.prefetch import read_ahead
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.errors import DataError, UserError
 
@@ -208,57 +207,25 @@ def _blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
             line += n
 
 
-def _read_ahead(blocks: Iterator[_Block]) -> Iterator[_Block]:
-    """Yield ``blocks``, reading the next one in a background thread (file reads release the GIL).
-
-    At most one block waits in the queue, so memory grows by one block only. Errors are re-raised here.
-    """
-    slot: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                slot.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for block in blocks:
-                if not put(block):
-                    return
-            put(_END)
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(_Failure(exc))
-
-    thread = threading.Thread(target=produce, name="criteo-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slot.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+_BAD = "__bad"
+_TYPED_SCHEMA = {LABEL: pl.Int8, **{n: pl.Int64 for n in INT_FIELDS}, **{n: pl.Utf8 for n in CAT_FIELDS}}
 
 
-_END = object()
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
+def _typed(frame: pl.DataFrame, check: bool) -> pl.DataFrame:
+    """Raw strings -> label Int8, ``I*`` Int64, ``C*`` Utf8 in one multi-threaded select; with ``check`` also a
+    Boolean column ``__bad`` (label not 0/1, or an ``I`` value that is not an integer)."""
+    ints = [pl.col(n).cast(pl.Int64, strict=False) for n in INT_FIELDS]
+    exprs = [pl.col(LABEL).cast(pl.Int8, strict=False), *ints, *[pl.col(n) for n in CAT_FIELDS]]
+    if check:
+        checks = [~pl.col(LABEL).is_in(["0", "1"]).fill_null(False)]
+        checks += [pl.col(n).is_not_null() & i.is_null() for n, i in zip(INT_FIELDS, ints)]
+        exprs.append(pl.any_horizontal(checks).alias(_BAD))
+    return frame.lazy().select(exprs).collect()  # lazy: the I casts are shared by the values and the checks
 
 
 def _parse_block(block: _Block, skip_bad: bool) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Validated frame of raw strings for one block: fast path, or the exact line check if anything is off."""
+    """Validated, typed frame (see :func:`_typed`) for one block: fast path, or the exact line check if anything
+    is off."""
     data = block.data
     tabs = data.count(b"\t")  # memchr-speed, and no block-sized temporary array
     if tabs != _TABS_PER_LINE * block.lines:  # some line has a wrong number of fields (or is empty)
@@ -272,10 +239,11 @@ def _parse_block(block: _Block, skip_bad: bool) -> tuple[pl.DataFrame, dict[str,
     if len(frame) != block.lines:
         return _parse_slow(block, skip_bad)
     # Every line has exactly 39 tabs (none has more: polars refuses those; so the count is exact per line),
-    # is valid UTF-8 and its CRs end it. What is left to check is the label and the integer fields.
-    checks = [~pl.col(LABEL).is_in(["0", "1"]).fill_null(False)]
-    checks += [pl.col(n).is_not_null() & pl.col(n).cast(pl.Int64, strict=False).is_null() for n in INT_FIELDS]
-    bad = frame.select(pl.any_horizontal(checks).alias("bad")).get_column("bad")
+    # is valid UTF-8 and its CRs end it. What is left to check is the label and the integer fields, which are
+    # cast once: a non-null string that does not cast is a bad value.
+    frame = _typed(frame, check=True)
+    bad = frame.get_column(_BAD)
+    frame = frame.drop(_BAD)
     if not bad.any():
         return frame, {}
     bad_rows = np.flatnonzero(bad.to_numpy())
@@ -309,20 +277,20 @@ def _parse_slow(block: _Block, skip_bad: bool) -> tuple[pl.DataFrame, dict[str, 
             raise DataError(block.path, problem.message, block.first_line + i)
         skipped[problem.reason] = skipped.get(problem.reason, 0) + 1
     if not good:
-        return pl.DataFrame(schema=_RAW_SCHEMA), skipped
+        return pl.DataFrame(schema=_TYPED_SCHEMA), skipped
     try:
         frame = _read_lines(b"\n".join(good) + b"\n")
     except pl.exceptions.PolarsError as exc:  # every line passed the exact check, so this is a bug
         raise RuntimeError(f"{block.path}:{block.first_line}: lines passed the check but polars refused them: {exc}") from exc
     if len(frame) != len(good):
         raise RuntimeError(f"{block.path}:{block.first_line}: {len(good)} good lines parsed into {len(frame)} rows")
-    return frame, skipped
+    return _typed(frame, check=False), skipped
 
 
 def read_criteo(
     inputs: Sequence[str | Path],
     *,
-    chunk_rows: int = 250_000,
+    chunk_rows: int = 125_000,
     on_bad_row: str = "error",
     report: BuildReport | None = None,
 ) -> Iterator[pl.DataFrame]:
@@ -340,18 +308,13 @@ def read_criteo(
     skip_bad = on_bad_row == "skip"
     next_row = 0
     for path in [Path(p) for p in inputs]:
-        for block in _read_ahead(_blocks(path, chunk_rows)):
+        for block in read_ahead(_blocks(path, chunk_rows), name="criteo-read"):
             raw, skipped = _parse_block(block, skip_bad)
             if report is not None:
                 report.input_rows += len(raw) + sum(skipped.values())
                 for reason, n in skipped.items():
                     report.skip(reason, n)
-            yield raw.select(
-                pl.col(LABEL).cast(pl.Int8),
-                *[pl.col(name).cast(pl.Int64, strict=False) for name in INT_FIELDS],  # validated: only null -> null
-                *[pl.col(name) for name in CAT_FIELDS],
-                pl.int_range(next_row, next_row + len(raw), dtype=pl.UInt64).alias(ROW_COL),
-            )
+            yield raw.with_columns(pl.int_range(next_row, next_row + len(raw), dtype=pl.UInt64).alias(ROW_COL))
             next_row += len(raw)
 
 
@@ -415,7 +378,7 @@ def prepare_criteo(
     int_as_categorical: bool = True,
     dense: bool = True,
     on_bad_row: str = "error",
-    chunk_rows: int = 250_000,
+    chunk_rows: int = 125_000,
     progress: bool = True,
     spill_dir: str | Path | None = None,
 ) -> DatasetMeta:

@@ -16,15 +16,18 @@ frequency order. Hashed fields map a raw value to ``1 + h(value) mod (hash_size 
 Building reads the stream of raw chunks (polars DataFrames) ONCE and makes two passes, so memory is bounded by
 the chunk size plus the vocabularies, never by the file. Sources supply the chunks; see :func:`build_prepared`.
 
-* Pass 1 (over the source): every value of a vocabulary field gets a temporary integer id (a per-field
-  growing dictionary: a private polars ``Categorical`` for strings, a join table for other dtypes; 0 =
-  missing), training counts are accumulated per temporary id (fit on train only, as FuxiCTR does), hashed
-  fields are hashed, and the int-coded rows (temporary ids, hashed ids, dense, labels, split code) are spilled
-  to an uncompressed Arrow IPC stream file.
+* Pass 1 (over the source, which runs one chunk ahead in a background thread): every value of a vocabulary
+  field gets a temporary integer id (a per-field growing dictionary: a private polars ``Categorical`` for
+  strings, a dense lookup array for integers of a bounded range, a join table otherwise; 0 = missing),
+  training counts are accumulated per temporary id (fit on train only, as FuxiCTR does), hashed fields are
+  hashed, and the int-coded rows (temporary ids, hashed ids, dense, labels, split code) are spilled
+  to an uncompressed Arrow IPC file.
 * Vocabularies: per field, the raw values with ``count >= min_count`` sorted by (count desc, raw value asc)
   -- the raw values keep their dtype, so ties order exactly as the raw values themselves -- give the final
   ids and a lookup array temporary id -> final id.
-* Pass 2 (over the spill, not the source): final ids by array lookup, rows split and written as parquet.
+* Pass 2 (over the spill, not the source): final ids by array lookup, rows split and written as parquet by
+  ``PASS2_WORKERS`` threads, each over a contiguous range of the spill (so a split with rows from several
+  ranges has shards ``part-00-00000.parquet``, ``part-01-00000.parquet``, ... listed in row order).
 
 The source is therefore parsed once, and no string is hashed or joined in pass 2. The spill file costs
 temporary disk of about 4 bytes per row per sparse/dense/label field plus 1 (~210 bytes per Criteo row, about
@@ -38,9 +41,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -49,6 +53,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_transfer.data.prefetch import read_ahead
 from recsys_transfer.data.splits import SPLITS, HeadTailSpec, SplitSpec, splitmix64
 from recsys_transfer.errors import UserError, read_json
 
@@ -56,6 +61,7 @@ FORMAT_VERSION = 1
 OOV_INDEX = 0
 ROW_COL = "__row"  # global 0-based record index in the input, supplied by the source
 SPLIT_COL = "__split"  # optional split code (0/1/2) supplied by the source (temporal splits)
+PASS2_WORKERS = 2  # threads of pass 2 (a constant, not the core count: it shapes the shard layout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -276,13 +282,42 @@ def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = 
         yield from bar
 
 
+_LUT_MAX_RANGE = 1 << 22  # integer fields whose values span more than this use the join table instead
+_LUT_DTYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
+
+
+class _ProgressCounter:
+    """A thread-safe tqdm counter (or nothing when disabled)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        self._lock = threading.Lock()
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(desc=desc, unit="chunk", total=total, leave=False)
+
+    def update(self) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+
 class _FieldEncoder:
     """Pass 1: raw values of one vocabulary field -> temporary integer ids (0 = missing, 1.. = first-seen order).
 
     Strings go through a polars ``Categorical`` with a private ``Categories`` (a growing string -> UInt32
-    dictionary, one hash probe per value); any other dtype through a growing polars join table. Training
-    counts are accumulated per temporary id (``np.bincount``), so pass 2 maps ints by array lookup instead of
-    joining strings. Memory: one entry per distinct raw value (the same bound as the old per-value counts).
+    dictionary, one hash probe per value; :meth:`string_expr` lets the caller encode all string fields of a
+    chunk in one multi-threaded select). Integers whose values span at most ``_LUT_MAX_RANGE`` (bucketed Criteo
+    integers, MovieLens ids, ages, years) go through a dense numpy lookup array ``value - lo -> id``; any other
+    dtype through a growing polars join table. Training counts are accumulated per temporary id
+    (``np.bincount``), so pass 2 maps ints by array lookup instead of joining strings. Memory: one entry per
+    distinct raw value (the lookup array: 8 bytes per value of the spanned range, at most 32 MiB).
     """
 
     def __init__(self, name: str, tag: str) -> None:
@@ -292,37 +327,33 @@ class _FieldEncoder:
         self.counts = np.zeros(1, dtype=np.int64)  # training count per temporary id; [0] counts missing values
         self._categories: pl.Categories | None = None
         self._keepalive: pl.Series | None = None  # polars frees a Categories mapping that no series uses
-        self._table: pl.DataFrame | None = None  # non-string fields: raw value -> temporary id
+        self._lut: np.ndarray | None = None  # integer fields: value - self._lo -> temporary id (0: not seen yet)
+        self._lo = 0
+        self._lut_values: list[np.ndarray] = []  # integer fields: raw values in temporary-id order
+        self._n = 0  # temporary ids handed out
+        self._table: pl.DataFrame | None = None  # other fields: raw value -> temporary id
 
-    def encode(self, values: pl.Series, train: np.ndarray) -> np.ndarray:
-        if values.dtype == pl.Null:  # an all-missing chunk says nothing about the field's dtype
-            self.counts[0] += int(np.count_nonzero(train))
-            return np.zeros(len(values), dtype=np.uint32)
-        if self.dtype is None:
-            self.dtype = values.dtype
-            if self.dtype == pl.String:
-                self._categories = pl.Categories(f"recsys-build-{self.tag}-{self.name}")
-                self._keepalive = pl.Series([], dtype=pl.Categorical(self._categories))
-            else:
-                self._table = pl.DataFrame(
-                    {self.name: pl.Series([], dtype=self.dtype), "tid": pl.Series([], dtype=pl.UInt32)}
-                )
-        if self._categories is not None:
-            tid = (values.cast(pl.String).cast(pl.Categorical(self._categories)).to_physical().cast(pl.UInt32) + 1)
-            tid = tid.fill_null(0).to_numpy()
+    def _start(self, dtype: pl.DataType) -> None:
+        self.dtype = dtype
+        if dtype == pl.String:
+            self._categories = pl.Categories(f"recsys-build-{self.tag}-{self.name}")
+            self._keepalive = pl.Series([], dtype=pl.Categorical(self._categories))
+        elif dtype in _LUT_DTYPES:
+            self._lut = np.zeros(0, dtype=np.int64)
         else:
-            frame = values.cast(self.dtype).alias(self.name).to_frame()
-            new = frame.drop_nulls().unique(maintain_order=True).join(self._table, on=self.name, how="anti")
-            if len(new):
-                start = len(self._table) + 1
-                new = new.with_columns(pl.int_range(start, start + len(new), dtype=pl.UInt32).alias("tid"))
-                self._table = pl.concat([self._table, new], rechunk=True)
-            tid = (
-                frame.join(self._table, on=self.name, how="left", maintain_order="left")
-                .get_column("tid")
-                .fill_null(0)
-                .to_numpy()
-            )
+            self._table = pl.DataFrame({self.name: pl.Series([], dtype=dtype), "tid": pl.Series([], dtype=pl.UInt32)})
+
+    def string_expr(self, dtype: pl.DataType) -> pl.Expr | None:
+        """The temporary-id expression (UInt32, 0 = missing) of this string field, or None if it is not one."""
+        if dtype != pl.String or self.dtype not in (None, pl.String):
+            return None
+        if self.dtype is None:
+            self._start(dtype)
+        cat = pl.col(self.name).cast(pl.Categorical(self._categories))
+        return (cat.to_physical().cast(pl.UInt32) + 1).fill_null(0).alias(self.name)
+
+    def count(self, tid: np.ndarray, train: np.ndarray) -> np.ndarray:
+        """Add the training rows of ``tid`` (temporary ids of one chunk) to the counts; returns ``tid`` as uint32."""
         counts = np.bincount(tid[train], minlength=len(self.counts))
         if len(counts) > len(self.counts):
             counts[: len(self.counts)] += self.counts
@@ -331,10 +362,74 @@ class _FieldEncoder:
             self.counts += counts
         return tid.astype(np.uint32, copy=False)
 
+    def encode(self, values: pl.Series, train: np.ndarray) -> np.ndarray:
+        if values.dtype == pl.Null:  # an all-missing chunk says nothing about the field's dtype
+            self.counts[0] += int(np.count_nonzero(train))
+            return np.zeros(len(values), dtype=np.uint32)
+        if self.dtype is None:
+            self._start(values.dtype)
+        if self._categories is not None:
+            tid = values.cast(pl.String).to_frame(self.name).select(self.string_expr(pl.String)).to_series().to_numpy()
+        else:
+            tid = self._lut_ids(values.cast(self.dtype)) if self._lut is not None else None
+            if tid is None:
+                tid = self._join_ids(values)
+        return self.count(tid, train)
+
+    def _lut_ids(self, values: pl.Series) -> np.ndarray | None:
+        """Temporary ids by the dense lookup array; None (and the field moves to the join table for good) when
+        the values span more than ``_LUT_MAX_RANGE``."""
+        valid = values.is_not_null().to_numpy()
+        if not valid.any():
+            return np.zeros(len(values), dtype=np.int64)
+        vmin, vmax = int(values.min()), int(values.max())
+        lo = vmin if not len(self._lut) else min(self._lo, vmin)
+        hi = vmax if not len(self._lut) else max(self._lo + len(self._lut) - 1, vmax)
+        if hi - lo + 1 > _LUT_MAX_RANGE:
+            self._to_table()
+            return None
+        if lo != self._lo or hi - lo + 1 != len(self._lut):  # grow the array (it only ever grows)
+            grown = np.zeros(hi - lo + 1, dtype=np.int64)
+            if len(self._lut):
+                grown[self._lo - lo : self._lo - lo + len(self._lut)] = self._lut
+            self._lut, self._lo = grown, lo
+        idx = values.fill_null(lo).to_numpy().astype(np.int64, copy=False) - lo
+        tid = self._lut[idx]
+        tid[~valid] = 0
+        new = (tid == 0) & valid
+        if new.any():
+            fresh = np.unique(idx[new])  # sorted; the order of temporary ids does not reach the final ids
+            self._lut[fresh] = np.arange(self._n + 1, self._n + 1 + len(fresh))
+            self._lut_values.append(fresh + lo)
+            self._n += len(fresh)
+            tid[new] = self._lut[idx[new]]
+        return tid
+
+    def _to_table(self) -> None:
+        raw = self.raw_values()
+        self._table = pl.DataFrame({self.name: raw, "tid": pl.Series(np.arange(1, len(raw) + 1), dtype=pl.UInt32)})
+        self._lut, self._lut_values = None, []
+
+    def _join_ids(self, values: pl.Series) -> np.ndarray:
+        frame = values.cast(self.dtype).alias(self.name).to_frame()
+        new = frame.drop_nulls().unique(maintain_order=True).join(self._table, on=self.name, how="anti")
+        if len(new):
+            start = len(self._table) + 1
+            new = new.with_columns(pl.int_range(start, start + len(new), dtype=pl.UInt32).alias("tid"))
+            self._table = pl.concat([self._table, new], rechunk=True)
+        return (
+            frame.join(self._table, on=self.name, how="left", maintain_order="left")
+            .get_column("tid")
+            .fill_null(0)
+            .to_numpy()
+        )
+
     def raw_values(self) -> pl.Series:
         """Raw value of each temporary id 1..n (index i -> id i + 1)."""
         if self._categories is not None:
             values = self._categories.to_series().cast(pl.String)
+        elif self._lut is not None:
+            values = pl.Series(np.concatenate([np.zeros(0, dtype=np.int64), *self._lut_values])).cast(self.dtype)
         elif self._table is not None:
             values = self._table.get_column(self.name)  # rows were appended in id order
         else:  # no chunk at all
@@ -369,8 +464,9 @@ class _FieldEncoder:
 
 
 class _ShardWriter:
-    def __init__(self, directory: Path, rows_per_shard: int, row_group_size: int) -> None:
+    def __init__(self, directory: Path, rows_per_shard: int, row_group_size: int, prefix: str = "part-") -> None:
         self.directory = directory
+        self.prefix = prefix
         self.rows_per_shard = rows_per_shard
         self.row_group_size = row_group_size
         self.files: list[str] = []
@@ -382,7 +478,7 @@ class _ShardWriter:
     def write(self, table: pa.Table) -> None:
         while table.num_rows:
             if self._writer is None:
-                name = f"part-{len(self.files):05d}.parquet"
+                name = f"{self.prefix}{len(self.files):05d}.parquet"
                 self._writer = pq.ParquetWriter(self.directory / name, table.schema, compression="zstd")
                 self.files.append(f"{self.directory.name}/{name}")
                 self._in_shard = 0
@@ -395,12 +491,12 @@ class _ShardWriter:
                 self._writer.close()
                 self._writer = None
 
-    def close(self, schema: pa.Schema) -> None:
+    def close(self, schema: pa.Schema, empty_shard: bool = True) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if not self.files:  # an empty split still gets one (empty) shard so readers see the schema
-            name = f"part-{0:05d}.parquet"
+        if not self.files and empty_shard:  # an empty split still gets one (empty) shard so readers see the schema
+            name = f"{self.prefix}{0:05d}.parquet"
             pq.write_table(schema.empty_table(), self.directory / name)
             self.files.append(f"{self.directory.name}/{name}")
 
@@ -494,14 +590,24 @@ def _build(
     hashed_freq = {s.name: np.zeros(s.hash_size, dtype=np.int64) for s in schema.sparse if s.hash_size is not None}
     spill_schema = _spill_schema(schema)
     batches = 0
-    with pa.OSFile(str(spill_path), "wb") as sink, pa.ipc.new_stream(sink, spill_schema) as spill:
-        for chunk in _progress(chunks(), "read", progress):
+    with pa.OSFile(str(spill_path), "wb") as sink, pa.ipc.new_file(sink, spill_schema) as spill:
+        # The source (parsing, validation, transforms: polars, GIL released) runs one chunk ahead in a thread.
+        for chunk in _progress(read_ahead(chunks(), name="prepare-source"), "read", progress):
             codes = _split_codes(chunk, split)
             train = codes == 0
+            string_exprs = {}  # all string fields of the chunk in one multi-threaded select
+            for name, enc in encoders.items():
+                expr = enc.string_expr(chunk.schema[name])
+                if expr is not None:
+                    string_exprs[name] = expr
+            string_ids = chunk.select(list(string_exprs.values())) if string_exprs else None
             cols: list[pa.Array] = []
             for spec in schema.sparse:
                 raw = chunk[spec.name]
-                if spec.hash_size is None:
+                if spec.name in string_exprs:
+                    tid = string_ids.get_column(spec.name).to_numpy()
+                    cols.append(pa.array(encoders[spec.name].count(tid, train)))
+                elif spec.hash_size is None:
                     cols.append(pa.array(encoders[spec.name].encode(raw, train)))
                 else:
                     ids = 1 + (stable_hash(raw) % np.uint64(spec.hash_size - 1)).astype(np.int64)
@@ -532,42 +638,55 @@ def _build(
     del encoders
 
     # -- pass 2: read the spill, map temporary ids by array lookup, write the shards --------------------------
+    # The spill is an Arrow IPC file (random access by batch). PASS2_WORKERS threads each take a contiguous range
+    # of its batches and write their own shards (numpy lookups and parquet encoding release the GIL, so the
+    # workers use separate cores); shard files are named by worker then sequence, so a split's files listed in
+    # order hold its rows in input order, and the layout depends on the data and chunk size, not on timing.
     out_schema = _output_schema(schema)
-    writers = {name: _ShardWriter(tmp / name, rows_per_shard, row_group_size) for name in SPLITS}
     n_sparse = len(schema.sparse)
+    workers = min(PASS2_WORKERS, batches) or 1
+    ranges = np.array_split(np.arange(batches), workers)
+    prefix = (lambda w: "part-") if workers == 1 else (lambda w: f"part-{w:02d}-")
+    writers = [{name: _ShardWriter(tmp / name, rows_per_shard, row_group_size, prefix(w)) for name in SPLITS}
+               for w in range(workers)]
+    bar = _ProgressCounter("write", batches, progress)
 
-    def write_parts(parts: list[tuple[str, pa.Table]]) -> None:
-        for name, table in parts:
-            writers[name].write(table)
+    def map_batch(batch: pa.RecordBatch) -> list[tuple[str, pa.Table]]:
+        codes = batch.column(len(batch.schema) - 1).to_numpy()
+        sparse = [batch.column(i).to_numpy() for i in range(n_sparse)]
+        rest = [batch.column(i) for i in range(n_sparse, len(batch.schema) - 1)]
+        parts = []
+        for code, name in enumerate(SPLITS):
+            rows = np.flatnonzero(codes == code)
+            if not len(rows):
+                continue
+            take = None if len(rows) == len(codes) else rows
+            cols = []
+            for spec, values in zip(schema.sparse, sparse):
+                values = values if take is None else values[take]
+                cols.append(pa.array(luts[spec.name][values] if spec.hash_size is None else values))
+            cols += [c if take is None else c.take(pa.array(take)) for c in rest]
+            parts.append((name, pa.Table.from_arrays(cols, schema=out_schema)))
+        return parts
 
-    # Parquet encoding runs on one core and releases the GIL: write batch k in a background thread while
-    # batch k+1 is read and mapped. At most one batch is pending, so memory stays bounded by the chunk size.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as pool, pa.OSFile(str(spill_path), "rb") as src:
-        pending: Future | None = None
-        reader = pa.ipc.open_stream(src)
-        for batch in _progress(reader, "write", progress, total=batches):
-            codes = batch.column(len(batch.schema) - 1).to_numpy()
-            sparse = [batch.column(i).to_numpy() for i in range(n_sparse)]
-            rest = [batch.column(i) for i in range(n_sparse, len(batch.schema) - 1)]
-            parts = []
-            for code, name in enumerate(SPLITS):
-                rows = np.flatnonzero(codes == code)
-                if not len(rows):
-                    continue
-                take = None if len(rows) == len(codes) else rows
-                cols = []
-                for spec, values in zip(schema.sparse, sparse):
-                    values = values if take is None else values[take]
-                    cols.append(pa.array(luts[spec.name][values] if spec.hash_size is None else values))
-                cols += [c if take is None else c.take(pa.array(take)) for c in rest]
-                parts.append((name, pa.Table.from_arrays(cols, schema=out_schema)))
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(write_parts, parts)
-        if pending is not None:
-            pending.result()
-    for w in writers.values():
-        w.close(out_schema)
+    def work(w: int) -> None:
+        with pa.memory_map(str(spill_path), "r") as src:
+            reader = pa.ipc.open_file(src)
+            for i in ranges[w]:
+                for name, table in map_batch(reader.get_batch(int(i))):
+                    writers[w][name].write(table)
+                bar.update()
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare-write") as pool:
+        for future in [pool.submit(work, w) for w in range(workers)]:
+            future.result()
+    bar.close()
+    split_rows = {name: sum(ws[name].rows for ws in writers) for name in SPLITS}
+    split_files: dict[str, list[str]] = {}
+    for name in SPLITS:
+        for w, ws in enumerate(writers):  # the first worker writes the empty shard of an empty split
+            ws[name].close(out_schema, empty_shard=w == 0 and split_rows[name] == 0)
+        split_files[name] = [f for ws in writers for f in ws[name].files]
 
     sparse_meta = []
     for spec in schema.sparse:
@@ -583,7 +702,6 @@ def _build(
                 head_ids=np.asarray(head_tail.head_ids(freq, OOV_INDEX), dtype=np.int64).tolist(),
             )
         )
-    split_rows = {name: writers[name].rows for name in SPLITS}
     prepared_rows = sum(split_rows.values())
     if prepared_rows + frozen.skipped_rows != frozen.input_rows:
         raise RuntimeError(
@@ -597,7 +715,7 @@ def _build(
         split=split.to_json(),
         head_tail=head_tail.to_json(),
         split_rows=split_rows,
-        split_files={name: writers[name].files for name in SPLITS},
+        split_files=split_files,
         input_rows=frozen.input_rows,
         skipped_rows=frozen.skipped_rows,
         skip_reasons=frozen.skip_reasons,
