@@ -670,7 +670,7 @@ def _build(
         return parts
 
     def work(w: int) -> None:
-        with pa.memory_map(str(spill_path), "r") as src:
+        with pa.OSFile(str(spill_path), "rb") as src:  # not memory_map: mapped pages would count as RSS
             reader = pa.ipc.open_file(src)
             for i in ranges[w]:
                 for name, table in map_batch(reader.get_batch(int(i))):
