@@ -146,8 +146,10 @@ def _domain_rows(item: _Item):
 def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
     """``t_i`` for every item, one batched loss call per shared loss object.
 
-    Only domain rows (source or target; every row for CosReg) enter the loss: they are packed per table and
-    padded to ``[T, N, D]``; every other touched row gets ``t_i = 0``.
+    Every touched row of every table of a bucket is packed into one padded ``[T, N, D]`` call, with its source
+    and target masks; rows in neither domain (and padding) have both masks False, so the loss gives them zero
+    gradient (CosReg, which regularizes every touched row, marks them all as "source"). Passing them instead of
+    compacting the domain rows costs a few more rows in the loss but no per-table gather and scatter.
     """
     out: list[torch.Tensor | None] = [None] * len(items)
     buckets: dict[int, list[int]] = {}
@@ -161,13 +163,10 @@ def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
             rule = items[k].rule
             ids, cur, mine = _domain_rows(items[k])
             if loss.uses_all_rows:
-                keep = None
                 s, t = torch.ones(len(ids), dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool)
             else:
                 s, t = rule.source_mask[ids], rule.target_mask[ids]
-                keep = torch.nonzero(s | t).squeeze(1)
-                cur, s, t = cur.index_select(0, keep), s.index_select(0, keep), t.index_select(0, keep)
-            parts.append((len(ids), keep, mine))
+            parts.append((len(ids), mine))
             xs.append(cur)
             srcs.append(s)
             tgts.append(t)
@@ -177,12 +176,8 @@ def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
         tables = torch.tensor([items[k].rule.loss_index for k in ks], dtype=torch.int64)
         values, gx = loss.grad(x, src, tgt, tables)
         n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
-        for j, (k, (n_all, keep, mine)) in enumerate(zip(ks, parts)):
-            if keep is None:
-                t = gx[j, :n_all]
-            else:
-                t = torch.zeros((n_all, x.shape[2]), dtype=gx.dtype)
-                t.index_copy_(0, keep, gx[j, : len(keep)])
+        for j, (k, (n_all, mine)) in enumerate(zip(ks, parts)):
+            t = gx[j, :n_all]
             out[k] = t if mine is None else t.index_select(0, mine)
             st = items[k].rule.stats
             st.source_rows, st.target_rows, st.transfer_loss = n_src[j], n_tgt[j], vals[j]
