@@ -4,8 +4,8 @@ Three implementations train on the SAME prepared rows (ML-100K, and synthetic Cr
 ``prepare_criteo``), with the same batch size (1024), embedding dim (16), MLP (100, 100), Adam lr 1e-3:
 
 * ``ours-dense``:  ``recsys_transfer.models.deepfm.DeepFM`` over a TorchRec EmbeddingBagCollection, trained by
-  ``recsys_transfer.train.loop.train_epoch`` with one ``torch.optim.Adam`` over all parameters (the tables get
-  dense gradients); batches come from ``BatchLoader``, which reads the parquet shards every epoch;
+  ``recsys_transfer.train.loop.train_epoch`` with one ``torch.optim.Adam(fused=True)`` over all parameters (the
+  tables get dense gradients, from the EBC's grouped lookup, see ``recsys_transfer.modules.embedding``); batches come from ``BatchLoader``, which reads the parquet shards every epoch;
 * ``ours-plugin-B``: the same model, with ``TransferPlugin(mode="B", optimizer="adam", lr=1e-3)``: embedding
   rows are updated sparsely (row-wise Adam) inside backward, the dense optimizer holds the other parameters;
 * ``deepctr``: ``deepctr_torch.models.DeepFM`` (pip ``deepctr-torch``; ``pip install deepctr-torch --no-deps``
@@ -139,7 +139,7 @@ class Ours:
             params = self.plugin.dense_parameters()
         else:
             params = list(self.model.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=args.lr)
+        self.optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)  # one fused kernel for all tensors
         self._it = None
 
     def begin_epoch(self, epoch: int) -> None:

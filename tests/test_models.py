@@ -207,3 +207,56 @@ def test_short_training_run_learns_ml100k(name, kwargs, epochs, ml100k_prepared)
     print(f"{name}: {epochs} epochs, train loss {losses}, test {metrics}")
     assert np.isfinite(losses).all() and losses == sorted(losses, reverse=True)
     assert metrics["auc"] > 0.75, metrics
+
+
+@pytest.mark.parametrize("pooling,weighted", [("SUM", False), ("MEAN", False), ("SUM", True)])
+def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, pooling, weighted):
+    """make_ebc's grouped lookup gives TorchRec's own EBC output and table gradients, on a real ML-100K batch
+    (single-valued fields) plus a multi-valued field with empty bags, for sum, mean and weighted sum pooling; the
+    tables' gradient on every row (touched or not) is compared, and a deepcopy looks up its own tables."""
+    import copy
+
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_transfer.modules.embedding import use_grouped_lookup
+
+    data, meta = ml100k_prepared
+    batch = next(iter(BatchLoader(data, "train", 64)))
+    fields = ["zip", "item_id", "user_id"]
+    kjt = batch.sparse
+    rng = np.random.default_rng(0)
+    multi_len = rng.integers(0, 4, 64)  # a multi-valued "bag" feature with empty bags, on the zip table
+    keys = fields + ["bag"]
+    values = [kjt[f].values() for f in fields] + [torch.from_numpy(rng.integers(0, 50, int(multi_len.sum())))]
+    lengths = [kjt[f].lengths() for f in fields] + [torch.from_numpy(multi_len).to(torch.int32)]
+    cat_values = torch.cat(values)
+    weights = torch.from_numpy(rng.random(len(cat_values)).astype(np.float32)) if weighted else None
+    features = KeyedJaggedTensor(keys=keys, values=cat_values, lengths=torch.cat(lengths), weights=weights)
+    configs = [EmbeddingBagConfig(name="t_zip", embedding_dim=8, num_embeddings=meta.field("zip").vocab_size,
+                                  feature_names=["zip", "bag"], pooling=PoolingType[pooling]),
+               EmbeddingBagConfig(name="t_item_id", embedding_dim=4, num_embeddings=meta.field("item_id").vocab_size,
+                                  feature_names=["item_id"], pooling=PoolingType[pooling]),
+               EmbeddingBagConfig(name="t_user_id", embedding_dim=8, num_embeddings=meta.field("user_id").vocab_size,
+                                  feature_names=["user_id"], pooling=PoolingType[pooling])]
+    torch.manual_seed(0)
+    ref = EmbeddingBagCollection(tables=configs, is_weighted=weighted)
+    grouped = copy.deepcopy(ref)
+    assert use_grouped_lookup(grouped) is grouped and "forward" in vars(grouped)
+    coef = torch.randn(64, sum(c.embedding_dim * len(c.feature_names) for c in configs))
+    outs = {}
+    for name, ebc in (("ref", ref), ("grouped", grouped)):
+        kt = ebc(features)
+        (kt.values() * coef).sum().backward()
+        outs[name] = (kt.keys(), kt.values().detach(), [p.grad.clone() for p in ebc.parameters()])
+    assert outs["ref"][0] == outs["grouped"][0]
+    torch.testing.assert_close(outs["grouped"][1], outs["ref"][1], rtol=1e-5, atol=1e-6)
+    for g_ref, g_grouped in zip(outs["ref"][2], outs["grouped"][2]):
+        assert bool((g_ref != 0).any())
+        torch.testing.assert_close(g_grouped, g_ref, rtol=1e-5, atol=1e-6)
+    twin = copy.deepcopy(grouped)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    assert not torch.allclose(twin(features).values(), grouped(features).values())

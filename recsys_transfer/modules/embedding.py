@@ -1,12 +1,28 @@
-"""TorchRec embedding tables built from a prepared dataset's schema.
+"""TorchRec embedding tables built from a prepared dataset's schema, and the grouped lookup kernel.
 
 One table per sparse field, named ``t_<field>`` (the name the transfer plug-in and sharders use to reach it),
 ``num_embeddings = vocab_size`` from ``meta.json`` and sum pooling (fields are single-valued, so the pooled
 value is the row itself; multi-valued fields would pool by sum).
+
+Grouped lookup. TorchRec's unsharded ``EmbeddingBagCollection.forward`` splits the KeyedJaggedTensor per table
+and runs one ``nn.EmbeddingBag`` (and one autograd node) per table; on CPU with small batches that per-table
+overhead, not the arithmetic, is most of the embedding cost (DeepFM on ML-100K: 18 tables, ~4 of ~8 ms per
+step). :func:`use_grouped_lookup` (applied by :func:`make_ebc`) replaces the instance's forward by ONE autograd
+function over all its tables: the same per-feature ``embedding_bag`` calls on the KJT's flat values/offsets,
+and one backward that builds each table's dense gradient with ``index_put_(accumulate=True)`` — the same values
+and the same ``[num_embeddings, D]`` gradients as TorchRec's path (tested), ~1.35x the training throughput. It is
+the EBC's own parameters, state-dict keys and ``KeyedTensor`` output; DistributedModelParallel replaces the whole
+module by its sharded version (this forward is not used there), and the transfer plug-in replaces it by its
+fused row-update lookup. :func:`lookup` and :func:`occurrence_grads` are shared with that plug-in.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -32,7 +48,118 @@ def table_configs(meta: DatasetMeta, dim: int, fields: list[str] | None = None) 
 
 
 def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu") -> EmbeddingBagCollection:
-    """An EmbeddingBagCollection with one ``dim``-wide table per sparse field (``device='meta'`` for DMP)."""
-    import torch
+    """An EmbeddingBagCollection with one ``dim``-wide table per sparse field (``device='meta'`` for DMP), with
+    the grouped lookup (see the module docstring)."""
+    return use_grouped_lookup(EmbeddingBagCollection(tables=table_configs(meta, dim), device=torch.device(device)))
 
-    return EmbeddingBagCollection(tables=table_configs(meta, dim), device=torch.device(device))
+
+# ----------------------------------------------------------------------------------------------------------
+# the lookup kernel (TBE layout: features major, ``offsets`` of length F * B + 1)
+
+
+def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+           weights: Sequence[torch.Tensor], features: Sequence[int], modes: Sequence[str]) -> torch.Tensor:
+    """Pooled (``sum``/``mean``: ``[B, sum_f D_f]``) or sequence (``none``: ``[n_indices, D]``) lookup of every
+    feature ``f`` in table ``weights[features[f]]`` (detached: gradients are the caller's business)."""
+    n_feat = len(features)
+    batch = (len(offsets) - 1) // n_feat
+    outs = []
+    for f, t in enumerate(features):
+        weight = weights[t].detach()
+        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        if modes[f] == "none":
+            outs.append(F.embedding(indices[lo:hi], weight))
+            continue
+        off = offsets[f * batch : (f + 1) * batch + 1] - lo
+        psw = per_sample_weights[lo:hi] if per_sample_weights is not None else None
+        outs.append(F.embedding_bag(indices[lo:hi], weight, off, mode=modes[f], per_sample_weights=psw,
+                                    include_last_offset=True))
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs, dim=0 if modes[0] == "none" else 1)
+
+
+def occurrence_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                     per_sample_weights: torch.Tensor | None, dims: Sequence[int],
+                     modes: Sequence[str]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """For the output gradient of :func:`lookup`, yield ``(feature, ids [n_f], grads [n_f, D_f])``: the gradient
+    reaching each looked-up occurrence (pooling and per-sample weights undone), features in order."""
+    n_feat = len(dims)
+    batch = (len(offsets) - 1) // n_feat
+    col = 0
+    for f in range(n_feat):
+        dim = dims[f]
+        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        if modes[f] == "none":  # sequence output: row k of the output is occurrence k
+            occ = grad_out[lo:hi]
+        else:
+            gf = grad_out[:, col : col + dim]
+            col += dim
+            if hi - lo == batch and bool((offsets[f * batch + 1 : (f + 1) * batch + 1]
+                                          - offsets[f * batch : (f + 1) * batch] == 1).all()):
+                occ = gf  # single-valued field: occurrence k is bag k
+            else:
+                lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
+                bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
+                occ = gf.index_select(0, bag)
+                if modes[f] == "mean":
+                    occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
+            if per_sample_weights is not None:
+                occ = occ * per_sample_weights[lo:hi].unsqueeze(1)
+        yield f, indices[lo:hi].long(), occ
+
+
+class _GroupedLookup(torch.autograd.Function):
+    """:func:`lookup` over all tables of a collection as one autograd node; backward: dense table gradients."""
+
+    @staticmethod
+    def forward(ctx, indices, offsets, per_sample_weights, features, modes, *weights):
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        ctx.features, ctx.modes = features, modes
+        ctx.shapes = [(w.shape, w.dtype, w.device) for w in weights]
+        return lookup(indices, offsets, per_sample_weights, weights, features, modes)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, offsets, psw = ctx.saved_tensors
+        features = ctx.features
+        grads: list[torch.Tensor | None] = [None] * len(ctx.shapes)
+        dims = [ctx.shapes[t][0][1] for t in features]
+        for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
+            t = features[f]
+            if not ctx.needs_input_grad[5 + t]:
+                continue
+            if grads[t] is None:
+                shape, dtype, device = ctx.shapes[t]
+                grads[t] = torch.zeros(shape, dtype=dtype, device=device)
+            grads[t].index_put_((ids,), occ.to(grads[t].dtype), accumulate=True)
+        return (None, None, None, None, None, *grads)
+
+
+def _grouped_forward(self: EmbeddingBagCollection, features):
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    names, table_of, modes = self._grouped_layout
+    kjt = features
+    if kjt.keys() != names:
+        kjt = kjt.permute([kjt.keys().index(n) for n in names])
+    weights = [bag.weight for bag in self.embedding_bags.values()]
+    psw = kjt.weights_or_none() if self.is_weighted() else None
+    values = _GroupedLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes, *weights)
+    return KeyedTensor(keys=self._embedding_names, values=values, length_per_key=self._lengths_per_embedding)
+
+
+def use_grouped_lookup(ebc: EmbeddingBagCollection) -> EmbeddingBagCollection:
+    """Give ``ebc`` the grouped lookup (module docstring); left unchanged if a table's pooling is not sum/mean."""
+    names, table_of, modes = [], [], []
+    for t, cfg in enumerate(ebc.embedding_bag_configs()):
+        bag = ebc.embedding_bags[cfg.name]
+        if bag.mode not in ("sum", "mean") or list(ebc.embedding_bags.keys())[t] != cfg.name:
+            return ebc
+        for name in cfg.feature_names:
+            names.append(name)
+            table_of.append(t)
+            modes.append(bag.mode)
+    ebc._grouped_layout = (names, table_of, modes)
+    ebc.forward = types.MethodType(_grouped_forward, ebc)  # bound to the instance: deepcopy rebinds it
+    return ebc

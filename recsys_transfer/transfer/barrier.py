@@ -52,10 +52,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from recsys_transfer.modules.embedding import lookup, occurrence_grads
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
 
@@ -209,9 +209,15 @@ def fused_step(items: list[_Item]) -> None:
         for k, m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
             mus[k] = m
             items[k].rule.stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
+    by_optimizer: dict[int, tuple[RowOptimizer, list, list, list]] = {}
     for it, mu in zip(items, mus):
         assert it.rule.optimizer is not None
-        it.rule.optimizer.update_rows(it.weight, it.rows, mu)
+        _, ws, rs, ms = by_optimizer.setdefault(id(it.rule.optimizer), (it.rule.optimizer, [], [], []))
+        ws.append(it.weight)
+        rs.append(it.rows)
+        ms.append(mu)
+    for optimizer, ws, rs, ms in by_optimizer.values():  # one run of the update maths per optimizer and width
+        optimizer.update_rows_many(ws, rs, ms)
 
 
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
@@ -242,24 +248,8 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
 # the fused lookup
 
 
-def _lookup(indices, offsets, per_sample_weights, tables, features, modes) -> torch.Tensor:
-    """Pooled (``sum``/``mean``: ``[B, sum_f D_f]``) or sequence (``none``: ``[n_indices, D]``) lookup."""
-    n_feat = len(features)
-    batch = (len(offsets) - 1) // n_feat
-    outs = []
-    for f, t in enumerate(features):
-        weight = tables[t][0].detach()
-        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-        if modes[f] == "none":
-            outs.append(F.embedding(indices[lo:hi], weight))
-            continue
-        off = offsets[f * batch : (f + 1) * batch + 1] - lo
-        psw = per_sample_weights[lo:hi] if per_sample_weights is not None else None
-        outs.append(F.embedding_bag(indices[lo:hi], weight, off, mode=modes[f], per_sample_weights=psw,
-                                    include_last_offset=True))
-    if len(outs) == 1:
-        return outs[0]
-    return torch.cat(outs, dim=0 if modes[0] == "none" else 1)
+def _plain_lookup(indices, offsets, per_sample_weights, tables, features, modes) -> torch.Tensor:
+    return lookup(indices, offsets, per_sample_weights, [t[0] for t in tables], features, modes)
 
 
 class _FusedRowUpdate(torch.autograd.Function):
@@ -276,46 +266,41 @@ class _FusedRowUpdate(torch.autograd.Function):
         ctx.save_for_backward(indices, offsets, per_sample_weights if per_sample_weights is not None else torch.empty(0))
         ctx.has_psw = per_sample_weights is not None
         ctx.tables, ctx.features, ctx.modes = tables, features, modes
-        return _lookup(indices, offsets, per_sample_weights, tables, features, modes)
+        return lookup(indices, offsets, per_sample_weights, [t[0] for t in tables], features, modes)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         indices, offsets, psw = ctx.saved_tensors
         tables, features = ctx.tables, ctx.features
-        batch = (len(offsets) - 1) // len(features)
+        dims = [tables[t][0].shape[1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        col = 0
-        for f, t in enumerate(features):
-            dim = tables[t][0].shape[1]
-            lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
-            if ctx.modes[f] == "none":  # sequence output: row k of the output is occurrence k
-                occ = grad_out[lo:hi]
-            else:
-                lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
-                gf = grad_out[:, col : col + dim]
-                col += dim
-                if bool((lengths == 1).all()):  # single-valued field: occurrence k is bag k
-                    occ = gf
-                else:
-                    bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
-                    occ = gf.index_select(0, bag)
-                    if ctx.modes[f] == "mean":
-                        occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
-                if ctx.has_psw:
-                    occ = occ * psw[lo:hi].unsqueeze(1)
-            ids, grads = per_table.setdefault(t, ([], []))
-            ids.append(indices[lo:hi].long())
-            grads.append(occ)
+        for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw if ctx.has_psw else None, dims, ctx.modes):
+            t = features[f]
+            t_ids, t_grads = per_table.setdefault(t, ([], []))
+            t_ids.append(ids)
+            t_grads.append(occ)
         items = []
-        for t, (ids, grads) in per_table.items():
-            weight, rule, row_offset, group = tables[t]
-            all_ids = torch.cat(ids) if len(ids) > 1 else ids[0]
-            rows, inverse = torch.unique(all_ids, return_inverse=True)
-            occ = torch.cat(grads) if len(grads) > 1 else grads[0]
-            g = torch.zeros((len(rows), weight.shape[1]), dtype=occ.dtype, device=weight.device)
+        by_width: dict[tuple, list[int]] = {}  # tables of one width and dtype share one unique + scatter_add
+        for t in per_table:
+            w = tables[t][0]
+            by_width.setdefault((w.shape[1], w.dtype), []).append(t)
+        for ts in by_width.values():
+            # global row ids: table t's rows live at base[t] + id, so one sort finds every table's unique rows
+            bases = [0]
+            for t in ts:
+                bases.append(bases[-1] + tables[t][0].shape[0])
+            gids = torch.cat([ids + bases[j] for j, t in enumerate(ts) for ids in per_table[t][0]])
+            occ = torch.cat([g for t in ts for g in per_table[t][1]])
+            rows, inverse = torch.unique(gids, return_inverse=True)
+            g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
             # scatter_add_, not index_add_: on CPU index_add_ with repeated indices takes ~100x longer
             g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
-            items.append(_Item(rule, weight, rows, row_offset, g.to(weight.dtype), group))
+            cuts = torch.searchsorted(rows, torch.tensor(bases, dtype=rows.dtype)).tolist()
+            for j, t in enumerate(ts):
+                weight, rule, row_offset, group = tables[t]
+                lo, hi = cuts[j], cuts[j + 1]
+                items.append(_Item(rule, weight, rows[lo:hi] - bases[j], row_offset, g[lo:hi].to(weight.dtype),
+                                   group))
         fused_step(items)
         return None, None, None, None, None, None, None
 
@@ -348,7 +333,7 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
             kjt = kjt.permute([kjt.keys().index(n) for n in names])
         weights = kjt.weights_or_none() if ebc.is_weighted() else None
         args = (kjt.values(), kjt.offsets(), weights, tables, features, modes)
-        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _lookup(*args)
+        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _plain_lookup(*args)
         return KeyedTensor(keys=ebc._embedding_names, values=values, length_per_key=ebc._lengths_per_embedding)
 
     ebc.forward = forward
@@ -374,7 +359,7 @@ def attach_ec(ec: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
         if kjt.keys() != names:
             kjt = kjt.permute([kjt.keys().index(n) for n in names])
         args = (kjt.values(), kjt.offsets(), None, tables, features, modes)
-        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _lookup(*args)
+        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _plain_lookup(*args)
         out, start = {}, 0
         for name, fname in zip(out_names, names):
             lengths = kjt[fname].lengths()
@@ -417,5 +402,5 @@ class BarrierTBE(nn.Module):
                 **_: object) -> torch.Tensor:
         args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.modes)
         if not torch.is_grad_enabled():
-            return _lookup(*args)
+            return _plain_lookup(*args)
         return _FusedRowUpdate.apply(self._anchor, *args)
