@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from recsys_transfer.errors import UserError
@@ -62,12 +63,16 @@ class ModelConfig:
     params: dict = field(default_factory=dict)
 
 
+DENSE_OPTIMIZERS = ("adam", "sgd", "momentum")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 1024
     eval_batch_size: int = 8192
-    lr: float = 1e-3  # dense optimizer (Adam)
+    optimizer: str = "adam"  # dense optimizer: adam | sgd | momentum (SGD, momentum 0.9); tables: transfer.optimizer
+    lr: float = 1e-3  # dense optimizer
     weight_decay: float = 0.0
     seed: int = 2022
     early_stopping_patience: int = 2  # epochs without a better valid AUC before stopping (0 = never stop early)
@@ -80,6 +85,15 @@ class TrainConfig:
             raise ValueError("train.epochs and train.batch_size must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {DENSE_OPTIMIZERS}, got {self.optimizer!r}")
+
+    def dense_optimizer(self, params) -> torch.optim.Optimizer:
+        """The optimizer of the dense (non-table) parameters; fused kernels (one call for all tensors)."""
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        momentum = 0.9 if self.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(params, lr=self.lr, momentum=momentum, weight_decay=self.weight_decay, fused=True)
 
 
 @dataclass(frozen=True)

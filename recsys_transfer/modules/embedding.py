@@ -63,10 +63,11 @@ def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: tor
     feature ``f`` in table ``weights[features[f]]`` (detached: gradients are the caller's business)."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
+    bounds = offsets[::batch].tolist() if batch else [0] * (n_feat + 1)  # each feature's first index, one sync
     outs = []
     for f, t in enumerate(features):
         weight = weights[t].detach()
-        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        lo, hi = bounds[f], bounds[f + 1]
         if modes[f] == "none":
             outs.append(F.embedding(indices[lo:hi], weight))
             continue
@@ -86,20 +87,22 @@ def occurrence_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: tor
     reaching each looked-up occurrence (pooling and per-sample weights undone), features in order."""
     n_feat = len(dims)
     batch = (len(offsets) - 1) // n_feat
+    bounds = offsets[::batch].tolist() if batch else [0] * (n_feat + 1)
+    all_lengths = (offsets[1:] - offsets[:-1]).view(n_feat, batch)
+    single = (all_lengths == 1).all(dim=1).tolist()  # single-valued features: occurrence k is bag k
     col = 0
     for f in range(n_feat):
         dim = dims[f]
-        lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+        lo, hi = bounds[f], bounds[f + 1]
         if modes[f] == "none":  # sequence output: row k of the output is occurrence k
             occ = grad_out[lo:hi]
         else:
             gf = grad_out[:, col : col + dim]
             col += dim
-            if hi - lo == batch and bool((offsets[f * batch + 1 : (f + 1) * batch + 1]
-                                          - offsets[f * batch : (f + 1) * batch] == 1).all()):
-                occ = gf  # single-valued field: occurrence k is bag k
+            if single[f]:
+                occ = gf
             else:
-                lengths = offsets[f * batch + 1 : (f + 1) * batch + 1] - offsets[f * batch : (f + 1) * batch]
+                lengths = all_lengths[f]
                 bag = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths.long())
                 occ = gf.index_select(0, bag)
                 if modes[f] == "mean":
@@ -123,16 +126,29 @@ class _GroupedLookup(torch.autograd.Function):
     def backward(ctx, grad_out):
         indices, offsets, psw = ctx.saved_tensors
         features = ctx.features
-        grads: list[torch.Tensor | None] = [None] * len(ctx.shapes)
         dims = [ctx.shapes[t][0][1] for t in features]
+        per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
             t = features[f]
-            if not ctx.needs_input_grad[5 + t]:
-                continue
-            if grads[t] is None:
-                shape, dtype, device = ctx.shapes[t]
-                grads[t] = torch.zeros(shape, dtype=dtype, device=device)
-            grads[t].index_put_((ids,), occ.to(grads[t].dtype), accumulate=True)
+            if ctx.needs_input_grad[5 + t]:
+                t_ids, t_occ = per_table.setdefault(t, ([], []))
+                t_ids.append(ids)
+                t_occ.append(occ)
+        grads: list[torch.Tensor | None] = [None] * len(ctx.shapes)
+        by_width: dict[tuple, list[int]] = {}  # tables of one width and dtype: one buffer, one index_put_
+        for t in per_table:
+            shape, dtype, device = ctx.shapes[t]
+            by_width.setdefault((shape[1], dtype, device), []).append(t)
+        for (dim, dtype, device), ts in by_width.items():
+            bases = [0]
+            for t in ts:
+                bases.append(bases[-1] + ctx.shapes[t][0][0])
+            flat = torch.zeros((bases[-1], dim), dtype=dtype, device=device)
+            gids = torch.cat([ids + bases[j] for j, t in enumerate(ts) for ids in per_table[t][0]])
+            occ = torch.cat([o for t in ts for o in per_table[t][1]]).to(dtype)
+            flat.index_put_((gids,), occ, accumulate=True)
+            for j, t in enumerate(ts):
+                grads[t] = flat[bases[j] : bases[j + 1]]  # contiguous views of one buffer
         return (None, None, None, None, None, *grads)
 
 

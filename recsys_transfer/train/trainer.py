@@ -160,8 +160,7 @@ def run_training(cfg: RunConfig, output: str | Path) -> dict:
         if info.world_size > 1:
             model = shard_model(model, info.device)
         plugin = TransferPlugin(model, meta, cfg.transfer, domains=domains)
-        dense = torch.optim.Adam(plugin.dense_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                 fused=True)  # one kernel over all dense tensors (CPU and CUDA)
+        dense = cfg.train.dense_optimizer(plugin.dense_parameters())
         label = meta.labels[0]
         field = (plugin.fields or cfg.transfer.transfer_fields(meta) or [None])[0]
         common = dict(rank=info.rank, world_size=info.world_size, meta=meta)
