@@ -209,11 +209,13 @@ def test_short_training_run_learns_ml100k(name, kwargs, epochs, ml100k_prepared)
     assert metrics["auc"] > 0.75, metrics
 
 
-@pytest.mark.parametrize("pooling,weighted", [("SUM", False), ("MEAN", False), ("SUM", True)])
-def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, pooling, weighted):
+@pytest.mark.parametrize("pooling,weighted,same_dim", [("SUM", False, True), ("MEAN", False, True), ("SUM", True, True),
+                                                       ("SUM", True, False), ("MEAN", False, False)])
+def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, pooling, weighted, same_dim):
     """make_ebc's grouped lookup gives TorchRec's own EBC output and table gradients, on a real ML-100K batch
     (single-valued fields) plus a multi-valued field with empty bags, for sum, mean and weighted sum pooling; the
-    tables' gradient on every row (touched or not) is compared, and a deepcopy looks up its own tables."""
+    tables' gradient on every row (touched or not) is compared, and a deepcopy looks up its own tables. Same-width
+    tables share one buffer (one embedding_bag, one index_put_); mixed widths take the per-table path."""
     import copy
 
     from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -236,7 +238,8 @@ def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, p
     features = KeyedJaggedTensor(keys=keys, values=cat_values, lengths=torch.cat(lengths), weights=weights)
     configs = [EmbeddingBagConfig(name="t_zip", embedding_dim=8, num_embeddings=meta.field("zip").vocab_size,
                                   feature_names=["zip", "bag"], pooling=PoolingType[pooling]),
-               EmbeddingBagConfig(name="t_item_id", embedding_dim=4, num_embeddings=meta.field("item_id").vocab_size,
+               EmbeddingBagConfig(name="t_item_id", embedding_dim=8 if same_dim else 4,
+                                  num_embeddings=meta.field("item_id").vocab_size,
                                   feature_names=["item_id"], pooling=PoolingType[pooling]),
                EmbeddingBagConfig(name="t_user_id", embedding_dim=8, num_embeddings=meta.field("user_id").vocab_size,
                                   feature_names=["user_id"], pooling=PoolingType[pooling])]
@@ -244,6 +247,12 @@ def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, p
     ref = EmbeddingBagCollection(tables=configs, is_weighted=weighted)
     grouped = copy.deepcopy(ref)
     assert use_grouped_lookup(grouped) is grouped and "forward" in vars(grouped)
+    from recsys_transfer.modules.embedding import flat_tables
+
+    tables = [bag.weight for bag in grouped.embedding_bags.values()]
+    assert (flat_tables(tables) is not None) == same_dim
+    for a, b in zip(tables, ref.embedding_bags.values()):
+        assert torch.equal(a, b.weight)  # moved into the shared buffer with their values
     coef = torch.randn(64, sum(c.embedding_dim * len(c.feature_names) for c in configs))
     outs = {}
     for name, ebc in (("ref", ref), ("grouped", grouped)):

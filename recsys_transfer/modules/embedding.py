@@ -57,6 +57,50 @@ def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu") -> EmbeddingBagCo
 # the lookup kernel (TBE layout: features major, ``offsets`` of length F * B + 1)
 
 
+def flat_tables(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+    """``(base [R, D], first row of each table in base)`` when the tables are consecutive row blocks of ONE
+    contiguous buffer (what :func:`share_storage` makes, and what a TBE holds), else None. Checked on every call
+    (a few integer comparisons), so a table re-allocated by the user simply falls back to per-table lookups."""
+    w0 = weights[0]
+    if w0.dim() != 2:
+        return None
+    dim, storage, start = w0.shape[1], w0.untyped_storage().data_ptr(), w0.storage_offset()
+    firsts, row = [], 0
+    for w in weights:
+        if (w.dim() != 2 or w.shape[1] != dim or w.dtype != w0.dtype or w.device != w0.device
+                or w.untyped_storage().data_ptr() != storage or w.storage_offset() != start + row * dim
+                or (w.shape[0] > 1 and w.stride() != (dim, 1))):
+            return None
+        firsts.append(row)
+        row += w.shape[0]
+    base = torch.empty(0, dtype=w0.dtype, device=w0.device).set_(w0.untyped_storage(), start, (row, dim), (dim, 1))
+    return base, firsts
+
+
+def share_storage(weights: Sequence[torch.nn.Parameter]) -> None:
+    """Move same-width tables into one contiguous buffer (each Parameter keeps its identity and values; its
+    ``.data`` becomes a row block of the buffer), so lookups and row updates can treat them as one table."""
+    groups: dict[tuple, list[torch.nn.Parameter]] = {}
+    for w in weights:
+        groups.setdefault((w.shape[1:], w.dtype, w.device), []).append(w)
+    for ws in groups.values():
+        if len(ws) < 2 or flat_tables(ws) is not None:
+            continue
+        with torch.no_grad():
+            buf = torch.cat([w.detach() for w in ws])
+            row = 0
+            for w in ws:
+                w.data = buf[row : row + w.shape[0]]
+                row += w.shape[0]
+
+
+def _global_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int], firsts: list[int]) -> torch.Tensor:
+    """Row ids in the flat base: each feature's ids shifted by its table's first row."""
+    shift = torch.tensor([firsts[t] for t in features], dtype=indices.dtype, device=indices.device)
+    counts = torch.tensor([bounds[f + 1] - bounds[f] for f in range(len(features))], device=indices.device)
+    return indices + torch.repeat_interleave(shift, counts, output_size=len(indices))
+
+
 def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
            weights: Sequence[torch.Tensor], features: Sequence[int], modes: Sequence[str]) -> torch.Tensor:
     """Pooled (``sum``/``mean``: ``[B, sum_f D_f]``) or sequence (``none``: ``[n_indices, D]``) lookup of every
@@ -64,6 +108,14 @@ def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: tor
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
     bounds = offsets[::batch].tolist() if batch else [0] * (n_feat + 1)  # each feature's first index, one sync
+    flat = flat_tables([weights[t] for t in sorted(set(features))]) if len(set(modes)) == 1 and batch else None
+    if flat is not None and modes[0] != "none" and sorted(set(features)) == list(range(len(weights))):
+        # every feature in ONE embedding_bag over the shared buffer: bags are (feature, sample), feature major
+        base, firsts = flat
+        gids = _global_ids(indices, bounds, features, firsts)
+        out = F.embedding_bag(gids, base.detach(), offsets, mode=modes[0], per_sample_weights=per_sample_weights,
+                              include_last_offset=True)  # [F * B, D]
+        return out.view(n_feat, batch, -1).transpose(0, 1).reshape(batch, -1)
     outs = []
     for f, t in enumerate(features):
         weight = weights[t].detach()
@@ -112,6 +164,26 @@ def occurrence_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: tor
         yield f, indices[lo:hi].long(), occ
 
 
+def pooled_occurrence_grads(grad_out: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+                            n_feat: int, mode: str) -> torch.Tensor:
+    """:func:`occurrence_grads` for a pooled lookup whose features all have the same width and pooling, in one
+    piece: ``[n_indices, D]``, occurrences in index order (feature major)."""
+    batch = (len(offsets) - 1) // n_feat
+    bags = grad_out.view(batch, n_feat, -1).transpose(0, 1).reshape(n_feat * batch, -1)  # bag (f, b) -> row f*B+b
+    lengths = offsets[1:] - offsets[:-1]
+    if bool((lengths == 1).all()):
+        occ = bags
+    else:
+        bag = torch.repeat_interleave(torch.arange(n_feat * batch, device=grad_out.device), lengths.long(),
+                                      output_size=int(offsets[-1] - offsets[0]))
+        occ = bags.index_select(0, bag)
+        if mode == "mean":
+            occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
+    if per_sample_weights is not None:
+        occ = occ * per_sample_weights.unsqueeze(1)
+    return occ
+
+
 class _GroupedLookup(torch.autograd.Function):
     """:func:`lookup` over all tables of a collection as one autograd node; backward: dense table gradients."""
 
@@ -120,12 +192,26 @@ class _GroupedLookup(torch.autograd.Function):
         ctx.save_for_backward(indices, offsets, per_sample_weights)
         ctx.features, ctx.modes = features, modes
         ctx.shapes = [(w.shape, w.dtype, w.device) for w in weights]
+        flat = flat_tables(weights) if len(set(modes)) == 1 and modes[0] != "none" and len(offsets) > 1 else None
+        ctx.flat = None
+        if flat is not None and sorted(set(features)) == list(range(len(weights))):
+            base, firsts = flat
+            ctx.flat = (base.shape[0], base.shape[1], base.dtype, base.device, firsts)
         return lookup(indices, offsets, per_sample_weights, weights, features, modes)
 
     @staticmethod
     def backward(ctx, grad_out):
         indices, offsets, psw = ctx.saved_tensors
         features = ctx.features
+        if ctx.flat is not None:  # one buffer: one gradient buffer, one index_put_, views per table
+            rows, dim, dtype, device, firsts = ctx.flat
+            occ = pooled_occurrence_grads(grad_out, offsets, psw, len(features), ctx.modes[0])
+            batch = (len(offsets) - 1) // len(features)
+            bounds = offsets[::batch].tolist()
+            flat = torch.zeros((rows, dim), dtype=dtype, device=device)
+            flat.index_put_((_global_ids(indices.long(), bounds, features, firsts),), occ.to(dtype), accumulate=True)
+            ends = firsts[1:] + [rows]
+            return (None, None, None, None, None, *[flat[a:b] for a, b in zip(firsts, ends)])
         dims = [ctx.shapes[t][0][1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
@@ -178,4 +264,6 @@ def use_grouped_lookup(ebc: EmbeddingBagCollection) -> EmbeddingBagCollection:
             modes.append(bag.mode)
     ebc._grouped_layout = (names, table_of, modes)
     ebc.forward = types.MethodType(_grouped_forward, ebc)  # bound to the instance: deepcopy rebinds it
+    if not any(p.is_meta for p in ebc.parameters()):
+        share_storage([bag.weight for bag in ebc.embedding_bags.values()])
     return ebc
