@@ -27,6 +27,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.flat import rows_of_one_buffer, share_storage
 
 
 def table_name(field: str) -> str:
@@ -58,40 +59,11 @@ def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu") -> EmbeddingBagCo
 
 
 def flat_tables(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
-    """``(base [R, D], first row of each table in base)`` when the tables are consecutive row blocks of ONE
-    contiguous buffer (what :func:`share_storage` makes, and what a TBE holds), else None. Checked on every call
-    (a few integer comparisons), so a table re-allocated by the user simply falls back to per-table lookups."""
-    w0 = weights[0]
-    if w0.dim() != 2:
+    """``(base [R, D], first row of each table in base)`` when the 2-D tables are row blocks of one buffer
+    (:func:`recsys_transfer.flat.share_storage`), else None (then lookups go table by table)."""
+    if weights[0].dim() != 2:
         return None
-    dim, storage, start = w0.shape[1], w0.untyped_storage().data_ptr(), w0.storage_offset()
-    firsts, row = [], 0
-    for w in weights:
-        if (w.dim() != 2 or w.shape[1] != dim or w.dtype != w0.dtype or w.device != w0.device
-                or w.untyped_storage().data_ptr() != storage or w.storage_offset() != start + row * dim
-                or (w.shape[0] > 1 and w.stride() != (dim, 1))):
-            return None
-        firsts.append(row)
-        row += w.shape[0]
-    base = torch.empty(0, dtype=w0.dtype, device=w0.device).set_(w0.untyped_storage(), start, (row, dim), (dim, 1))
-    return base, firsts
-
-
-def share_storage(weights: Sequence[torch.nn.Parameter]) -> None:
-    """Move same-width tables into one contiguous buffer (each Parameter keeps its identity and values; its
-    ``.data`` becomes a row block of the buffer), so lookups and row updates can treat them as one table."""
-    groups: dict[tuple, list[torch.nn.Parameter]] = {}
-    for w in weights:
-        groups.setdefault((w.shape[1:], w.dtype, w.device), []).append(w)
-    for ws in groups.values():
-        if len(ws) < 2 or flat_tables(ws) is not None:
-            continue
-        with torch.no_grad():
-            buf = torch.cat([w.detach() for w in ws])
-            row = 0
-            for w in ws:
-                w.data = buf[row : row + w.shape[0]]
-                row += w.shape[0]
+    return rows_of_one_buffer(weights)
 
 
 def _global_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int], firsts: list[int]) -> torch.Tensor:
@@ -210,8 +182,8 @@ class _GroupedLookup(torch.autograd.Function):
             bounds = offsets[::batch].tolist()
             flat = torch.zeros((rows, dim), dtype=dtype, device=device)
             flat.index_put_((_global_ids(indices.long(), bounds, features, firsts),), occ.to(dtype), accumulate=True)
-            ends = firsts[1:] + [rows]
-            return (None, None, None, None, None, *[flat[a:b] for a, b in zip(firsts, ends)])
+            views = [flat[first : first + ctx.shapes[t][0][0]] for t, first in enumerate(firsts)]
+            return (None, None, None, None, None, *views)
         dims = [ctx.shapes[t][0][1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):

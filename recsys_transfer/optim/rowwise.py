@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from recsys_transfer.flat import global_rows, rows_of_one_buffer, share_storage
+
 __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimizer"]
 
 
@@ -39,18 +41,50 @@ __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimize
 # kernels are the one-element case, so both give identical results.
 
 
-def _gather(tensors: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
-    if len(tensors) == 1:
-        return tensors[0].index_select(0, rows[0])
-    return torch.cat([t.index_select(0, r) for t, r in zip(tensors, rows)])
+class _Rows:
+    """The touched rows of several tables, gathered from / scattered to each table's tensors. When a list of
+    tensors is the row blocks of one buffer (:mod:`recsys_transfer.flat`: tables moved there by the EBC, state
+    allocated there by the optimizers), it is ONE index_select / index_copy_ on the buffer with global row ids
+    (computed once per layout), instead of one per table."""
 
+    def __init__(self, rows: list[torch.Tensor], known: tuple[tuple[int, ...], torch.Tensor] | None = None) -> None:
+        self.rows = rows
+        self._global: dict[tuple[int, ...], torch.Tensor] = dict([known]) if known is not None else {}
+        self._layouts: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
-def _scatter(tensors: list[torch.Tensor], rows: list[torch.Tensor], values: torch.Tensor) -> None:
-    if len(tensors) == 1:
-        tensors[0].index_copy_(0, rows[0], values)
-        return
-    for t, r, v in zip(tensors, rows, values.split([len(r) for r in rows])):
-        t.index_copy_(0, r, v)
+    def _flat(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if len(tensors) == 1:
+            return None
+        if id(tensors) in self._layouts:  # the same list is gathered, then scattered
+            return self._layouts[id(tensors)][1]
+        flat = rows_of_one_buffer(tensors)
+        found = None
+        if flat is not None:
+            base, firsts = flat
+            key = tuple(firsts)
+            if key not in self._global:
+                self._global[key] = global_rows(self.rows, firsts)
+            found = (base, self._global[key])
+        self._layouts[id(tensors)] = (tensors, found)  # keeps the list alive while its id is a key
+        return found
+
+    def gather(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        flat = self._flat(tensors)
+        if flat is not None:
+            return flat[0].index_select(0, flat[1])
+        if len(tensors) == 1:
+            return tensors[0].index_select(0, self.rows[0])
+        return torch.cat([t.index_select(0, r) for t, r in zip(tensors, self.rows)])
+
+    def scatter(self, tensors: list[torch.Tensor], values: torch.Tensor) -> None:
+        flat = self._flat(tensors)
+        if flat is not None:
+            flat[0].index_copy_(0, flat[1], values)
+        elif len(tensors) == 1:
+            tensors[0].index_copy_(0, self.rows[0], values)
+        else:
+            for t, r, v in zip(tensors, self.rows, values.split([len(r) for r in self.rows])):
+                t.index_copy_(0, r, v)
 
 
 def _cat(values: list[torch.Tensor]) -> torch.Tensor:
@@ -58,50 +92,53 @@ def _cat(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sgd_rows_many(weights: list[torch.Tensor], rows: list[torch.Tensor], grads: list[torch.Tensor],
+def sgd_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
                   momentum_buffers: list[torch.Tensor] | None, *, lr: float, momentum: float, nesterov: bool,
                   weight_decay: float) -> None:
-    w = _gather(weights, rows)
+    at = rows if isinstance(rows, _Rows) else _Rows(rows)
+    w = at.gather(weights)
     grad = _cat(grads)
     d = grad if weight_decay == 0 else grad + weight_decay * w
     if momentum != 0:
         assert momentum_buffers is not None
-        buf = _gather(momentum_buffers, rows).mul_(momentum).add_(d)
-        _scatter(momentum_buffers, rows, buf)
+        buf = at.gather(momentum_buffers).mul_(momentum).add_(d)
+        at.scatter(momentum_buffers, buf)
         d = d + momentum * buf if nesterov else buf
-    _scatter(weights, rows, w.sub_(d, alpha=lr))
+    at.scatter(weights, w.sub_(d, alpha=lr))
 
 
 @torch.no_grad()
-def adam_rows_many(weights: list[torch.Tensor], rows: list[torch.Tensor], grads: list[torch.Tensor],
+def adam_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
                    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], row_steps: list[torch.Tensor], *,
                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    w = _gather(weights, rows)
+    at = rows if isinstance(rows, _Rows) else _Rows(rows)
+    w = at.gather(weights)
     grad = _cat(grads)
     if weight_decay != 0:
         w.mul_(1 - lr * weight_decay)
-    m = _gather(exp_avgs, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
-    v = _gather(exp_avg_sqs, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    t = _gather(row_steps, rows).add_(1)
-    _scatter(exp_avgs, rows, m)
-    _scatter(exp_avg_sqs, rows, v)
-    _scatter(row_steps, rows, t)
+    m = at.gather(exp_avgs).mul_(beta1).add_(grad, alpha=1 - beta1)
+    v = at.gather(exp_avg_sqs).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    t = at.gather(row_steps).add_(1)
+    at.scatter(exp_avgs, m)
+    at.scatter(exp_avg_sqs, v)
+    at.scatter(row_steps, t)
     tf = t.to(grad.dtype).unsqueeze(1)  # [U, 1]
     bc1 = 1 - torch.pow(torch.as_tensor(beta1, dtype=grad.dtype), tf)
     bc2 = 1 - torch.pow(torch.as_tensor(beta2, dtype=grad.dtype), tf)
     denom = (v / bc2).sqrt_().add_(eps)
-    _scatter(weights, rows, w.sub_(lr * (m / bc1) / denom))
+    at.scatter(weights, w.sub_(lr * (m / bc1) / denom))
 
 
 @torch.no_grad()
-def rowwise_adagrad_rows_many(weights: list[torch.Tensor], rows: list[torch.Tensor], grads: list[torch.Tensor],
+def rowwise_adagrad_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
                               sum_sqs: list[torch.Tensor], *, lr: float, eps: float, weight_decay: float) -> None:
-    w = _gather(weights, rows)
+    at = rows if isinstance(rows, _Rows) else _Rows(rows)
+    w = at.gather(weights)
     grad = _cat(grads)
     d = grad if weight_decay == 0 else grad + weight_decay * w
-    s = _gather(sum_sqs, rows).add_(d.pow(2).mean(dim=1))
-    _scatter(sum_sqs, rows, s)
-    _scatter(weights, rows, w.sub_(lr * d / (s.sqrt() + eps).unsqueeze(1)))
+    s = at.gather(sum_sqs).add_(d.pow(2).mean(dim=1))
+    at.scatter(sum_sqs, s)
+    at.scatter(weights, w.sub_(lr * d / (s.sqrt() + eps).unsqueeze(1)))
 
 
 def sgd_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
@@ -117,6 +154,10 @@ def adam_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, exp_
 def rowwise_adagrad_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sum_sq: torch.Tensor,
                          **kw: Any) -> None:
     rowwise_adagrad_rows_many([weight], [rows], [grad], [sum_sq], **kw)
+
+
+def _zeros_like(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(p, memory_format=torch.contiguous_format)
 
 
 # -- optimizer classes ------------------------------------------------------------------------------------------
@@ -135,10 +176,12 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         """Apply one update with direction ``mu`` [U, D] to the unique ``rows`` [U] of ``param``."""
         self.update_rows_many([param], [rows], [mu])
 
-    def update_rows_many(self, params: list[torch.Tensor], rows: list[torch.Tensor], mus: list[torch.Tensor]) -> None:
+    def update_rows_many(self, params: list[torch.Tensor], rows: list[torch.Tensor], mus: list[torch.Tensor],
+                         buffer_rows: torch.Tensor | None = None) -> None:
         """:meth:`update_rows` for several parameters at once (the same result as one call each); parameters of
         one param group with the same row width and dtype share one run of the maths (see the ``*_many``
-        kernels)."""
+        kernels). ``buffer_rows``, if the caller has it: ``cat(rows[k] + first_row[k])`` for params that are row
+        blocks of one buffer (:mod:`recsys_transfer.flat`), saving its recomputation."""
         batches: dict[tuple, tuple[dict[str, Any], list, list, list]] = {}
         for p, r, mu in zip(params, rows, mus):
             group = self._group_of(p)
@@ -147,11 +190,28 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             ps.append(p)
             rs.append(r)
             ms.append(mu)
+        known = None
+        if buffer_rows is not None and len(batches) == 1:
+            flat = rows_of_one_buffer(params)
+            if flat is not None:
+                known = (tuple(flat[1]), buffer_rows)
         for group, ps, rs, ms in batches.values():
-            self._update(group, ps, rs, ms)
+            self._update(group, ps, _Rows(rs, known), ms)
+
+    def _init_state(self, group: dict[str, Any], spec: dict[str, Any]) -> None:
+        """Create the state of every parameter of ``group`` that has none (``spec``: key -> factory(param)), all
+        at once and, per key, in one buffer (:func:`recsys_transfer.flat.share_storage`), so a later update of
+        many tables gathers and scatters the state in one call."""
+        fresh = [p for p in group["params"] if not self.state[p]]
+        if not fresh:
+            return
+        for p in fresh:
+            self.state[p].update({key: make(p) for key, make in spec.items()})
+        for key in spec:
+            share_storage([self.state[p][key] for p in fresh])
 
     @abc.abstractmethod
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], rows: list[torch.Tensor],
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], rows: "_Rows",
                 mus: list[torch.Tensor]) -> None:
         """One kernel call for parameters of one group with equal row shape and dtype."""
 
@@ -177,12 +237,9 @@ class RowSGD(RowOptimizer):
     def _update(self, g, params, rows, mus) -> None:
         bufs = None
         if g["momentum"] != 0:
-            bufs = []
-            for param in params:
-                st = self.state[param]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                bufs.append(st["momentum_buffer"])
+            if any("momentum_buffer" not in self.state[p] for p in params):
+                self._init_state(g, {"momentum_buffer": _zeros_like})
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
         sgd_rows_many([p.data for p in params], rows, mus, bufs, lr=g["lr"], momentum=g["momentum"],
                       nesterov=g["nesterov"], weight_decay=g["weight_decay"])
 
@@ -199,14 +256,10 @@ class RowAdam(RowOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, g, params, rows, mus) -> None:
-        states = []
-        for param in params:
-            st = self.state[param]
-            if not st:
-                st["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                st["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-                st["row_step"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
-            states.append(st)
+        if any(not self.state[p] for p in params):
+            self._init_state(g, {"exp_avg": _zeros_like, "exp_avg_sq": _zeros_like,
+                                 "row_step": lambda p: torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)})
+        states = [self.state[p] for p in params]
         adam_rows_many([p.data for p in params], rows, mus, [st["exp_avg"] for st in states],
                        [st["exp_avg_sq"] for st in states], [st["row_step"] for st in states], lr=g["lr"],
                        beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"])
@@ -221,12 +274,9 @@ class RowAdagrad(RowOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
 
     def _update(self, g, params, rows, mus) -> None:
-        sums = []
-        for param in params:
-            st = self.state[param]
-            if not st:
-                st["sum"] = torch.zeros(param.shape[0], dtype=param.dtype, device=param.device)
-            sums.append(st["sum"])
+        if any(not self.state[p] for p in params):
+            self._init_state(g, {"sum": lambda p: torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)})
+        sums = [self.state[p]["sum"] for p in params]
         rowwise_adagrad_rows_many([p.data for p in params], rows, mus, sums, lr=g["lr"], eps=g["eps"],
                                   weight_decay=g["weight_decay"])
 

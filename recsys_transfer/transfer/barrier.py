@@ -55,7 +55,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from recsys_transfer.modules.embedding import lookup, occurrence_grads
+from recsys_transfer.flat import rows_of_one_buffer
+from recsys_transfer.modules.embedding import _global_ids, lookup, occurrence_grads, pooled_occurrence_grads
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
 
@@ -132,6 +133,7 @@ class _Item:
     row_offset: int
     g: torch.Tensor  # main gradient [U, D]
     group: object  # process group of a row-wise sharded table, else None
+    buffer_rows: torch.Tensor | None = None  # rows in the tables' shared buffer (recsys_transfer.flat), if any
 
 
 def _domain_rows(item: _Item):
@@ -209,15 +211,17 @@ def fused_step(items: list[_Item]) -> None:
         for k, m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
             mus[k] = m
             items[k].rule.stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
-    by_optimizer: dict[int, tuple[RowOptimizer, list, list, list]] = {}
+    by_optimizer: dict[int, tuple[RowOptimizer, list, list, list, list]] = {}
     for it, mu in zip(items, mus):
         assert it.rule.optimizer is not None
-        _, ws, rs, ms = by_optimizer.setdefault(id(it.rule.optimizer), (it.rule.optimizer, [], [], []))
+        _, ws, rs, ms, bs = by_optimizer.setdefault(id(it.rule.optimizer), (it.rule.optimizer, [], [], [], []))
         ws.append(it.weight)
         rs.append(it.rows)
         ms.append(mu)
-    for optimizer, ws, rs, ms in by_optimizer.values():  # one run of the update maths per optimizer and width
-        optimizer.update_rows_many(ws, rs, ms)
+        bs.append(it.buffer_rows)
+    for optimizer, ws, rs, ms, bs in by_optimizer.values():  # one run of the update maths per optimizer and width
+        buffer_rows = None if any(b is None for b in bs) else (bs[0] if len(bs) == 1 else torch.cat(bs))
+        optimizer.update_rows_many(ws, rs, ms, buffer_rows=buffer_rows)
 
 
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
@@ -272,6 +276,11 @@ class _FusedRowUpdate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         indices, offsets, psw = ctx.saved_tensors
         tables, features = ctx.tables, ctx.features
+        flat = _flat_call(tables, features, ctx.modes, offsets)
+        if flat is not None:
+            fused_step(_flat_items(flat, grad_out, indices, offsets, psw if ctx.has_psw else None, tables, features,
+                                   ctx.modes[0]))
+            return None, None, None, None, None, None, None
         dims = [tables[t][0].shape[1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw if ctx.has_psw else None, dims, ctx.modes):
@@ -303,6 +312,36 @@ class _FusedRowUpdate(torch.autograd.Function):
                                    group))
         fused_step(items)
         return None, None, None, None, None, None, None
+
+
+def _flat_call(tables, features, modes, offsets):
+    """(base, first rows) when one pooled lookup call's tables are row blocks of one buffer, else None."""
+    if len(set(modes)) != 1 or modes[0] == "none" or len(offsets) < 2:
+        return None
+    if sorted(set(features)) != list(range(len(tables))) or any(t[3] is not None for t in tables):
+        return None
+    return rows_of_one_buffer([t[0] for t in tables])
+
+
+def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode) -> list[_Item]:
+    """The per-table items of a call whose tables share one buffer: every occurrence at once (global row ids in
+    the buffer, one unique, one scatter_add), then one slice per table."""
+    base, firsts = flat
+    batch = (len(offsets) - 1) // len(features)
+    gids = _global_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
+    occ = pooled_occurrence_grads(grad_out, offsets, psw, len(features), mode)
+    rows, inverse = torch.unique(gids, return_inverse=True)
+    g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
+    g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
+    g = g.to(base.dtype)
+    edges = [e for t in range(len(tables)) for e in (firsts[t], firsts[t] + tables[t][0].shape[0])]
+    cuts = torch.searchsorted(rows, torch.tensor(edges, dtype=rows.dtype, device=rows.device)).tolist()
+    items = []
+    for t, (weight, rule, row_offset, group) in enumerate(tables):
+        lo, hi = cuts[2 * t], cuts[2 * t + 1]
+        if hi > lo:
+            items.append(_Item(rule, weight, rows[lo:hi] - firsts[t], row_offset, g[lo:hi], group, rows[lo:hi]))
+    return items
 
 
 def _anchor() -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Several tables stored as consecutive row blocks of ONE buffer (the layout of a TBE), and how to see them so.
+
+A lookup or a row update over many small tables costs one kernel call per table on CPU, and the per-call
+dispatch, not the arithmetic, dominates. When the tables (and their optimizer state) are row blocks of one
+buffer, the same work is one call on the buffer with global row ids ``first_row[t] + id``.
+:func:`share_storage` moves same-width tables into one buffer (each Parameter keeps its identity and values:
+its ``.data`` becomes a row block), :func:`rows_of_one_buffer` recognises such a layout (checked on every use,
+so a tensor re-allocated elsewhere just falls back to the per-table path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def rows_of_one_buffer(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+    """``(base, first rows)`` when every tensor is a contiguous block of whole rows of one storage (same dtype,
+    device and row shape): ``base`` views that storage as rows (``[N, *row_shape]``) and ``tensors[k]`` is
+    ``base[first[k] : first[k] + len(tensors[k])]``. None otherwise."""
+    t0 = tensors[0]
+    if t0.dim() == 0:
+        return None
+    row_shape = t0.shape[1:]
+    storage = t0.untyped_storage()
+    lo = storage.data_ptr()
+    hi = lo + storage.nbytes()
+    row_bytes = t0.element_size() * (t0[0].numel() if len(t0) else row_shape.numel())
+    firsts = []
+    for t in tensors:  # a tensor whose bytes lie inside t0's storage is part of it (allocations never overlap)
+        ptr = t.data_ptr()
+        if (t.shape[1:] != row_shape or t.dtype != t0.dtype or not lo <= ptr < hi or (ptr - lo) % row_bytes
+                or ptr + t.shape[0] * row_bytes > hi or not t.is_contiguous()):
+            return None
+        firsts.append((ptr - lo) // row_bytes)
+    n = (hi - lo) // row_bytes
+    base = torch.empty(0, dtype=t0.dtype, device=t0.device).set_(
+        storage, 0, (n, *row_shape), torch.empty((n, *row_shape), device="meta").stride())
+    return base, firsts
+
+
+def share_storage(tensors: Sequence[torch.Tensor]) -> None:
+    """Move tensors of equal row shape, dtype and device into one buffer, in the given order (values kept; each
+    tensor's ``.data`` becomes a row block of the buffer). Groups already laid out so are left alone."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((tuple(t.shape[1:]), t.dtype, t.device), []).append(t)
+    for ts in groups.values():
+        if len(ts) < 2 or consecutive(ts):
+            continue
+        with torch.no_grad():
+            buf = torch.cat([t.detach() for t in ts])
+            row = 0
+            for t in ts:
+                t.data = buf[row : row + t.shape[0]]
+                row += t.shape[0]
+
+
+def consecutive(tensors: Sequence[torch.Tensor]) -> bool:
+    """The tensors are row blocks of one buffer, in order and without gaps."""
+    flat = rows_of_one_buffer(tensors)
+    if flat is None:
+        return False
+    firsts = flat[1]
+    return all(firsts[k + 1] == firsts[k] + tensors[k].shape[0] for k in range(len(tensors) - 1))
+
+
+def global_rows(rows: Sequence[torch.Tensor], firsts: Sequence[int]) -> torch.Tensor:
+    """``cat(rows[k] + firsts[k])``: row ids of several blocks in their shared buffer."""
+    if len(rows) == 1:
+        return rows[0] + firsts[0]
+    return torch.cat([r + f for r, f in zip(rows, firsts)])
