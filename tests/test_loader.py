@@ -97,3 +97,21 @@ def test_drop_last_and_errors(ml100k_prepared):
         BatchLoader(out, "train", 10, rank=2, world_size=2)
     with pytest.raises(UserError, match="meta.json missing"):
         BatchLoader(out / "train", "train", 10)
+
+
+def test_prefetch_gives_the_same_batches_and_stops_its_thread(ml100k_prepared):
+    """Batches built ahead in a thread equal the synchronous ones, and leaving the loop early ends the thread."""
+    import threading
+
+    data, meta = ml100k_prepared
+    kw = dict(shuffle=True, seed=3, shuffle_buffer_rows=5000)
+    sync = list(BatchLoader(data, "train", 512, prefetch=0, **kw))
+    ahead = list(BatchLoader(data, "train", 512, prefetch=3, **kw))
+    assert len(sync) == len(ahead) > 10
+    for a, b in zip(sync, ahead):
+        assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.dense, b.dense)
+        assert torch.equal(a.labels["label"], b.labels["label"])
+    for k, _ in enumerate(BatchLoader(data, "train", 512, prefetch=2, **kw)):
+        if k == 2:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "batch-loader"]

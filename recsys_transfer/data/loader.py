@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys_transfer.data.prefetch import read_ahead
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.splits import SPLITS
 from recsys_transfer.errors import UserError
@@ -84,6 +85,7 @@ class BatchLoader:
         world_size: int = 1,
         shuffle_buffer_rows: int = 1_000_000,
         meta: DatasetMeta | None = None,
+        prefetch: int = 4,
     ) -> None:
         if split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, got {split!r}")
@@ -91,6 +93,9 @@ class BatchLoader:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} outside world_size {world_size}")
+        if prefetch < 0:
+            raise UserError(f"prefetch must be >= 0, got {prefetch}")
+        self.prefetch = prefetch
         self.data_dir = Path(data_dir)
         self.meta = meta or DatasetMeta.load(self.data_dir)
         self.split = split
@@ -173,6 +178,14 @@ class BatchLoader:
             yield merged.take(rng.permutation(len(merged)))
 
     def __iter__(self) -> Iterator[Batch]:
+        """Batches in order; with ``prefetch > 0`` they are built (parquet decoding, shuffling, KJT layout) in a
+        background thread up to ``prefetch`` batches ahead, overlapping the training step that consumes them
+        (pyarrow and numpy release the GIL). Memory: ``prefetch`` extra batches."""
+        if self.prefetch:
+            return read_ahead(self._batches(), name="batch-loader", depth=self.prefetch)
+        return self._batches()
+
+    def _batches(self) -> Iterator[Batch]:
         carry: _Block | None = None
         for block in self._blocks():
             if carry is not None:
