@@ -146,3 +146,32 @@ def test_adversarial_manual_gradients_match_autograd():
     for a, b in zip(manual.parameters(), auto.parameters()):
         assert torch.allclose(a, b, atol=1e-12)
     assert not torch.equal(manual.w1[3], AdversarialLoss(4, 4, hidden=6, seed=3, dtype=torch.float64).w1[3])
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "rowwise_adagrad"])
+def test_update_rows_many_on_a_shared_buffer_equals_one_table_at_a_time(name):
+    """Tables moved into one buffer (recsys_transfer.flat) are updated with one gather/scatter per tensor; the
+    result must equal updating each table alone, state included, and the state must live in one buffer."""
+    from recsys_transfer.flat import rows_of_one_buffer, share_storage
+    from recsys_transfer.optim.rowwise import make_row_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 4), (3, 4), (11, 4)]
+    flat = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in flat]
+    share_storage(flat)
+    assert rows_of_one_buffer(flat) is not None and rows_of_one_buffer(alone) is None
+    opt_flat, opt_alone = make_row_optimizer(name, flat, lr=0.1), make_row_optimizer(name, alone, lr=0.1)
+    for step in range(3):
+        rows = [torch.tensor(r) for r in ([0, 5, 6], [2], [1, 3, 10])[: 3 - step % 2]]  # a table left out on odd steps
+        mus = [torch.randn(len(r), 4, generator=gen, dtype=torch.float64) for r in rows]
+        opt_flat.update_rows_many(flat[: len(rows)], rows, mus)
+        for p, r, m in zip(alone, rows, mus):
+            opt_alone.update_rows(p, r, m)
+    for a, b in zip(flat, alone):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)
+        for key, value in opt_alone.state[b].items():
+            torch.testing.assert_close(opt_flat.state[a][key], value, rtol=0, atol=1e-12)
+    if opt_flat.state[flat[0]]:
+        key = next(iter(opt_flat.state[flat[0]]))
+        assert rows_of_one_buffer([opt_flat.state[p][key] for p in flat]) is not None
