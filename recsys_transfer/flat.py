@@ -49,12 +49,18 @@ def share_storage(tensors: Sequence[torch.Tensor]) -> None:
     for ts in groups.values():
         if len(ts) < 2 or consecutive(ts):
             continue
-        with torch.no_grad():
-            buf = torch.cat([t.detach() for t in ts])
-            row = 0
+        with torch.no_grad():  # an empty buffer filled table by table: each old table is freed once moved,
+            buf = torch.empty((sum(t.shape[0] for t in ts), *t0_row(ts)), dtype=ts[0].dtype, device=ts[0].device)
+            row = 0  # so the peak is the tables plus the largest one, not twice the tables
             for t in ts:
-                t.data = buf[row : row + t.shape[0]]
+                block = buf[row : row + t.shape[0]]
+                block.copy_(t.detach())
+                t.data = block
                 row += t.shape[0]
+
+
+def t0_row(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(tensors[0].shape[1:])
 
 
 def consecutive(tensors: Sequence[torch.Tensor]) -> bool:
