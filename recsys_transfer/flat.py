@@ -50,17 +50,13 @@ def share_storage(tensors: Sequence[torch.Tensor]) -> None:
         if len(ts) < 2 or consecutive(ts):
             continue
         with torch.no_grad():  # an empty buffer filled table by table: each old table is freed once moved,
-            buf = torch.empty((sum(t.shape[0] for t in ts), *t0_row(ts)), dtype=ts[0].dtype, device=ts[0].device)
+            buf = torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=ts[0].dtype, device=ts[0].device)
             row = 0  # so the peak is the tables plus the largest one, not twice the tables
             for t in ts:
                 block = buf[row : row + t.shape[0]]
                 block.copy_(t.detach())
                 t.data = block
                 row += t.shape[0]
-
-
-def t0_row(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    return tuple(tensors[0].shape[1:])
 
 
 def consecutive(tensors: Sequence[torch.Tensor]) -> bool:

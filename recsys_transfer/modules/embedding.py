@@ -69,8 +69,9 @@ def flat_tables(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int
     return rows_of_one_buffer(weights)
 
 
-def _global_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int], firsts: list[int]) -> torch.Tensor:
-    """Row ids in the flat base: each feature's ids shifted by its table's first row."""
+def buffer_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int], firsts: list[int]) -> torch.Tensor:
+    """Row ids in the shared buffer: feature ``f``'s ids (``indices[bounds[f]:bounds[f+1]]``) shifted by the first
+    row of its table, ``firsts[features[f]]``."""
     shift = torch.tensor([firsts[t] for t in features], dtype=indices.dtype, device=indices.device)
     counts = torch.tensor([bounds[f + 1] - bounds[f] for f in range(len(features))], device=indices.device)
     return indices + torch.repeat_interleave(shift, counts, output_size=len(indices))
@@ -87,7 +88,7 @@ def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: tor
     if flat is not None and modes[0] != "none" and sorted(set(features)) == list(range(len(weights))):
         # every feature in ONE embedding_bag over the shared buffer: bags are (feature, sample), feature major
         base, firsts = flat
-        gids = _global_ids(indices, bounds, features, firsts)
+        gids = buffer_ids(indices, bounds, features, firsts)
         out = F.embedding_bag(gids, base.detach(), offsets, mode=modes[0], per_sample_weights=per_sample_weights,
                               include_last_offset=True)  # [F * B, D]
         return out.view(n_feat, batch, -1).transpose(0, 1).reshape(batch, -1)
@@ -184,7 +185,7 @@ class _GroupedLookup(torch.autograd.Function):
             batch = (len(offsets) - 1) // len(features)
             bounds = offsets[::batch].tolist()
             flat = torch.zeros((rows, dim), dtype=dtype, device=device)
-            flat.index_put_((_global_ids(indices.long(), bounds, features, firsts),), occ.to(dtype), accumulate=True)
+            flat.index_put_((buffer_ids(indices.long(), bounds, features, firsts),), occ.to(dtype), accumulate=True)
             views = [flat[first : first + ctx.shapes[t][0][0]] for t, first in enumerate(firsts)]
             return (None, None, None, None, None, *views)
         dims = [ctx.shapes[t][0][1] for t in features]

@@ -37,8 +37,8 @@ __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimize
 # The ``*_many`` kernels update several tables at once: ``weights[k]`` [R_k, D] (same D and dtype), ``rows[k]``
 # int64 [U_k] (unique), ``grads[k]`` [U_k, D]. Touched rows (and their state) are gathered per table, the maths
 # runs ONCE on the concatenation, and the results are written back per table: on CPU the per-op dispatch cost, not
-# the arithmetic, dominates for ~1k rows, so 2 ops per tensor per table replace ~20 per table. The single-table
-# kernels are the one-element case, so both give identical results.
+# the arithmetic, dominates for ~1k rows, so 2 ops per tensor per table replace ~20 per table. One table is the
+# one-element case (same results).
 
 
 class _Rows:
@@ -141,19 +141,10 @@ def rowwise_adagrad_rows_many(weights: list[torch.Tensor], rows: "list[torch.Ten
     at.scatter(weights, w.sub_(lr * d / (s.sqrt() + eps).unsqueeze(1)))
 
 
-def sgd_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
-             **kw: Any) -> None:
-    sgd_rows_many([weight], [rows], [grad], None if momentum_buffer is None else [momentum_buffer], **kw)
-
-
 def adam_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
               exp_avg_sq: torch.Tensor, row_step: torch.Tensor, **kw: Any) -> None:
+    """Lazy Adam on ``rows`` of one tensor (the discriminators of the adversarial loss use it)."""
     adam_rows_many([weight], [rows], [grad], [exp_avg], [exp_avg_sq], [row_step], **kw)
-
-
-def rowwise_adagrad_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sum_sq: torch.Tensor,
-                         **kw: Any) -> None:
-    rowwise_adagrad_rows_many([weight], [rows], [grad], [sum_sq], **kw)
 
 
 def _zeros_like(p: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from recsys_transfer.flat import rows_of_one_buffer
-from recsys_transfer.modules.embedding import _global_ids, lookup, occurrence_grads, pooled_occurrence_grads
+from recsys_transfer.modules.embedding import buffer_ids, lookup, occurrence_grads, pooled_occurrence_grads
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
 
@@ -328,7 +328,7 @@ def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode) -
     the buffer, one unique, one scatter_add), then one slice per table."""
     base, firsts = flat
     batch = (len(offsets) - 1) // len(features)
-    gids = _global_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
+    gids = buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
     occ = pooled_occurrence_grads(grad_out, offsets, psw, len(features), mode)
     rows, inverse = torch.unique(gids, return_inverse=True)
     g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
