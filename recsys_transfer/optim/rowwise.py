@@ -35,10 +35,10 @@ __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimize
 
 # -- functional kernels ---------------------------------------------------------------------------------------
 # The ``*_many`` kernels update several tables at once: ``weights[k]`` [R_k, D] (same D and dtype), ``rows[k]``
-# int64 [U_k] (unique), ``grads[k]`` [U_k, D]. Touched rows (and their state) are gathered per table, the maths
-# runs ONCE on the concatenation, and the results are written back per table: on CPU the per-op dispatch cost, not
-# the arithmetic, dominates for ~1k rows, so 2 ops per tensor per table replace ~20 per table. One table is the
-# one-element case (same results).
+# int64 [U_k] (unique), ``grads[k]`` [U_k, D]. Touched rows (and their state) are gathered per table -- or in ONE
+# call when the tables share a buffer (see _Rows) -- the maths runs ONCE on the concatenation, and the results are
+# written back the same way: on CPU the per-op dispatch cost, not the arithmetic, dominates for ~1k rows. One table
+# is the one-element case (same results).
 
 
 class _Rows:
