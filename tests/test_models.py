@@ -209,9 +209,10 @@ def test_short_training_run_learns_ml100k(name, kwargs, epochs, ml100k_prepared)
     assert metrics["auc"] > 0.75, metrics
 
 
-@pytest.mark.parametrize("pooling,weighted,same_dim", [("SUM", False, True), ("MEAN", False, True), ("SUM", True, True),
-                                                       ("SUM", True, False), ("MEAN", False, False)])
-def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, pooling, weighted, same_dim):
+@pytest.mark.parametrize("pooling,weighted,same_dim,multi", [
+    ("SUM", False, True, True), ("MEAN", False, True, True), ("SUM", True, True, True), ("SUM", True, False, True),
+    ("MEAN", False, False, True), ("SUM", False, True, False), ("SUM", True, True, False)])
+def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, pooling, weighted, same_dim, multi):
     """make_ebc's grouped lookup gives TorchRec's own EBC output and table gradients, on a real ML-100K batch
     (single-valued fields) plus a multi-valued field with empty bags, for sum, mean and weighted sum pooling; the
     tables' gradient on every row (touched or not) is compared, and a deepcopy looks up its own tables. Same-width
@@ -229,7 +230,8 @@ def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, p
     fields = ["zip", "item_id", "user_id"]
     kjt = batch.sparse
     rng = np.random.default_rng(0)
-    multi_len = rng.integers(0, 4, 64)  # a multi-valued "bag" feature with empty bags, on the zip table
+    # a multi-valued "bag" feature with empty bags, on the zip table (or a single-valued one: the sample-major path)
+    multi_len = rng.integers(0, 4, 64) if multi else np.ones(64, dtype=np.int64)
     keys = fields + ["bag"]
     values = [kjt[f].values() for f in fields] + [torch.from_numpy(rng.integers(0, 50, int(multi_len.sum())))]
     lengths = [kjt[f].lengths() for f in fields] + [torch.from_numpy(multi_len).to(torch.int32)]
@@ -256,9 +258,15 @@ def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, p
     coef = torch.randn(64, sum(c.embedding_dim * len(c.feature_names) for c in configs))
     outs = {}
     for name, ebc in (("ref", ref), ("grouped", grouped)):
-        kt = ebc(features)
-        (kt.values() * coef).sum().backward()
+        for scale in (1.0, 3.0):  # the second backward accumulates into the first one's gradients
+            kt = ebc(features)
+            (kt.values() * coef * scale).sum().backward()
         outs[name] = (kt.keys(), kt.values().detach(), [p.grad.clone() for p in ebc.parameters()])
+        for p in ebc.parameters():
+            p.grad = None
+        (ebc(features).values() * coef).sum().backward()  # after set-to-none: the reused buffer gives one step's grad
+        for p, g2 in zip(ebc.parameters(), outs[name][2]):
+            torch.testing.assert_close(4 * p.grad, g2, rtol=1e-5, atol=1e-6)
     assert outs["ref"][0] == outs["grouped"][0]
     torch.testing.assert_close(outs["grouped"][1], outs["ref"][1], rtol=1e-5, atol=1e-6)
     for g_ref, g_grouped in zip(outs["ref"][2], outs["grouped"][2]):

@@ -89,6 +89,12 @@ def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: tor
         # every feature in ONE embedding_bag over the shared buffer: bags are (feature, sample), feature major
         base, firsts = flat
         gids = buffer_ids(indices, bounds, features, firsts)
+        if len(indices) == n_feat * batch and bool((offsets[1:] - offsets[:-1] == 1).all()):
+            # single-valued: gather the rows sample-major, so the output needs no transpose
+            out = F.embedding(gids.view(n_feat, batch).t().reshape(-1), base.detach())  # [B * F, D]
+            if per_sample_weights is not None:
+                out = out * per_sample_weights.view(n_feat, batch).t().reshape(-1, 1)
+            return out.view(batch, -1)
         out = F.embedding_bag(gids, base.detach(), offsets, mode=modes[0], per_sample_weights=per_sample_weights,
                               include_last_offset=True)  # [F * B, D]
         return out.view(n_feat, batch, -1).transpose(0, 1).reshape(batch, -1)
@@ -140,33 +146,41 @@ def occurrence_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: tor
         yield f, indices[lo:hi].long(), occ
 
 
-def pooled_occurrence_grads(grad_out: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-                            n_feat: int, mode: str) -> torch.Tensor:
-    """:func:`occurrence_grads` for a pooled lookup whose features all have the same width and pooling, in one
-    piece: ``[n_indices, D]``, occurrences in index order (feature major)."""
+def pooled_rows_and_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+                          per_sample_weights: torch.Tensor | None, features: Sequence[int], firsts: Sequence[int],
+                          mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a pooled lookup over tables sharing one buffer (all features of one width and pooling): every
+    occurrence's row in the buffer ``[n_indices]`` and the gradient reaching it ``[n_indices, D]``, in matching
+    order (sample major when every bag holds one id -- then the gradient is a view of ``grad_out`` -- else
+    feature major)."""
+    n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
-    bags = grad_out.view(batch, n_feat, -1).transpose(0, 1).reshape(n_feat * batch, -1)  # bag (f, b) -> row f*B+b
+    gids = buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
     lengths = offsets[1:] - offsets[:-1]
-    if bool((lengths == 1).all()):
-        occ = bags
-    else:
-        bag = torch.repeat_interleave(torch.arange(n_feat * batch, device=grad_out.device), lengths.long(),
-                                      output_size=int(offsets[-1] - offsets[0]))
-        occ = bags.index_select(0, bag)
-        if mode == "mean":
-            occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
+    if len(indices) == n_feat * batch and bool((lengths == 1).all()):
+        occ = grad_out.reshape(batch * n_feat, -1)  # row b*F + f: sample b, feature f
+        gids = gids.view(n_feat, batch).t().reshape(-1)
+        if per_sample_weights is not None:
+            occ = occ * per_sample_weights.view(n_feat, batch).t().reshape(-1, 1)
+        return gids, occ
+    bags = grad_out.view(batch, n_feat, -1).transpose(0, 1).reshape(n_feat * batch, -1)  # bag (f, b) -> row f*B+b
+    bag = torch.repeat_interleave(torch.arange(n_feat * batch, device=grad_out.device), lengths.long(),
+                                  output_size=len(indices))
+    occ = bags.index_select(0, bag)
+    if mode == "mean":
+        occ = occ / lengths.clamp_min(1).to(occ.dtype).index_select(0, bag).unsqueeze(1)
     if per_sample_weights is not None:
         occ = occ * per_sample_weights.unsqueeze(1)
-    return occ
+    return gids, occ
 
 
 class _GroupedLookup(torch.autograd.Function):
     """:func:`lookup` over all tables of a collection as one autograd node; backward: dense table gradients."""
 
     @staticmethod
-    def forward(ctx, indices, offsets, per_sample_weights, features, modes, *weights):
+    def forward(ctx, indices, offsets, per_sample_weights, features, modes, grad_buffers, *weights):
         ctx.save_for_backward(indices, offsets, per_sample_weights)
-        ctx.features, ctx.modes = features, modes
+        ctx.features, ctx.modes, ctx.grad_buffers, ctx.weights = features, modes, grad_buffers, weights
         ctx.shapes = [(w.shape, w.dtype, w.device) for w in weights]
         flat = flat_tables(weights) if len(set(modes)) == 1 and modes[0] != "none" and len(offsets) > 1 else None
         ctx.flat = None
@@ -181,18 +195,23 @@ class _GroupedLookup(torch.autograd.Function):
         features = ctx.features
         if ctx.flat is not None:  # one buffer: one gradient buffer, one index_put_, views per table
             rows, dim, dtype, device, firsts = ctx.flat
-            occ = pooled_occurrence_grads(grad_out, offsets, psw, len(features), ctx.modes[0])
-            batch = (len(offsets) - 1) // len(features)
-            bounds = offsets[::batch].tolist()
-            flat = torch.zeros((rows, dim), dtype=dtype, device=device)
-            flat.index_put_((buffer_ids(indices.long(), bounds, features, firsts),), occ.to(dtype), accumulate=True)
+            gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, ctx.modes[0])
+            flat = ctx.grad_buffers.get("flat")
+            # Reuse last step's gradient buffer when no table holds a gradient any more (zero_grad(set_to_none=True)
+            # ran): a fresh ~10 MB buffer is page-faulted in by the OS every step. Else (accumulation) a new one.
+            if flat is None or flat.shape != (rows, dim) or flat.dtype != dtype or any(w.grad is not None
+                                                                                     for w in ctx.weights):
+                flat = ctx.grad_buffers["flat"] = torch.zeros((rows, dim), dtype=dtype, device=device)
+            else:
+                flat.zero_()
+            flat.index_put_((gids,), occ.to(dtype), accumulate=True)
             views = [flat[first : first + ctx.shapes[t][0][0]] for t, first in enumerate(firsts)]
-            return (None, None, None, None, None, *views)
+            return (None, None, None, None, None, None, *views)
         dims = [ctx.shapes[t][0][1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
             t = features[f]
-            if ctx.needs_input_grad[5 + t]:
+            if ctx.needs_input_grad[6 + t]:
                 t_ids, t_occ = per_table.setdefault(t, ([], []))
                 t_ids.append(ids)
                 t_occ.append(occ)
@@ -211,7 +230,7 @@ class _GroupedLookup(torch.autograd.Function):
             flat.index_put_((gids,), occ, accumulate=True)
             for j, t in enumerate(ts):
                 grads[t] = flat[bases[j] : bases[j + 1]]  # contiguous views of one buffer
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def _grouped_forward(self: EmbeddingBagCollection, features):
@@ -223,7 +242,7 @@ def _grouped_forward(self: EmbeddingBagCollection, features):
         kjt = kjt.permute([kjt.keys().index(n) for n in names])
     weights = [bag.weight for bag in self.embedding_bags.values()]
     psw = kjt.weights_or_none() if self.is_weighted() else None
-    values = _GroupedLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes, *weights)
+    values = _GroupedLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes, self._grad_buffers, *weights)
     return KeyedTensor(keys=self._embedding_names, values=values, length_per_key=self._lengths_per_embedding)
 
 
@@ -239,6 +258,7 @@ def use_grouped_lookup(ebc: EmbeddingBagCollection) -> EmbeddingBagCollection:
             table_of.append(t)
             modes.append(bag.mode)
     ebc._grouped_layout = (names, table_of, modes)
+    ebc._grad_buffers = {}  # the tables' gradient buffer, reused across steps (see _GroupedLookup.backward)
     ebc.forward = types.MethodType(_grouped_forward, ebc)  # bound to the instance: deepcopy rebinds it
     if not any(p.is_meta for p in ebc.parameters()):
         share_storage([bag.weight for bag in ebc.embedding_bags.values()])

@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from recsys_transfer.flat import rows_of_one_buffer
-from recsys_transfer.modules.embedding import buffer_ids, lookup, occurrence_grads, pooled_occurrence_grads
+from recsys_transfer.modules.embedding import lookup, occurrence_grads, pooled_rows_and_grads
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
 
@@ -327,9 +327,7 @@ def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode) -
     """The per-table items of a call whose tables share one buffer: every occurrence at once (global row ids in
     the buffer, one unique, one scatter_add), then one slice per table."""
     base, firsts = flat
-    batch = (len(offsets) - 1) // len(features)
-    gids = buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
-    occ = pooled_occurrence_grads(grad_out, offsets, psw, len(features), mode)
+    gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, mode)
     rows, inverse = torch.unique(gids, return_inverse=True)
     g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
     g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
