@@ -79,10 +79,11 @@ def make_batches(meta, batch: int, count: int, seed: int = 0):
     return out
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in MiB: VmRSS (current) or VmHWM (peak since start or last reset)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -164,15 +165,8 @@ def mem_worker(method: str, big_rows: int | None, rows: int, steps: int, batch: 
     for k in range(steps):
         step(batches[k % len(batches)])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rss_setup_mib": rss_setup, "rss_peak_mib": peak, "rss_extra_mib": _vm_hwm_mib() - rss_setup}
+    return {"rss_setup_mib": rss_setup, "rss_peak_mib": peak, "rss_extra_mib": rss_mib("VmHWM") - rss_setup}
 
-
-def _vm_hwm_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _finish_dist() -> None:
