@@ -73,3 +73,25 @@ def global_rows(rows: Sequence[torch.Tensor], firsts: Sequence[int]) -> torch.Te
     if len(rows) == 1:
         return rows[0] + firsts[0]
     return torch.cat([r + f for r, f in zip(rows, firsts)])
+
+
+def join(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(blocks)``, without the copy when the blocks are adjacent row blocks of one tensor, in order
+    (e.g. the per-table slices of one update direction): then the result is a view covering them."""
+    b0 = blocks[0]
+    if len(blocks) == 1:
+        return b0
+    if b0.dim() >= 1 and all(b.is_contiguous() for b in blocks):
+        storage = b0.untyped_storage().data_ptr()
+        nbytes = b0.element_size()
+        end = b0.data_ptr() + b0.numel() * nbytes
+        adjacent = True
+        for b in blocks[1:]:
+            if (b.dtype != b0.dtype or b.shape[1:] != b0.shape[1:] or b.untyped_storage().data_ptr() != storage
+                    or b.data_ptr() != end):
+                adjacent = False
+                break
+            end += b.numel() * nbytes
+        if adjacent:
+            return b0.as_strided((sum(len(b) for b in blocks), *b0.shape[1:]), b0.stride())
+    return torch.cat(list(blocks))

@@ -284,3 +284,59 @@ def test_embedding_collection_path_equals_bag_path(ml100k_prepared):
         b = bag.embedding.embedding_bags[f"t_{f}"].weight
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert runs[0].stats()["embedding.t_zip"]["target_rows"] > 0
+
+
+@pytest.mark.parametrize("mode,loss,fields", [
+    ("+Ours", "adversarial", None),  # every table under transfer: the loss sees all touched rows in one span
+    ("lexico", "adversarial", FIELDS),  # some tables: the transfer rows are gathered from several spans
+    ("+T", "cosreg", None),  # a loss over every touched row
+    ("select", "moment", FIELDS),
+])
+def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss, fields):
+    """The whole-array update of tables that share one buffer (_fused_step_flat) gives the per-table path's
+    weights, row-optimizer state, discriminators and step statistics."""
+    import numpy as np
+
+    out, meta = ml100k_prepared
+    rng = np.random.default_rng(0)
+    domains = {f.name: f.tail_mask() & (rng.random(f.vocab_size) >= 0.2) for f in meta.sparse}
+    runs, taken = [], []
+    flat_step = barrier_mod._fused_step_flat
+    for flat in (True, False):
+        monkeypatch.setattr(barrier_mod, "_fused_step_flat",
+                            (lambda items: taken.append(flat_step(items)) or taken[-1]) if flat else (lambda items: False))
+        torch.manual_seed(3)  # not a deepcopy: that gives each table its own storage, and the general path
+        model = FM(meta, embedding_dim=DIM)
+        config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), optimizer="adam",
+                                lr=0.05, lam=0.5)
+        plugin = TransferPlugin(model, meta, config, domains=domains)
+        dense = torch.optim.SGD(plugin.dense_parameters(), lr=0.05)
+        stats = []
+        for step, batch in enumerate(BatchLoader(out, "train", 256, shuffle=True, seed=6)):
+            if step == 4:
+                break
+            dense.zero_grad()
+            plugin.backward(F.binary_cross_entropy_with_logits(model(batch)["label"], batch.labels["label"]))
+            dense.step()
+            stats.append(plugin.stats())
+        runs.append((model, plugin, stats))
+    (m_flat, p_flat, s_flat), (m_gen, p_gen, s_gen) = runs
+    assert len(taken) == 8 and all(taken)  # 4 steps x (first-order, embedding) calls, all on the flat path
+    for (name, a), b in zip(m_flat.state_dict().items(), m_gen.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for wa, wb in zip(p_flat.table_weights, p_gen.table_weights):
+        for key, value in p_flat.optimizer.state[wa].items():
+            torch.testing.assert_close(value, p_gen.optimizer.state[wb][key], rtol=1e-5, atol=1e-6)
+    for la, lb in zip(p_flat.losses.values(), p_gen.losses.values()):
+        for a, b in zip(la.parameters(), lb.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = 0
+    for sa, sb in zip(s_flat, s_gen):
+        assert sa.keys() == sb.keys() and len(sa) == len(fields or meta.sparse_names)
+        for key in sa:
+            assert {k: sa[key][k] for k in ("rows", "source_rows", "target_rows")} == \
+                   {k: sb[key][k] for k in ("rows", "source_rows", "target_rows")}, key
+            assert sa[key]["transfer_loss"] == pytest.approx(sb[key]["transfer_loss"], rel=1e-4, abs=1e-7)
+            assert sa[key]["mean_lambda"] == pytest.approx(sb[key]["mean_lambda"], rel=1e-4, abs=1e-7)
+            moved += sa[key]["transfer_loss"] != 0
+    assert moved > 0  # the transfer term was live

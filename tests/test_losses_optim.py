@@ -139,10 +139,12 @@ def test_adversarial_manual_gradients_match_autograd():
 
     active = src.any(1) & tgt.any(1)
     rows = tables[active]
-    for (name, p), g in zip(auto.named_parameters(), grads):
-        m, v, step = auto._state[name]
-        adam_rows(p.data.view(4, -1), rows, g.view(4, -1).index_select(0, rows), m, v, step, lr=0.01, beta1=0.5,
+    for p, g in zip(auto.parameters(), grads):  # lazy Adam per parameter, from fresh state
+        w = p.data.reshape(4, -1).clone()
+        m, v, step = torch.zeros_like(w), torch.zeros_like(w), torch.zeros(4, dtype=torch.int64)
+        adam_rows(w, rows, g.reshape(4, -1).index_select(0, rows), m, v, step, lr=0.01, beta1=0.5,
                   beta2=0.999, eps=1e-8, weight_decay=0.0)
+        p.data.copy_(w.view_as(p))
     for a, b in zip(manual.parameters(), auto.parameters()):
         assert torch.allclose(a, b, atol=1e-12)
     assert not torch.equal(manual.w1[3], AdversarialLoss(4, 4, hidden=6, seed=3, dtype=torch.float64).w1[3])
@@ -175,3 +177,62 @@ def test_update_rows_many_on_a_shared_buffer_equals_one_table_at_a_time(name):
     if opt_flat.state[flat[0]]:
         key = next(iter(opt_flat.state[flat[0]]))
         assert rows_of_one_buffer([opt_flat.state[p][key] for p in flat]) is not None
+
+
+def test_adversarial_parameters_are_views_of_one_buffer_and_survive_conversion():
+    """The four discriminator parameters view one [T, K] buffer (one Adam call updates them); after .double()
+    (which gives them their own storage) the loss re-packs them and keeps training them."""
+    import copy
+
+    x, src, tgt = _case(seed=2)
+    loss = AdversarialLoss(3, 4, hidden=8, lr=0.05, seed=1)
+    assert set(loss.state_dict()) == {"w1", "b1", "w2", "b2"}
+    ptrs = {p.untyped_storage().data_ptr() for p in loss.parameters()}
+    assert len(ptrs) == 1
+    twin = copy.deepcopy(loss)  # Parameter.__deepcopy__ clones each parameter: the twin re-packs on first use
+    twin.grad(x.float(), src, tgt, torch.arange(3))
+    assert len({p.untyped_storage().data_ptr() for p in twin.parameters()}) == 1
+    assert twin.w1.untyped_storage().data_ptr() not in ptrs
+    assert not torch.equal(twin.w1, loss.w1)  # trained apart from the original
+    loss = loss.double()
+    before = [p.detach().clone() for p in loss.parameters()]
+    loss.grad(x, src, tgt, torch.arange(3))
+    assert all(p.dtype == torch.float64 for p in loss.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in loss.parameters()}) == 1
+    assert all(not torch.equal(a, b) for a, b in zip(before, loss.parameters()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "rowwise_adagrad"])
+def test_update_rows_many_with_the_callers_current_rows(name):
+    """Passing the rows' present values (``current``, as the fused step does) gives the same update as letting
+    the optimizer gather them."""
+    from recsys_transfer.flat import share_storage
+    from recsys_transfer.optim.rowwise import make_row_optimizer
+
+    gen = torch.Generator().manual_seed(1)
+    runs = []
+    for hint in (False, True):
+        params = [torch.nn.Parameter(torch.randn(s, 3, generator=torch.Generator().manual_seed(s), dtype=torch.float64))
+                  for s in (5, 8)]
+        share_storage(params)
+        opt = make_row_optimizer(name, params, lr=0.1)
+        for _ in range(3):
+            rows = [torch.tensor([0, 3]), torch.tensor([1, 2, 7])]
+            mus = [torch.randn(len(r), 3, generator=gen, dtype=torch.float64) for r in rows]
+            current = torch.cat([p.detach()[r] for p, r in zip(params, rows)]) if hint else None
+            opt.update_rows_many(params, rows, mus, current=current)
+        runs.append(torch.cat([p.detach() for p in params]))
+        gen.manual_seed(1)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_join_is_a_view_of_adjacent_blocks_and_a_copy_otherwise():
+    from recsys_transfer.flat import join
+
+    t = torch.arange(24.0).view(8, 3)
+    joined = join([t[0:2], t[2:5], t[5:8]])
+    assert joined.data_ptr() == t.data_ptr() and torch.equal(joined, t)
+    gap = join([t[0:2], t[3:5]])
+    assert gap.data_ptr() != t.data_ptr() and torch.equal(gap, torch.cat([t[0:2], t[3:5]]))
+    swapped = join([t[2:4], t[0:2]])
+    assert torch.equal(swapped, torch.cat([t[2:4], t[0:2]]))

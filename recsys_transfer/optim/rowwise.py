@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from recsys_transfer.flat import global_rows, rows_of_one_buffer, share_storage
+from recsys_transfer.flat import global_rows, join, rows_of_one_buffer, share_storage
 
 __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimizer"]
 
@@ -47,8 +47,10 @@ class _Rows:
     allocated there by the optimizers), it is ONE index_select / index_copy_ on the buffer with global row ids
     (computed once per layout), instead of one per table."""
 
-    def __init__(self, rows: list[torch.Tensor], known: tuple[tuple[int, ...], torch.Tensor] | None = None) -> None:
+    def __init__(self, rows: list[torch.Tensor], known: tuple[tuple[int, ...], torch.Tensor] | None = None,
+                 current: torch.Tensor | None = None) -> None:
         self.rows = rows
+        self.current = current  # the weights' touched rows, if the caller already gathered them (used up)
         self._global: dict[tuple[int, ...], torch.Tensor] = dict([known]) if known is not None else {}
         self._layouts: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
@@ -76,6 +78,13 @@ class _Rows:
             return tensors[0].index_select(0, self.rows[0])
         return torch.cat([t.index_select(0, r) for t, r in zip(tensors, self.rows)])
 
+    def gather_weights(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`gather` of the weights, or the rows the caller passed (they are updated in place)."""
+        if self.current is not None:
+            w, self.current = self.current, None
+            return w
+        return self.gather(weights)
+
     def scatter(self, tensors: list[torch.Tensor], values: torch.Tensor) -> None:
         flat = self._flat(tensors)
         if flat is not None:
@@ -87,17 +96,13 @@ class _Rows:
                 t.index_copy_(0, r, v)
 
 
-def _cat(values: list[torch.Tensor]) -> torch.Tensor:
-    return values[0] if len(values) == 1 else torch.cat(values)
-
-
 @torch.no_grad()
 def sgd_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
                   momentum_buffers: list[torch.Tensor] | None, *, lr: float, momentum: float, nesterov: bool,
                   weight_decay: float) -> None:
     at = rows if isinstance(rows, _Rows) else _Rows(rows)
-    w = at.gather(weights)
-    grad = _cat(grads)
+    w = at.gather_weights(weights)
+    grad = join(grads)
     d = grad if weight_decay == 0 else grad + weight_decay * w
     if momentum != 0:
         assert momentum_buffers is not None
@@ -112,8 +117,8 @@ def adam_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Row
                    exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], row_steps: list[torch.Tensor], *,
                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     at = rows if isinstance(rows, _Rows) else _Rows(rows)
-    w = at.gather(weights)
-    grad = _cat(grads)
+    w = at.gather_weights(weights)
+    grad = join(grads)
     if weight_decay != 0:
         w.mul_(1 - lr * weight_decay)
     m = at.gather(exp_avgs).mul_(beta1).add_(grad, alpha=1 - beta1)
@@ -133,8 +138,8 @@ def adam_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Row
 def rowwise_adagrad_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
                               sum_sqs: list[torch.Tensor], *, lr: float, eps: float, weight_decay: float) -> None:
     at = rows if isinstance(rows, _Rows) else _Rows(rows)
-    w = at.gather(weights)
-    grad = _cat(grads)
+    w = at.gather_weights(weights)
+    grad = join(grads)
     d = grad if weight_decay == 0 else grad + weight_decay * w
     s = at.gather(sum_sqs).add_(d.pow(2).mean(dim=1))
     at.scatter(sum_sqs, s)
@@ -168,11 +173,13 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         self.update_rows_many([param], [rows], [mu])
 
     def update_rows_many(self, params: list[torch.Tensor], rows: list[torch.Tensor], mus: list[torch.Tensor],
-                         buffer_rows: torch.Tensor | None = None) -> None:
+                         buffer_rows: torch.Tensor | None = None, current: torch.Tensor | None = None) -> None:
         """:meth:`update_rows` for several parameters at once (the same result as one call each); parameters of
         one param group with the same row width and dtype share one run of the maths (see the ``*_many``
-        kernels). ``buffer_rows``, if the caller has it: ``cat(rows[k] + first_row[k])`` for params that are row
-        blocks of one buffer (:mod:`recsys_transfer.flat`), saving its recomputation."""
+        kernels). What the caller may already have, saving its recomputation: ``buffer_rows``,
+        ``cat(rows[k] + first_row[k])`` for params that are row blocks of one buffer (:mod:`recsys_transfer.flat`);
+        ``current``, the rows' present values ``cat(params[k][rows[k]])`` (a tensor this call may overwrite;
+        only used when all params form one batch)."""
         batches: dict[tuple, tuple[dict[str, Any], list, list, list]] = {}
         for p, r, mu in zip(params, rows, mus):
             group = self._group_of(p)
@@ -186,8 +193,10 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             flat = rows_of_one_buffer(params)
             if flat is not None:
                 known = (tuple(flat[1]), buffer_rows)
+        if len(batches) != 1:
+            current = None
         for group, ps, rs, ms in batches.values():
-            self._update(group, ps, _Rows(rs, known), ms)
+            self._update(group, ps, _Rows(rs, known, current), ms)
 
     def _init_state(self, group: dict[str, Any], spec: dict[str, Any]) -> None:
         """Create the state of every parameter of ``group`` that has none (``spec``: key -> factory(param)), all

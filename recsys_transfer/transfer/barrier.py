@@ -77,7 +77,7 @@ def barrier_direction(g_main: torch.Tensor, g_transfer: torch.Tensor, main_loss:
     dot = (g_transfer * g_main).sum(dim=1)
     safe = torch.where(gg > 0, gg, torch.ones_like(gg))
     lam = torch.where(gg > 0, ((phi - dot) / safe).clamp_min(0.0), torch.zeros_like(gg))
-    return g_transfer + lam.unsqueeze(1) * g_main, lam
+    return torch.addcmul(g_transfer, lam.unsqueeze(1), g_main), lam
 
 
 @dataclass
@@ -96,6 +96,7 @@ class BarrierContext:
 
     def __init__(self) -> None:
         self.main_loss: torch.Tensor | None = None
+        self.flat_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _flat_domain_masks
 
 
 class TableRule:
@@ -134,6 +135,19 @@ class _Item:
     g: torch.Tensor  # main gradient [U, D]
     group: object  # process group of a row-wise sharded table, else None
     buffer_rows: torch.Tensor | None = None  # rows in the tables' shared buffer (recsys_transfer.flat), if any
+    flat: "_Flat | None" = None  # the call's rows of every table at once, when the tables share one buffer
+    span: tuple[int, int] = (0, 0)  # this table's rows are flat.rows[span[0]:span[1]]
+
+
+@dataclass
+class _Flat:
+    """Every touched row of one lookup call whose tables are row blocks of one buffer (see :func:`_flat_items`)."""
+
+    base: torch.Tensor  # the buffer, as rows
+    rows: torch.Tensor  # [U] unique buffer row ids, sorted (so each table's rows are one span)
+    g: torch.Tensor  # [U, D] main gradients
+    firsts: list[int]  # first buffer row of each table of the call
+    rules: list["TableRule"]  # each table's rule
 
 
 def _domain_rows(item: _Item):
@@ -191,6 +205,8 @@ def fused_step(items: list[_Item]) -> None:
     """Directions for the touched rows of every table of one lookup call, then the row updates."""
     for it in items:
         it.rule.stats = StepStats(rows=len(it.rows))
+    if items and _fused_step_flat(items):
+        return
     transfer = [k for k, it in enumerate(items) if it.rule.mode != "B"]
     t_grads = dict(zip(transfer, _transfer_grads([items[k] for k in transfer]))) if transfer else {}
     mus: list[torch.Tensor] = [it.g for it in items]
@@ -222,6 +238,106 @@ def fused_step(items: list[_Item]) -> None:
     for optimizer, ws, rs, ms, bs in by_optimizer.values():  # one run of the update maths per optimizer and width
         buffer_rows = None if any(b is None for b in bs) else (bs[0] if len(bs) == 1 else torch.cat(bs))
         optimizer.update_rows_many(ws, rs, ms, buffer_rows=buffer_rows)
+
+
+def _flat_domain_masks(flat: _Flat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and target masks over every row of the buffer (False in tables without transfer), so the rows of
+    all tables are classified by one index each. Built once per layout; each rule's masks then become views of
+    them, so they are not held twice."""
+    context = flat.rules[0].context
+    key = (flat.base.untyped_storage().data_ptr(), len(flat.base), tuple(flat.firsts), tuple(map(id, flat.rules)))
+    masks = context.flat_masks.get(key)
+    if masks is None:
+        src = torch.zeros(len(flat.base), dtype=torch.bool)
+        tgt = torch.zeros(len(flat.base), dtype=torch.bool)
+        for first, rule in zip(flat.firsts, flat.rules):
+            if rule.mode == "B":
+                continue
+            n = len(rule.source_mask)
+            src[first : first + n] = rule.source_mask
+            tgt[first : first + n] = rule.target_mask
+            rule.source_mask, rule.target_mask = src[first : first + n], tgt[first : first + n]
+        masks = context.flat_masks[key] = (src, tgt)
+    return masks
+
+
+def _fused_step_flat(items: list[_Item]) -> bool:
+    """:func:`fused_step` for the items of one call whose tables share a buffer (:func:`_flat_items`), on whole
+    arrays: one gather of the transfer rows, one padded loss call, one barrier over every row, one optimizer
+    call -- no per-table tensor op. Returns False (nothing done) when the items do not qualify: the general
+    path then runs (sharded tables, several loss objects or modes in one call)."""
+    flat = items[0].flat
+    if flat is None or any(it.flat is not flat for it in items):
+        return False
+    transfer = [it for it in items if it.rule.mode != "B"]
+    rules = [it.rule for it in transfer]
+    if transfer and any(r.loss is not rules[0].loss or r.mode != rules[0].mode or r.alpha != rules[0].alpha
+                        or r.lam != rules[0].lam for r in rules):
+        return False
+    mu_all, current = flat.g, None
+    if transfer:
+        rule0 = rules[0]
+        spans = [it.span for it in transfer]
+        sizes = [hi - lo for lo, hi in spans]
+        whole = spans[0][0] == 0 and spans[-1][1] == len(flat.rows) and all(
+            spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
+        sel = (torch.arange(len(flat.rows)) if whole else
+               torch.cat([torch.arange(lo, hi) for lo, hi in spans]))
+        rows = flat.rows if whole else flat.rows.index_select(0, sel)
+        g = flat.g if whole else flat.g.index_select(0, sel)
+        # padded layout [T, N]: row j of table k sits at slot k * N + j; a padding slot repeats a real row, with
+        # both masks False (so the loss gives it no gradient)
+        n_tab, n_max, m = len(transfer), max(sizes), len(rows)
+        size_t = torch.tensor(sizes)
+        tix = torch.repeat_interleave(torch.arange(n_tab), size_t, output_size=m)
+        shift = torch.arange(n_tab) * n_max - (torch.cumsum(size_t, 0) - size_t)  # slot - position, per table
+        pidx = torch.arange(m).add_(shift.index_select(0, tix))
+        # the rows' present values, gathered ONCE from the (large) buffer: the loss reads them, the optimizer
+        # updates them in place and writes them back
+        current = flat.base.index_select(0, flat.rows)
+        at = torch.zeros(n_tab * n_max, dtype=torch.int64).index_copy_(0, pidx, sel)  # slot -> position
+        x = current.index_select(0, at)
+        if rule0.loss.uses_all_rows:
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool).index_fill_(0, pidx, True)
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool)
+        else:
+            src_all, tgt_all = _flat_domain_masks(flat)
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool).index_copy_(0, pidx, src_all.index_select(0, rows))
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool).index_copy_(0, pidx, tgt_all.index_select(0, rows))
+        src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
+        tables = torch.tensor([r.loss_index for r in rules], dtype=torch.int64)
+        values, gx = rule0.loss.grad(x.view(n_tab, n_max, -1), src, tgt, tables)
+        t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
+        if _USES_BARRIER[rule0.mode]:
+            main_loss = rule0.context.main_loss
+            if main_loss is None:
+                raise RuntimeError("the main loss is unknown: call plugin.backward(loss) (or "
+                                   "plugin.set_main_loss(loss)) instead of loss.backward()")
+            mu, lam = barrier_direction(g, t, main_loss, rule0.alpha)
+            lam_means = torch.segment_reduce(lam, "mean", lengths=size_t).tolist()
+        else:
+            mu, lam_means = g + rule0.lam * t, [0.0] * n_tab  # Eq. 1: l_main + lam l_transfer
+        if whole:
+            mu_all = mu
+        else:
+            mu_all = flat.g.clone()
+            mu_all[sel] = mu
+        n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
+        for j, it in enumerate(transfer):
+            st = it.rule.stats
+            st.source_rows, st.target_rows, st.transfer_loss, st.mean_lambda = n_src[j], n_tgt[j], vals[j], lam_means[j]
+    by_optimizer: dict[int, tuple[RowOptimizer, list, list, list]] = {}
+    for it in items:
+        assert it.rule.optimizer is not None
+        _, ws, rs, ms = by_optimizer.setdefault(id(it.rule.optimizer), (it.rule.optimizer, [], [], []))
+        ws.append(it.weight)
+        rs.append(it.rows)
+        ms.append(mu_all[it.span[0] : it.span[1]])
+    for optimizer, ws, rs, ms in by_optimizer.values():
+        one = len(by_optimizer) == 1
+        optimizer.update_rows_many(ws, rs, ms, buffer_rows=flat.rows if one else None,
+                                   current=current if one else None)
+    return True
 
 
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
@@ -334,11 +450,13 @@ def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode) -
     g = g.to(base.dtype)
     edges = [e for t in range(len(tables)) for e in (firsts[t], firsts[t] + tables[t][0].shape[0])]
     cuts = torch.searchsorted(rows, torch.tensor(edges, dtype=rows.dtype, device=rows.device)).tolist()
+    whole = _Flat(base, rows, g, list(firsts), [t[1] for t in tables])
     items = []
     for t, (weight, rule, row_offset, group) in enumerate(tables):
         lo, hi = cuts[2 * t], cuts[2 * t + 1]
         if hi > lo:
-            items.append(_Item(rule, weight, rows[lo:hi] - firsts[t], row_offset, g[lo:hi], group, rows[lo:hi]))
+            items.append(_Item(rule, weight, rows[lo:hi] - firsts[t], row_offset, g[lo:hi], group, rows[lo:hi],
+                               whole, (lo, hi)))
     return items
 
 

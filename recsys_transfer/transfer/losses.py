@@ -66,18 +66,42 @@ class AdversarialLoss(TransferLoss):
                  betas: tuple[float, float] = (0.5, 0.999), dtype: torch.dtype = torch.float32) -> None:
         super().__init__(num_tables)
         self.lr, self.betas = lr, betas
-        w1 = torch.empty(num_tables, dim, hidden, dtype=dtype)
-        b1 = torch.zeros(num_tables, hidden, dtype=dtype)
-        w2 = torch.empty(num_tables, hidden, dtype=dtype)
-        b2 = torch.zeros(num_tables, dtype=dtype)
+        self.dim, self.hidden = dim, hidden
+        # every table's discriminator is ONE row of a [T, K] buffer: [w1 (D x H, row-major); b1; w2; b2], so the
+        # augmented first layer [w1; b1] is a [D + 1, H] view and one lazy Adam call updates all parameters
+        k = (dim + 1) * hidden + hidden + 1
+        packed = torch.zeros(num_tables, k, dtype=dtype)
+        w1, b1, w2, b2 = self._views(packed)
         for t in range(num_tables):  # each table's discriminator from its own seed: independent of grouping
             gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
             w1[t].uniform_(-1, 1, generator=gen).mul_(dim ** -0.5)
             w2[t].uniform_(-1, 1, generator=gen).mul_(hidden ** -0.5)
-        self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(p) for p in (w1, b1, w2, b2))
-        self._state = {name: (torch.zeros_like(p).view(num_tables, -1), torch.zeros_like(p).view(num_tables, -1),
-                              torch.zeros(num_tables, dtype=torch.int64)) for name, p in self.named_parameters()}
+        self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(v) for v in (w1, b1, w2, b2))
+        self._packed = packed  # not a buffer: the parameters are its views (state-dict keys w1, b1, w2, b2)
+        self._adam = (torch.zeros_like(packed), torch.zeros_like(packed), torch.zeros(num_tables, dtype=torch.int64))
         self._buffers_ws: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # see _workspace
+
+    def _views(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        d, h = self.dim, self.hidden
+        return (packed[:, : d * h].view(-1, d, h), packed[:, d * h : (d + 1) * h], packed[:, (d + 1) * h : (d + 2) * h],
+                packed[:, -1])
+
+    def _packed_params(self) -> torch.Tensor:
+        """The [T, K] buffer the parameters view; re-packed if something (``.to()``, assigning ``.data``) gave
+        them their own storage."""
+        buf = self._packed
+        views = self._views(buf)
+        if all(p.data_ptr() == v.data_ptr() and p.dtype == v.dtype and p.device == v.device
+               for p, v in zip(self.parameters(), views)):
+            return buf
+        buf = torch.empty((self.num_tables, buf.shape[1]), dtype=self.w1.dtype, device=self.w1.device)
+        with torch.no_grad():
+            for p, v in zip(list(self.parameters()), self._views(buf)):
+                v.copy_(p)
+                p.data = v
+        self._packed = buf
+        self._adam = tuple(t.to(buf.device, buf.dtype if t.dtype != torch.int64 else t.dtype) for t in self._adam)
+        return buf
 
     def logits(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Discriminator logits ``[T, N]`` of each table's own discriminator."""
@@ -116,46 +140,56 @@ class AdversarialLoss(TransferLoss):
         ``d adv / dx`` for the rows and ``d disc / d params`` for the discriminator's lazy Adam step.
         ``test_adversarial_manual_gradients_match_autograd`` checks both against autograd.
 
-        Cost: the [T, N, H] tensors are the expensive part, so there are only two of them (pre-activation, turned
-        into the activation in place, and ``G = dz/da`` per unit of ``dz``), both in reused buffers; every
-        per-row scalar (``dz``) is applied on the [T, N, D] or [T, 1, N] side of a bmm instead."""
+        Cost: the [T, N, H] tensors are the expensive part (memory-bound: each pass over them is a pass over
+        ~10 MB), so there are only two of them (pre-activation, turned into the activation in place, and
+        ``G = dz/da`` per unit of ``dz``), both in reused buffers, and as few passes as possible: the bias b1 is
+        a row of the augmented weight [w1; b1] against rows [x, 1], so it costs no pass of its own, and its
+        gradient comes out of the same bmm as w1's; every per-row scalar (``dz``) is applied on the [T, N, D]
+        or [T, 1, N] side of a bmm instead."""
         with torch.no_grad():
-            w1, b1, w2, b2 = self.w1[tables], self.b1[tables], self.w2[tables], self.b2[tables]
-            t_, n_, _ = x.shape
-            shape = (t_, n_, w1.shape[2])
-            a = torch.bmm(x, w1, out=self._workspace("a", shape, x.dtype)).add_(b1.unsqueeze(1))  # [T, N, H]
+            t_, n_, d_ = x.shape
+            h_ = self.hidden
+            packed = self._packed_params()
+            par = packed.index_select(0, tables)  # [T, K]: every parameter of these tables in one gather
+            wa = par[:, : (d_ + 1) * h_].view(t_, d_ + 1, h_)  # [w1; b1]
+            w1 = wa[:, :d_]
+            w2, b2 = par[:, (d_ + 1) * h_ : (d_ + 2) * h_], par[:, -1]
+            xa = self._workspace("x1", (t_, n_, d_ + 1), x.dtype)  # [x, 1]
+            xa[..., :d_].copy_(x)
+            xa[..., d_].fill_(1.0)
+            shape = (t_, n_, h_)
+            a = torch.bmm(xa, wa, out=self._workspace("a", shape, x.dtype))  # [T, N, H] pre-activation
             # G[t, n, :] = d z / d a = w2 * leaky_relu'(a): the slope 1 or 0.2 per unit, from a before it is activated
             g_act = torch.ops.aten.leaky_relu_backward.grad_input(
                 w2.unsqueeze(1).expand(shape), a, 0.2, False, grad_input=self._workspace("G", shape, x.dtype))
             h = F.leaky_relu_(a, 0.2)  # a's buffer now holds the activation
             # z^T = w2^T h^T ([1, H] x [H, N]: a gemm over h in place; h @ w2 as a gemv is ~4x slower on CPU)
-            z = torch.bmm(w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1) + b2.unsqueeze(1)  # [T, N]
+            z = torch.baddbmm(b2.view(t_, 1, 1), w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)  # [T, N]
             srcf, tgtf = src.to(x.dtype), tgt.to(x.dtype)
-            ns = srcf.sum(1).clamp_min(1).unsqueeze(1)
-            nt = tgtf.sum(1).clamp_min(1).unsqueeze(1)
-            active = (src.any(1) & tgt.any(1)).to(x.dtype).unsqueeze(1)  # [T, 1]
+            ns = srcf.sum(1, keepdim=True)
+            nt = tgtf.sum(1, keepdim=True)
+            active = (ns > 0) & (nt > 0)  # [T, 1]: a table with an empty side has no transfer signal
+            inv_t = torch.where(active, 1.0 / nt.clamp_min(1), 0.0)
+            half_inv_s = torch.where(active, 0.5 / ns.clamp_min(1), 0.0)
             sig = torch.sigmoid(z)
-            adv = (F.softplus(-z) * tgtf / nt * active).sum(1)
+            sm1 = sig - 1
+            tw = tgtf * inv_t  # the weight of each target row in the means over T
+            adv = (F.softplus(-z) * tw).sum(1)
             # d softplus(-z)/dz = sigmoid(z) - 1 ; d softplus(z)/dz = sigmoid(z)
-            dz_adv = (sig - 1) * tgtf / nt * active  # [T, N]
-            dz_disc = 0.5 * ((sig - 1) * srcf / ns + sig * tgtf / nt) * active
+            dz_adv = sm1 * tw  # [T, N]
+            dz_disc = sm1 * srcf * half_inv_s + sig * tw * 0.5
             # d adv / dx = dz_adv * (G @ w1^T); the discriminator's gradients contract dz_disc with G and h
             gx = torch.bmm(g_act, w1.transpose(1, 2)).mul_(dz_adv.unsqueeze(-1))  # [T, N, D]
-            dzd = dz_disc.unsqueeze(1)  # [T, 1, N]
-            grads = (torch.bmm((x * dz_disc.unsqueeze(-1)).transpose(1, 2), g_act),  # w1 [T, D, H]
-                     torch.bmm(dzd, g_act).squeeze(1),  # b1 [T, H]
-                     torch.bmm(dzd, h).squeeze(1), dz_disc.sum(1))  # w2 [T, H], b2 [T]
-        live = active.squeeze(1) > 0
+            xd = torch.mul(xa, dz_disc.unsqueeze(-1), out=self._workspace("xd", xa.shape, x.dtype))
+            grads = torch.cat([torch.bmm(xd.transpose(1, 2), g_act).view(t_, -1),  # [w1; b1]  [T, (D + 1) H]
+                               torch.bmm(dz_disc.unsqueeze(1), h).squeeze(1),  # w2 [T, H]
+                               dz_disc.sum(1, keepdim=True)], 1)  # b2 [T, 1]
+        live = active.squeeze(1)
         if bool(live.any()):  # lazy Adam over the tables that had both sides this step
-            rows = tables[live]
-            for (name, p), g in zip(self.named_parameters(), grads):
-                m, v, step = self._state[name]
-                adam_rows(p.data.view(self.num_tables, -1), rows, g[live].reshape(len(rows), -1), m, v, step,
-                          lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], eps=1e-8, weight_decay=0.0)
+            m, v, step = self._adam
+            adam_rows(packed, tables[live], grads[live], m, v, step, lr=self.lr, beta1=self.betas[0],
+                      beta2=self.betas[1], eps=1e-8, weight_decay=0.0)
         return adv, gx
-
-    def state_dict_extra(self) -> dict:
-        return {k: [t.clone() for t in v] for k, v in self._state.items()}
 
 
 class MMDLoss(TransferLoss):
