@@ -19,6 +19,13 @@ returning gradients for the tables, runs :func:`fused_step` once for all of them
 
 Extra memory is ``O(U x D)`` per table and step, independent of the table size.
 
+When the call's tables are row blocks of one buffer (the unsharded EBC built by
+:func:`recsys_transfer.modules.embedding.make_ebc`), steps 1-4 run on whole arrays (:func:`_fused_step_flat`):
+the touched rows of every table are gathered from the buffer ONCE (the loss reads them, the optimizer updates them
+and writes them back), placed in the padded layout by one index, and the barrier and the optimizer each run once
+over all rows; per-table work is only Python bookkeeping. Sharded tables and mixed calls take the per-table path
+(same results, tested against each other).
+
 Why a custom lookup and not TorchRec's fused TBE: the barrier needs, per row, the *main-loss gradient itself*
 (for ``lambda_i``) before any update, and the CPU fused TBE can only apply its own optimizer to it
 (``OptimType.NONE``, which returns gradients, is CUDA-only); ``apply_optimizer_in_backward`` would hand us a dense
