@@ -115,3 +115,47 @@ def test_prefetch_gives_the_same_batches_and_stops_its_thread(ml100k_prepared):
         if k == 2:
             break
     assert not [t for t in threading.enumerate() if t.name == "batch-loader"]
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
+def test_shuffled_batches_follow_the_documented_order(ml100k_prepared, tmp_path, rank, world_size):
+    """The stream is: pieces in the order drawn from (seed, epoch, rank), grouped into buffers of at least
+    shuffle_buffer_rows rows, each buffer permuted by the next draw, buffers concatenated, cut into batches (rows
+    left at a buffer's end open the next batch). Rebuilt here from pyarrow reads, for several buffers, a batch
+    size that does not divide them, and the last partial batch."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    prepared, meta = ml100k_prepared
+    out = tmp_path / "prepared"
+    shutil.copytree(prepared, out)
+    for rel in meta.split_files["train"]:  # the same rows in row groups of 2,500: many pieces
+        pq.write_table(pq.read_table(out / rel), out / rel, row_group_size=2_500)
+    loader = BatchLoader(out, "train", 700, shuffle=True, seed=11, shuffle_buffer_rows=6_000, rank=rank,
+                         world_size=world_size, prefetch=0)
+    loader.set_epoch(2)
+    keys = meta.sparse_names
+    rng = np.random.default_rng([11, 2, rank])
+    pieces = [loader._pieces[k] for k in rng.permutation(len(loader._pieces))]
+    frames, group = [], []
+
+    def flush():
+        rows = pl.concat([pl.from_arrow(pq.ParquetFile(p.file).read_row_group(p.row_group)).slice(p.start, p.stop - p.start)
+                          for p in group])
+        frames.append(rows[rng.permutation(len(rows))])
+
+    buffered = 0
+    for p in pieces:
+        group.append(p)
+        buffered += p.stop - p.start
+        if buffered >= 6_000:
+            flush()
+            group, buffered = [], 0
+    if group:
+        flush()
+    assert len(frames) >= 3
+    want = pl.concat(frames).select(keys + ["label"]).with_columns(pl.col("label").cast(pl.Float32))
+    batches = list(loader)
+    assert [b.batch_size for b in batches] == [700] * (len(want) // 700) + ([len(want) % 700] if len(want) % 700 else [])
+    assert _batches_to_frame(batches, keys).equals(want)

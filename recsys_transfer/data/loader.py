@@ -11,8 +11,10 @@ buffer of about ``shuffle_buffer_rows`` rows, and the buffer is permuted before 
 buffer at least as large as the split this is a full uniform shuffle. Call :meth:`BatchLoader.set_epoch` each
 epoch (like ``DistributedSampler``) to get a new order.
 
-The hot path is columnar: one ``read_row_group`` per piece, numpy fancy indexing per buffer, and one
-``torch.from_numpy`` per batch tensor; no Python loop touches individual rows.
+The hot path is columnar: one ``read_row_group`` per piece, decoded straight into the buffer's arrays (sparse
+ids stored field-major, the KJT layout), one numpy gather per batch from the buffer in its permuted order (a
+permuted copy of the whole buffer is never made, so the first batch of an epoch waits only for the reads), and
+one ``torch.from_numpy`` per batch tensor; no Python loop touches individual rows.
 """
 
 from __future__ import annotations
@@ -42,22 +44,26 @@ class _Piece:
 
 
 @dataclass
-class _Block:
-    sparse: np.ndarray  # int64 [n, F]
-    dense: np.ndarray  # float32 [n, D]
-    labels: np.ndarray  # float32 [n, L]
+class _Rows:
+    """Rows of a split, columnar: ``sparse_t`` int64 [F, n] (one row per field, so a batch's KJT values -- field
+    major -- are a gather along axis 1 with no transpose), ``dense`` float32 [n, D], ``labels`` float32 [n, L]."""
+
+    sparse_t: np.ndarray
+    dense: np.ndarray
+    labels: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: np.ndarray | slice) -> "_Block":
-        return _Block(self.sparse[idx], self.dense[idx], self.labels[idx])
+    def take(self, idx: np.ndarray | slice) -> "_Rows":
+        return _Rows(self.sparse_t[:, idx], self.dense[idx], self.labels[idx])
 
     @staticmethod
-    def concat(blocks: list["_Block"]) -> "_Block":
-        if len(blocks) == 1:
-            return blocks[0]
-        return _Block(*(np.concatenate([getattr(b, k) for b in blocks]) for k in ("sparse", "dense", "labels")))
+    def concat(parts: list["_Rows"]) -> "_Rows":
+        if len(parts) == 1:
+            return parts[0]
+        return _Rows(np.concatenate([p.sparse_t for p in parts], axis=1), np.concatenate([p.dense for p in parts]),
+                     np.concatenate([p.labels for p in parts]))
 
 
 class BatchLoader:
@@ -143,39 +149,52 @@ class BatchLoader:
         return full + (1 if rest and not self.drop_last else 0)
 
     # -- reading -----------------------------------------------------------------------------------------------
-    def _read(self, piece: _Piece) -> _Block:
+    def _read_into(self, piece: _Piece, out: _Rows, lo: int) -> None:
+        """Decode one piece straight into rows ``lo:lo + len(piece)`` of ``out`` (no per-piece arrays to stack
+        and concatenate afterwards)."""
         pf = self._files.get(piece.file)
         if pf is None:
             pf = self._files[piece.file] = pq.ParquetFile(piece.file)
-        table = pf.read_row_group(piece.row_group, columns=self._columns).slice(piece.start, piece.stop - piece.start)
+        n = piece.stop - piece.start
+        table = pf.read_row_group(piece.row_group, columns=self._columns).slice(piece.start, n)
+        for j, name in enumerate(self.keys):
+            out.sparse_t[j, lo : lo + n] = table.column(name).to_numpy()
+        for j, name in enumerate(self.meta.dense):
+            out.dense[lo : lo + n, j] = table.column(name).to_numpy()
+        for j, name in enumerate(self.meta.labels):
+            out.labels[lo : lo + n, j] = table.column(name).to_numpy()
 
-        def stack(names: list[str], dtype: type) -> np.ndarray:
-            if not names:
-                return np.zeros((table.num_rows, 0), dtype=dtype)
-            return np.stack([table.column(n).to_numpy() for n in names], axis=1).astype(dtype, copy=False)
+    def _read_buffer(self, pieces: list[_Piece]) -> _Rows:
+        n = sum(p.stop - p.start for p in pieces)
+        out = _Rows(np.empty((len(self.keys), n), dtype=np.int64), np.empty((n, len(self.meta.dense)), np.float32),
+                    np.empty((n, len(self.meta.labels)), np.float32))
+        lo = 0
+        for piece in pieces:
+            self._read_into(piece, out, lo)
+            lo += piece.stop - piece.start
+        return out
 
-        return _Block(stack(self.keys, np.int64), stack(self.meta.dense, np.float32), stack(self.meta.labels, np.float32))
-
-    def _blocks(self) -> Iterator[_Block]:
+    def _buffers(self) -> Iterator[tuple[_Rows, np.ndarray | None]]:
+        """(rows, the order to serve them in; None = as stored)."""
         if not self.shuffle:
             for piece in self._pieces:
-                yield self._read(piece)
+                yield self._read_buffer([piece]), None
             return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         order = rng.permutation(len(self._pieces))
-        buffer: list[_Block] = []
+        group: list[_Piece] = []
         buffered = 0
         for k in order:
-            block = self._read(self._pieces[k])
-            buffer.append(block)
-            buffered += len(block)
+            piece = self._pieces[k]
+            group.append(piece)
+            buffered += piece.stop - piece.start
             if buffered >= self.shuffle_buffer_rows:
-                merged = _Block.concat(buffer)
-                yield merged.take(rng.permutation(len(merged)))
-                buffer, buffered = [], 0
-        if buffer:
-            merged = _Block.concat(buffer)
-            yield merged.take(rng.permutation(len(merged)))
+                rows = self._read_buffer(group)
+                yield rows, rng.permutation(len(rows))
+                group, buffered = [], 0
+        if group:
+            rows = self._read_buffer(group)
+            yield rows, rng.permutation(len(rows))
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches in order; with ``prefetch > 0`` they are built (parquet decoding, shuffling, KJT layout) in a
@@ -186,28 +205,41 @@ class BatchLoader:
         return self._batches()
 
     def _batches(self) -> Iterator[Batch]:
-        carry: _Block | None = None
-        for block in self._blocks():
+        """The buffers' rows, each buffer in its order, as one stream cut into batches: a batch is gathered from
+        its buffer when it is built (so a permuted buffer is never copied whole), and rows left over at the end of
+        a buffer open the first batch of the next one."""
+        bs = self.batch_size
+        carry: _Rows | None = None
+        for rows, order in self._buffers():
+            n, pos = len(rows), 0
+
+            def part(lo: int, hi: int) -> _Rows:
+                return rows.take(slice(lo, hi) if order is None else order[lo:hi])
+
             if carry is not None:
-                block = _Block.concat([carry, block])
+                pos = min(bs - len(carry), n)
+                carry = _Rows.concat([carry, part(0, pos)])
+                if len(carry) < bs:
+                    continue
+                yield self._to_batch(carry)
                 carry = None
-            n_full = len(block) // self.batch_size * self.batch_size
-            for start in range(0, n_full, self.batch_size):
-                yield self._to_batch(block.take(slice(start, start + self.batch_size)))
-            if n_full < len(block):
-                carry = block.take(slice(n_full, None))
+            while pos + bs <= n:
+                yield self._to_batch(part(pos, pos + bs))
+                pos += bs
+            if pos < n:
+                carry = part(pos, n)
         if carry is not None and len(carry) and not self.drop_last:
             yield self._to_batch(carry)
 
-    def _to_batch(self, block: _Block) -> Batch:
-        n = len(block)
+    def _to_batch(self, rows: _Rows) -> Batch:
+        n = len(rows)
         # KJT values are field-major: all rows of field 0, then field 1, ...; lengths [F * B], all ones.
-        values = torch.from_numpy(np.ascontiguousarray(block.sparse.T).reshape(-1))
+        values = torch.from_numpy(np.ascontiguousarray(rows.sparse_t).reshape(-1))
         lengths = torch.ones(len(self.keys) * n, dtype=torch.int32)
         sparse = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=n)
-        labels = torch.from_numpy(np.ascontiguousarray(block.labels))
+        labels = torch.from_numpy(np.ascontiguousarray(rows.labels))
         return Batch(
-            dense=torch.from_numpy(np.ascontiguousarray(block.dense)),
+            dense=torch.from_numpy(np.ascontiguousarray(rows.dense)),
             sparse=sparse,
             labels={name: labels[:, k] for k, name in enumerate(self.meta.labels)},
         )
