@@ -160,6 +160,24 @@ def test_deepfm_matches_explicit_formula(ml100k_prepared):
     assert want.abs().min() > 1e-3  # the check is not vacuous
 
 
+
+def test_fm_second_order_value_and_closed_form_gradient_float64():
+    """fm_second_order (closed-form backward) against Rendle's pairwise definition and its autograd gradient."""
+    from recsys_transfer.modules.fm import fm_second_order
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(5, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, generator=g, dtype=torch.float64)
+    pairwise = sum((v[:, i] * v[:, j]).sum(1) for i in range(6) for j in range(i + 1, 6))  # Eq. 1
+    (want,) = torch.autograd.grad((pairwise * w).sum(), v)
+    got_value = fm_second_order(v)
+    (got,) = torch.autograd.grad((got_value * w).sum(), v)
+    torch.testing.assert_close(got_value, pairwise.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fm_second_order, (v[:2, :4].detach().clone().requires_grad_(True),))
+    with torch.no_grad():
+        torch.testing.assert_close(fm_second_order(v), pairwise.detach(), rtol=0, atol=1e-12)
+
 # -- user errors --------------------------------------------------------------------------------------------------
 def test_build_model_rejects_unknown_name_and_arguments(ml100k_prepared):
     _, meta = ml100k_prepared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_transfer.data.prepared import DatasetMeta
@@ -15,9 +16,34 @@ from recsys_transfer.modules.embedding import make_ebc
 FIRST_ORDER_WIDTH = 4
 
 
+class _SecondOrder(torch.autograd.Function):
+    """Rendle 2010, Eq. 5, with its closed-form gradient ``d y / d v_fk = sum_j v_jk - v_fk`` (Sec. III-A, all
+    x = 1): the backward is ONE pass over ``v`` (autograd through the pow/sum/sub graph makes ~5, and on CPU that
+    was 2.2 of 0.6 ms for DeepFM's [1024, 39, 16] per step)."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
+        s = v.sum(dim=1)  # [B, k]
+        ctx.save_for_backward(v, s)
+        flat = v.flatten(1)
+        return 0.5 * ((s * s).sum(dim=1) - torch.linalg.vecdot(flat, flat))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        v, s = ctx.saved_tensors
+        return (s.unsqueeze(1) - v).mul_(grad.view(-1, 1, 1))
+
+
 def fm_second_order(v: torch.Tensor) -> torch.Tensor:
-    """``1/2 * sum_k [(sum_f v_fk)^2 - sum_f v_fk^2]`` for ``v: [B, F, k]`` -> ``[B]`` (Rendle 2010, Eq. 5)."""
-    return 0.5 * (v.sum(dim=1).pow(2) - v.pow(2).sum(dim=1)).sum(dim=1)
+    """``1/2 * sum_k [(sum_f v_fk)^2 - sum_f v_fk^2]`` for ``v: [B, F, k]`` -> ``[B]`` (Rendle 2010, Eq. 5).
+
+    Differentiable once (the closed-form backward of :class:`_SecondOrder`)."""
+    if v.requires_grad and torch.is_grad_enabled():
+        return _SecondOrder.apply(v)
+    s = v.sum(dim=1)
+    flat = v.flatten(1)
+    return 0.5 * ((s * s).sum(dim=1) - torch.linalg.vecdot(flat, flat))
 
 
 class FirstOrder(nn.Module):
