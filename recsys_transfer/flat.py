@@ -95,3 +95,26 @@ def join(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
         if adjacent:
             return b0.as_strided((sum(len(b) for b in blocks), *b0.shape[1:]), b0.stride())
     return torch.cat(list(blocks))
+
+
+class LayoutCache:
+    """:func:`rows_of_one_buffer` of a list of tensors that is looked up every step: remembered while every tensor
+    keeps its data pointer, shape and dtype (the check is a tuple of those, ~1 us per tensor, instead of the full
+    layout analysis). Holds at most one layout, so it keeps at most one storage alive."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, list[int]] | None = None
+
+    def __deepcopy__(self, memo: dict) -> "LayoutCache":
+        return LayoutCache()  # a copy's tensors live elsewhere; do not drag this buffer along
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_value": None}
+
+    def get(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+        key = tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
+        if key != self._key:
+            self._value = rows_of_one_buffer(tensors) if tensors[0].dim() == 2 else None
+            self._key = key
+        return self._value

@@ -30,7 +30,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_transfer.data.prepared import DatasetMeta
-from recsys_transfer.flat import rows_of_one_buffer, share_storage
+from recsys_transfer.flat import LayoutCache, rows_of_one_buffer, share_storage
 
 
 def table_name(field: str) -> str:
@@ -77,27 +77,43 @@ def buffer_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int]
     return indices + torch.repeat_interleave(shift, counts, output_size=len(indices))
 
 
-def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-           weights: Sequence[torch.Tensor], features: Sequence[int], modes: Sequence[str]) -> torch.Tensor:
-    """Pooled (``sum``/``mean``: ``[B, sum_f D_f]``) or sequence (``none``: ``[n_indices, D]``) lookup of every
-    feature ``f`` in table ``weights[features[f]]`` (detached: gradients are the caller's business)."""
+def flat_lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+                base: torch.Tensor, firsts: Sequence[int], features: Sequence[int],
+                mode: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Pooled lookup of every feature in ONE call over tables that are row blocks of ``base`` (``firsts``: each
+    table's first row). Returns ``(out [B, sum D], gids, single)``: ``gids`` is every occurrence's row in the
+    buffer, in the order :func:`pooled_rows_and_grads` pairs with the output gradient (sample major when
+    ``single``, i.e. every bag holds one id; else feature major) -- a backward can keep it instead of recomputing."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
+    gids = buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
+    single = len(indices) == n_feat * batch and bool((offsets[1:] - offsets[:-1] == 1).all())
+    if single:  # gather the rows sample-major, so the output needs no transpose
+        gids = gids.view(n_feat, batch).t().reshape(-1)
+        out = F.embedding(gids, base.detach())  # [B * F, D]
+        if per_sample_weights is not None:
+            out = out * per_sample_weights.view(n_feat, batch).t().reshape(-1, 1)
+        return out.view(batch, -1), gids, True
+    out = F.embedding_bag(gids, base.detach(), offsets, mode=mode, per_sample_weights=per_sample_weights,
+                          include_last_offset=True)  # [F * B, D]
+    return out.view(n_feat, batch, -1).transpose(0, 1).reshape(batch, -1), gids, False
+
+
+def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
+           weights: Sequence[torch.Tensor], features: Sequence[int], modes: Sequence[str],
+           flat: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+    """Pooled (``sum``/``mean``: ``[B, sum_f D_f]``) or sequence (``none``: ``[n_indices, D]``) lookup of every
+    feature ``f`` in table ``weights[features[f]]`` (detached: gradients are the caller's business). ``flat``:
+    the tables' shared-buffer layout if the caller knows it (else it is worked out here)."""
+    n_feat = len(features)
+    batch = (len(offsets) - 1) // n_feat
+    pooled_flat = (len(set(modes)) == 1 and modes[0] != "none" and batch
+                   and sorted(set(features)) == list(range(len(weights))))
+    if pooled_flat:
+        flat = flat if flat is not None else flat_tables(weights)
+        if flat is not None:  # every feature in ONE lookup over the shared buffer
+            return flat_lookup(indices, offsets, per_sample_weights, flat[0], flat[1], features, modes[0])[0]
     bounds = offsets[::batch].tolist() if batch else [0] * (n_feat + 1)  # each feature's first index, one sync
-    flat = flat_tables([weights[t] for t in sorted(set(features))]) if len(set(modes)) == 1 and batch else None
-    if flat is not None and modes[0] != "none" and sorted(set(features)) == list(range(len(weights))):
-        # every feature in ONE embedding_bag over the shared buffer: bags are (feature, sample), feature major
-        base, firsts = flat
-        gids = buffer_ids(indices, bounds, features, firsts)
-        if len(indices) == n_feat * batch and bool((offsets[1:] - offsets[:-1] == 1).all()):
-            # single-valued: gather the rows sample-major, so the output needs no transpose
-            out = F.embedding(gids.view(n_feat, batch).t().reshape(-1), base.detach())  # [B * F, D]
-            if per_sample_weights is not None:
-                out = out * per_sample_weights.view(n_feat, batch).t().reshape(-1, 1)
-            return out.view(batch, -1)
-        out = F.embedding_bag(gids, base.detach(), offsets, mode=modes[0], per_sample_weights=per_sample_weights,
-                              include_last_offset=True)  # [F * B, D]
-        return out.view(n_feat, batch, -1).transpose(0, 1).reshape(batch, -1)
     outs = []
     for f, t in enumerate(features):
         weight = weights[t].detach()
@@ -148,21 +164,27 @@ def occurrence_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: tor
 
 def pooled_rows_and_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                           per_sample_weights: torch.Tensor | None, features: Sequence[int], firsts: Sequence[int],
-                          mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+                          mode: str, known: tuple[torch.Tensor, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For a pooled lookup over tables sharing one buffer (all features of one width and pooling): every
     occurrence's row in the buffer ``[n_indices]`` and the gradient reaching it ``[n_indices, D]``, in matching
     order (sample major when every bag holds one id -- then the gradient is a view of ``grad_out`` -- else
-    feature major)."""
+    feature major). ``known``: ``(gids, single)`` from the forward's :func:`flat_lookup`, saving their
+    recomputation."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
-    gids = buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
-    lengths = offsets[1:] - offsets[:-1]
-    if len(indices) == n_feat * batch and bool((lengths == 1).all()):
+    if known is None:
+        gids = buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts)
+        single = len(indices) == n_feat * batch and bool((offsets[1:] - offsets[:-1] == 1).all())
+        if single:
+            gids = gids.view(n_feat, batch).t().reshape(-1)
+    else:
+        gids, single = known
+    if single:
         occ = grad_out.reshape(batch * n_feat, -1)  # row b*F + f: sample b, feature f
-        gids = gids.view(n_feat, batch).t().reshape(-1)
         if per_sample_weights is not None:
             occ = occ * per_sample_weights.view(n_feat, batch).t().reshape(-1, 1)
         return gids, occ
+    lengths = offsets[1:] - offsets[:-1]
     bags = grad_out.view(batch, n_feat, -1).transpose(0, 1).reshape(n_feat * batch, -1)  # bag (f, b) -> row f*B+b
     bag = torch.repeat_interleave(torch.arange(n_feat * batch, device=grad_out.device), lengths.long(),
                                   output_size=len(indices))
@@ -178,24 +200,30 @@ class _GroupedLookup(torch.autograd.Function):
     """:func:`lookup` over all tables of a collection as one autograd node; backward: dense table gradients."""
 
     @staticmethod
-    def forward(ctx, indices, offsets, per_sample_weights, features, modes, grad_buffers, *weights):
-        ctx.save_for_backward(indices, offsets, per_sample_weights)
+    def forward(ctx, indices, offsets, per_sample_weights, features, modes, grad_buffers, layout, *weights):
         ctx.features, ctx.modes, ctx.grad_buffers, ctx.weights = features, modes, grad_buffers, weights
         ctx.shapes = [(w.shape, w.dtype, w.device) for w in weights]
-        flat = flat_tables(weights) if len(set(modes)) == 1 and modes[0] != "none" and len(offsets) > 1 else None
+        flat = (layout.get(weights) if len(set(modes)) == 1 and modes[0] != "none" and len(offsets) > 1
+                and sorted(set(features)) == list(range(len(weights))) else None)
         ctx.flat = None
-        if flat is not None and sorted(set(features)) == list(range(len(weights))):
+        if flat is not None:  # keep the occurrences' buffer rows for the backward
             base, firsts = flat
+            out, gids, ctx.single = flat_lookup(indices, offsets, per_sample_weights, base, firsts, features,
+                                                modes[0])
             ctx.flat = (base.shape[0], base.shape[1], base.dtype, base.device, firsts)
+            ctx.save_for_backward(indices, offsets, per_sample_weights, gids)
+            return out
+        ctx.save_for_backward(indices, offsets, per_sample_weights, None)
         return lookup(indices, offsets, per_sample_weights, weights, features, modes)
 
     @staticmethod
     def backward(ctx, grad_out):
-        indices, offsets, psw = ctx.saved_tensors
+        indices, offsets, psw, gids = ctx.saved_tensors
         features = ctx.features
         if ctx.flat is not None:  # one buffer: one gradient buffer, one index_put_, views per table
             rows, dim, dtype, device, firsts = ctx.flat
-            gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, ctx.modes[0])
+            gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, ctx.modes[0],
+                                              known=(gids, ctx.single))
             flat = ctx.grad_buffers.get("flat")
             # Reuse last step's gradient buffer when no table holds a gradient any more (zero_grad(set_to_none=True)
             # ran): a fresh ~10 MB buffer is page-faulted in by the OS every step. Else (accumulation) a new one.
@@ -206,12 +234,12 @@ class _GroupedLookup(torch.autograd.Function):
                 flat.zero_()
             flat.index_put_((gids,), occ.to(dtype), accumulate=True)
             views = [flat[first : first + ctx.shapes[t][0][0]] for t, first in enumerate(firsts)]
-            return (None, None, None, None, None, None, *views)
+            return (None, None, None, None, None, None, None, *views)
         dims = [ctx.shapes[t][0][1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
             t = features[f]
-            if ctx.needs_input_grad[6 + t]:
+            if ctx.needs_input_grad[7 + t]:
                 t_ids, t_occ = per_table.setdefault(t, ([], []))
                 t_ids.append(ids)
                 t_occ.append(occ)
@@ -230,7 +258,7 @@ class _GroupedLookup(torch.autograd.Function):
             flat.index_put_((gids,), occ, accumulate=True)
             for j, t in enumerate(ts):
                 grads[t] = flat[bases[j] : bases[j + 1]]  # contiguous views of one buffer
-        return (None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, *grads)
 
 
 def _grouped_forward(self: EmbeddingBagCollection, features):
@@ -242,7 +270,8 @@ def _grouped_forward(self: EmbeddingBagCollection, features):
         kjt = kjt.permute([kjt.keys().index(n) for n in names])
     weights = [bag.weight for bag in self.embedding_bags.values()]
     psw = kjt.weights_or_none() if self.is_weighted() else None
-    values = _GroupedLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes, self._grad_buffers, *weights)
+    values = _GroupedLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes, self._grad_buffers,
+                                  self._layout, *weights)
     return KeyedTensor(keys=self._embedding_names, values=values, length_per_key=self._lengths_per_embedding)
 
 
@@ -259,6 +288,7 @@ def use_grouped_lookup(ebc: EmbeddingBagCollection) -> EmbeddingBagCollection:
             modes.append(bag.mode)
     ebc._grouped_layout = (names, table_of, modes)
     ebc._grad_buffers = {}  # the tables' gradient buffer, reused across steps (see _GroupedLookup.backward)
+    ebc._layout = LayoutCache()  # the tables' shared-buffer layout, re-derived only when a table moves
     ebc.forward = types.MethodType(_grouped_forward, ebc)  # bound to the instance: deepcopy rebinds it
     if not any(p.is_meta for p in ebc.parameters()):
         share_storage([bag.weight for bag in ebc.embedding_bags.values()])

@@ -62,8 +62,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from recsys_transfer.flat import rows_of_one_buffer
-from recsys_transfer.modules.embedding import lookup, occurrence_grads, pooled_rows_and_grads
+from recsys_transfer.flat import LayoutCache
+from recsys_transfer.modules.embedding import flat_lookup, lookup, occurrence_grads, pooled_rows_and_grads
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
 
@@ -389,21 +389,27 @@ class _FusedRowUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, modes):
-        ctx.save_for_backward(indices, offsets, per_sample_weights if per_sample_weights is not None else torch.empty(0))
+    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, modes, layout):
         ctx.has_psw = per_sample_weights is not None
         ctx.tables, ctx.features, ctx.modes = tables, features, modes
+        psw = per_sample_weights if per_sample_weights is not None else torch.empty(0)
+        ctx.flat = _flat_call(tables, features, modes, offsets, layout)
+        if ctx.flat is not None:  # keep the occurrences' buffer rows for the backward
+            base, firsts = ctx.flat
+            out, gids, ctx.single = flat_lookup(indices, offsets, per_sample_weights, base, firsts, features, modes[0])
+            ctx.save_for_backward(indices, offsets, psw, gids)
+            return out
+        ctx.save_for_backward(indices, offsets, psw, None)
         return lookup(indices, offsets, per_sample_weights, [t[0] for t in tables], features, modes)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        indices, offsets, psw = ctx.saved_tensors
+        indices, offsets, psw, gids = ctx.saved_tensors
         tables, features = ctx.tables, ctx.features
-        flat = _flat_call(tables, features, ctx.modes, offsets)
-        if flat is not None:
-            fused_step(_flat_items(flat, grad_out, indices, offsets, psw if ctx.has_psw else None, tables, features,
-                                   ctx.modes[0]))
-            return None, None, None, None, None, None, None
+        if ctx.flat is not None:
+            fused_step(_flat_items(ctx.flat, grad_out, indices, offsets, psw if ctx.has_psw else None, tables,
+                                   features, ctx.modes[0], known=(gids, ctx.single)))
+            return None, None, None, None, None, None, None, None
         dims = [tables[t][0].shape[1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw if ctx.has_psw else None, dims, ctx.modes):
@@ -434,23 +440,24 @@ class _FusedRowUpdate(torch.autograd.Function):
                 items.append(_Item(rule, weight, rows[lo:hi] - bases[j], row_offset, g[lo:hi].to(weight.dtype),
                                    group))
         fused_step(items)
-        return None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None
 
 
-def _flat_call(tables, features, modes, offsets):
+def _flat_call(tables, features, modes, offsets, layout: LayoutCache):
     """(base, first rows) when one pooled lookup call's tables are row blocks of one buffer, else None."""
     if len(set(modes)) != 1 or modes[0] == "none" or len(offsets) < 2:
         return None
     if sorted(set(features)) != list(range(len(tables))) or any(t[3] is not None for t in tables):
         return None
-    return rows_of_one_buffer([t[0] for t in tables])
+    return layout.get([t[0] for t in tables])
 
 
-def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode) -> list[_Item]:
+def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode, known=None) -> list[_Item]:
     """The per-table items of a call whose tables share one buffer: every occurrence at once (global row ids in
-    the buffer, one unique, one scatter_add), then one slice per table."""
+    the buffer, one unique, one scatter_add), then one slice per table. ``known``: the forward's
+    ``(gids, single)`` (see :func:`recsys_transfer.modules.embedding.flat_lookup`)."""
     base, firsts = flat
-    gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, mode)
+    gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, mode, known=known)
     rows, inverse = torch.unique(gids, return_inverse=True)
     g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
     g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
@@ -485,7 +492,7 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
             features.append(t)
             modes.append(bag.mode)
             names.append(fname)
-    anchor = _anchor()
+    anchor, layout = _anchor(), LayoutCache()
 
     def forward(features_kjt):
         from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -495,7 +502,7 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
             kjt = kjt.permute([kjt.keys().index(n) for n in names])
         weights = kjt.weights_or_none() if ebc.is_weighted() else None
         args = (kjt.values(), kjt.offsets(), weights, tables, features, modes)
-        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _plain_lookup(*args)
+        values = _FusedRowUpdate.apply(anchor, *args, layout) if torch.is_grad_enabled() else _plain_lookup(*args)
         return KeyedTensor(keys=ebc._embedding_names, values=values, length_per_key=ebc._lengths_per_embedding)
 
     ebc.forward = forward
@@ -514,14 +521,14 @@ def attach_ec(ec: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
             names.append(fname)
             out_names.append(ename)
     modes = ["none"] * len(features)
-    anchor = _anchor()
+    anchor, layout = _anchor(), LayoutCache()
 
     def forward(features_kjt):
         kjt = features_kjt
         if kjt.keys() != names:
             kjt = kjt.permute([kjt.keys().index(n) for n in names])
         args = (kjt.values(), kjt.offsets(), None, tables, features, modes)
-        values = _FusedRowUpdate.apply(anchor, *args) if torch.is_grad_enabled() else _plain_lookup(*args)
+        values = _FusedRowUpdate.apply(anchor, *args, layout) if torch.is_grad_enabled() else _plain_lookup(*args)
         out, start = {}, 0
         for name, fname in zip(out_names, names):
             lengths = kjt[fname].lengths()
@@ -546,7 +553,7 @@ class BarrierTBE(nn.Module):
         self.tables = list(zip(self.weights, rules, row_offsets, groups))
         self.feature_table_map = list(feature_table_map)
         self.modes = modes
-        self._anchor = _anchor()
+        self._anchor, self._layout = _anchor(), LayoutCache()
 
     def split_embedding_weights(self):
         return self.weights
@@ -565,4 +572,4 @@ class BarrierTBE(nn.Module):
         args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.modes)
         if not torch.is_grad_enabled():
             return _plain_lookup(*args)
-        return _FusedRowUpdate.apply(self._anchor, *args)
+        return _FusedRowUpdate.apply(self._anchor, *args, self._layout)
