@@ -132,6 +132,12 @@ class TableRule:
         self.alpha = alpha
         self.stats = StepStats()
 
+    def masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source and target masks on ``device`` (moved there once, on first use)."""
+        if self.source_mask.device != device:
+            self.source_mask, self.target_mask = self.source_mask.to(device), self.target_mask.to(device)
+        return self.source_mask, self.target_mask
+
 
 @dataclass
 class _Item:
@@ -155,6 +161,14 @@ class _Flat:
     g: torch.Tensor  # [U, D] main gradients
     firsts: list[int]  # first buffer row of each table of the call
     rules: list["TableRule"]  # each table's rule
+
+
+def _on(loss: TransferLoss, device: torch.device) -> TransferLoss:
+    """``loss`` with its parameters (a discriminator's) on ``device``, where the rows are."""
+    p = next(loss.parameters(), None)
+    if p is not None and p.device != device:
+        loss.to(device)
+    return loss
 
 
 def _domain_rows(item: _Item):
@@ -186,9 +200,11 @@ def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
             rule = items[k].rule
             ids, cur, mine = _domain_rows(items[k])
             if loss.uses_all_rows:
-                s, t = torch.ones(len(ids), dtype=torch.bool), torch.zeros(len(ids), dtype=torch.bool)
+                s = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+                t = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
             else:
-                s, t = rule.source_mask[ids], rule.target_mask[ids]
+                src_mask, tgt_mask = rule.masks_on(ids.device)
+                s, t = src_mask[ids], tgt_mask[ids]
             parts.append((len(ids), mine))
             xs.append(cur)
             srcs.append(s)
@@ -196,8 +212,8 @@ def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
         x = pad_sequence(xs, batch_first=True)  # [T, N, D]
         src = pad_sequence(srcs, batch_first=True)  # [T, N], padding False
         tgt = pad_sequence(tgts, batch_first=True)
-        tables = torch.tensor([items[k].rule.loss_index for k in ks], dtype=torch.int64)
-        values, gx = loss.grad(x, src, tgt, tables)
+        tables = torch.tensor([items[k].rule.loss_index for k in ks], dtype=torch.int64, device=x.device)
+        values, gx = _on(loss, x.device).grad(x, src, tgt, tables)
         n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
         for j, (k, (n_all, mine)) in enumerate(zip(ks, parts)):
             t = gx[j, :n_all]
@@ -229,7 +245,8 @@ def fused_step(items: list[_Item]) -> None:
         sizes = [len(items[k].rows) for k in barrier]
         g = torch.cat([items[k].g for k in barrier])
         t = torch.cat([t_grads[k].to(g.dtype) for k in barrier])
-        alpha = torch.cat([torch.full((n,), items[k].rule.alpha, dtype=g.dtype) for k, n in zip(barrier, sizes)])
+        alpha = torch.cat([torch.full((n,), items[k].rule.alpha, dtype=g.dtype, device=g.device)
+                           for k, n in zip(barrier, sizes)])
         mu, lam = barrier_direction(g, t, main_loss, alpha)
         for k, m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
             mus[k] = m
@@ -255,14 +272,15 @@ def _flat_domain_masks(flat: _Flat) -> tuple[torch.Tensor, torch.Tensor]:
     key = (flat.base.untyped_storage().data_ptr(), len(flat.base), tuple(flat.firsts), tuple(map(id, flat.rules)))
     masks = context.flat_masks.get(key)
     if masks is None:
-        src = torch.zeros(len(flat.base), dtype=torch.bool)
-        tgt = torch.zeros(len(flat.base), dtype=torch.bool)
+        src = torch.zeros(len(flat.base), dtype=torch.bool, device=flat.base.device)
+        tgt = torch.zeros(len(flat.base), dtype=torch.bool, device=flat.base.device)
         for first, rule in zip(flat.firsts, flat.rules):
             if rule.mode == "B":
                 continue
-            n = len(rule.source_mask)
-            src[first : first + n] = rule.source_mask
-            tgt[first : first + n] = rule.target_mask
+            source, target = rule.masks_on(src.device)
+            n = len(source)
+            src[first : first + n] = source
+            tgt[first : first + n] = target
             rule.source_mask, rule.target_mask = src[first : first + n], tgt[first : first + n]
         masks = context.flat_masks[key] = (src, tgt)
     return masks
@@ -288,32 +306,33 @@ def _fused_step_flat(items: list[_Item]) -> bool:
         sizes = [hi - lo for lo, hi in spans]
         whole = spans[0][0] == 0 and spans[-1][1] == len(flat.rows) and all(
             spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
-        sel = (torch.arange(len(flat.rows)) if whole else
-               torch.cat([torch.arange(lo, hi) for lo, hi in spans]))
+        dev = flat.rows.device
+        sel = (torch.arange(len(flat.rows), device=dev) if whole else
+               torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in spans]))
         rows = flat.rows if whole else flat.rows.index_select(0, sel)
         g = flat.g if whole else flat.g.index_select(0, sel)
         # padded layout [T, N]: row j of table k sits at slot k * N + j; a padding slot repeats a real row, with
         # both masks False (so the loss gives it no gradient)
         n_tab, n_max, m = len(transfer), max(sizes), len(rows)
-        size_t = torch.tensor(sizes)
-        tix = torch.repeat_interleave(torch.arange(n_tab), size_t, output_size=m)
-        shift = torch.arange(n_tab) * n_max - (torch.cumsum(size_t, 0) - size_t)  # slot - position, per table
-        pidx = torch.arange(m).add_(shift.index_select(0, tix))
+        size_t = torch.tensor(sizes, device=dev)
+        tix = torch.repeat_interleave(torch.arange(n_tab, device=dev), size_t, output_size=m)
+        shift = torch.arange(n_tab, device=dev) * n_max - (torch.cumsum(size_t, 0) - size_t)  # slot - position
+        pidx = torch.arange(m, device=dev).add_(shift.index_select(0, tix))
         # the rows' present values, gathered ONCE from the (large) buffer: the loss reads them, the optimizer
         # updates them in place and writes them back
         current = flat.base.index_select(0, flat.rows)
-        at = torch.zeros(n_tab * n_max, dtype=torch.int64).index_copy_(0, pidx, sel)  # slot -> position
+        at = torch.zeros(n_tab * n_max, dtype=torch.int64, device=dev).index_copy_(0, pidx, sel)  # slot -> position
         x = current.index_select(0, at)
         if rule0.loss.uses_all_rows:
-            src = torch.zeros(n_tab * n_max, dtype=torch.bool).index_fill_(0, pidx, True)
-            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool)
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_fill_(0, pidx, True)
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
         else:
             src_all, tgt_all = _flat_domain_masks(flat)
-            src = torch.zeros(n_tab * n_max, dtype=torch.bool).index_copy_(0, pidx, src_all.index_select(0, rows))
-            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool).index_copy_(0, pidx, tgt_all.index_select(0, rows))
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_copy_(0, pidx, src_all.index_select(0, rows))
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_copy_(0, pidx, tgt_all.index_select(0, rows))
         src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
-        tables = torch.tensor([r.loss_index for r in rules], dtype=torch.int64)
-        values, gx = rule0.loss.grad(x.view(n_tab, n_max, -1), src, tgt, tables)
+        tables = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
+        values, gx = _on(rule0.loss, dev).grad(x.view(n_tab, n_max, -1), src, tgt, tables)
         t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
         if _USES_BARRIER[rule0.mode]:
             main_loss = rule0.context.main_loss
@@ -351,14 +370,14 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
     """Gather variable-length (ids, rows) from every rank of ``group``; returns (all_ids, all_rows, mine)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    n = torch.tensor([len(ids)], dtype=torch.int64)
+    n = torch.tensor([len(ids)], dtype=torch.int64, device=ids.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
     sizes_i = [int(s) for s in sizes]
     m = max(sizes_i)
-    pad_ids = torch.full((m,), -1, dtype=ids.dtype)
+    pad_ids = torch.full((m,), -1, dtype=ids.dtype, device=ids.device)
     pad_ids[: len(ids)] = ids
-    pad_rows = torch.zeros((m, rows.shape[1]), dtype=rows.dtype)
+    pad_rows = torch.zeros((m, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     pad_rows[: len(rows)] = rows
     got_ids = [torch.empty_like(pad_ids) for _ in range(world)]
     got_rows = [torch.empty_like(pad_rows) for _ in range(world)]
@@ -367,7 +386,7 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
     all_ids = torch.cat([g[:k] for g, k in zip(got_ids, sizes_i)])
     all_rows = torch.cat([g[:k] for g, k in zip(got_rows, sizes_i)])
     start = sum(sizes_i[:rank])
-    mine = torch.arange(start, start + sizes_i[rank])
+    mine = torch.arange(start, start + sizes_i[rank], device=ids.device)
     return all_ids, all_rows, mine
 
 
@@ -433,7 +452,7 @@ class _FusedRowUpdate(torch.autograd.Function):
             g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
             # scatter_add_, not index_add_: on CPU index_add_ with repeated indices takes ~100x longer
             g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
-            cuts = torch.searchsorted(rows, torch.tensor(bases, dtype=rows.dtype)).tolist()
+            cuts = torch.searchsorted(rows, torch.tensor(bases, dtype=rows.dtype, device=rows.device)).tolist()
             for j, t in enumerate(ts):
                 weight, rule, row_offset, group = tables[t]
                 lo, hi = cuts[j], cuts[j + 1]

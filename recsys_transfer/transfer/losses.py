@@ -79,7 +79,7 @@ class AdversarialLoss(TransferLoss):
         self.w1, self.b1, self.w2, self.b2 = (nn.Parameter(v) for v in (w1, b1, w2, b2))
         self._packed = packed  # not a buffer: the parameters are its views (state-dict keys w1, b1, w2, b2)
         self._adam = (torch.zeros_like(packed), torch.zeros_like(packed), torch.zeros(num_tables, dtype=torch.int64))
-        self._buffers_ws: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # see _workspace
+        self._buffers_ws: dict[tuple, torch.Tensor] = {}  # see _workspace
 
     def _views(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d, h = self.dim, self.hidden
@@ -124,15 +124,17 @@ class AdversarialLoss(TransferLoss):
     def discriminator_loss(self, x, src, tgt, tables) -> torch.Tensor:
         return self._terms(self.logits(x, tables), src, tgt)[1]
 
-    def _workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A reusable buffer: the [T, N, H] intermediates are ~10 MB per step, and fresh buffers of that size are
-        page-faulted in by the OS on every step (that alone tripled the cost of :meth:`grad` on CPU)."""
+    def _workspace(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer (dtype and device of ``like``): the [T, N, H] intermediates are ~10 MB per step, and
+        fresh buffers of that size are page-faulted in by the OS on every step (that alone tripled the cost of
+        :meth:`grad` on CPU)."""
         n = 1
         for d in shape:
             n *= d
-        buf = self._buffers_ws.get((name, dtype))
+        key = (name, like.dtype, like.device)
+        buf = self._buffers_ws.get(key)
         if buf is None or buf.numel() < n:
-            buf = self._buffers_ws[(name, dtype)] = torch.empty(n, dtype=dtype)
+            buf = self._buffers_ws[key] = torch.empty(n, dtype=like.dtype, device=like.device)
         return buf[:n].view(shape)
 
     def grad(self, x, src, tgt, tables):
@@ -154,14 +156,14 @@ class AdversarialLoss(TransferLoss):
             wa = par[:, : (d_ + 1) * h_].view(t_, d_ + 1, h_)  # [w1; b1]
             w1 = wa[:, :d_]
             w2, b2 = par[:, (d_ + 1) * h_ : (d_ + 2) * h_], par[:, -1]
-            xa = self._workspace("x1", (t_, n_, d_ + 1), x.dtype)  # [x, 1]
+            xa = self._workspace("x1", (t_, n_, d_ + 1), x)  # [x, 1]
             xa[..., :d_].copy_(x)
             xa[..., d_].fill_(1.0)
             shape = (t_, n_, h_)
-            a = torch.bmm(xa, wa, out=self._workspace("a", shape, x.dtype))  # [T, N, H] pre-activation
+            a = torch.bmm(xa, wa, out=self._workspace("a", shape, x))  # [T, N, H] pre-activation
             # G[t, n, :] = d z / d a = w2 * leaky_relu'(a): the slope 1 or 0.2 per unit, from a before it is activated
             g_act = torch.ops.aten.leaky_relu_backward.grad_input(
-                w2.unsqueeze(1).expand(shape), a, 0.2, False, grad_input=self._workspace("G", shape, x.dtype))
+                w2.unsqueeze(1).expand(shape), a, 0.2, False, grad_input=self._workspace("G", shape, x))
             h = F.leaky_relu_(a, 0.2)  # a's buffer now holds the activation
             # z^T = w2^T h^T ([1, H] x [H, N]: a gemm over h in place; h @ w2 as a gemv is ~4x slower on CPU)
             z = torch.baddbmm(b2.view(t_, 1, 1), w2.unsqueeze(1), h.transpose(1, 2)).squeeze(1)  # [T, N]
@@ -180,7 +182,7 @@ class AdversarialLoss(TransferLoss):
             dz_disc = sm1 * srcf * half_inv_s + sig * tw * 0.5
             # d adv / dx = dz_adv * (G @ w1^T); the discriminator's gradients contract dz_disc with G and h
             gx = torch.bmm(g_act, w1.transpose(1, 2)).mul_(dz_adv.unsqueeze(-1))  # [T, N, D]
-            xd = torch.mul(xa, dz_disc.unsqueeze(-1), out=self._workspace("xd", xa.shape, x.dtype))
+            xd = torch.mul(xa, dz_disc.unsqueeze(-1), out=self._workspace("xd", xa.shape, x))
             grads = torch.cat([torch.bmm(xd.transpose(1, 2), g_act).view(t_, -1),  # [w1; b1]  [T, (D + 1) H]
                                torch.bmm(dz_disc.unsqueeze(1), h).squeeze(1),  # w2 [T, H]
                                dz_disc.sum(1, keepdim=True)], 1)  # b2 [T, 1]
