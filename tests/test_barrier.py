@@ -106,6 +106,21 @@ class Reference:
         w[rows] -= LR * mhat / (vhat.sqrt() + eps)
 
 
+def _train_steps(model, plugin, out, steps: int, seed: int) -> list[dict]:
+    """``steps`` shuffled batches of 256: SGD (lr 0.05) on the dense part, the plug-in on the rows; returns
+    ``plugin.stats()`` after each step."""
+    dense = torch.optim.SGD(plugin.dense_parameters(), lr=0.05)
+    stats = []
+    for step, batch in enumerate(BatchLoader(out, "train", 256, shuffle=True, seed=seed)):
+        if step == steps:
+            break
+        dense.zero_grad()
+        plugin.backward(F.binary_cross_entropy_with_logits(model(batch)["label"], batch.labels["label"]))
+        dense.step()
+        stats.append(plugin.stats())
+    return stats
+
+
 def _ids(batch) -> dict[str, torch.Tensor]:
     return {k: batch.sparse[k].values() for k in batch.sparse.keys()}
 
@@ -271,13 +286,7 @@ def test_embedding_collection_path_equals_bag_path(ml100k_prepared):
     for model in (seq, bag):
         plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="moment", fields=FIELDS, optimizer="adam",
                                                             lr=0.05))
-        dense = torch.optim.SGD(plugin.dense_parameters(), lr=0.05)
-        for step, batch in enumerate(BatchLoader(out, "train", 256, shuffle=True, seed=1)):
-            if step == 3:
-                break
-            dense.zero_grad()
-            plugin.backward(F.binary_cross_entropy_with_logits(model(batch)["label"], batch.labels["label"]))
-            dense.step()
+        _train_steps(model, plugin, out, steps=3, seed=1)
         runs.append(plugin)
     for f in meta.sparse_names:
         a = seq.embedding.embeddings[f"t_{f}"].weight
@@ -310,16 +319,7 @@ def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss,
         config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), optimizer="adam",
                                 lr=0.05, lam=0.5)
         plugin = TransferPlugin(model, meta, config, domains=domains)
-        dense = torch.optim.SGD(plugin.dense_parameters(), lr=0.05)
-        stats = []
-        for step, batch in enumerate(BatchLoader(out, "train", 256, shuffle=True, seed=6)):
-            if step == 4:
-                break
-            dense.zero_grad()
-            plugin.backward(F.binary_cross_entropy_with_logits(model(batch)["label"], batch.labels["label"]))
-            dense.step()
-            stats.append(plugin.stats())
-        runs.append((model, plugin, stats))
+        runs.append((model, plugin, _train_steps(model, plugin, out, steps=4, seed=6)))
     (m_flat, p_flat, s_flat), (m_gen, p_gen, s_gen) = runs
     assert len(taken) == 8 and all(taken)  # 4 steps x (first-order, embedding) calls, all on the flat path
     for (name, a), b in zip(m_flat.state_dict().items(), m_gen.state_dict().values()):
