@@ -312,8 +312,8 @@ def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss,
     runs, taken = [], []
     flat_step = barrier_mod._fused_step_flat
     for flat in (True, False):
-        monkeypatch.setattr(barrier_mod, "_fused_step_flat",
-                            (lambda items: taken.append(flat_step(items)) or taken[-1]) if flat else (lambda items: False))
+        spy = (lambda items: taken.append(flat_step(items)) or taken[-1]) if flat else (lambda items: False)
+        monkeypatch.setattr(barrier_mod, "_fused_step_flat", spy)
         torch.manual_seed(3)  # not a deepcopy: that gives each table its own storage, and the general path
         model = FM(meta, embedding_dim=DIM)
         config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), optimizer="adam",

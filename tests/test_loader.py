@@ -141,8 +141,8 @@ def test_shuffled_batches_follow_the_documented_order(ml100k_prepared, tmp_path,
     frames, group = [], []
 
     def flush():
-        rows = pl.concat([pl.from_arrow(pq.ParquetFile(p.file).read_row_group(p.row_group)).slice(p.start, p.stop - p.start)
-                          for p in group])
+        rows = pl.concat([pl.from_arrow(pq.ParquetFile(p.file).read_row_group(p.row_group))
+                          .slice(p.start, p.stop - p.start) for p in group])
         frames.append(rows[rng.permutation(len(rows))])
 
     buffered = 0
@@ -157,5 +157,6 @@ def test_shuffled_batches_follow_the_documented_order(ml100k_prepared, tmp_path,
     assert len(frames) >= 3
     want = pl.concat(frames).select(keys + ["label"]).with_columns(pl.col("label").cast(pl.Float32))
     batches = list(loader)
-    assert [b.batch_size for b in batches] == [700] * (len(want) // 700) + ([len(want) % 700] if len(want) % 700 else [])
+    full, rest = divmod(len(want), 700)
+    assert [b.batch_size for b in batches] == [700] * full + ([rest] if rest else [])
     assert _batches_to_frame(batches, keys).equals(want)

@@ -164,7 +164,8 @@ def occurrence_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: tor
 
 def pooled_rows_and_grads(grad_out: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
                           per_sample_weights: torch.Tensor | None, features: Sequence[int], firsts: Sequence[int],
-                          mode: str, known: tuple[torch.Tensor, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          mode: str,
+                          known: tuple[torch.Tensor, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For a pooled lookup over tables sharing one buffer (all features of one width and pooling): every
     occurrence's row in the buffer ``[n_indices]`` and the gradient reaching it ``[n_indices, D]``, in matching
     order (sample major when every bag holds one id -- then the gradient is a view of ``grad_out`` -- else

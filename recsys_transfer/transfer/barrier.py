@@ -238,10 +238,7 @@ def fused_step(items: list[_Item]) -> None:
         if k not in barrier:
             mus[k] = items[k].g + items[k].rule.lam * t_grads[k].to(items[k].g.dtype)  # Eq. 1: l_main + lam l_tr
     if barrier:
-        main_loss = items[barrier[0]].rule.context.main_loss
-        if main_loss is None:
-            raise RuntimeError("the main loss is unknown: call plugin.backward(loss) (or plugin.set_main_loss(loss)) "
-                               "instead of loss.backward()")
+        main_loss = _main_loss(items[barrier[0]].rule)
         sizes = [len(items[k].rows) for k in barrier]
         g = torch.cat([items[k].g for k in barrier])
         t = torch.cat([t_grads[k].to(g.dtype) for k in barrier])
@@ -251,6 +248,21 @@ def fused_step(items: list[_Item]) -> None:
         for k, m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
             mus[k] = m
             items[k].rule.stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
+    _apply(items, mus)
+
+
+def _main_loss(rule: TableRule) -> torch.Tensor:
+    if rule.context.main_loss is None:
+        raise RuntimeError("the main loss is unknown: call plugin.backward(loss) (or plugin.set_main_loss(loss)) "
+                           "instead of loss.backward()")
+    return rule.context.main_loss
+
+
+def _apply(items: list[_Item], mus: list[torch.Tensor], buffer_rows: torch.Tensor | None = None,
+           current: torch.Tensor | None = None) -> None:
+    """Each item's direction through its row optimizer: one ``update_rows_many`` per optimizer (one run of the
+    update maths per optimizer and width). ``buffer_rows`` / ``current``: what the caller knows of all items'
+    rows together (see :meth:`RowOptimizer.update_rows_many`), used when one optimizer serves every item."""
     by_optimizer: dict[int, tuple[RowOptimizer, list, list, list, list]] = {}
     for it, mu in zip(items, mus):
         assert it.rule.optimizer is not None
@@ -259,9 +271,12 @@ def fused_step(items: list[_Item]) -> None:
         rs.append(it.rows)
         ms.append(mu)
         bs.append(it.buffer_rows)
-    for optimizer, ws, rs, ms, bs in by_optimizer.values():  # one run of the update maths per optimizer and width
-        buffer_rows = None if any(b is None for b in bs) else (bs[0] if len(bs) == 1 else torch.cat(bs))
-        optimizer.update_rows_many(ws, rs, ms, buffer_rows=buffer_rows)
+    one = len(by_optimizer) == 1
+    for optimizer, ws, rs, ms, bs in by_optimizer.values():
+        rows = buffer_rows if one else None
+        if rows is None and all(b is not None for b in bs):
+            rows = bs[0] if len(bs) == 1 else torch.cat(bs)
+        optimizer.update_rows_many(ws, rs, ms, buffer_rows=rows, current=current if one else None)
 
 
 def _flat_domain_masks(flat: _Flat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,18 +343,16 @@ def _fused_step_flat(items: list[_Item]) -> bool:
             tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
         else:
             src_all, tgt_all = _flat_domain_masks(flat)
-            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_copy_(0, pidx, src_all.index_select(0, rows))
-            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_copy_(0, pidx, tgt_all.index_select(0, rows))
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
+            src.index_copy_(0, pidx, src_all.index_select(0, rows))
+            tgt.index_copy_(0, pidx, tgt_all.index_select(0, rows))
         src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
         tables = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
         values, gx = _on(rule0.loss, dev).grad(x.view(n_tab, n_max, -1), src, tgt, tables)
         t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
         if _USES_BARRIER[rule0.mode]:
-            main_loss = rule0.context.main_loss
-            if main_loss is None:
-                raise RuntimeError("the main loss is unknown: call plugin.backward(loss) (or "
-                                   "plugin.set_main_loss(loss)) instead of loss.backward()")
-            mu, lam = barrier_direction(g, t, main_loss, rule0.alpha)
+            mu, lam = barrier_direction(g, t, _main_loss(rule0), rule0.alpha)
             lam_means = torch.segment_reduce(lam, "mean", lengths=size_t).tolist()
         else:
             mu, lam_means = g + rule0.lam * t, [0.0] * n_tab  # Eq. 1: l_main + lam l_transfer
@@ -352,17 +365,7 @@ def _fused_step_flat(items: list[_Item]) -> bool:
         for j, it in enumerate(transfer):
             st = it.rule.stats
             st.source_rows, st.target_rows, st.transfer_loss, st.mean_lambda = n_src[j], n_tgt[j], vals[j], lam_means[j]
-    by_optimizer: dict[int, tuple[RowOptimizer, list, list, list]] = {}
-    for it in items:
-        assert it.rule.optimizer is not None
-        _, ws, rs, ms = by_optimizer.setdefault(id(it.rule.optimizer), (it.rule.optimizer, [], [], []))
-        ws.append(it.weight)
-        rs.append(it.rows)
-        ms.append(mu_all[it.span[0] : it.span[1]])
-    for optimizer, ws, rs, ms in by_optimizer.values():
-        one = len(by_optimizer) == 1
-        optimizer.update_rows_many(ws, rs, ms, buffer_rows=flat.rows if one else None,
-                                   current=current if one else None)
+    _apply(items, [mu_all[it.span[0] : it.span[1]] for it in items], buffer_rows=flat.rows, current=current)
     return True
 
 
