@@ -515,6 +515,10 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
             modes.append(bag.mode)
             names.append(fname)
     anchor, layout = _anchor(), LayoutCache()
+    flat = layout.get([t[0] for t in tables])
+    if flat is not None and any(t[1].mode != "B" for t in tables):  # the buffer-wide masks now, at setup
+        _flat_domain_masks(_Flat(flat[0], torch.empty(0, dtype=torch.int64), torch.empty(0), list(flat[1]),
+                                 [t[1] for t in tables]))
 
     def forward(features_kjt):
         from torchrec.sparse.jagged_tensor import KeyedTensor
