@@ -77,6 +77,31 @@ def buffer_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int]
     return indices + torch.repeat_interleave(shift, counts, output_size=len(indices))
 
 
+def pooled_over_all(features: Sequence[int], modes: Sequence[str], n_tables: int, offsets: torch.Tensor) -> bool:
+    """One pooled lookup (a single pooling mode, not sequences, a non-empty batch) that reads every one of the
+    ``n_tables`` tables: the case where tables sharing a buffer are looked up in ONE call (:func:`flat_lookup`)."""
+    return (len(set(modes)) == 1 and modes[0] != "none" and len(offsets) > 1
+            and sorted(set(features)) == list(range(n_tables)))
+
+
+def stacked_occurrences(per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]],
+                        shapes: Sequence[tuple[int, int, torch.dtype]]):
+    """The occurrences of tables that do NOT share a buffer, stacked per width and dtype as if they did: yields
+    ``(tables, bases, gids, occ)`` per group, where table ``tables[j]``'s row ``r`` is row ``bases[j] + r`` of a
+    virtual ``[bases[-1], D]`` buffer. ``per_table[t]``: (ids, grads) lists of table ``t``'s occurrences;
+    ``shapes[t]``: (rows, width, dtype)."""
+    by_width: dict[tuple, list[int]] = {}
+    for t in per_table:
+        by_width.setdefault(tuple(shapes[t][1:]), []).append(t)
+    for (_, dtype), ts in by_width.items():
+        bases = [0]
+        for t in ts:
+            bases.append(bases[-1] + shapes[t][0])
+        gids = torch.cat([ids + bases[j] for j, t in enumerate(ts) for ids in per_table[t][0]])
+        occ = torch.cat([o for t in ts for o in per_table[t][1]]).to(dtype)
+        yield ts, bases, gids, occ
+
+
 def flat_lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
                 base: torch.Tensor, firsts: Sequence[int], features: Sequence[int],
                 mode: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -107,9 +132,7 @@ def lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: tor
     the tables' shared-buffer layout if the caller knows it (else it is worked out here)."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
-    pooled_flat = (len(set(modes)) == 1 and modes[0] != "none" and batch
-                   and sorted(set(features)) == list(range(len(weights))))
-    if pooled_flat:
+    if batch and pooled_over_all(features, modes, len(weights), offsets):
         flat = flat if flat is not None else flat_tables(weights)
         if flat is not None:  # every feature in ONE lookup over the shared buffer
             return flat_lookup(indices, offsets, per_sample_weights, flat[0], flat[1], features, modes[0])[0]
@@ -204,8 +227,7 @@ class _GroupedLookup(torch.autograd.Function):
     def forward(ctx, indices, offsets, per_sample_weights, features, modes, grad_buffers, layout, *weights):
         ctx.features, ctx.modes, ctx.grad_buffers, ctx.weights = features, modes, grad_buffers, weights
         ctx.shapes = [(w.shape, w.dtype, w.device) for w in weights]
-        flat = (layout.get(weights) if len(set(modes)) == 1 and modes[0] != "none" and len(offsets) > 1
-                and sorted(set(features)) == list(range(len(weights))) else None)
+        flat = layout.get(weights) if pooled_over_all(features, modes, len(weights), offsets) else None
         ctx.flat = None
         if flat is not None:  # keep the occurrences' buffer rows for the backward
             base, firsts = flat
@@ -245,17 +267,9 @@ class _GroupedLookup(torch.autograd.Function):
                 t_ids.append(ids)
                 t_occ.append(occ)
         grads: list[torch.Tensor | None] = [None] * len(ctx.shapes)
-        by_width: dict[tuple, list[int]] = {}  # tables of one width and dtype: one buffer, one index_put_
-        for t in per_table:
-            shape, dtype, device = ctx.shapes[t]
-            by_width.setdefault((shape[1], dtype, device), []).append(t)
-        for (dim, dtype, device), ts in by_width.items():
-            bases = [0]
-            for t in ts:
-                bases.append(bases[-1] + ctx.shapes[t][0][0])
-            flat = torch.zeros((bases[-1], dim), dtype=dtype, device=device)
-            gids = torch.cat([ids + bases[j] for j, t in enumerate(ts) for ids in per_table[t][0]])
-            occ = torch.cat([o for t in ts for o in per_table[t][1]]).to(dtype)
+        shapes = [(shape[0], shape[1], dtype) for shape, dtype, _ in ctx.shapes]
+        for ts, bases, gids, occ in stacked_occurrences(per_table, shapes):  # one buffer, one index_put_ per width
+            flat = torch.zeros((bases[-1], occ.shape[1]), dtype=occ.dtype, device=occ.device)
             flat.index_put_((gids,), occ, accumulate=True)
             for j, t in enumerate(ts):
                 grads[t] = flat[bases[j] : bases[j + 1]]  # contiguous views of one buffer

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from recsys_transfer.flat import global_rows, join, rows_of_one_buffer, share_storage
+from recsys_transfer.flat import LayoutCache, global_rows, join, share_storage
 
 __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimizer"]
 
@@ -41,6 +41,27 @@ __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimize
 # is the one-element case (same results).
 
 
+class _LayoutCaches:
+    """An optimizer's remembered buffer layouts (:class:`recsys_transfer.flat.LayoutCache`), one per list of tensors
+    it updates every step (the weights, each state tensor), told apart by the list's first tensor and length. A
+    bounded handful: forgotten wholesale if tensors keep moving, so no old buffer is kept alive for long."""
+
+    def __init__(self) -> None:
+        self._caches: dict[tuple[int, int], LayoutCache] = {}
+
+    def __deepcopy__(self, memo: dict) -> "_LayoutCaches":
+        return _LayoutCaches()
+
+    def layout(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+        key = (tensors[0].data_ptr(), len(tensors))
+        cache = self._caches.get(key)
+        if cache is None:
+            if len(self._caches) >= 16:
+                self._caches.clear()
+            cache = self._caches[key] = LayoutCache()
+        return cache.get(tensors)
+
+
 class _Rows:
     """The touched rows of several tables, gathered from / scattered to each table's tensors. When a list of
     tensors is the row blocks of one buffer (:mod:`recsys_transfer.flat`: tables moved there by the EBC, state
@@ -48,9 +69,10 @@ class _Rows:
     (computed once per layout), instead of one per table."""
 
     def __init__(self, rows: list[torch.Tensor], known: tuple[tuple[int, ...], torch.Tensor] | None = None,
-                 current: torch.Tensor | None = None) -> None:
+                 current: torch.Tensor | None = None, caches: "_LayoutCaches | None" = None) -> None:
         self.rows = rows
         self.current = current  # the weights' touched rows, if the caller already gathered them (used up)
+        self._caches = caches if caches is not None else _LayoutCaches()
         self._global: dict[tuple[int, ...], torch.Tensor] = dict([known]) if known is not None else {}
         self._layouts: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]] = {}
 
@@ -59,7 +81,7 @@ class _Rows:
             return None
         if id(tensors) in self._layouts:  # the same list is gathered, then scattered
             return self._layouts[id(tensors)][1]
-        flat = rows_of_one_buffer(tensors)
+        flat = self._caches.layout(tensors)
         found = None
         if flat is not None:
             base, firsts = flat
@@ -188,15 +210,16 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             ps.append(p)
             rs.append(r)
             ms.append(mu)
+        caches = self.__dict__.setdefault("_layout_caches", _LayoutCaches())  # per optimizer, across steps
         known = None
         if buffer_rows is not None and len(batches) == 1:
-            flat = rows_of_one_buffer(params)
+            flat = caches.layout(params)
             if flat is not None:
                 known = (tuple(flat[1]), buffer_rows)
         if len(batches) != 1:
             current = None
         for group, ps, rs, ms in batches.values():
-            self._update(group, ps, _Rows(rs, known, current), ms)
+            self._update(group, ps, _Rows(rs, known, current, caches), ms)
 
     def _init_state(self, group: dict[str, Any], spec: dict[str, Any]) -> None:
         """Create the state of every parameter of ``group`` that has none (``spec``: key -> factory(param)), all

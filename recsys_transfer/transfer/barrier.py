@@ -63,7 +63,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from recsys_transfer.flat import LayoutCache
-from recsys_transfer.modules.embedding import flat_lookup, lookup, occurrence_grads, pooled_rows_and_grads
+from recsys_transfer.modules.embedding import (flat_lookup, lookup, occurrence_grads, pooled_over_all,
+                                                pooled_rows_and_grads, stacked_occurrences)
 from recsys_transfer.optim.rowwise import RowOptimizer
 from recsys_transfer.transfer.losses import TransferLoss
 
@@ -147,9 +148,13 @@ class _Item:
     row_offset: int
     g: torch.Tensor  # main gradient [U, D]
     group: object  # process group of a row-wise sharded table, else None
-    buffer_rows: torch.Tensor | None = None  # rows in the tables' shared buffer (recsys_transfer.flat), if any
     flat: "_Flat | None" = None  # the call's rows of every table at once, when the tables share one buffer
     span: tuple[int, int] = (0, 0)  # this table's rows are flat.rows[span[0]:span[1]]
+
+    @property
+    def buffer_rows(self) -> torch.Tensor | None:
+        """The rows in the tables' shared buffer (:mod:`recsys_transfer.flat`), if they share one."""
+        return None if self.flat is None else self.flat.rows[self.span[0] : self.span[1]]
 
 
 @dataclass
@@ -279,17 +284,19 @@ def _apply(items: list[_Item], mus: list[torch.Tensor], buffer_rows: torch.Tenso
         optimizer.update_rows_many(ws, rs, ms, buffer_rows=rows, current=current if one else None)
 
 
-def _flat_domain_masks(flat: _Flat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and target masks over every row of the buffer (False in tables without transfer), so the rows of
-    all tables are classified by one index each. Built once per layout; each rule's masks then become views of
-    them, so they are not held twice."""
-    context = flat.rules[0].context
-    key = (flat.base.untyped_storage().data_ptr(), len(flat.base), tuple(flat.firsts), tuple(map(id, flat.rules)))
+def _flat_domain_masks(base: torch.Tensor, firsts: list[int],
+                       rules: list[TableRule]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and target masks over every row of the buffer ``base`` whose tables start at ``firsts`` (False in
+    tables without transfer), so the rows of all tables are classified by one index each. Built once per layout
+    (the plug-in builds it when it attaches); each rule's masks then become views of them, so they are not held
+    twice."""
+    context = rules[0].context
+    key = (base.untyped_storage().data_ptr(), len(base), tuple(firsts), tuple(map(id, rules)))
     masks = context.flat_masks.get(key)
     if masks is None:
-        src = torch.zeros(len(flat.base), dtype=torch.bool, device=flat.base.device)
-        tgt = torch.zeros(len(flat.base), dtype=torch.bool, device=flat.base.device)
-        for first, rule in zip(flat.firsts, flat.rules):
+        src = torch.zeros(len(base), dtype=torch.bool, device=base.device)
+        tgt = torch.zeros(len(base), dtype=torch.bool, device=base.device)
+        for first, rule in zip(firsts, rules):
             if rule.mode == "B":
                 continue
             source, target = rule.masks_on(src.device)
@@ -342,7 +349,7 @@ def _fused_step_flat(items: list[_Item]) -> bool:
             src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_fill_(0, pidx, True)
             tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
         else:
-            src_all, tgt_all = _flat_domain_masks(flat)
+            src_all, tgt_all = _flat_domain_masks(flat.base, flat.firsts, flat.rules)
             src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
             tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
             src.index_copy_(0, pidx, src_all.index_select(0, rows))
@@ -412,16 +419,14 @@ class _FusedRowUpdate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, modes, layout):
-        ctx.has_psw = per_sample_weights is not None
         ctx.tables, ctx.features, ctx.modes = tables, features, modes
-        psw = per_sample_weights if per_sample_weights is not None else torch.empty(0)
         ctx.flat = _flat_call(tables, features, modes, offsets, layout)
         if ctx.flat is not None:  # keep the occurrences' buffer rows for the backward
             base, firsts = ctx.flat
             out, gids, ctx.single = flat_lookup(indices, offsets, per_sample_weights, base, firsts, features, modes[0])
-            ctx.save_for_backward(indices, offsets, psw, gids)
+            ctx.save_for_backward(indices, offsets, per_sample_weights, gids)
             return out
-        ctx.save_for_backward(indices, offsets, psw, None)
+        ctx.save_for_backward(indices, offsets, per_sample_weights, None)
         return lookup(indices, offsets, per_sample_weights, [t[0] for t in tables], features, modes)
 
     @staticmethod
@@ -429,47 +434,42 @@ class _FusedRowUpdate(torch.autograd.Function):
         indices, offsets, psw, gids = ctx.saved_tensors
         tables, features = ctx.tables, ctx.features
         if ctx.flat is not None:
-            fused_step(_flat_items(ctx.flat, grad_out, indices, offsets, psw if ctx.has_psw else None, tables,
+            fused_step(_flat_items(ctx.flat, grad_out, indices, offsets, psw, tables,
                                    features, ctx.modes[0], known=(gids, ctx.single)))
             return None, None, None, None, None, None, None, None
         dims = [tables[t][0].shape[1] for t in features]
         per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw if ctx.has_psw else None, dims, ctx.modes):
+        for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
             t = features[f]
             t_ids, t_grads = per_table.setdefault(t, ([], []))
             t_ids.append(ids)
             t_grads.append(occ)
         items = []
-        by_width: dict[tuple, list[int]] = {}  # tables of one width and dtype share one unique + scatter_add
-        for t in per_table:
-            w = tables[t][0]
-            by_width.setdefault((w.shape[1], w.dtype), []).append(t)
-        for ts in by_width.values():
-            # global row ids: table t's rows live at base[t] + id, so one sort finds every table's unique rows
-            bases = [0]
-            for t in ts:
-                bases.append(bases[-1] + tables[t][0].shape[0])
-            gids = torch.cat([ids + bases[j] for j, t in enumerate(ts) for ids in per_table[t][0]])
-            occ = torch.cat([g for t in ts for g in per_table[t][1]])
-            rows, inverse = torch.unique(gids, return_inverse=True)
-            g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
-            # scatter_add_, not index_add_: on CPU index_add_ with repeated indices takes ~100x longer
-            g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
+        shapes = [(w.shape[0], w.shape[1], w.dtype) for w, *_ in tables]
+        # tables of one width and dtype share one unique + scatter_add: table t's rows live at bases[t] + id
+        for ts, bases, gids, occ in stacked_occurrences(per_table, shapes):
+            rows, g = _row_sums(gids, occ)
             cuts = torch.searchsorted(rows, torch.tensor(bases, dtype=rows.dtype, device=rows.device)).tolist()
             for j, t in enumerate(ts):
                 weight, rule, row_offset, group = tables[t]
                 lo, hi = cuts[j], cuts[j + 1]
-                items.append(_Item(rule, weight, rows[lo:hi] - bases[j], row_offset, g[lo:hi].to(weight.dtype),
-                                   group))
+                items.append(_Item(rule, weight, rows[lo:hi] - bases[j], row_offset, g[lo:hi], group))
         fused_step(items)
         return None, None, None, None, None, None, None, None
 
 
+def _row_sums(gids: torch.Tensor, occ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unique rows, sorted; the sum of ``occ`` per row): ``g_i`` of every touched row from its occurrences."""
+    rows, inverse = torch.unique(gids, return_inverse=True)
+    g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
+    # scatter_add_, not index_add_: on CPU index_add_ with repeated indices takes ~100x longer
+    g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
+    return rows, g
+
+
 def _flat_call(tables, features, modes, offsets, layout: LayoutCache):
     """(base, first rows) when one pooled lookup call's tables are row blocks of one buffer, else None."""
-    if len(set(modes)) != 1 or modes[0] == "none" or len(offsets) < 2:
-        return None
-    if sorted(set(features)) != list(range(len(tables))) or any(t[3] is not None for t in tables):
+    if not pooled_over_all(features, modes, len(tables), offsets) or any(t[3] is not None for t in tables):
         return None
     return layout.get([t[0] for t in tables])
 
@@ -480,10 +480,7 @@ def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode, k
     ``(gids, single)`` (see :func:`recsys_transfer.modules.embedding.flat_lookup`)."""
     base, firsts = flat
     gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, mode, known=known)
-    rows, inverse = torch.unique(gids, return_inverse=True)
-    g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
-    g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
-    g = g.to(base.dtype)
+    rows, g = _row_sums(gids, occ.to(base.dtype))
     edges = [e for t in range(len(tables)) for e in (firsts[t], firsts[t] + tables[t][0].shape[0])]
     cuts = torch.searchsorted(rows, torch.tensor(edges, dtype=rows.dtype, device=rows.device)).tolist()
     whole = _Flat(base, rows, g, list(firsts), [t[1] for t in tables])
@@ -491,8 +488,7 @@ def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode, k
     for t, (weight, rule, row_offset, group) in enumerate(tables):
         lo, hi = cuts[2 * t], cuts[2 * t + 1]
         if hi > lo:
-            items.append(_Item(rule, weight, rows[lo:hi] - firsts[t], row_offset, g[lo:hi], group, rows[lo:hi],
-                               whole, (lo, hi)))
+            items.append(_Item(rule, weight, rows[lo:hi] - firsts[t], row_offset, g[lo:hi], group, whole, (lo, hi)))
     return items
 
 
@@ -517,8 +513,7 @@ def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor
     anchor, layout = _anchor(), LayoutCache()
     flat = layout.get([t[0] for t in tables])
     if flat is not None and any(t[1].mode != "B" for t in tables):  # the buffer-wide masks now, at setup
-        _flat_domain_masks(_Flat(flat[0], torch.empty(0, dtype=torch.int64), torch.empty(0), list(flat[1]),
-                                 [t[1] for t in tables]))
+        _flat_domain_masks(flat[0], list(flat[1]), [t[1] for t in tables])
 
     def forward(features_kjt):
         from torchrec.sparse.jagged_tensor import KeyedTensor
