@@ -295,3 +295,52 @@ def test_grouped_lookup_equals_torchrec_forward_and_gradients(ml100k_prepared, p
         for p in twin.parameters():
             p.add_(1.0)
     assert not torch.allclose(twin(features).values(), grouped(features).values())
+
+
+@pytest.mark.parametrize("pooling,weighted,multi,column", [
+    ("SUM", False, False, 0), ("SUM", True, False, 2), ("SUM", True, True, 0), ("MEAN", False, True, 1)])
+def test_lookup_column_equals_full_lookup_sliced_float64(ml100k_prepared, pooling, weighted, multi, column):
+    """lookup_column (FirstOrder's lookup: one column of 4-wide tables) gives the full TorchRec lookup's column and
+    the same dense table gradients (zero outside the column), in float64, on a real ML-100K batch plus a
+    multi-valued feature with empty bags; the grouped EBC takes the column path (its own autograd node) and the
+    plain TorchRec EBC the sliced full lookup."""
+    import copy
+
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recsys_transfer.modules.embedding import lookup_column, use_grouped_lookup
+
+    data, meta = ml100k_prepared
+    kjt = next(iter(BatchLoader(data, "train", 64))).sparse
+    rng = np.random.default_rng(1)
+    fields = ["zip", "item_id", "user_id"]
+    multi_len = rng.integers(0, 4, 64) if multi else np.ones(64, dtype=np.int64)
+    values = torch.cat([kjt[f].values() for f in fields] + [torch.from_numpy(rng.integers(0, 50, int(multi_len.sum())))])
+    lengths = torch.cat([kjt[f].lengths() for f in fields] + [torch.from_numpy(multi_len).to(torch.int32)])
+    weights = torch.from_numpy(rng.random(len(values))) if weighted else None
+    features = KeyedJaggedTensor(keys=fields + ["bag"], values=values, lengths=lengths, weights=weights)
+    configs = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=meta.field(f).vocab_size,
+                                  feature_names=[f] + (["bag"] if f == "zip" else []), pooling=PoolingType[pooling])
+               for f in fields]
+    torch.manual_seed(0)
+    plain = EmbeddingBagCollection(tables=configs, is_weighted=weighted).double()  # TorchRec's forward (float32 out)
+    full = use_grouped_lookup(copy.deepcopy(plain))  # its column is the reference, in float64
+    grouped = use_grouped_lookup(copy.deepcopy(plain))  # (a deepcopy of full would not share one buffer)
+    coef = torch.randn(64, 4, dtype=torch.float64)
+    expect = full(features).values().view(64, 4, 4)[:, :, column]  # feature k's 4 columns, column `column`
+    (expect * coef).sum().backward()
+    got = {}
+    for name, ebc in (("plain", plain), ("grouped", grouped)):
+        out = lookup_column(ebc, features, column)
+        assert ("_ColumnLookup" in type(out.grad_fn).__name__) == (name == "grouped")
+        (out * coef).sum().backward()
+        got[name] = (out.detach(), [p.grad.clone() for p in ebc.parameters()])
+    torch.testing.assert_close(got["grouped"][0], expect.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["plain"][0], expect.detach().float(), rtol=1e-6, atol=1e-6)
+    for g_full, g_plain, g_col in zip([p.grad for p in full.parameters()], got["plain"][1], got["grouped"][1]):
+        assert bool((g_full[:, column] != 0).any())
+        assert not bool(g_col[:, [c for c in range(4) if c != column]].any())
+        torch.testing.assert_close(g_col, g_full, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_plain, g_full, rtol=1e-6, atol=1e-7)

@@ -8,10 +8,11 @@ from torch.autograd.function import once_differentiable
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_transfer.data.prepared import DatasetMeta
-from recsys_transfer.modules.embedding import make_ebc
+from recsys_transfer.modules.embedding import lookup_column, make_ebc
 
 #: fbgemm's fused TBE (the kernel DistributedModelParallel uses for model-parallel tables) needs widths divisible
-#: by 4, so first-order weights live in 4-wide tables of which only column 0 is read; columns 1-3 receive zero
+#: by 4, so first-order weights live in 4-wide tables of which only column 0 is read (and, on the grouped lookup,
+#: only column 0 is gathered: :func:`~recsys_transfer.modules.embedding.lookup_column`); columns 1-3 receive zero
 #: gradient and never move from their zero init.
 FIRST_ORDER_WIDTH = 4
 
@@ -58,9 +59,7 @@ class FirstOrder(nn.Module):
         self.dense = nn.Linear(len(meta.dense), 1, bias=False) if meta.dense else None
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor) -> torch.Tensor:
-        B = dense.shape[0]
-        w = self.tables(sparse).values().view(B, self.num_fields, FIRST_ORDER_WIDTH)[:, :, 0]  # [B, F]
-        out = w.sum(dim=1)
+        out = lookup_column(self.tables, sparse, 0).sum(dim=1)  # [B, F] -> [B]
         if self.dense is not None:
             out = out + self.dense(dense).squeeze(1)
         return out
