@@ -309,15 +309,19 @@ class _GroupedLookup(torch.autograd.Function):
         return (None, None, None, None, None, None, None, *grads)
 
 
+def _grouped_inputs(ebc: EmbeddingBagCollection, features):
+    """``(kjt in the collection's feature order, per-sample weights or None, table weights)``."""
+    names = ebc._grouped_layout[0]
+    kjt = features if features.keys() == names else features.permute([features.keys().index(n) for n in names])
+    psw = kjt.weights_or_none() if ebc.is_weighted() else None
+    return kjt, psw, [bag.weight for bag in ebc.embedding_bags.values()]
+
+
 def _grouped_forward(self: EmbeddingBagCollection, features):
     from torchrec.sparse.jagged_tensor import KeyedTensor
 
-    names, table_of, modes = self._grouped_layout
-    kjt = features
-    if kjt.keys() != names:
-        kjt = kjt.permute([kjt.keys().index(n) for n in names])
-    weights = [bag.weight for bag in self.embedding_bags.values()]
-    psw = kjt.weights_or_none() if self.is_weighted() else None
+    kjt, psw, weights = _grouped_inputs(self, features)
+    _, table_of, modes = self._grouped_layout
     values = _GroupedLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes, self._grad_buffers,
                                   self._layout, *weights)
     return KeyedTensor(keys=self._embedding_names, values=values, length_per_key=self._lengths_per_embedding)
@@ -375,14 +379,11 @@ def lookup_column(ebc: EmbeddingBagCollection, features, column: int = 0) -> tor
     column (a strided 1-D gather; the full lookup of 4-wide tables costs ~3x more on CPU); anywhere else (a
     sharded module, the transfer plug-in's lookup, tables that do not share a buffer) it is the full lookup,
     sliced. Values and table gradients are the same either way (tested)."""
-    grouped = getattr(ebc.forward, "__func__", None) is _grouped_forward
-    if grouped:
-        names, table_of, modes = ebc._grouped_layout
-        weights = [bag.weight for bag in ebc.embedding_bags.values()]
-        kjt = features if features.keys() == names else features.permute([features.keys().index(n) for n in names])
+    if getattr(ebc.forward, "__func__", None) is _grouped_forward:
+        kjt, psw, weights = _grouped_inputs(ebc, features)
+        _, table_of, modes = ebc._grouped_layout
         flat = ebc._layout.get(weights) if pooled_over_all(table_of, modes, len(weights), kjt.offsets()) else None
         if flat is not None:
-            psw = kjt.weights_or_none() if ebc.is_weighted() else None
             return _ColumnLookup.apply(kjt.values(), kjt.offsets(), psw, table_of, modes[0], column,
                                        ebc._grad_buffers, flat[0], flat[1], *weights)
     kt = ebc(features)

@@ -52,7 +52,6 @@ class FirstOrder(nn.Module):
 
     def __init__(self, meta: DatasetMeta) -> None:
         super().__init__()
-        self.num_fields = len(meta.sparse_names)
         self.tables = make_ebc(meta, FIRST_ORDER_WIDTH)
         for p in self.tables.parameters():
             nn.init.zeros_(p)
