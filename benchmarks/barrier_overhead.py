@@ -11,8 +11,9 @@ rows (the rest unchanged). Methods:
 
 Dense parameters use Adam in every method. Printed per size: median step time (ms), peak RSS, RSS growth
 during training ("extra": training peak minus RSS after setup), and the ``ratio`` of +Ours to B and to B-fused.
-Step times come from ONE process that interleaves the methods step by step (so background load hits all alike); memory from one fresh
-process per method. Results go to ``benchmarks/results/barrier_overhead.{json,md}``.
+Step times come from ONE process that interleaves the methods step by step (so background load hits all alike);
+memory from fresh processes, one method each, ``--mem-runs`` (3) per method, median reported: one process's RSS
+growth varies by tens of MiB from run to run. Results go to ``benchmarks/results/barrier_overhead.{json,md}``.
 
     python benchmarks/barrier_overhead.py                 # both sizes, 40 timed steps each
     python benchmarks/barrier_overhead.py --sizes 100000 --steps 10
@@ -185,6 +186,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--methods", default="B,+Ours,B-fused")
     p.add_argument("--mem-steps", type=int, default=8)
+    p.add_argument("--mem-runs", type=int, default=3,
+                   help="fresh processes per method for memory; the median is reported (one process's RSS growth "
+                        "varies by +-40 MiB from run to run)")
     p.add_argument("--loss", default="adversarial", help="transfer loss of +Ours (the paper's CTR choice: adversarial)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     p.add_argument("--worker", nargs=3, metavar=("KIND", "METHODS", "BIG"), help=argparse.SUPPRESS)
@@ -223,7 +227,10 @@ def main() -> int:
         big = size if size != args.rows else 0
         timing = run("time", ",".join(methods), big)
         for method in methods:
-            res = {"method": method, "size": size, **timing[method], **run("mem", method, big)}
+            mems = [run("mem", method, big) for _ in range(args.mem_runs)]
+            res = {"method": method, "size": size, **timing[method],
+                   **{k: statistics.median(m[k] for m in mems) for k in mems[0]},
+                   "rss_extra_mib_runs": [round(m["rss_extra_mib"], 1) for m in mems]}
             rows_out.append(res)
             print(f"  {method:<8} size {size:>10,}  median {res['median_ms']:8.1f} ms  p90 {res['p90_ms']:8.1f} ms  "
                   f"peak RSS {res['rss_peak_mib']:8.0f} MiB  growth {res['rss_extra_mib']:7.0f} MiB", flush=True)
@@ -251,6 +258,7 @@ def main() -> int:
         meta = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "commit": commit,
                 "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": platform.python_version(),
                 "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
+                "mem_runs": args.mem_runs,
                 "loss": args.loss, "threads": args.threads or "default"}
         (RESULTS / "barrier_overhead.json").write_text(json.dumps({"meta": meta, "runs": rows_out, "summary": summary},
                                                                   indent=1) + "\n")
