@@ -379,6 +379,8 @@ def lookup_column(ebc: EmbeddingBagCollection, features, column: int = 0) -> tor
     column (a strided 1-D gather; the full lookup of 4-wide tables costs ~3x more on CPU); anywhere else (a
     sharded module, the transfer plug-in's lookup, tables that do not share a buffer) it is the full lookup,
     sliced. Values and table gradients are the same either way (tested)."""
+    # the test is which forward RUNS, not whether use_grouped_lookup was applied: the plug-in replaces that
+    # forward on the same module, and its lookup (which updates the rows in backward) must not be bypassed
     if getattr(ebc.forward, "__func__", None) is _grouped_forward:
         kjt, psw, weights = _grouped_inputs(ebc, features)
         _, table_of, modes = ebc._grouped_layout
