@@ -115,6 +115,6 @@ class LayoutCache:
     def get(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
         key = tuple((t.data_ptr(), t.shape, t.dtype) for t in tensors)
         if key != self._key:
-            self._value = rows_of_one_buffer(tensors) if tensors[0].dim() == 2 else None
+            self._value = rows_of_one_buffer(tensors)  # any row shape: [R, D] tables, [R] per-row state
             self._key = key
         return self._value

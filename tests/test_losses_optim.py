@@ -167,15 +167,19 @@ def test_update_rows_many_on_a_shared_buffer_equals_one_table_at_a_time(name):
     for step in range(3):
         rows = [torch.tensor(r) for r in ([0, 5, 6], [2], [1, 3, 10])[: 3 - step % 2]]  # a table left out on odd steps
         mus = [torch.randn(len(r), 4, generator=gen, dtype=torch.float64) for r in rows]
-        opt_flat.update_rows_many(flat[: len(rows)], rows, mus)
+        with torch.profiler.profile() as prof:
+            opt_flat.update_rows_many(flat[: len(rows)], rows, mus)
+        # one gather and one scatter per tensor list (weights, then each state: [R, D] moments, [R] steps or sums)
+        calls = {e.key: e.count for e in prof.key_averages()}
+        lists = 1 + len(opt_flat.state[flat[0]])
+        assert (calls.get("aten::index_select", 0), calls.get("aten::index_copy_", 0)) == (lists, lists), calls
         for p, r, m in zip(alone, rows, mus):
             opt_alone.update_rows(p, r, m)
     for a, b in zip(flat, alone):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-12)
         for key, value in opt_alone.state[b].items():
             torch.testing.assert_close(opt_flat.state[a][key], value, rtol=0, atol=1e-12)
-    if opt_flat.state[flat[0]]:
-        key = next(iter(opt_flat.state[flat[0]]))
+    for key in opt_flat.state[flat[0]]:
         assert rows_of_one_buffer([opt_flat.state[p][key] for p in flat]) is not None
 
 

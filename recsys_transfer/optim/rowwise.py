@@ -185,10 +185,15 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base class: ``update_rows(param, rows, mu)`` applies one update to ``rows`` of ``param``."""
 
     def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        raise KeyError("parameter is not managed by this optimizer")
+        # id -> (param, group), rebuilt on a miss (add_param_group): a scan of every group per parameter was
+        # quadratic in the number of tables (~0.4 ms per step for DeepFM's 78 on CPU)
+        entry = self.__dict__.get("_groups", {}).get(id(param))
+        if entry is None or entry[0] is not param:
+            self.__dict__["_groups"] = {id(p): (p, g) for g in self.param_groups for p in g["params"]}
+            entry = self.__dict__["_groups"].get(id(param))
+            if entry is None or entry[0] is not param:
+                raise KeyError("parameter is not managed by this optimizer")
+        return entry[1]
 
     def update_rows(self, param: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor) -> None:
         """Apply one update with direction ``mu`` [U, D] to the unique ``rows`` [U] of ``param``."""
