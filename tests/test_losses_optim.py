@@ -119,6 +119,27 @@ def test_row_optimizer_validation():
         RowSGD([p], nesterov=True)
 
 
+def test_row_optimizer_reads_the_live_param_groups():
+    """Hyper-parameters come from the optimizer's current group dicts: after load_state_dict (which builds new
+    ones) an lr set on them takes effect, and a parameter added by add_param_group gets its own group's lr."""
+    from recsys_transfer.optim.rowwise import make_row_optimizer
+
+    a, b = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(3, 2))
+    opt = make_row_optimizer("sgd", [a], lr=0.5)
+    rows, mu = torch.tensor([1]), torch.ones(1, 2)
+    opt.update_rows(a, rows, mu)
+    assert float(a.detach()[1, 0]) == 0.5
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[0]["lr"] = 0.0
+    opt.update_rows(a, rows, mu)
+    assert float(a.detach()[1, 0]) == 0.5  # lr 0 from the new group dict, not the cached old one
+    opt.add_param_group({"params": [b], "lr": 0.25})
+    opt.update_rows_many([a, b], [rows, rows], [mu, mu])
+    assert (float(a.detach()[1, 0]), float(b.detach()[1, 0])) == (0.5, 0.75)
+    with pytest.raises(KeyError, match="not managed"):
+        opt.update_rows(torch.nn.Parameter(torch.ones(3, 2)), rows, mu)
+
+
 def test_adversarial_manual_gradients_match_autograd():
     """The hand-written backward of AdversarialLoss.grad equals autograd through the same discriminator."""
     x, src, tgt = _case(seed=7, tables=4, n=11)

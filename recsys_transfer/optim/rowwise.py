@@ -185,15 +185,18 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base class: ``update_rows(param, rows, mu)`` applies one update to ``rows`` of ``param``."""
 
     def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
-        # id -> (param, group), rebuilt on a miss (add_param_group): a scan of every group per parameter was
-        # quadratic in the number of tables (~0.4 ms per step for DeepFM's 78 on CPU)
-        entry = self.__dict__.get("_groups", {}).get(id(param))
-        if entry is None or entry[0] is not param:
-            self.__dict__["_groups"] = {id(p): (p, g) for g in self.param_groups for p in g["params"]}
-            entry = self.__dict__["_groups"].get(id(param))
-            if entry is None or entry[0] is not param:
-                raise KeyError("parameter is not managed by this optimizer")
-        return entry[1]
+        # an id -> (param, group) map instead of scanning every group per parameter (quadratic in the number of
+        # tables); rebuilt when the group dicts change (add_param_group, load_state_dict makes new ones) or on a miss
+        groups = tuple(map(id, self.param_groups))
+        cached = self.__dict__.get("_groups")
+        for attempt in range(2):
+            if cached is None or cached[0] != groups or attempt:
+                cached = self.__dict__["_groups"] = (groups, {id(p): (p, g) for g in self.param_groups
+                                                              for p in g["params"]})
+            entry = cached[1].get(id(param))
+            if entry is not None and entry[0] is param:
+                return entry[1]
+        raise KeyError("parameter is not managed by this optimizer")
 
     def update_rows(self, param: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor) -> None:
         """Apply one update with direction ``mu`` [U, D] to the unique ``rows`` [U] of ``param``."""
