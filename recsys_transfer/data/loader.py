@@ -42,6 +42,9 @@ class _Piece:
     start: int  # first row inside the row group
     stop: int
 
+    def __len__(self) -> int:
+        return self.stop - self.start
+
 
 @dataclass
 class _Rows:
@@ -155,23 +158,20 @@ class BatchLoader:
         pf = self._files.get(piece.file)
         if pf is None:
             pf = self._files[piece.file] = pq.ParquetFile(piece.file)
-        n = piece.stop - piece.start
+        n = len(piece)
         table = pf.read_row_group(piece.row_group, columns=self._columns).slice(piece.start, n)
-        for j, name in enumerate(self.keys):
-            out.sparse[lo : lo + n, j] = table.column(name).to_numpy()
-        for j, name in enumerate(self.meta.dense):
-            out.dense[lo : lo + n, j] = table.column(name).to_numpy()
-        for j, name in enumerate(self.meta.labels):
-            out.labels[lo : lo + n, j] = table.column(name).to_numpy()
+        for names, array in ((self.keys, out.sparse), (self.meta.dense, out.dense), (self.meta.labels, out.labels)):
+            for j, name in enumerate(names):
+                array[lo : lo + n, j] = table.column(name).to_numpy()
 
     def _read_buffer(self, pieces: list[_Piece]) -> _Rows:
-        n = sum(p.stop - p.start for p in pieces)
+        n = sum(len(p) for p in pieces)
         out = _Rows(np.empty((n, len(self.keys)), dtype=np.int64), np.empty((n, len(self.meta.dense)), np.float32),
                     np.empty((n, len(self.meta.labels)), np.float32))
         lo = 0
         for piece in pieces:
             self._read_into(piece, out, lo)
-            lo += piece.stop - piece.start
+            lo += len(piece)
         return out
 
     def _buffers(self) -> Iterator[tuple[_Rows, np.ndarray | None]]:
@@ -187,7 +187,7 @@ class BatchLoader:
         for k in order:
             piece = self._pieces[k]
             group.append(piece)
-            buffered += piece.stop - piece.start
+            buffered += len(piece)
             if buffered >= self.shuffle_buffer_rows:
                 rows = self._read_buffer(group)
                 yield rows, rng.permutation(len(rows))

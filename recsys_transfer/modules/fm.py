@@ -17,6 +17,13 @@ from recsys_transfer.modules.embedding import lookup_column, make_ebc
 FIRST_ORDER_WIDTH = 4
 
 
+def _second_order(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Eq. 5's value ``[B]``, ``s = sum_f v_f`` ``[B, k]``)."""
+    s = v.sum(dim=1)
+    flat = v.flatten(1)
+    return 0.5 * ((s * s).sum(dim=1) - torch.linalg.vecdot(flat, flat)), s
+
+
 class _SecondOrder(torch.autograd.Function):
     """Rendle 2010, Eq. 5, with its closed-form gradient ``d y / d v_fk = sum_j v_jk - v_fk`` (Sec. III-A, all
     x = 1): the backward is ONE pass over ``v`` (autograd through the pow/sum/sub graph makes ~5, and on CPU that
@@ -24,10 +31,9 @@ class _SecondOrder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v: torch.Tensor) -> torch.Tensor:
-        s = v.sum(dim=1)  # [B, k]
+        y, s = _second_order(v)
         ctx.save_for_backward(v, s)
-        flat = v.flatten(1)
-        return 0.5 * ((s * s).sum(dim=1) - torch.linalg.vecdot(flat, flat))
+        return y
 
     @staticmethod
     @once_differentiable
@@ -42,9 +48,7 @@ def fm_second_order(v: torch.Tensor) -> torch.Tensor:
     Differentiable once (the closed-form backward of :class:`_SecondOrder`)."""
     if v.requires_grad and torch.is_grad_enabled():
         return _SecondOrder.apply(v)
-    s = v.sum(dim=1)
-    flat = v.flatten(1)
-    return 0.5 * ((s * s).sum(dim=1) - torch.linalg.vecdot(flat, flat))
+    return _second_order(v)[0]
 
 
 class FirstOrder(nn.Module):

@@ -189,14 +189,14 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         # tables); rebuilt when the group dicts change (add_param_group, load_state_dict makes new ones) or on a miss
         groups = tuple(map(id, self.param_groups))
         cached = self.__dict__.get("_groups")
-        for attempt in range(2):
-            if cached is None or cached[0] != groups or attempt:
-                cached = self.__dict__["_groups"] = (groups, {id(p): (p, g) for g in self.param_groups
-                                                              for p in g["params"]})
+        entry = cached[1].get(id(param)) if cached is not None and cached[0] == groups else None
+        if entry is None or entry[0] is not param:
+            cached = self.__dict__["_groups"] = (groups, {id(p): (p, g) for g in self.param_groups
+                                                          for p in g["params"]})
             entry = cached[1].get(id(param))
-            if entry is not None and entry[0] is param:
-                return entry[1]
-        raise KeyError("parameter is not managed by this optimizer")
+            if entry is None or entry[0] is not param:
+                raise KeyError("parameter is not managed by this optimizer")
+        return entry[1]
 
     def update_rows(self, param: torch.Tensor, rows: torch.Tensor, mu: torch.Tensor) -> None:
         """Apply one update with direction ``mu`` [U, D] to the unique ``rows`` [U] of ``param``."""
