@@ -1,14 +1,18 @@
 """The ``recsys-transfer`` command line.
 
     recsys-transfer prepare --dataset {movielens,criteo,synthetic} --input PATH --output DIR [options]
-    recsys-transfer info DIR [--field NAME]
+    recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
-    recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR
+    recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite]
     recsys-transfer bench --config benchmarks/grids/NAME.yaml --output DIR
     recsys-transfer demo [--output DIR]
+    recsys-transfer env
 
-User mistakes (missing files, malformed rows, bad options) print one line ``error: ...`` and exit with status 2,
-without a traceback; anything else is a bug and keeps its traceback.
+Every command is a thin layer over a library function (``prepare`` -> :func:`recsys_transfer.data.prepare.prepare`,
+``train`` -> :func:`recsys_transfer.train.run.run_training`, ...). User mistakes (missing files, malformed rows,
+bad options) print one line ``error: ...`` (``error: [rank N] ...`` in a torchrun job) and exit with status 2,
+without a traceback; anything else is a bug and keeps its traceback. This module and the config import no torch,
+so ``--help`` and ``info`` start fast.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from recsys_transfer.bench.cli import add_bench_parser
+
     parser = argparse.ArgumentParser(prog="recsys-transfer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -53,17 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MovieLens: the directory; Criteo: one or more TSV files read as one stream; synthetic: none")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--min-count", type=int, default=None,
-                   help="values seen fewer times in train map to OOV (default: movielens 1, criteo 10, synthetic 1)")
+                   help="values seen fewer times in train map to OOV (default: movielens 1, criteo 10)")
     p.add_argument("--hash-size", type=int, default=None, help="criteo: hash each categorical field into this many rows")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="stop at the first malformed row (default) or skip it and count it in meta.json")
     p.add_argument("--rows", type=int, default=None, help="synthetic: number of rows")
+    p.add_argument("--overwrite", action="store_true", help="replace another prepared dataset in --output")
+    p.add_argument("--allow-degenerate", action="store_true",
+                   help="prepare even if a split has zero rows or a binary label has one class in train")
     p.add_argument("--no-progress", action="store_true")
     _add_split_options(p)
 
     p = sub.add_parser("info", help="summarize a prepared dataset")
     p.add_argument("data", type=Path)
     p.add_argument("--field", default=None, help="also list this field's head (source) ids")
+    p.add_argument("--check", action="store_true", help="read every row of every shard and report")
 
     p = sub.add_parser("select", help="selective target domain T'_eta per field (paper Eq. 3)")
     p.add_argument("--data", type=Path, required=True, help="a prepared dataset directory")
@@ -79,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 --set transfer.mode=+Ours")
     p.add_argument("--output", type=Path, required=True)
-
-    from recsys_transfer.bench.cli import add_bench_parser
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
 
     add_bench_parser(sub)
 
@@ -89,56 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=2022)
+
+    sub.add_parser("env", help="versions of torch, fbgemm and TorchRec, the fbgemm build, devices, world info")
     return parser
 
 
-def _split_specs(args: argparse.Namespace):
-    from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+def prepare_config(args: argparse.Namespace):
+    """The :class:`~recsys_transfer.config.PrepareConfig` of ``recsys-transfer prepare``'s options."""
+    from recsys_transfer.config import PrepareConfig
 
     try:
-        return (SplitSpec(args.split, tuple(args.split_fractions), args.seed),
-                HeadTailSpec(args.head_rule, args.head_fraction, args.head_min_count))
+        return PrepareConfig(dataset=args.dataset, input=tuple(str(p) for p in args.input), rows=args.rows,
+                             min_count=args.min_count, hash_size=args.hash_size, split=args.split,
+                             split_fractions=tuple(args.split_fractions), seed=args.seed, head_rule=args.head_rule,
+                             head_fraction=args.head_fraction, head_min_count=args.head_min_count,
+                             on_bad_row=args.on_bad_row, allow_degenerate=args.allow_degenerate)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from recsys_transfer.data.prepare import prepare
     from recsys_transfer.data.prepared import human_summary
 
-    split, head_tail = _split_specs(args)
-    progress = not args.no_progress
-    if args.dataset == "movielens":
-        from recsys_transfer.data.movielens import prepare_movielens
-
-        if len(args.input) != 1:
-            raise UserError("--input: movielens takes exactly one directory")
-        meta = prepare_movielens(args.input[0], args.output, split=split, head_tail=head_tail,
-                                 min_count=args.min_count or 1, on_bad_row=args.on_bad_row, progress=progress)
-    elif args.dataset == "criteo":
-        from recsys_transfer.data.criteo import prepare_criteo
-
-        if not args.input:
-            raise UserError("--input: criteo takes one or more TSV files")
-        if split.kind != "random":
-            raise UserError("--split temporal: Criteo rows carry no timestamp; use --split random")
-        meta = prepare_criteo(list(args.input), args.output, split=split, head_tail=head_tail,
-                              min_count=args.min_count or 10, hash_size=args.hash_size,
-                              on_bad_row=args.on_bad_row, progress=progress)
-    else:
-        from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
-
-        if args.input:
-            raise UserError("--input: the synthetic dataset is generated, it takes no input")
-        if split.kind != "random":
-            raise UserError("--split temporal: synthetic rows carry no timestamp; use --split random")
-        kwargs = {"seed": args.seed}
-        if args.rows is not None:
-            kwargs["rows"] = args.rows
-        try:
-            cfg = SyntheticConfig(**kwargs)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        meta = prepare_synthetic(cfg, args.output, split=split, head_tail=head_tail, progress=progress)
+    meta = prepare(prepare_config(args), args.output, overwrite=args.overwrite, progress=not args.no_progress)
     print(human_summary(meta))
     print(f"wrote {args.output}")
     return 0
@@ -152,6 +135,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.field:
         f = meta.field(args.field)
         print(f"{f.name}: {f.num_head} head ids (source), {len(f.tail_ids())} tail ids (target); head: {f.head_ids}")
+    if args.check:
+        from recsys_transfer.data.loader import check_shards
+
+        report = check_shards(args.data, meta)
+        print("check: every shard read; " + ", ".join(f"{s} {r['rows']:,} rows in {r['shards']} shard(s)"
+                                                      for s, r in report.items()) + " (as meta.json says)")
     return 0
 
 
@@ -171,19 +160,31 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary_line(result: dict) -> str:
+    """The CLI's one-line summary of a finished run: every task's headline test metrics."""
+    parts = []
+    for name, m in result["test"].items():
+        keys = [k for k in ("auc", "logloss", "head_auc", "tail_auc", "gauc", "mse", "mae", "accuracy", "macro_f1",
+                            "hr@10", "mrr@10", "ndcg@10") if k in m]
+        parts.append(f"{name}: " + " ".join(f"{k} {_fmt(m[k])}" for k in keys))
+    field = result.get("transfer_field")
+    return ("test " + " | ".join(parts) + (f" (head/tail: {field})" if field else "")
+            + f"  best epoch {result['best_epoch']} ({result['monitor']} {_fmt(result['best_monitor'])})")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from recsys_transfer.config import load_config
-    from recsys_transfer.train.trainer import run_training
+    from recsys_transfer.train.run import run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg, args.output)
+    result = run_training(cfg, args.output, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return 0
-    t = result["test"]
-    line = f"test AUC {t['auc']:.4f}  logloss {t['logloss']:.4f}"
-    if "head_auc" in t:
-        line += f"  head AUC {t['head_auc']:.4f}  tail AUC {t['tail_auc']:.4f} ({t['field']})"
-    print(line + f"  best epoch {result['best_epoch']}  -> {args.output}/metrics.json")
+    print(summary_line(result) + f"  -> {args.output}/metrics.json")
     return 0
 
 
@@ -194,21 +195,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from recsys_transfer.env import describe
+
+    print(describe())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from recsys_transfer.bench.cli import cmd_bench
+    from recsys_transfer.noise import quiet_library_noise
 
+    quiet_library_noise()
     handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "train": cmd_train, "bench": cmd_bench,
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo, "env": cmd_env}[args.command]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         code = handler(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        print(f"error: {where}{exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank: leave without the gloo teardown abort
+    if world > 1:  # a torchrun rank: leave without the gloo teardown abort
         from recsys_transfer.train.distributed import exit_rank
 
         exit_rank(code)

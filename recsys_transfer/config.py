@@ -1,34 +1,49 @@
-"""Run configuration: frozen dataclasses validated in ``__post_init__``, loaded from YAML strictly.
+"""Run configuration: frozen dataclasses validated in ``__post_init__``, loaded from YAML strictly. No torch import
+(``recsys-transfer --help`` and ``info`` start without loading torch; a test checks it).
 
-A pipeline file (``pipelines/*.yaml``) has four sections::
+A pipeline file (``pipelines/*.yaml``) has these sections::
 
-    data:     {path: runs/ml100k, prepare: {dataset: movielens, input: ../shared/data/movielens-100k}}
+    data:     {path: runs/ml100k, prepare: {dataset: movielens, input: [../shared/data/movielens-100k]}}
+    tasks:    [{name: label, kind: binary}]      # optional: default = the tasks in the dataset's meta.json
     model:    {name: deepfm, params: {embedding_dim: 16, hidden: [100, 100]}}
+    rows:     {optimizer: adam, lr: 1.0e-3}      # how embedding rows are updated (every mode)
     transfer: {mode: "+Ours", loss: adversarial, fields: [zip]}
-    train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, ...}
+    train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, monitor: valid/label/auc, device: auto, ...}
 
 Unknown keys are rejected at every level with the file, the key path and the known keys (no silent typos like
 ``batchsize``); ``--set train.epochs=3`` style overrides are parsed as YAML scalars and go through the same check.
+A number written ``1e-3`` (YAML 1.1 reads it as a string) is accepted wherever a float is expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from recsys_transfer.errors import UserError
-from recsys_transfer.transfer.plugin import TransferConfig
+from recsys_transfer.tasks import TaskSpec
+
+DATASETS = ("movielens", "criteo", "synthetic")
+TRAINING_MODES = ("B", "+T", "+Ours", "select", "lexico")  # paper Sec. 5 notation; not a pooling mode
+SELECTIVE_MODES = ("+Ours", "select")  # modes that need the selective target domain T'_eta
+BARRIER_MODES = ("+Ours", "lexico")  # modes that combine the gradients by Algorithm 1
+TRANSFER_LOSSES = ("adversarial", "mmd", "moment", "cosreg")
+TRANSFER_LOSS_ALIASES = {"frage": "adversarial", "adda": "adversarial", "coral": "moment"}
+ROW_OPTIMIZERS = ("sgd", "momentum", "adam", "rowwise_adagrad")
+DENSE_OPTIMIZERS = ("adam", "sgd", "momentum")
+DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_POLICIES = ("error", "skip")
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """How to build ``data.path`` if it does not exist yet (same options as ``recsys-transfer prepare``)."""
+    """How to build a prepared dataset (the options of ``recsys-transfer prepare``; :func:`recsys_transfer.data.prepare.prepare`)."""
 
     dataset: str = "synthetic"
     input: tuple[str, ...] = ()
@@ -41,10 +56,14 @@ class PrepareConfig:
     head_rule: str = "pareto"
     head_fraction: float = 0.2
     head_min_count: int = 10
+    on_bad_row: str = "error"
+    allow_degenerate: bool = False  # else a split with zero rows or a binary label with one class in train is an error
 
     def __post_init__(self) -> None:
-        if self.dataset not in ("movielens", "criteo", "synthetic"):
-            raise ValueError(f"data.prepare.dataset must be movielens, criteo or synthetic, got {self.dataset!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.prepare.dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,76 @@ class ModelConfig:
     params: dict = field(default_factory=dict)
 
 
-DENSE_OPTIMIZERS = ("adam", "sgd", "momentum")
+@dataclass(frozen=True)
+class RowsConfig:
+    """The fused row update of every embedding table (:mod:`recsys_transfer.rows`), in every training mode.
+
+    ``optimizer`` / ``lr`` / ``optimizer_kwargs``: the row optimizer (:mod:`recsys_transfer.optim.rowwise`);
+    ``freeze``: tables never updated (names as ``<collection path>.<table>``, e.g. ``embedding.t_zip``, or a bare
+    table name ``t_zip`` matching it in any collection); ``clip_norm``: if set, each row's update direction is
+    scaled to at most this L2 norm (after the transfer barrier); ``per_task``: one backward per task, recording
+    each task's row gradients (gradient surgery needs them; without surgery the result equals one backward)."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    optimizer_kwargs: dict = field(default_factory=dict)
+    freeze: tuple[str, ...] = ()
+    clip_norm: float | None = None
+    per_task: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ROW_OPTIMIZERS:
+            raise ValueError(f"rows.optimizer must be one of {ROW_OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"rows.lr must be > 0, got {self.lr}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"rows.clip_norm must be > 0, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The transfer row transform (:mod:`recsys_transfer.transfer`). ``mode`` B trains on the main loss only."""
+
+    mode: str = "B"
+    loss: str = "adversarial"
+    fields: tuple[str, ...] = ()  # fields under transfer; empty = every field with > min_vocab rows
+    min_vocab: int = 100  # the paper's Criteo rule: transfer on fields with more than 100 values
+    lam: float = 1e-2
+    alpha: float = 2.0
+    loss_kwargs: dict = field(default_factory=dict)
+    embedding_module: str = "embedding"  # attribute name of the model's collection whose tables carry the transfer
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAINING_MODES:
+            raise ValueError(f"transfer mode must be one of {TRAINING_MODES}, got {self.mode!r}")
+        name = TRANSFER_LOSS_ALIASES.get(self.loss.lower(), self.loss.lower())
+        if name not in TRANSFER_LOSSES:
+            raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {self.loss!r}")
+        object.__setattr__(self, "loss", name)
+        if not self.lam >= 0 or not self.alpha > 0:
+            raise ValueError(f"transfer.lam must be >= 0 and transfer.alpha > 0, got {self.lam}, {self.alpha}")
+
+    def candidate_fields(self, meta) -> list[str]:
+        """The fields the transfer is about, whatever the mode (``fields``, checked against ``meta``; or every field
+        with more than ``min_vocab`` ids); B runs report head/tail AUC on the first of them, for comparison."""
+        if self.fields:
+            for f in self.fields:
+                meta.field(f)  # raises a clear error for an unknown field
+            return list(self.fields)
+        return [f.name for f in meta.sparse if f.vocab_size > self.min_vocab]
+
+    def transfer_fields(self, meta) -> list[str]:
+        """The fields under transfer: :meth:`candidate_fields`, empty in mode B; a transfer mode with none is an
+        error (it would silently be a B run)."""
+        if self.mode == "B":
+            return []
+        found = self.candidate_fields(meta)
+        if not found:
+            sizes = {f.name: f.vocab_size for f in meta.sparse}
+            raise UserError(f"transfer mode {self.mode!r}: no field has more than transfer.min_vocab = "
+                            f"{self.min_vocab} ids ({sizes}); name transfer.fields or lower min_vocab")
+        return found
 
 
 @dataclass(frozen=True)
@@ -71,35 +159,44 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 1024
     eval_batch_size: int = 8192
-    optimizer: str = "adam"  # dense optimizer: adam | sgd | momentum (SGD, momentum 0.9); tables: transfer.optimizer
+    optimizer: str = "adam"  # dense optimizer: adam | sgd | momentum (SGD, momentum 0.9); tables: rows.optimizer
     lr: float = 1e-3  # dense optimizer
     weight_decay: float = 0.0
     seed: int = 2022
-    early_stopping_patience: int = 2  # epochs without a better valid AUC before stopping (0 = never stop early)
+    early_stopping_patience: int = 2  # epochs without a better monitor before stopping (0 = never stop early)
+    monitor: str = "auto"  # valid/<task>/<metric> | valid/mean/<metric> | auto (the first task's primary metric)
     ema_decay: float = 0.0  # 0 = off; else evaluate/save an exponential moving average of the weights
     shuffle_buffer_rows: int = 1_000_000
     progress: bool = True
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    nonfinite_loss: str = "error"  # error: stop naming epoch and step | skip: drop the batch, counted
+    group_field: str | None = None  # sparse field whose ids group the rows for group AUC (binary tasks)
+    aux_weights: dict = field(default_factory=dict)  # weight per auxiliary loss term of the model (default 1)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("train.epochs and train.batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.optimizer not in DENSE_OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {DENSE_OPTIMIZERS}, got {self.optimizer!r}")
-
-    def dense_optimizer(self, params) -> torch.optim.Optimizer:
-        """The optimizer of the dense (non-table) parameters; fused kernels (one call for all tensors)."""
-        if self.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
-        momentum = 0.9 if self.optimizer == "momentum" else 0.0
-        return torch.optim.SGD(params, lr=self.lr, momentum=momentum, weight_decay=self.weight_decay, fused=True)
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"train.device must be one of {DEVICES} or cuda:N, got {self.device!r}")
+        if self.nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"train.nonfinite_loss must be one of {NONFINITE_POLICIES}, got {self.nonfinite_loss!r}")
+        if self.monitor != "auto" and not re.fullmatch(r"valid/[^/]+/[^/]+", self.monitor):
+            raise ValueError(f"train.monitor must be valid/<task>/<metric>, valid/mean/<metric> or auto, "
+                             f"got {self.monitor!r}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig
+    tasks: tuple[TaskSpec, ...] = ()  # empty: the dataset's tasks (meta.json)
     model: ModelConfig = field(default_factory=ModelConfig)
+    rows: RowsConfig = field(default_factory=RowsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -108,6 +205,8 @@ class RunConfig:
 
 
 # -- strict loading ---------------------------------------------------------------------------------------------
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -124,10 +223,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
+            return tuple(_coerce(v, args[0], f"{where}[{k}]") for k, v in enumerate(value))
         if len(args) != len(value):
             raise UserError(f"{where}: expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -156,11 +257,20 @@ def _build(cls: type, raw: Any, where: str):
         raise UserError(f"{where}: {exc}") from None
 
 
+def build(cls: type, raw: Any, where: str):
+    """A dataclass ``cls`` from a raw mapping, strictly (unknown keys and wrong types are a :class:`UserError`
+    naming ``where`` and the key path)."""
+    return _build(cls, raw, where)
+
+
 def _apply_override(tree: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise UserError(f"--set {assignment!r}: expected key.path=value")
     key, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {key}: invalid YAML value {text!r} ({getattr(exc, 'problem', exc)})") from None
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:
@@ -181,6 +291,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
     for assignment in overrides:
         _apply_override(tree, assignment)
     if "data" not in tree:

@@ -13,24 +13,20 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
 from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.data.prepared import human_summary
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
-from recsys_transfer.metrics import auc
 from recsys_transfer.models.fm import FM
-from recsys_transfer.train.loop import predict, train_epoch
+from recsys_transfer.train.compose import compose_step
+from recsys_transfer.train.evaluate import evaluate
+from recsys_transfer.train.loop import train_epoch
 from recsys_transfer.transfer.domains import load_domains, select_command
-from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
 
 FIELDS = ("item", "user")
-
-
-def _field_ids(loader: BatchLoader, field: str) -> np.ndarray:
-    return np.concatenate([b.sparse[field].values().numpy() for b in loader])
 
 
 #: (row optimizer, its lr, lam of +T): the paper's Table 8 optimizer with a deliberately harmful lam, then Adam
@@ -43,7 +39,7 @@ def run_demo(output: Path, rows: int = 200_000, epochs: int = 2, seed: int = 202
     data = output / "data"
     t0 = time.perf_counter()
     meta = prepare_synthetic(SyntheticConfig(rows=rows, seed=seed), data, split=SplitSpec(seed=seed),
-                             head_tail=HeadTailSpec(), progress=True)
+                             head_tail=HeadTailSpec(), progress=True, overwrite=True)
     print(human_summary(meta))
     selections = select_command(data, list(FIELDS))
     domains = load_domains(data / "selection", FIELDS, meta)
@@ -51,10 +47,8 @@ def run_demo(output: Path, rows: int = 200_000, epochs: int = 2, seed: int = 202
         print(f"selective target domain {sel.field}: " + ", ".join(f"{k} {v:,}" for k, v in sel.counts().items()))
     print(f"prepared + selected in {time.perf_counter() - t0:.1f}s -> {data}")
 
-    label = meta.labels[0]
+    task = meta.tasks[0].name
     test = BatchLoader(data, "test", 8192, meta=meta)
-    items = _field_ids(test, FIELDS[0])
-    head = meta.field(FIELDS[0]).head_mask()[items]
     results: dict[str, dict] = {}
     for optimizer, lr, lam in SETTINGS:
         print(f"\nFM over TorchRec tables, dim 16, rows: {optimizer} lr {lr}, dense: Adam 1e-2, batch {batch_size}, "
@@ -63,16 +57,16 @@ def run_demo(output: Path, rows: int = 200_000, epochs: int = 2, seed: int = 202
         for mode in ("B", "+T", "+Ours"):
             torch.manual_seed(seed)
             model = FM(meta, embedding_dim=16)
-            plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss=loss, fields=FIELDS, lam=lam,
-                                                                optimizer=optimizer, lr=lr), domains=domains)
-            dense = torch.optim.Adam(plugin.dense_parameters(), lr=1e-2)
+            step = compose_step(model, meta, rows=RowsConfig(optimizer=optimizer, lr=lr),
+                                transfer=TransferConfig(mode=mode, loss=loss, fields=FIELDS, lam=lam),
+                                domains=domains, train=TrainConfig(optimizer="adam", lr=1e-2))
             train = BatchLoader(data, "train", batch_size, shuffle=True, seed=seed, meta=meta)
             start = time.perf_counter()
             for epoch in range(epochs):
                 train.set_epoch(epoch)
-                train_epoch(model, train, dense, label, progress=True, plugin=plugin)
-            y, p = predict(model, test, label)
-            block[mode] = {"auc": auc(y, p), "head_auc": auc(y[head], p[head]), "tail_auc": auc(y[~head], p[~head]),
+                train_epoch(step, train, epoch=epoch, progress=True)
+            m = evaluate(model, test, meta.tasks, meta, transfer_field=FIELDS[0])[task]
+            block[mode] = {"auc": m["auc"], "head_auc": m["head_auc"], "tail_auc": m["tail_auc"],
                            "seconds": time.perf_counter() - start}
         print(f"{'mode':<7} {'test AUC':>9} {'head AUC':>9} {'tail AUC':>9} {'NTG':>8} {'train s':>8}")
         for mode, r in block.items():

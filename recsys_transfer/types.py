@@ -6,12 +6,16 @@ Shapes (B = batch size, F = number of sparse fields, D = number of dense fields)
 * ``sparse``: a TorchRec ``KeyedJaggedTensor`` with keys = sparse field names (in ``meta.json`` order),
   ``lengths`` of shape ``[F * B]`` (field-major, as TorchRec expects) and ``values`` holding ids in
   ``[0, vocab_size)`` of each field; single-valued fields have all lengths equal to 1.
-* ``labels``: ``{task name: float32[B]}`` so multi-task models fit the same contract.
+* ``labels``: ``{label column: float32[B]}`` so multi-task models fit the same contract.
+
+A model's ``forward(batch)`` returns ``{task name: output}`` (see :mod:`recsys_transfer.tasks` for each kind's
+shape), or a :class:`ModelOutput` when it also has auxiliary outputs for model-specific loss terms
+(:mod:`recsys_transfer.objectives`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -36,3 +40,19 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), {k: v.pin_memory() for k, v in self.labels.items()})
+
+
+@dataclass
+class ModelOutput:
+    """``tasks``: ``{task name: output}``; ``aux``: ``{term key: value}`` read by the objective's model-specific
+    terms (:data:`recsys_transfer.objectives.AUX_TERMS`), never by metrics."""
+
+    tasks: dict[str, torch.Tensor]
+    aux: dict[str, object] = field(default_factory=dict)
+
+
+def split_output(output) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """``(task outputs, auxiliary outputs)`` of what a model's forward returned (a dict or a :class:`ModelOutput`)."""
+    if isinstance(output, ModelOutput):
+        return output.tasks, output.aux
+    return output, {}

@@ -12,7 +12,8 @@ from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.models.fm import FIRST_ORDER_WIDTH, FM
 from recsys_transfer.transfer import barrier as barrier_mod
 from recsys_transfer.transfer.barrier import barrier_direction
-from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+from recsys_transfer.config import RowsConfig, TransferConfig
+from recsys_transfer.transfer.plugin import TransferPlugin
 
 DIM = 4
 FIELDS = ("zip", "user_id")
@@ -135,8 +136,8 @@ def _make(meta, optimizer: str, mode: str):
             if name.startswith("linear."):
                 p[:, 1:] = 0
     ref = Reference(model, meta, optimizer, mode)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="moment", fields=FIELDS, optimizer=optimizer,
-                                                        lr=LR, lam=0.5, alpha=ALPHA))
+    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="moment", fields=FIELDS, lam=0.5, alpha=ALPHA),
+                            RowsConfig(optimizer=optimizer, lr=LR))
     dense = torch.optim.SGD(plugin.dense_parameters(), lr=LR)
     return model, ref, plugin, dense
 
@@ -206,7 +207,7 @@ def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, monkeypatch):
     out, meta = ml100k_prepared
     torch.manual_seed(0)
     model = FM(meta, embedding_dim=8)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",), lr=1e-2))
+    plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",)), RowsConfig(lr=1e-2))
     dense = torch.optim.Adam(plugin.dense_parameters(), lr=1e-2)
     seen = []
     original = barrier_mod.barrier_direction
@@ -253,7 +254,7 @@ def test_first_order_padding_columns_never_move(ml100k_prepared):
     out, meta = ml100k_prepared
     torch.manual_seed(0)
     model = FM(meta, embedding_dim=8)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode="B", optimizer="adam", lr=1e-2))
+    plugin = TransferPlugin(model, meta, TransferConfig(mode="B"), RowsConfig(optimizer="adam", lr=1e-2))
     for step, batch in enumerate(BatchLoader(out, "train", 512)):
         if step == 3:
             break
@@ -284,8 +285,8 @@ def test_embedding_collection_path_equals_bag_path(ml100k_prepared):
         bag.out.load_state_dict(seq.out.state_dict())
     runs = []
     for model in (seq, bag):
-        plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="moment", fields=FIELDS, optimizer="adam",
-                                                            lr=0.05))
+        plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="moment", fields=FIELDS),
+                                RowsConfig(optimizer="adam", lr=0.05))
         _train_steps(model, plugin, out, steps=3, seed=1)
         runs.append(plugin)
     for f in meta.sparse_names:
@@ -302,26 +303,30 @@ def test_embedding_collection_path_equals_bag_path(ml100k_prepared):
     ("select", "moment", FIELDS),
 ])
 def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss, fields):
-    """The whole-array update of tables that share one buffer (_fused_step_flat) gives the per-table path's
-    weights, row-optimizer state, discriminators and step statistics."""
+    """The whole-array update of tables that share one buffer (TransferTransform._shared) gives the per-table
+    path's weights, row-optimizer state, discriminators and step statistics."""
     import numpy as np
 
     out, meta = ml100k_prepared
     rng = np.random.default_rng(0)
     domains = {f.name: f.tail_mask() & (rng.random(f.vocab_size) >= 0.2) for f in meta.sparse}
     runs, taken = [], []
-    flat_step = barrier_mod._fused_step_flat
+    shared_step = barrier_mod.TransferTransform._shared
     for flat in (True, False):
-        spy = (lambda items: taken.append(flat_step(items)) or taken[-1]) if flat else (lambda items: False)
-        monkeypatch.setattr(barrier_mod, "_fused_step_flat", spy)
+        def spy(self, call, transfer, context, flat=flat):
+            if not flat:
+                return False
+            taken.append(shared_step(self, call, transfer, context))
+            return taken[-1]
+
+        monkeypatch.setattr(barrier_mod.TransferTransform, "_shared", spy)
         torch.manual_seed(3)  # not a deepcopy: that gives each table its own storage, and the general path
         model = FM(meta, embedding_dim=DIM)
-        config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), optimizer="adam",
-                                lr=0.05, lam=0.5)
-        plugin = TransferPlugin(model, meta, config, domains=domains)
+        config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), lam=0.5)
+        plugin = TransferPlugin(model, meta, config, RowsConfig(optimizer="adam", lr=0.05), domains=domains)
         runs.append((model, plugin, _train_steps(model, plugin, out, steps=4, seed=6)))
     (m_flat, p_flat, s_flat), (m_gen, p_gen, s_gen) = runs
-    assert len(taken) == 8 and all(taken)  # 4 steps x (first-order, embedding) calls, all on the flat path
+    assert len(taken) == 4 and all(taken)  # 4 steps x the embedding call (first-order tables: mode B), all flat
     for (name, a), b in zip(m_flat.state_dict().items(), m_gen.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     for wa, wb in zip(p_flat.table_weights, p_gen.table_weights):

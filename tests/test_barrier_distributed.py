@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.models.fm import FM
-from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+from recsys_transfer.config import RowsConfig, TransferConfig
+from recsys_transfer.transfer.plugin import TransferPlugin
 
 WORKER = Path(__file__).parent / "workers" / "barrier_worker.py"
 sys.path.insert(0, str(WORKER.parent))
@@ -28,8 +29,8 @@ def _model(kind: str, meta):
 def _single_process(data: Path, meta, init: dict, mode: str, loss: str, optimizer: str, kind: str = "fm") -> dict:
     model = _model(kind, meta)
     model.load_state_dict(init)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss=loss, fields=("zip", "user_id"),
-                                                        optimizer=optimizer, lr=0.05, lam=0.5))
+    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss=loss, fields=("zip", "user_id"), lam=0.5),
+                            RowsConfig(optimizer=optimizer, lr=0.05))
     dense = torch.optim.SGD(plugin.dense_parameters(), lr=0.05)
     for step, batch in enumerate(BatchLoader(data, "train", WORLD * LOCAL_BATCH, drop_last=True)):
         if step == STEPS:

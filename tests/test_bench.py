@@ -60,7 +60,7 @@ def test_grid_produces_csv_report_plots(tiny_run):
         m = json.loads((d / "metrics.json").read_text())
         from recsys_transfer.metrics import auc
 
-        assert auc(z["labels"], z["scores"]) == pytest.approx(m["test"]["auc"], abs=1e-9)  # same model, same rows
+        assert auc(z["labels"], z["scores"]) == pytest.approx(m["test"]["label"]["auc"], abs=1e-9)  # same model, same rows
     md = (out / "results.md").read_text()
     assert "Test AUC" in md and "NTG" in md and "95% CI" in md and "fm +Ours" in md
     pngs = {p.name for p in (out / "plots").glob("*.png")}

@@ -12,7 +12,7 @@ import pytest
 
 from recsys_transfer.config import load_config
 from recsys_transfer.errors import UserError
-from recsys_transfer.train.trainer import run_training
+from recsys_transfer.train.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,16 +52,22 @@ def test_overrides_and_shipped_pipelines(tmp_path):
 def test_train_movielens_end_to_end(tmp_path, ml100k_dir):
     cfg = load_config(ROOT / "pipelines" / "movielens100k.yaml", [
         f"data.path={tmp_path / 'data'}", f"data.prepare.input=[{ml100k_dir}]", "train.epochs=3",
-        "train.progress=false", "transfer.mode=+Ours"])
+        "train.progress=false", "transfer.mode=+Ours", "train.group_field=user_id"])
     result = run_training(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     epochs = [json.loads(line) for line in (tmp_path / "run" / "epochs.jsonl").read_text().splitlines()]
+    assert metrics["status"] == "completed" and json.loads((tmp_path / "run" / "run.json").read_text())["status"] == \
+        "completed"
     assert len(epochs) == metrics["epochs_run"] == 3
-    assert metrics["test"]["rows"] == result["test"]["rows"] > 7000
-    assert metrics["test"]["auc"] > 0.75
-    assert metrics["test"]["head_rows"] + metrics["test"]["tail_rows"] == metrics["test"]["rows"]
-    assert 0.5 < metrics["test"]["tail_auc"] < 1 and 0.5 < metrics["test"]["head_auc"] < 1
-    assert metrics["best_epoch"] == max(range(3), key=lambda e: epochs[e]["valid_auc"])
+    test = metrics["test"]["label"]
+    assert test["rows"] == result["test"]["label"]["rows"] > 7000
+    assert test["auc"] > 0.75 and 0.5 < test["gauc"] < test["auc"] + 0.05
+    assert test["head_rows"] + test["tail_rows"] == test["rows"]
+    assert 0.5 < test["tail_auc"] < 1 and 0.5 < test["head_auc"] < 1
+    assert 0.5 < test["ne"] < 1 and 0.8 < test["calibration"] < 1.2
+    assert metrics["monitor"] == "valid/label/auc"
+    assert metrics["best_epoch"] == max(range(3), key=lambda e: epochs[e]["valid/label/auc"])
+    assert metrics["valid_best"]["label"]["auc"] == epochs[metrics["best_epoch"]]["valid/label/auc"]
     assert (tmp_path / "data" / "selection" / "selection.json").is_file()  # +Ours selected T'_eta itself
     assert metrics["transfer"]["embedding.t_zip"]["target_rows"] > 0
 
@@ -78,6 +84,6 @@ def test_train_under_torchrun(tmp_path, ml100k_prepared):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert metrics["test"]["rows"] == meta.split_rows["test"]  # predictions gathered from both ranks
-    assert metrics["test"]["auc"] > 0.7
-    assert r.stdout.count("test AUC") == 1  # rank 0 reports
+    assert metrics["test"]["label"]["rows"] == meta.split_rows["test"]  # predictions gathered from both ranks
+    assert metrics["test"]["label"]["auc"] > 0.7
+    assert r.stdout.count("test label: auc") == 1  # rank 0 reports

@@ -225,7 +225,9 @@ def test_options_int_and_dense_off(criteo8k_dir: Path, tmp_path: Path) -> None:
 
 
 def _prep(paths: list[Path], out: Path, **kw) -> DatasetMeta:
-    return prepare_criteo(paths, out, split=SPLIT, head_tail=HT, min_count=1, progress=False, **kw)
+    """A few hand-written rows (parsing tests): their splits may be empty, which ``prepare`` refuses by default."""
+    return prepare_criteo(paths, out, split=SPLIT, head_tail=HT, min_count=1, progress=False, allow_degenerate=True,
+                          **kw)
 
 
 def _expect_error(paths: list[Path], out: Path, where: str, words: str) -> None:
@@ -308,7 +310,8 @@ def test_error_line_numbers_across_chunks_and_files(tmp_path: Path) -> None:
     lines[437] = lines[437].replace("\t-2\t", "\tnan\t", 1)
     b = _write(tmp_path / "b.tsv", lines)
     with pytest.raises(DataError, match=rf"^{b}:438: I3 must be an integer"):
-        prepare_criteo([a, b], tmp_path / "out", split=SPLIT, head_tail=HT, chunk_rows=64, progress=False)
+        prepare_criteo([a, b], tmp_path / "out", split=SPLIT, head_tail=HT, chunk_rows=64, progress=False,
+                       allow_degenerate=True)
 
 
 def test_skip_keeps_the_split_of_good_rows(tmp_path: Path) -> None:

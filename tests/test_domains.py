@@ -49,7 +49,8 @@ def tiny(tmp_path_factory) -> Path:
     schema = Schema(sparse=tuple(SparseSpec(f) for f in FIELDS))
     rows = _tiny_rows()
     build_prepared(chunked(rows, 64), schema, out, dataset="tiny", split=SplitSpec(), head_tail=HeadTailSpec(),
-                   report=BuildReport(input_rows=len(rows)), source={"kind": "test"}, progress=False)
+                   report=BuildReport(input_rows=len(rows)), source={"kind": "test"}, progress=False,
+                   allow_degenerate=True)
     return out
 
 

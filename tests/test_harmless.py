@@ -14,13 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
 from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
 from recsys_transfer.models.fm import FM
-from recsys_transfer.train.loop import evaluate, train_epoch
+from recsys_transfer.train.compose import compose_step
+from recsys_transfer.train.evaluate import evaluate
+from recsys_transfer.train.loop import train_epoch
 from recsys_transfer.transfer.domains import load_domains, select_command
-from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
 
 FIELDS = ("item", "user")
 
@@ -38,14 +40,14 @@ def _auc(synthetic, mode: str, lam: float, optimizer: str, lr: float, epochs: in
     data, meta, domains = synthetic
     torch.manual_seed(0)
     model = FM(meta, embedding_dim=16)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="mmd", fields=FIELDS, lam=lam, lr=lr,
-                                                        optimizer=optimizer), domains=domains)
-    dense = torch.optim.Adam(plugin.dense_parameters(), lr=1e-2)
+    step = compose_step(model, meta, rows=RowsConfig(optimizer=optimizer, lr=lr),
+                        transfer=TransferConfig(mode=mode, loss="mmd", fields=FIELDS, lam=lam), domains=domains,
+                        train=TrainConfig(optimizer="adam", lr=1e-2))
     train = BatchLoader(data, "train", 1024, shuffle=True, seed=0, meta=meta)
     for epoch in range(epochs):
         train.set_epoch(epoch)
-        train_epoch(model, train, dense, "label", plugin=plugin)
-    return evaluate(model, BatchLoader(data, "test", 8192, meta=meta), "label")["auc"]
+        train_epoch(step, train, epoch=epoch)
+    return evaluate(model, BatchLoader(data, "test", 8192, meta=meta), meta.tasks)["label"]["auc"]
 
 
 def test_ours_is_harmless_where_fixed_lambda_hurts(synthetic):

@@ -15,7 +15,10 @@ from recsys_transfer.errors import UserError
 from recsys_transfer.models.registry import MODELS, build_model, model_arguments
 from recsys_transfer.modules.fm import FIRST_ORDER_WIDTH
 from recsys_transfer.modules.interacting import InteractingLayer
-from recsys_transfer.train.loop import evaluate, train_epoch
+from recsys_transfer.objectives import Objective
+from recsys_transfer.train.evaluate import evaluate
+from recsys_transfer.train.loop import train_epoch
+from recsys_transfer.train.step import TrainStep
 from recsys_transfer.types import Batch
 
 # Every registered model with its defaults, plus AutoInt with every optional branch switched on.
@@ -199,10 +202,9 @@ def test_model_refuses_another_dataset(ml100k_prepared, synthetic_prepared):
     assert other_meta.dataset_id != meta.dataset_id
     model = build_model("fm", meta)
     loader = BatchLoader(other_dir, "test", 512)
+    step = TrainStep(model, Objective(meta.tasks), torch.optim.Adam(model.parameters()))
     with pytest.raises(UserError, match="does not match the model"):
-        evaluate(model, loader, "label")
-    with pytest.raises(UserError, match="does not match the model"):
-        train_epoch(model, BatchLoader(other_dir, "train", 512), torch.optim.Adam(model.parameters()), "label")
+        train_epoch(step, BatchLoader(other_dir, "train", 512))
 
 
 # -- real training ------------------------------------------------------------------------------------------------
@@ -216,12 +218,12 @@ def test_short_training_run_learns_ml100k(name, kwargs, epochs, ml100k_prepared)
     train = BatchLoader(data_dir, "train", 1024, shuffle=True, seed=0, meta=meta)
     test = BatchLoader(data_dir, "test", 4096, meta=meta)
     model = build_model(name, meta, **kwargs)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = TrainStep(model, Objective(meta.tasks), torch.optim.Adam(model.parameters(), lr=1e-3))  # dense tables
     losses = []
     for epoch in range(epochs):
         train.set_epoch(epoch)
-        losses.append(train_epoch(model, train, opt, "label").loss)
-    metrics = evaluate(model, test, "label")
+        losses.append(train_epoch(step, train, epoch=epoch).loss)
+    metrics = evaluate(model, test, meta.tasks)["label"]
     print(f"{name}: {epochs} epochs, train loss {losses}, test {metrics}")
     assert np.isfinite(losses).all() and losses == sorted(losses, reverse=True)
     assert metrics["auc"] > 0.75, metrics

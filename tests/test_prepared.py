@@ -119,7 +119,8 @@ def test_vocab_ties_by_raw_value_for_string_and_int_fields(tmp_path: Path):
     df = pl.DataFrame({"s": s, "i": i, "label": [0.0] * 10}, schema={"s": pl.String, "i": pl.Int64, "label": pl.Float32})
     schema = Schema(sparse=(SparseSpec("s"), SparseSpec("i")))
     meta = build_prepared(chunked(df, 3), schema, tmp_path / "p", dataset="ties", split=SplitSpec(fractions=(1.0, 0.0, 0.0)),
-                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=10), source={}, progress=False)
+                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=10), source={}, progress=False,
+                          allow_degenerate=True)
     vs = pl.read_parquet(tmp_path / "p" / "vocab" / "s.parquet")
     vi = pl.read_parquet(tmp_path / "p" / "vocab" / "i.parquet")
     assert vs["s"].to_list() == ["a10", "a9", "b", "zz"] and vs["id"].to_list() == [1, 2, 3, 4]
@@ -179,7 +180,8 @@ def test_all_null_chunk_before_typed_chunks(tmp_path: Path):
 
     schema = Schema(sparse=(SparseSpec("s"), SparseSpec("i")))
     meta = build_prepared(source, schema, tmp_path / "p", dataset="nulls", split=SplitSpec(fractions=(1.0, 0.0, 0.0)),
-                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=5), source={}, progress=False)
+                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=5), source={}, progress=False,
+                          allow_degenerate=True)
     assert meta.field("s").frequencies == [2, 2, 1] and meta.field("i").frequencies == [2, 2, 1]
     data = pl.read_parquet(tmp_path / "p" / "train")
     assert data["s"].to_list() == [0, 0, 1, 2, 1] and data["i"].to_list() == [0, 0, 1, 2, 1]
@@ -218,7 +220,8 @@ def test_integer_encoders_and_parallel_pass2_keep_ids_and_row_order(tmp_path: Pa
     schema = Schema(sparse=(SparseSpec("small", min_count=2), SparseSpec("wide", min_count=2), SparseSpec("u64")),
                     dense=("row",))
     meta = build_prepared(chunked(df, 256), schema, tmp_path / "p", dataset="ints", split=SplitSpec(),
-                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=n), source={}, progress=False)
+                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=n), source={}, progress=False,
+                          allow_degenerate=True)
     codes = SplitSpec().assign_random(np.arange(n, dtype=np.uint64))
     train = codes == 0
     data = _all(tmp_path / "p", meta)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_transfer.bench.spec import modes_in
 
 
 def _save(fig, path: Path) -> Path:
@@ -38,23 +39,26 @@ def _safe(text) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text).replace("+", "p"))
 
 
-def _epochs(out: Path, run_id: str) -> pd.DataFrame | None:
+def _epochs(out: Path, run_id: str, task: str) -> pd.DataFrame | None:
+    """A run's per-epoch validation AUC and log loss of ``task`` (columns ``valid_auc``, ``valid_logloss``)."""
     f = out / "runs" / run_id / "epochs.jsonl"
     if not f.is_file():
         return None
     rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return pd.DataFrame(rows) if rows else None
+    if not rows:
+        return None
+    return pd.DataFrame({"epoch": [r["epoch"] for r in rows],
+                         "valid_auc": [r.get(f"valid/{task}/auc") for r in rows],
+                         "valid_logloss": [r.get(f"valid/{task}/logloss") for r in rows]}).astype(float)
 
 
 def make_plots(out: Path, df: pd.DataFrame, main: pd.DataFrame, lam_main) -> list[Path]:
-    from recsys_transfer.bench.report import _modes
-
     plt = _plt()
     pdir = out / "plots"
     pdir.mkdir(exist_ok=True)
     made = []
     for (ds, ex), g in main.groupby(["dataset", "extra"], sort=False):
-        modes = _modes(g)
+        modes = modes_in(g)
         cells = list(dict.fromkeys(zip(g["model"], g["dim"])))
         fig, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(cells) * len(modes) / 2), 3.8))
         width = 0.8 / len(modes)
@@ -97,7 +101,8 @@ def make_plots(out: Path, df: pd.DataFrame, main: pd.DataFrame, lam_main) -> lis
         modes = [m for m in ("B", "+Ours") if m in set(g["mode"])] or list(dict.fromkeys(g["mode"]))[:2]
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
         for mode in modes:
-            frames = [e for e in (_epochs(out, r) for r in g[g["mode"] == mode]["run_id"]) if e is not None]
+            sel = g[g["mode"] == mode]
+            frames = [e for e in (_epochs(out, r, t) for r, t in zip(sel["run_id"], sel["task"])) if e is not None]
             if not frames:
                 continue
             e = pd.concat(frames).groupby("epoch")[["valid_auc", "valid_logloss"]].mean()

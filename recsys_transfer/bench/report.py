@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys_transfer.bench.spec import GridSpec
+from recsys_transfer.bench.plots import make_plots
+from recsys_transfer.bench.spec import GridSpec, modes_in
 from recsys_transfer.metrics.bootstrap import paired_bootstrap_auc_diff, paired_bootstrap_auc_diff_multi
-
-MODE_ORDER = ["B", "+T", "select", "lexico", "+Ours"]
-
 
 def _fmt(mean: float, std: float, scale: float = 100.0) -> str:
     if mean is None or not np.isfinite(mean):
@@ -29,11 +27,6 @@ def _fmt(mean: float, std: float, scale: float = 100.0) -> str:
 
 def _kparams(p) -> str:
     return f"{p / 1000:.1f}k" if p and np.isfinite(p) else "?"
-
-
-def _modes(df: pd.DataFrame) -> list[str]:
-    present = list(df["mode"].unique())
-    return [m for m in MODE_ORDER if m in present] + [m for m in present if m not in MODE_ORDER]
 
 
 def main_rows(df: pd.DataFrame, lam_main: float | None) -> pd.DataFrame:
@@ -58,7 +51,7 @@ def paired_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     rows = []
     for key, g in df.groupby(keys, sort=False):
         base = g[g["mode"] == "B"].set_index("seed")
-        for mode in [m for m in _modes(g) if m != "B"]:
+        for mode in [m for m in modes_in(g) if m != "B"]:
             meth = g[g["mode"] == mode].set_index("seed")
             seeds = sorted(set(base.index) & set(meth.index))
             if not seeds:
@@ -119,7 +112,7 @@ def write_report(out: str | Path, spec: GridSpec | None = None, command: str = "
            f"(seeds: {sorted(df['seed'].unique().tolist()) if len(df) else []}).", ""]
     for (ds, ex), g in main.groupby(["dataset", "extra"], sort=False):
         models = list(dict.fromkeys(g["model"]))
-        modes = _modes(g)
+        modes = modes_in(g)
         md += [f"## {ds} — {ex}", "", "### Test AUC", ""] + _table(g, "test_auc", models, modes) + [""]
         md += ["### Head / tail AUC (transfer field)", ""]
         md += _table(g, "head_auc", models, modes, " head") + [""] + _table(g, "tail_auc", models, modes, " tail")
@@ -158,8 +151,6 @@ def write_report(out: str | Path, spec: GridSpec | None = None, command: str = "
             md.append(f"| {' | '.join(str(k) for k in key)} | {_fmt(a.mean(), a.std(ddof=1) if len(a) > 1 else float('nan'))} "
                       f"| {ntg_s} | {tl.mean():.4g} |")
         md.append("")
-    from recsys_transfer.bench.plots import make_plots
-
     plots = make_plots(out, df, main, lam_main)
     if plots:
         md += ["## Plots", ""] + [f"- `{p.relative_to(out)}`" for p in plots] + [""]

@@ -2,13 +2,17 @@
 
 Each cell x seed is one :func:`run_training` into ``OUT/runs/<run_id>/``; ``run_id`` is a readable slug plus a
 hash of the resolved config (minus ``train.progress``), so it is stable across invocations and identical configs
-share one run. A run counts as done when its ``metrics.json`` exists (the trainer writes it last), so a run
-interrupted midway is redone from scratch. After training the harness writes, next to it:
+share one run. A run counts as done when its ``metrics.json`` says ``completed`` (the trainer writes it last), so a
+run interrupted midway (or failed) is redone from scratch. After training the harness writes, next to it:
 
 * ``bench.json``  — the cell (dataset, model, mode, dim, seed, extra, lam), overrides and ``params`` (#P:
   every parameter of the built model, embedding tables included);
-* ``test_predictions.npz`` — labels, scores and row index of the test split, recomputed from ``best/`` with the
-  test loader in file order (the same forward path as the trainer), for the paired bootstrap.
+* ``test_predictions.npz`` — labels, scores and row index of the test split for the run's report task (the
+  monitor's task), recomputed from ``best/`` with the test loader in file order (the same forward path as the
+  trainer, :func:`recsys_transfer.train.evaluate.predict`), for the paired bootstrap.
+
+``results.csv`` has one row per finished run: the cell, the report task's headline metrics (``test_auc``,
+``head_auc``, ...) and, for every task, every test metric as ``test/<task>/<metric>`` columns.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from recsys_transfer.bench.spec import GridSpec
 from recsys_transfer.config import RunConfig, load_config
 
-CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "test_auc",
+CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "task", "test_auc",
                "test_logloss", "head_auc", "tail_auc", "best_epoch", "epochs_run", "best_valid_auc",
                "transfer_loss", "wall_seconds", "run_id", "commit"]
 
@@ -98,32 +102,47 @@ def count_parameters(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def _rebuild(cfg: RunConfig):
-    """Model + test loader of a finished run (B-mode plug-in attached: the trainer's fused lookup path)."""
-    from recsys_transfer.data.prepared import DatasetMeta
-    from recsys_transfer.models.registry import build_model
-    from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+def report_task(metrics: dict) -> str:
+    """The task a run's headline numbers are about: the monitor's task (the first task for a mean monitor)."""
+    task = metrics["monitor"].split("/")[1]
+    return metrics["tasks"][0]["name"] if task == "mean" else task
 
-    meta = DatasetMeta.load(Path(cfg.data.path))
-    model = build_model(cfg.model.name, meta, **cfg.model.params)
-    TransferPlugin(model, meta, TransferConfig(mode="B"))
-    return meta, model
+
+def completed(run_dir: Path) -> bool:
+    """``run_dir/metrics.json`` exists and says the run completed."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") == "completed"
+    except ValueError:
+        return False
 
 
 def save_predictions(cfg: RunConfig, run_dir: Path) -> dict:
-    """Recompute test predictions from ``run_dir/best``; returns {'params', 'pred_auc'}."""
+    """Recompute the report task's test predictions from ``run_dir/best``; returns {'params', 'pred_auc'}."""
     from recsys_transfer.data.loader import BatchLoader
+    from recsys_transfer.data.prepared import DatasetMeta
     from recsys_transfer.metrics import auc
-    from recsys_transfer.train.trainer import _load, _predict
+    from recsys_transfer.models.registry import build_model
+    from recsys_transfer.rows.lookup import attach_rows
+    from recsys_transfer.tasks import tasks_from_json
+    from recsys_transfer.train.checkpoint import load_model
+    from recsys_transfer.train.evaluate import predict
 
-    meta, model = _rebuild(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    tasks = tasks_from_json(metrics["tasks"])
+    task = next(t for t in tasks if t.name == report_task(metrics))
+    meta = DatasetMeta.load(Path(cfg.data.path))
+    model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
+    attach_rows(model, cfg.rows)  # the trainer's lookup path
     params = count_parameters(model)
-    _load(model, run_dir / "best")
+    load_model(model, run_dir / "best", metrics["run_id"])
     test = BatchLoader(Path(cfg.data.path), "test", cfg.train.eval_batch_size, rank=0, world_size=1, meta=meta)
-    y, p, _ = _predict(model, test, meta.labels[0], None)
-    np.savez_compressed(run_dir / "test_predictions.npz", labels=y.astype(np.int8), scores=p.astype(np.float64),
-                        row=np.arange(len(y), dtype=np.int64))
-    return {"params": params, "pred_auc": auc(y, p)}
+    pred = predict(model, test, [task]).tasks[task.name]
+    np.savez_compressed(run_dir / "test_predictions.npz", labels=pred.labels.astype(np.int8),
+                        scores=pred.values.astype(np.float64), row=np.arange(len(pred.labels), dtype=np.int64))
+    return {"params": params, "pred_auc": auc(pred.labels, pred.values) if task.kind == "binary" else None}
 
 
 def _transfer_loss(metrics: dict) -> float | None:
@@ -133,36 +152,43 @@ def _transfer_loss(metrics: dict) -> float | None:
 
 def row_of(run_dir: Path) -> dict | None:
     mpath, bpath = run_dir / "metrics.json", run_dir / "bench.json"
-    if not (mpath.is_file() and bpath.is_file()):
+    if not (completed(run_dir) and bpath.is_file()):
         return None
     m = json.loads(mpath.read_text())
     b = json.loads(bpath.read_text())
-    t = m["test"]
-    return {"dataset": b["dataset"], "model": b["model"], "mode": b["mode"], "dim": b["dim"],
-            "params": b.get("params"), "seed": b["seed"], "extra": b["extra"], "lam": b["lam"],
-            "overrides": " ".join(b["overrides"]), "test_auc": t["auc"], "test_logloss": t["logloss"],
-            "head_auc": t.get("head_auc"), "tail_auc": t.get("tail_auc"), "best_epoch": m["best_epoch"],
-            "epochs_run": m.get("epochs_run"), "best_valid_auc": m.get("best_valid_auc"),
-            "transfer_loss": _transfer_loss(m), "wall_seconds": m["wall_seconds"], "run_id": run_dir.name,
-            "commit": b.get("code_commit") or m.get("commit", "")}
+    task = report_task(m)
+    t = m["test"][task]
+    row = {"dataset": b["dataset"], "model": b["model"], "mode": b["mode"], "dim": b["dim"],
+           "params": b.get("params"), "seed": b["seed"], "extra": b["extra"], "lam": b["lam"],
+           "overrides": " ".join(b["overrides"]), "task": task, "test_auc": t.get("auc"),
+           "test_logloss": t.get("logloss"), "head_auc": t.get("head_auc"), "tail_auc": t.get("tail_auc"),
+           "best_epoch": m["best_epoch"], "epochs_run": m.get("epochs_run"),
+           "best_valid_auc": m.get("valid_best", {}).get(task, {}).get("auc"),
+           "transfer_loss": _transfer_loss(m), "wall_seconds": m["wall_seconds"], "run_id": run_dir.name,
+           "commit": b.get("code_commit") or m.get("commit", "")}
+    for name, metrics in m["test"].items():
+        row.update({f"test/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None})
+    return row
 
 
 def rebuild_csv(out: Path, run_ids: list[str] | None = None) -> list[dict]:
     """Rewrite ``results.csv`` from the finished runs' files (all of ``runs/``, or ``run_ids``, in that order)."""
     dirs = [out / "runs" / r for r in run_ids] if run_ids is not None else sorted((out / "runs").glob("*"))
     rows = [r for r in (row_of(d) for d in dirs) if r is not None]
+    extra = sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
     with (out / "results.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS + extra)
         w.writeheader()
         w.writerows(rows)
     return rows
 
 
 def _append_csv(out: Path, row: dict) -> None:
+    """Progress while a grid runs (the fixed columns only; :func:`rebuild_csv` writes every column at the end)."""
     path = out / "results.csv"
     new = not path.is_file()
     with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -188,7 +214,7 @@ def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int 
     """Run every missing run of ``spec`` into ``out``; returns {'ran': [...], 'skipped': [...], 'runs': [...]}."""
     import torch
 
-    from recsys_transfer.train.trainer import run_training
+    from recsys_transfer.train.run import run_training
 
     torch.set_num_threads(spec.threads)
     out = Path(out)
@@ -200,7 +226,7 @@ def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int 
     code = code_state()
     for i, r in enumerate(runs):
         d = out / "runs" / r.run_id
-        done = (d / "metrics.json").is_file()
+        done = completed(d)
         if done and (d / "bench.json").is_file() and (d / "test_predictions.npz").is_file():
             skipped.append(r.run_id)
             continue
@@ -212,7 +238,7 @@ def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int 
             bench["code_commit"] = code
             log(f"[{i + 1}/{len(runs)}] {r.run_id}")
             t0 = time.perf_counter()
-            run_training(r.cfg, d)
+            run_training(r.cfg, d, overwrite=True)  # an interrupted or failed attempt of this run is redone
             log(f"    done in {time.perf_counter() - t0:.1f}s")
         elif (d / "bench.json").is_file():
             bench["code_commit"] = json.loads((d / "bench.json").read_text()).get("code_commit", "")

@@ -15,7 +15,7 @@ Example (``benchmarks/grids/ml100k.yaml``)::
     seeds: [0, 1, 2]                       # train.seed and transfer.seed (>= 3 unless allow_few_seeds)
     extras:                                # optional named override sets (optimizer variants ...)
       - {name: adam}
-      - {name: sgd_m09, overrides: [transfer.optimizer=momentum, transfer.lr=0.1]}
+      - {name: sgd_m09, overrides: [rows.optimizer=momentum, rows.lr=0.1]}
     lambdas: [0.001, 0.01, 0.1, 1.0]       # optional lambda sweep for +T (extra +T runs)
     lam_main: 0.01                         # the lambda of the +T column in the tables (default: the base config's)
     n_boot: 1000                           # paired bootstrap resamples in the report
@@ -28,9 +28,18 @@ from pathlib import Path
 
 import yaml
 
-from recsys_transfer.config import _build
+from recsys_transfer.config import TRAINING_MODES as MODES
+from recsys_transfer.config import build
 from recsys_transfer.errors import UserError
-from recsys_transfer.transfer.barrier import MODES
+
+#: the order of training modes in tables and plots
+MODE_ORDER = ["B", "+T", "select", "lexico", "+Ours"]
+
+
+def modes_in(df) -> list[str]:
+    """The modes present in a results frame, in :data:`MODE_ORDER` (unknown ones last)."""
+    present = list(df["mode"].unique())
+    return [m for m in MODE_ORDER if m in present] + [m for m in present if m not in MODE_ORDER]
 
 
 @dataclass(frozen=True)
@@ -109,4 +118,4 @@ def load_grid(path: str | Path) -> GridSpec:
     if missing:
         raise UserError(f"{path}: missing required key(s) {missing}")
     tree["source"] = str(path)
-    return _build(GridSpec, tree, str(path))
+    return build(GridSpec, tree, str(path))

@@ -381,6 +381,8 @@ def prepare_criteo(
     chunk_rows: int = 125_000,
     progress: bool = True,
     spill_dir: str | Path | None = None,
+    overwrite: bool = False,
+    allow_degenerate: bool = False,
 ) -> DatasetMeta:
     """Prepare Criteo Kaggle TSV files (read as one stream, in order) into ``output``; see the module docstring.
 
@@ -428,6 +430,8 @@ def prepare_criteo(
         },
         progress=progress,
         spill_dir=spill_dir,
+        overwrite=overwrite,
+        allow_degenerate=allow_degenerate,
     )
 
 

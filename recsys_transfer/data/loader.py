@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -33,6 +34,45 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.splits import SPLITS
 from recsys_transfer.errors import UserError
 from recsys_transfer.types import Batch
+
+
+def _open_shard(path: Path) -> pq.ParquetFile:
+    """A parquet shard, or one :class:`UserError` line naming it when it is truncated or not parquet."""
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise UserError(f"{path}: unreadable parquet shard ({exc}); prepare the data again") from None
+
+
+def check_shards(data_dir: str | Path, meta: DatasetMeta | None = None) -> dict[str, dict]:
+    """Read every row of every shard of every split (``recsys-transfer info --check``): per split the shards,
+    rows and whether they match ``meta.json``; a shard that cannot be read is a :class:`UserError` naming it."""
+    data_dir = Path(data_dir)
+    meta = meta or DatasetMeta.load(data_dir)
+    columns = meta.sparse_names + meta.dense + meta.labels
+    report = {}
+    for split in SPLITS:
+        rows = 0
+        for rel in meta.split_files[split]:
+            path = data_dir / rel
+            if not path.is_file():
+                raise UserError(f"{path}: shard listed in meta.json is missing; prepare the data again")
+            pf = _open_shard(path)
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise UserError(f"{path}: columns {missing} missing from the shard; prepare the data again")
+            for g in range(pf.metadata.num_row_groups):
+                try:
+                    rows += pf.read_row_group(g, columns=columns).num_rows
+                except (OSError, ValueError, pa.ArrowException) as exc:
+                    raise UserError(f"{path}: unreadable parquet shard (row group {g}: {exc}); prepare the data "
+                                    "again") from None
+        expected = meta.split_rows[split]
+        if rows != expected:
+            raise UserError(f"{data_dir}: {split} shards hold {rows} rows, meta.json says {expected}; prepare the "
+                            "data again")
+        report[split] = {"shards": len(meta.split_files[split]), "rows": rows}
+    return report
 
 
 @dataclass(frozen=True)
@@ -95,6 +135,7 @@ class BatchLoader:
         shuffle_buffer_rows: int = 1_000_000,
         meta: DatasetMeta | None = None,
         prefetch: int = 4,
+        pin_memory: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, got {split!r}")
@@ -105,6 +146,7 @@ class BatchLoader:
         if prefetch < 0:
             raise UserError(f"prefetch must be >= 0, got {prefetch}")
         self.prefetch = prefetch
+        self.pin_memory = pin_memory  # batches in page-locked memory (built in the loader thread), for GPU copies
         self.data_dir = Path(data_dir)
         self.meta = meta or DatasetMeta.load(self.data_dir)
         self.split = split
@@ -128,7 +170,7 @@ class BatchLoader:
             path = self.data_dir / rel
             if not path.is_file():
                 raise UserError(f"{path}: shard listed in meta.json is missing; prepare the data again")
-            md = pq.ParquetFile(path).metadata
+            md = _open_shard(path).metadata
             groups += [(path, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)]
         total = sum(n for _, _, n in groups)
         if total != self.meta.split_rows[self.split]:
@@ -157,9 +199,13 @@ class BatchLoader:
         and concatenate afterwards)."""
         pf = self._files.get(piece.file)
         if pf is None:
-            pf = self._files[piece.file] = pq.ParquetFile(piece.file)
+            pf = self._files[piece.file] = _open_shard(piece.file)
         n = len(piece)
-        table = pf.read_row_group(piece.row_group, columns=self._columns).slice(piece.start, n)
+        try:
+            table = pf.read_row_group(piece.row_group, columns=self._columns).slice(piece.start, n)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise UserError(f"{piece.file}: unreadable parquet shard (row group {piece.row_group}: {exc}); "
+                            "prepare the data again") from None
         for names, array in ((self.keys, out.sparse), (self.meta.dense, out.dense), (self.meta.labels, out.labels)):
             for j, name in enumerate(names):
                 array[lo : lo + n, j] = table.column(name).to_numpy()
@@ -238,8 +284,9 @@ class BatchLoader:
         lengths = torch.ones(len(self.keys) * n, dtype=torch.int32)
         sparse = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=n)
         labels = torch.from_numpy(np.ascontiguousarray(rows.labels))
-        return Batch(
+        batch = Batch(
             dense=torch.from_numpy(np.ascontiguousarray(rows.dense)),
             sparse=sparse,
             labels={name: labels[:, k] for k, name in enumerate(self.meta.labels)},
         )
+        return batch.pin_memory() if self.pin_memory else batch

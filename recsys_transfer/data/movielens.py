@@ -9,6 +9,10 @@ Layouts, detected from the directory:
   ``u.item`` (``item|title|release_date|video_release|url|19 genre flags``, latin-1).
 * ML-1M: ``ratings.dat`` (``user::item::rating::ts``), ``users.dat`` (``user::gender::age::occupation::zip``),
   ``movies.dat`` (``item::title (year)::Genre|Genre``), ``::``-separated, latin-1.
+* ML-1M partial (``../shared/data/movielens-1m-partial``): the ML-1M ``users.dat`` and ``movies.dat`` with the
+  ratings in ``ratings_part*.tsv`` files (tab-separated, header ``user_id movie_id rating timestamp``), read in
+  name order as one table. Those files hold ratings 3-5 only, so under the CTR rule every label is 1 and
+  ``prepare`` refuses it (a single-class label) unless ``--allow-degenerate``.
 
 Sparse fields (all single-valued): ``user_id``, ``item_id``, ``time`` (the rating's ISO year-week, ``2019-W07``),
 ``age`` (ML-100K: years; ML-1M: the published age group code), ``gender``, ``occupation``, ``zip`` (the raw zip
@@ -45,24 +49,33 @@ GENRES_100K = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
     "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 )
-LAYOUTS = {"ml-100k": ("u.data", "u.user", "u.item"), "ml-1m": ("ratings.dat", "users.dat", "movies.dat")}
+LAYOUTS = {"ml-100k": ("u.data", "u.user", "u.item"), "ml-1m": ("ratings.dat", "users.dat", "movies.dat"),
+           "ml-1m-partial": ("ratings_part1.tsv", "users.dat", "movies.dat")}
+PARTIAL_HEADER = "user_id\tmovie_id\trating\ttimestamp"
 
 
 def detect_layout(directory: Path) -> str:
     if not directory.is_dir():
-        raise UserError(f"{directory}: MovieLens input must be a directory holding u.data/u.user/u.item (ML-100K) "
-                        "or ratings.dat/users.dat/movies.dat (ML-1M)")
+        raise UserError(f"{directory}: MovieLens input must be a directory holding u.data/u.user/u.item (ML-100K), "
+                        "ratings.dat/users.dat/movies.dat (ML-1M) or ratings_part*.tsv/users.dat/movies.dat")
     for name, files in LAYOUTS.items():
         if (directory / files[0]).exists():
             return name
-    raise UserError(f"{directory}: unknown MovieLens layout: expected u.data, u.user, u.item (ML-100K) or "
-                    "ratings.dat, users.dat, movies.dat (ML-1M)")
+    raise UserError(f"{directory}: unknown MovieLens layout: expected u.data, u.user, u.item (ML-100K), "
+                    "ratings.dat, users.dat, movies.dat (ML-1M) or ratings_part*.tsv, users.dat, movies.dat")
 
 
-def _read_ratings(path: Path, sep: str, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
+def _read_ratings(path: Path, sep: str, on_bad_row: str, skipped: dict[str, int],
+                  header: str | None = None) -> tuple[pl.DataFrame, int]:
     lines = read_lines(path, "utf-8")
+    if header is not None:  # a required first line; rows are numbered from line 2
+        if lines[0] != header:
+            raise DataError(path, f"expected the header {header!r}, got {lines[0]!r}", 1)
+        lines = lines.slice(1)
     n_input = len(lines)
     df = split_fields(path, lines, sep, 4, ["user", "item", "rating", "ts"], on_bad_row=on_bad_row, skipped=skipped)
+    if header is not None:
+        df = df.with_columns(pl.col("__line") + 1)
     df = to_int(path, df, ["user", "item", "rating", "ts"], on_bad_row=on_bad_row, skipped=skipped)
     bad = ~df["rating"].is_between(1, 5)
     if bad.any():
@@ -104,7 +117,15 @@ def _load_100k(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.Da
 
 
 def _load_1m(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.DataFrame, int]:
-    ratings, n_input = _read_ratings(d / "ratings.dat", "::", on_bad_row, skipped)
+    if (d / "ratings.dat").exists():
+        ratings, n_input = _read_ratings(d / "ratings.dat", "::", on_bad_row, skipped)
+        where = d / "ratings.dat"
+    else:  # the partial layout: ratings_part*.tsv with a header, one table in file-name order
+        parts = sorted(d.glob("ratings_part*.tsv"))
+        read = [_read_ratings(p, "\t", on_bad_row, skipped, header=PARTIAL_HEADER) for p in parts]
+        ratings = pl.concat([r for r, _ in read])
+        n_input = sum(n for _, n in read)
+        where = parts[0] if len(parts) == 1 else Path(f"{d}/ratings_part*.tsv")
     users = _read_table(d / "users.dat", "latin-1", "::", ["user", "gender", "age", "occupation", "zip"])
     items = _read_table(d / "movies.dat", "latin-1", "::", ["item", "title", "genres"])
     items = items.select(
@@ -112,7 +133,7 @@ def _load_1m(d: Path, on_bad_row: str, skipped: dict[str, int]) -> tuple[pl.Data
         pl.col("title").str.extract(r"\((\d{4})\)\s*$").alias("year"),
         pl.col("genres").str.split("|").list.sort().list.join("|").alias("genres"),
     )
-    return _join(ratings, users, items, d / "ratings.dat", on_bad_row, skipped), n_input
+    return _join(ratings, users, items, where, on_bad_row, skipped), n_input
 
 
 def _join(ratings: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame, path: Path, on_bad_row: str,
@@ -139,6 +160,8 @@ def prepare_movielens(
     min_count: int = 1,
     on_bad_row: str = "error",
     progress: bool = True,
+    overwrite: bool = False,
+    allow_degenerate: bool = False,
 ) -> DatasetMeta:
     """Raw MovieLens directory -> prepared dataset in ``output`` (see module docstring)."""
     if on_bad_row not in ("error", "skip"):
@@ -185,4 +208,6 @@ def prepare_movielens(
         source={"kind": "movielens", "layout": layout, "input": str(d), "min_count": min_count,
                 "on_bad_row": on_bad_row, "task": "drop rating 3; label = rating > 3"},
         progress=progress,
+        overwrite=overwrite,
+        allow_degenerate=allow_degenerate,
     )

@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 from recsys_transfer.data.prefetch import read_ahead
 from recsys_transfer.data.splits import SPLITS, HeadTailSpec, SplitSpec, splitmix64
 from recsys_transfer.errors import UserError, read_json
+from recsys_transfer.tasks import TaskSpec, check_tasks, default_tasks, tasks_from_json
 
 FORMAT_VERSION = 1
 OOV_INDEX = 0
@@ -89,11 +90,15 @@ class Schema:
     sparse: tuple[SparseSpec, ...]
     dense: tuple[str, ...] = ()
     labels: tuple[str, ...] = ("label",)
+    tasks: tuple[TaskSpec, ...] = ()  # default: one binary task per label column
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sparse] + list(self.dense) + list(self.labels)
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate column names in schema: {names}")
+        if not self.tasks:
+            object.__setattr__(self, "tasks", default_tasks(self.labels))
+        check_tasks(self.tasks, list(self.labels), "schema")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,6 +156,13 @@ class DatasetMeta:
     source: dict
     format_version: int = FORMAT_VERSION
     dataset_id: str = ""
+    tasks: tuple[TaskSpec, ...] = ()  # what the labels mean; default (older datasets): one binary task per label
+    label_counts: dict = field(default_factory=dict)  # split -> binary label -> {"0": n, "1": n}
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            object.__setattr__(self, "tasks", default_tasks(self.labels))
+        check_tasks(self.tasks, list(self.labels), "meta.json tasks")
 
     # -- queries ---------------------------------------------------------------------------------------------
     @property
@@ -175,6 +187,8 @@ class DatasetMeta:
             value = getattr(self, f.name)
             if f.name == "sparse":
                 d[f.name] = [{g.name: _copy_json(getattr(s, g.name)) for g in fields(s)} for s in value]
+            elif f.name == "tasks":
+                d[f.name] = [t.to_json() for t in value]
             else:
                 d[f.name] = _copy_json(value)
         return d
@@ -203,8 +217,18 @@ class DatasetMeta:
         d = read_json(path, "not a prepared dataset (meta.json missing); run `recsys-transfer prepare` first")
         if d.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{path}: format_version {d.get('format_version')} is not {FORMAT_VERSION}; prepare the data again")
-        d["sparse"] = [SparseFieldMeta(**f) for f in d["sparse"]]
-        return cls(**d)
+        try:
+            d["sparse"] = [SparseFieldMeta(**f) for f in d["sparse"]]
+            d["tasks"] = tasks_from_json(d.get("tasks", []))
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: {exc}; prepare the data again") from None
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise UserError(f"unknown task {name!r}; this dataset has {[t.name for t in self.tasks]}")
 
 
 def _copy_json(value):
@@ -515,6 +539,8 @@ def build_prepared(
     rows_per_shard: int = 2_000_000,
     row_group_size: int = 131_072,
     spill_dir: str | Path | None = None,
+    overwrite: bool = False,
+    allow_degenerate: bool = False,
 ) -> DatasetMeta:
     """``chunks()`` (a factory of raw chunks) -> prepared directory, reading the source ONCE.
 
@@ -523,12 +549,17 @@ def build_prepared(
     while their chunks are read (``report`` is frozen after that), so ``input_rows == prepared rows + skipped
     rows``. See the module docstring for the two passes and the spill file (``spill_dir``: where the spill
     goes; default: inside the output's temporary directory; it is always removed, also on errors).
+
+    The output directory must be empty, absent, or hold a prepared dataset: one of the same dataset id (the same
+    schema, split and source options) is replaced; another one only with ``overwrite`` (else a
+    :class:`UserError` after the build, leaving it untouched). A split with zero rows, or a binary task whose
+    label has a single class in train, is an error naming the label and the counts, unless ``allow_degenerate``
+    (the counts are in ``meta.json`` either way, ``label_counts``).
     """
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "meta.json").is_file():
-            raise UserError(f"{out}: output directory exists, is not empty and is not a prepared dataset; refusing to overwrite")
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a directory")
+    old_id = _existing_dataset_id(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -540,13 +571,54 @@ def build_prepared(
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
         spill_root = Path(tempfile.mkdtemp(prefix="recsys-spill-", dir=spill_dir))
     try:
-        meta = _build(chunks, schema, tmp, spill_root / "pass1.arrows", dataset=dataset, split=split,
-                      head_tail=head_tail, report=report, source=source, progress=progress,
-                      rows_per_shard=rows_per_shard, row_group_size=row_group_size)
-    finally:
-        shutil.rmtree(spill_root, ignore_errors=True)
-    tmp.rename(out) if not out.exists() else (shutil.rmtree(out), tmp.rename(out))
+        try:
+            meta = _build(chunks, schema, tmp, spill_root / "pass1.arrows", dataset=dataset, split=split,
+                          head_tail=head_tail, report=report, source=source, progress=progress,
+                          rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+        finally:
+            shutil.rmtree(spill_root, ignore_errors=True)
+        if not allow_degenerate:
+            check_label_counts(meta)
+        if old_id is not None and old_id != meta.dataset_id and not overwrite:
+            raise UserError(f"{out}: holds another prepared dataset (id {old_id}; this one is {meta.dataset_id}); "
+                            "pass --overwrite to replace it")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return meta
+
+
+def _existing_dataset_id(out: Path) -> str | None:
+    """The dataset id of the prepared dataset in ``out`` (None when ``out`` is absent or empty); a non-empty
+    directory that is not a prepared dataset is refused."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    try:
+        return str(json.loads((out / "meta.json").read_text())["dataset_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{out}: output directory exists, is not empty and is not a prepared dataset; "
+                        "refusing to overwrite") from None
+
+
+def check_label_counts(meta: "DatasetMeta") -> None:
+    """Every split has rows and every binary task's label has both classes in train; else a one-line
+    :class:`UserError` naming the split or label and the counts (``--allow-degenerate`` skips this check)."""
+    empty = [name for name in SPLITS if meta.split_rows.get(name, 0) == 0]
+    if empty:
+        raise UserError(f"split(s) {empty} have zero rows (rows per split: {meta.split_rows}); change the split "
+                        "or pass --allow-degenerate")
+    for task in meta.tasks:
+        if task.kind != "binary":
+            continue
+        counts = meta.label_counts.get("train", {}).get(task.label, {})
+        n0, n1 = counts.get("0", 0), counts.get("1", 0)
+        if n0 == 0 or n1 == 0:
+            raise UserError(f"label {task.label!r} (task {task.name!r}) has a single class in train: {n0:,} "
+                            f"negatives, {n1:,} positives of {meta.split_rows['train']:,} rows; a binary task "
+                            "needs both (pass --allow-degenerate to prepare it anyway)")
 
 
 def _output_schema(schema: Schema) -> pa.Schema:
@@ -651,6 +723,16 @@ def _build(
                for w in range(workers)]
     bar = _ProgressCounter("write", batches, progress)
 
+    binary_labels = sorted({t.label for t in schema.tasks if t.kind == "binary"})
+    label_col = {name: n_sparse + len(schema.dense) + k for k, name in enumerate(schema.labels)}
+    counts = [{name: {lab: np.zeros(3, np.int64) for lab in binary_labels} for name in SPLITS} for _ in range(workers)]
+
+    def count_labels(w: int, split_name: str, table: pa.Table) -> None:
+        for lab in binary_labels:  # how many 0s, 1s and other values each binary label has per split
+            y = table.column(label_col[lab]).to_numpy()
+            n0, n1 = int(np.count_nonzero(y == 0)), int(np.count_nonzero(y == 1))
+            counts[w][split_name][lab] += (n0, n1, len(y) - n0 - n1)
+
     def map_batch(batch: pa.RecordBatch) -> list[tuple[str, pa.Table]]:
         codes = batch.column(len(batch.schema) - 1).to_numpy()
         sparse = [batch.column(i).to_numpy() for i in range(n_sparse)]
@@ -674,6 +756,7 @@ def _build(
             reader = pa.ipc.open_file(src)
             for i in ranges[w]:
                 for name, table in map_batch(reader.get_batch(int(i))):
+                    count_labels(w, name, table)
                     writers[w][name].write(table)
                 bar.update()
 
@@ -723,6 +806,15 @@ def _build(
     )
     d["dataset_id"] = DatasetMeta.compute_id(d)
     d["sparse"] = sparse_meta
+    d["tasks"] = schema.tasks
+    d["label_counts"] = {}
+    for name in SPLITS:
+        for lab in binary_labels:
+            n = sum(c[name][lab] for c in counts)
+            entry = {"0": int(n[0]), "1": int(n[1])}
+            if n[2]:
+                entry["other"] = int(n[2])
+            d["label_counts"].setdefault(name, {})[lab] = entry
     meta = DatasetMeta(**d)
     meta.write(tmp)
     return meta

@@ -456,6 +456,8 @@ def prepare_synthetic(
     split: SplitSpec,
     head_tail: HeadTailSpec,
     progress: bool = True,
+    overwrite: bool = False,
+    allow_degenerate: bool = False,
 ) -> DatasetMeta:
     """Generate ``cfg.rows`` rows, write the prepared dataset with :func:`build_prepared` (dataset
     ``synthetic``), then ``output/ground_truth/<field>.parquet`` with the prepared ids filled in."""
@@ -471,6 +473,8 @@ def prepare_synthetic(
         report=report,
         source={"generator": "recsys_transfer.data.synthetic", "config": cfg.to_json()},
         progress=progress,
+        overwrite=overwrite,
+        allow_degenerate=allow_degenerate,
     )
     gt_dir = out / "ground_truth"
     gt_dir.mkdir(exist_ok=True)

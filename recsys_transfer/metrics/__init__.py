@@ -1,18 +1,17 @@
-"""Evaluation metrics (AUC and log loss via scikit-learn, on exact float64 scores)."""
+"""Evaluation metrics per task kind, on exact float64 scores; each returns a float, or None when undefined (no rows,
+one class, ...), so results go to strict JSON as null.
+
+* :mod:`~recsys_transfer.metrics.classification` -- binary: AUC, log loss, normalized entropy and calibration
+  (TorchRec's definitions), group AUC (FuxiCTR's gAUC);
+* :mod:`~recsys_transfer.metrics.regression` -- MSE, MAE, RMSE;
+* :mod:`~recsys_transfer.metrics.multiclass` -- accuracy, macro-F1;
+* :mod:`~recsys_transfer.metrics.ranking` -- HR@k, MRR@k, NDCG@k from the positive item's rank (sampled negatives
+  or full ranking);
+* :mod:`~recsys_transfer.metrics.bootstrap` -- paired bootstrap CIs of AUC differences.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-from sklearn.metrics import log_loss, roc_auc_score
+from recsys_transfer.metrics.classification import auc, logloss
 
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC; ties in scores count half (scikit-learn's convention). NaN when only one class is present."""
-    labels = np.asarray(labels)
-    if labels.min() == labels.max():
-        return float("nan")
-    return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
-
-
-def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
-    return float(log_loss(np.asarray(labels), np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7), labels=[0, 1]))
+__all__ = ["auc", "logloss"]

@@ -25,7 +25,9 @@ Departures and options:
 * ``hidden`` non-empty adds a DNN on the flattened input embeddings (AutoInt+; the learnable-embed-sizes run uses
   ``full_part=True`` with an MLP of 100-100); default ``()`` is plain AutoInt.
 
-Output: raw logits ``{label: [B]}``; no sigmoid or loss here.
+Output: raw logits ``{task: [B]}`` (``[B, C]`` for a multiclass task); no sigmoid or loss here. With several tasks
+(an extension), the interacting layers are shared and the output layer (and the DNN's, for AutoInt+) has units per
+task.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.modules.embedding import make_ebc
 from recsys_transfer.modules.fm import FirstOrder
+from recsys_transfer.modules.heads import TaskColumns
 from recsys_transfer.modules.interacting import InteractingLayer
 from recsys_transfer.modules.mlp import MLP
+from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
 
 
@@ -46,7 +50,7 @@ class AutoInt(nn.Module):
     def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, num_layers: int = 3, heads: int = 2,
                  att_dim: int = 32, residual: bool = True, dropout: float = 0.0, scaled: bool = False,
                  first_order: bool = False, hidden: tuple[int, ...] = (), dnn_dropout: float = 0.0,
-                 batch_norm: bool = False, init_std: float = 1e-2) -> None:
+                 batch_norm: bool = False, init_std: float = 1e-2, tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         if embedding_dim < 1 or num_layers < 1 or heads < 1 or att_dim < 1:
             raise UserError(f"autoint: embedding_dim, num_layers, heads, att_dim must be >= 1, got "
@@ -54,7 +58,7 @@ class AutoInt(nn.Module):
         if not 0.0 <= dropout < 1.0 or not 0.0 <= dnn_dropout < 1.0:
             raise UserError(f"autoint: dropout and dnn_dropout must be in [0, 1), got {dropout}, {dnn_dropout}")
         self.dataset_id = meta.dataset_id
-        self.label = meta.labels[0]
+        self.columns = TaskColumns(tuple(tasks or meta.tasks), "autoint")
         self.num_sparse = len(meta.sparse_names)
         self.num_fields = self.num_sparse + len(meta.dense)
         self.embedding = make_ebc(meta, embedding_dim)
@@ -63,9 +67,9 @@ class AutoInt(nn.Module):
         dims = [embedding_dim] + [heads * att_dim] * num_layers
         self.layers = nn.ModuleList(
             InteractingLayer(dims[i], heads, att_dim, residual, dropout, scaled) for i in range(num_layers))
-        self.out = nn.Linear(self.num_fields * heads * att_dim, 1)
+        self.out = nn.Linear(self.num_fields * heads * att_dim, self.columns.width)
         self.linear = FirstOrder(meta) if first_order else None
-        self.dnn = MLP(self.num_fields * embedding_dim, hidden, 1, dnn_dropout, batch_norm) if hidden else None
+        self.dnn = MLP(self.num_fields * embedding_dim, hidden, self.columns.width, dnn_dropout, batch_norm) if hidden else None
         for p in self.embedding.parameters():
             nn.init.normal_(p, std=init_std)
         if self.dense_embedding is not None:
@@ -80,9 +84,9 @@ class AutoInt(nn.Module):
         h = e
         for layer in self.layers:
             h = layer(h)  # [B, F, H*d']
-        logit = self.out(h.flatten(1)).squeeze(1)  # [B, F*H*d'] -> [B]
+        logits = self.out(h.flatten(1))  # [B, F*H*d'] -> [B, W]
         if self.linear is not None:
-            logit = logit + self.linear(batch.sparse, batch.dense)
+            logits = logits + self.linear(batch.sparse, batch.dense).unsqueeze(1)
         if self.dnn is not None:
-            logit = logit + self.dnn(e.flatten(1)).squeeze(1)  # [B, F*k] -> [B]
-        return {self.label: logit}
+            logits = logits + self.dnn(e.flatten(1))  # [B, F*k] -> [B, W]
+        return self.columns.split(logits)

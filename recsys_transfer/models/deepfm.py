@@ -6,7 +6,9 @@ The FM component and the deep component share the field embeddings ``v_f = E_f[x
 "the FM component and the deep component share the same feature embedding"). Dense features enter the
 first-order term linearly and the DNN input as raw values (FuxiCTR/DeepCTR feed numeric fields the same way to
 the DNN). Departure for TorchRec: first-order weights live in 4-wide tables (see
-:data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). Output: raw logits ``{label: [B]}``.
+:data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). Output: raw logits ``{task: [B]}`` (``[B, C]`` for a
+multiclass task). With several tasks (an extension; the paper has one), the FM part is shared and each task has its
+own bias and its own output units of the DNN's last layer: ``logit_k = b_k + FM(x) + DNN_k(...)``.
 """
 
 from __future__ import annotations
@@ -17,21 +19,25 @@ from torch import nn
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.modules.embedding import make_ebc
 from recsys_transfer.modules.fm import FirstOrder, fm_second_order
+from recsys_transfer.modules.heads import TaskColumns
 from recsys_transfer.modules.mlp import MLP
+from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
 
 
 class DeepFM(nn.Module):
     def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, hidden: tuple[int, ...] = (100, 100),
-                 dropout: float = 0.0, batch_norm: bool = False, init_std: float = 1e-2) -> None:
+                 dropout: float = 0.0, batch_norm: bool = False, init_std: float = 1e-2,
+                 tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         self.dataset_id = meta.dataset_id
-        self.label = meta.labels[0]
+        self.columns = TaskColumns(tuple(tasks or meta.tasks), "deepfm")
         self.num_fields = len(meta.sparse_names)
         self.embedding = make_ebc(meta, embedding_dim)
         self.linear = FirstOrder(meta)
-        self.dnn = MLP(self.num_fields * embedding_dim + len(meta.dense), hidden, 1, dropout, batch_norm)
-        self.bias = nn.Parameter(torch.zeros(1))
+        self.dnn = MLP(self.num_fields * embedding_dim + len(meta.dense), hidden, self.columns.width, dropout,
+                       batch_norm)
+        self.bias = nn.Parameter(torch.zeros(self.columns.width))
         for p in self.embedding.parameters():
             nn.init.normal_(p, std=init_std)
 
@@ -39,6 +45,7 @@ class DeepFM(nn.Module):
         B = batch.batch_size
         flat = self.embedding(batch.sparse).values()  # [B, F * k]
         v = flat.view(B, self.num_fields, -1)  # [B, F, k]
-        deep = self.dnn(torch.cat([flat, batch.dense], dim=1)).squeeze(1)  # [B]
-        logit = self.bias + self.linear(batch.sparse, batch.dense) + fm_second_order(v) + deep
-        return {self.label: logit}
+        deep = self.dnn(torch.cat([flat, batch.dense], dim=1))  # [B, W]
+        first = self.linear(batch.sparse, batch.dense).unsqueeze(1)  # [B, 1]
+        logits = self.bias + first + fm_second_order(v).unsqueeze(1) + deep  # [B, W]
+        return self.columns.split(logits)

@@ -4,7 +4,7 @@
 
 where ``v_f = E_f[x_f]`` (dim ``k``) is the field's embedding row. Departure for TorchRec: first-order weights
 live in 4-wide tables (see :data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). ``forward(batch)`` returns
-raw logits ``{label: float32[B]}``; no sigmoid or loss here.
+raw logits ``{task: float32[B]}`` (one binary or regression task); no sigmoid or loss here.
 """
 
 from __future__ import annotations
@@ -15,16 +15,18 @@ from torch import nn
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.modules.embedding import make_ebc
 from recsys_transfer.modules.fm import FIRST_ORDER_WIDTH, FirstOrder, fm_second_order
+from recsys_transfer.modules.heads import single_score_task
+from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
 
 __all__ = ["FM", "FIRST_ORDER_WIDTH"]
 
 
 class FM(nn.Module):
-    def __init__(self, meta: DatasetMeta, embedding_dim: int = 16) -> None:
+    def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         self.dataset_id = meta.dataset_id
-        self.label = meta.labels[0]
+        self.task = single_score_task(tuple(tasks or meta.tasks), "fm").name
         self.num_fields = len(meta.sparse_names)
         self.embedding = make_ebc(meta, embedding_dim)
         self.linear = FirstOrder(meta)
@@ -36,4 +38,4 @@ class FM(nn.Module):
         B = batch.batch_size
         v = self.embedding(batch.sparse).values().view(B, self.num_fields, -1)  # [B, F, k]
         logit = self.bias + self.linear(batch.sparse, batch.dense) + fm_second_order(v)
-        return {self.label: logit}
+        return {self.task: logit}

@@ -24,9 +24,10 @@ MODELS: dict[str, type[nn.Module]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, "aut
 
 
 def model_arguments(name: str) -> list[str]:
-    """The keyword arguments model ``name`` accepts (its constructor's parameters after ``meta``)."""
+    """The keyword arguments model ``name`` accepts in ``model.params`` (its constructor's parameters after
+    ``meta``, without ``tasks``: those come from the run's task specs)."""
     params = list(inspect.signature(MODELS[name].__init__).parameters.values())[2:]  # drop self, meta
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "tasks"]
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -34,8 +35,9 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def build_model(name: str, meta: DatasetMeta, **kwargs) -> nn.Module:
-    """``MODELS[name](meta, **kwargs)``; raises :class:`UserError` (one line) for an unknown name or argument."""
+def build_model(name: str, meta: DatasetMeta, tasks=None, **kwargs) -> nn.Module:
+    """``MODELS[name](meta, tasks=tasks, **kwargs)`` (``tasks``: default the dataset's); raises :class:`UserError`
+    (one line) for an unknown name or argument."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}{_suggest(name, list(MODELS))}; choose one of {sorted(MODELS)}")
     allowed = model_arguments(name)
@@ -43,4 +45,4 @@ def build_model(name: str, meta: DatasetMeta, **kwargs) -> nn.Module:
         if key not in allowed:
             raise UserError(f"model {name!r}: unknown argument {key!r}{_suggest(key, allowed)}; "
                             f"it accepts {allowed}")
-    return MODELS[name](meta, **kwargs)
+    return MODELS[name](meta, tasks=tuple(tasks) if tasks else None, **kwargs)

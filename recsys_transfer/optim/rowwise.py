@@ -24,6 +24,8 @@ Lazy semantics (documented because they differ from dense optimizers):
 from __future__ import annotations
 
 import abc
+import collections
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -182,7 +184,57 @@ def _zeros_like(p: torch.Tensor) -> torch.Tensor:
 
 
 class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
-    """Base class: ``update_rows(param, rows, mu)`` applies one update to ``rows`` of ``param``."""
+    """Base class: ``update_rows(param, rows, mu)`` applies one update to ``rows`` of ``param``.
+
+    ``names``: one name per parameter (the table names of :class:`recsys_transfer.rows.pipeline.RowPipeline`).
+    With names, :meth:`state_dict` keys the state and the param groups by name, not by position, so a state saved
+    from one model loads into a model whose tables are listed in another order (and a missing or extra table is an
+    error naming it)."""
+
+    def __init__(self, params, defaults: dict[str, Any], names: Sequence[str] | None = None) -> None:
+        super().__init__(params, defaults)
+        ordered = [p for g in self.param_groups for p in g["params"]]
+        if names is not None:
+            names = list(names)
+            if len(names) != len(ordered) or len(set(names)) != len(names):
+                raise ValueError(f"names: need {len(ordered)} unique names, one per parameter, got {len(names)}")
+        self.names = names
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.names is None:
+            return sd
+        return {"state": {self.names[i]: v for i, v in sd["state"].items()},
+                "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (matched by name when this optimizer has names: groups by the tables they
+        hold, whatever the order). Hyper-parameters come from the saved groups; each state tensor list is moved
+        into one buffer per group (:func:`recsys_transfer.flat.share_storage`), as the optimizer allocates it."""
+        if self.names is None:
+            super().load_state_dict(state_dict)
+        else:
+            params = dict(zip(self.names, (p for g in self.param_groups for p in g["params"])))
+            saved = [n for g in state_dict["param_groups"] for n in g["params"]]
+            missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+            if missing or extra:
+                raise ValueError(f"row optimizer state does not match the tables: missing {missing}, unknown {extra}")
+            names_of = {id(p): n for n, p in params.items()}
+            mine = {frozenset(names_of[id(p)] for p in g["params"]): g for g in self.param_groups}
+            for saved_group in state_dict["param_groups"]:
+                group = mine.get(frozenset(saved_group["params"]))
+                if group is None:
+                    raise ValueError(f"row optimizer state has a param group {saved_group['params']} this one has not")
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+            self.state = collections.defaultdict(dict)
+            for name, entry in state_dict["state"].items():
+                p = params[name]
+                self.state[p] = {k: (v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)).clone()
+                                 for k, v in entry.items()}
+        self.__dict__.pop("_groups", None)
+        for group in self.param_groups:
+            for key in {k for p in group["params"] for k in self.state[p]}:
+                share_storage([self.state[p][key] for p in group["params"] if key in self.state[p]])
 
     def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
         # an id -> (param, group) map instead of scanning every group per parameter (quadratic in the number of
@@ -254,7 +306,7 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
 class RowSGD(RowOptimizer):
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, names: Sequence[str] | None = None) -> None:
         if lr <= 0:
             raise ValueError(f"invalid learning rate {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -263,7 +315,7 @@ class RowSGD(RowOptimizer):
             raise ValueError("nesterov requires momentum > 0")
         if weight_decay < 0:
             raise ValueError(f"invalid weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), names)
 
     def _update(self, g, params, rows, mus) -> None:
         bufs = None
@@ -277,14 +329,14 @@ class RowSGD(RowOptimizer):
 
 class RowAdam(RowOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, names: Sequence[str] | None = None) -> None:
         if lr <= 0:
             raise ValueError(f"invalid learning rate {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"invalid betas {betas}")
         if eps <= 0:
             raise ValueError(f"invalid eps {eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), names)
 
     def _update(self, g, params, rows, mus) -> None:
         if any(not self.state[p] for p in params):
@@ -299,10 +351,11 @@ class RowAdam(RowOptimizer):
 class RowAdagrad(RowOptimizer):
     """Row-wise Adagrad (one accumulator per row), the fbgemm EXACT_ROWWISE_ADAGRAD update."""
 
-    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0,
+                 names: Sequence[str] | None = None) -> None:
         if lr <= 0:
             raise ValueError(f"invalid learning rate {lr}")
-        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), names)
 
     def _update(self, g, params, rows, mus) -> None:
         if any(not self.state[p] for p in params):
@@ -313,7 +366,8 @@ class RowAdagrad(RowOptimizer):
 
 
 def make_row_optimizer(name: str, params, **kwargs: Any) -> RowOptimizer:
-    """``sgd`` | ``momentum`` (SGD, momentum 0.9 unless given) | ``adam`` | ``rowwise_adagrad``."""
+    """``sgd`` | ``momentum`` (SGD, momentum 0.9 unless given) | ``adam`` | ``rowwise_adagrad``; ``kwargs``: the
+    optimizer's hyper-parameters and ``names`` (one per parameter)."""
     name = name.lower()
     if name == "sgd":
         return RowSGD(params, **kwargs)

@@ -19,12 +19,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from datetime import timedelta
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from recsys_transfer.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,27 +45,76 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Start the process group from torchrun's environment; a plain run is rank 0 of 1 (no group)."""
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``train.device``: ``auto`` (the local rank's GPU when CUDA is available, else the CPU), ``cpu``, ``cuda``
+    (the local rank's GPU; a :class:`UserError` when there is none) or ``cuda:N``."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"train.device={name}: CUDA is not available here (torch {torch.__version__}, built for "
+                        f"CUDA {torch.version.cuda}); use train.device=cpu or auto")
+    device = torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+    if device.index >= torch.cuda.device_count():
+        raise UserError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Start the process group from torchrun's environment (nccl on a GPU, gloo on the CPU); a plain run is rank 0
+    of 1 (no group). ``device``: as :func:`resolve_device`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local, device)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+_CONTROL: list = []  # the gloo group for control messages (created on first use)
+CONTROL_TIMEOUT = timedelta(hours=12)  # rank 0 may prepare a full Criteo day while the others wait
+
+
+def control_group():
+    """A gloo group with a long timeout for control messages between ranks (who failed, and why), so ranks can
+    wait for rank 0's data preparation without tripping the training group's collective timeout."""
+    if not _CONTROL:
+        _CONTROL.append(dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+    return _CONTROL[0]
+
+
+def run_on_rank0(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give every rank its (picklable) result once it is done. If it fails, every
+    rank raises: rank 0 its own exception, the others a :class:`UserError` naming rank 0's error (so no rank waits
+    forever and each reports one line). Without a process group: just ``fn()``."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    group = control_group()
+    result, error, failure = None, None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the other ranks, then re-raised
+            failure = exc
+            error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    message = [error, result]
+    dist.broadcast_object_list(message, src=0, group=group)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise UserError(f"rank 0 failed: {message[0]}")
+    return message[1]
 
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _CONTROL.clear()
 
 
 def exit_rank(code: int = 0) -> NoReturn:

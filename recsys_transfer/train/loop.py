@@ -1,91 +1,225 @@
-"""The training loop (single process for now; the distributed trainer builds on it).
+"""The training loop every model, mode and entry point uses (``recsys-transfer train``, ``make demo``, the
+harmlessness tests, the peer benchmark): :func:`train_epoch` runs a :class:`~recsys_transfer.train.step.TrainStep`
+over a loader; :func:`fit` runs epochs with validation, a named monitor, early stopping and an optional EMA of
+the weights.
 
-``train_epoch`` runs ``loss = BCE-with-logits(model(batch)[label], batch.labels[label])`` and one optimizer step
-per batch; ``evaluate`` returns the exact labels and sigmoid scores of a split, so every metric (AUC, log loss,
-head/tail AUC) is computed on the same numbers.
+Monitor (``train.monitor``): ``valid/<task>/<metric>`` (e.g. ``valid/label/auc``), ``valid/mean/<metric>`` (the
+mean over every task of that metric), or ``auto``: the first task's primary metric (binary AUC, regression MSE,
+multiclass accuracy, retrieval MRR@10). Larger is better for AUC, gAUC, accuracy, macro-F1, HR/MRR/NDCG; smaller for
+log loss, NE, MSE, MAE, RMSE.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.errors import UserError
-from recsys_transfer.metrics import auc, logloss
+from recsys_transfer.tasks import TaskSpec
+from recsys_transfer.train.step import NonFiniteLoss, TrainStep
+
+MAXIMIZE = ("auc", "gauc", "head_auc", "tail_auc", "accuracy", "macro_f1", "hr@", "mrr@", "ndcg@")
+MINIMIZE = ("logloss", "ne", "mse", "mae", "rmse")
 
 
-def check_dataset(model: nn.Module, loader: BatchLoader) -> None:
+def check_dataset(model: nn.Module, loader) -> None:
     """A model built for one prepared dataset refuses another (FuxiCTR's feature-map handshake)."""
     expected = getattr(model, "dataset_id", None)
     if expected is not None and expected != loader.meta.dataset_id:
         raise UserError(f"{loader.data_dir}: dataset id {loader.meta.dataset_id} does not match the model's {expected}")
 
 
+class NonFiniteTrainingLoss(UserError):
+    """A training batch's loss was NaN or infinite (``train.nonfinite_loss: error``)."""
+
+
 @dataclass
 class EpochStats:
-    loss: float
+    loss: float  # mean l_main over the trained rows
+    losses: dict[str, float]  # mean unweighted loss per task (and auxiliary term)
     rows: int
     seconds: float
+    skipped_batches: int = 0
 
     @property
     def rows_per_s(self) -> float:
         return self.rows / max(self.seconds, 1e-9)
 
 
-def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, label: str, plugin=None) -> torch.Tensor:
-    """One step: BCE-with-logits on ``label``, backward (through ``plugin.backward`` when a transfer plug-in owns
-    the embedding rows), dense optimizer step. Returns the loss."""
-    loss = F.binary_cross_entropy_with_logits(model(batch)[label], batch.labels[label])
-    optimizer.zero_grad(set_to_none=True)
-    if plugin is None:
-        loss.backward()
-    else:
-        plugin.backward(loss)
-    optimizer.step()
-    return loss
-
-
-def train_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer, label: str,
-                progress: bool = False, plugin=None, after_step=None) -> EpochStats:
-    """One pass over ``loader``. With a transfer ``plugin`` (see :mod:`recsys_transfer.transfer.plugin`) the
-    embedding rows are updated inside ``plugin.backward`` and ``optimizer`` holds the dense parameters only."""
-    check_dataset(model, loader)
-    model.train()
-    total, rows, t0 = 0.0, 0, time.perf_counter()
+def train_epoch(step: TrainStep, loader, *, epoch: int = 0, device: torch.device | None = None,
+                progress: bool = False, after_step: Callable[[], None] | None = None) -> EpochStats:
+    """One pass of ``step`` over ``loader`` (batches moved to ``device`` when it is not the CPU). A non-finite loss
+    raises :class:`NonFiniteTrainingLoss` naming the epoch and step, unless the step skips such batches."""
+    check_dataset(step.model, loader)
+    step.model.train()
+    move = device is not None and torch.device(device).type != "cpu"
+    total, rows, skipped, t0 = 0.0, 0, 0, time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
     it = loader
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, total=len(loader), desc="train", unit="batch", leave=False, mininterval=0.5)
-    for batch in it:
-        loss = train_step(model, batch, optimizer, label, plugin)
+        it = tqdm(loader, total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=0.5)
+    for k, batch in enumerate(it):
+        n = batch.batch_size
+        try:
+            result = step(batch.to(device, non_blocking=True) if move else batch)
+        except NonFiniteLoss as exc:
+            raise NonFiniteTrainingLoss(f"epoch {epoch}, step {k}: {exc}; set train.nonfinite_loss=skip to skip such "
+                                        "batches") from None
+        if result.skipped:
+            skipped += 1
+            continue
         if after_step is not None:
             after_step()
-        total += float(loss.detach()) * batch.batch_size
-        rows += batch.batch_size
-        if progress and rows // batch.batch_size % 50 == 0:
-            it.set_postfix(loss=f"{total / rows:.4f}", refresh=False)
-    return EpochStats(total / max(rows, 1), rows, time.perf_counter() - t0)
+        total += result.loss * n
+        rows += n
+        for name, value in result.losses.items():
+            sums[name] = sums[name] + value * n if name in sums else value * n
+        if progress and k % 50 == 0:
+            it.set_postfix(loss=f"{total / max(rows, 1):.4f}", refresh=False)
+    losses = {name: float(v) / max(rows, 1) for name, v in sums.items()}
+    return EpochStats(total / max(rows, 1), losses, rows, time.perf_counter() - t0, skipped)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: BatchLoader, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, sigmoid scores) over the whole loader, in loader order."""
-    check_dataset(model, loader)
-    model.eval()
-    ys, ps = [], []
-    for batch in loader:
-        ps.append(torch.sigmoid(model(batch)[label]).double().numpy())
-        ys.append(batch.labels[label].numpy())
-    return np.concatenate(ys), np.concatenate(ps)
+# -- monitor --------------------------------------------------------------------------------------------------
 
 
-def evaluate(model: nn.Module, loader: BatchLoader, label: str) -> dict[str, float]:
-    y, p = predict(model, loader, label)
-    return {"auc": auc(y, p), "logloss": logloss(y, p), "rows": int(len(y))}
+@dataclass(frozen=True)
+class Monitor:
+    """What early stopping and the best-model choice follow (module docstring)."""
+
+    key: str
+    task: str | None  # None: the mean over tasks
+    metric: str
+    maximize: bool
+
+    def value(self, valid: dict[str, dict]) -> float | None:
+        """The monitored value of one validation result (``{task: metrics}``); None when undefined or not finite."""
+        vals = [valid[self.task].get(self.metric)] if self.task is not None else \
+            [m.get(self.metric) for m in valid.values()]
+        if any(v is None or not math.isfinite(v) for v in vals):
+            return None
+        return float(sum(vals) / len(vals))
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.maximize else value < best)
+
+
+def resolve_monitor(name: str, tasks: tuple[TaskSpec, ...] | list[TaskSpec]) -> Monitor:
+    """``train.monitor`` against the run's tasks: a :class:`UserError` for an unknown task or a metric that is not
+    one of the task kind's (or has no direction)."""
+    if name == "auto":
+        name = f"valid/{tasks[0].name}/{tasks[0].primary_metric}"
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != "valid":
+        raise UserError(f"train.monitor {name!r}: expected valid/<task>/<metric> or valid/mean/<metric>")
+    _, task, metric = parts
+    names = [t.name for t in tasks]
+    if task != "mean" and task not in names:
+        raise UserError(f"train.monitor {name!r}: unknown task {task!r}; tasks: {names}")
+    chosen = tasks if task == "mean" else [t for t in tasks if t.name == task]
+    for t in chosen:
+        if metric not in metric_names(t):
+            raise UserError(f"train.monitor {name!r}: task {t.name!r} ({t.kind}) has no metric {metric!r}; it has "
+                            f"{metric_names(t)}")
+    if metric.startswith(MAXIMIZE):
+        maximize = True
+    elif metric in MINIMIZE:
+        maximize = False
+    else:
+        raise UserError(f"train.monitor {name!r}: {metric!r} has no better direction to follow")
+    return Monitor(name, None if task == "mean" else task, metric, maximize)
+
+
+def metric_names(task: TaskSpec) -> list[str]:
+    """The metrics :func:`recsys_transfer.train.evaluate.task_metrics` reports for a task of this kind."""
+    from recsys_transfer.train.evaluate import RANKING_KS
+
+    return {"binary": ["auc", "logloss", "ne", "calibration", "gauc", "head_auc", "tail_auc"],
+            "regression": ["mse", "mae", "rmse"],
+            "multiclass": ["accuracy", "macro_f1"],
+            "retrieval": [f"{m}@{k}" for k in RANKING_KS for m in ("hr", "mrr", "ndcg")]}[task.kind]
+
+
+# -- epochs ---------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of every parameter (dense and tables), swapped in for evaluation and saving.
+
+    Costs O(parameters) per step; meant for the paper's small CTR models (it used EMA), not billion-row tables.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], decay: float) -> None:
+        self.tensors = tensors
+        self.decay = decay
+        self.shadow = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, t in zip(self.shadow, self.tensors):
+            s.mul_(self.decay).add_(t.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for s, t in zip(self.shadow, self.tensors):
+            tmp = t.detach().clone()
+            t.data.copy_(s)
+            s.copy_(tmp)
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)  # one record per epoch
+    best_epoch: int = -1  # -1: no epoch had a finite monitor
+    best_value: float | None = None
+    skipped_batches: int = 0
+
+
+def fit(step: TrainStep, train, validate: Callable[[], dict[str, dict]], *, epochs: int, monitor: Monitor,
+        patience: int = 0, device: torch.device | None = None, ema: EMA | None = None, progress: bool = False,
+        on_epoch: Callable[[dict], None] | None = None, on_best: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``epochs`` epochs (``train.set_epoch`` each); after each, ``validate()`` (``{task: metrics}``, with the
+    EMA weights swapped in when ``ema`` is given) gives the monitor's value; ``on_best(epoch)`` runs when it
+    improves (save the model there), ``on_epoch(record)`` for every epoch. Stops after ``patience`` epochs without
+    improvement (0: never early). An epoch whose monitor is None (undefined or not finite) never counts as best."""
+    result = FitResult()
+    stale = 0
+    for epoch in range(epochs):
+        train.set_epoch(epoch)
+        stats = train_epoch(step, train, epoch=epoch, device=device, progress=progress,
+                            after_step=ema.update if ema is not None else None)
+        result.skipped_batches += stats.skipped_batches
+        if ema is not None:
+            ema.swap()
+        valid = validate()
+        value = monitor.value(valid)
+        record = {"epoch": epoch, "train/loss": stats.loss, "train/rows": stats.rows,
+                  "train/rows_per_s": stats.rows_per_s, "train/seconds": stats.seconds,
+                  "train/skipped_batches": stats.skipped_batches,
+                  **{f"train/{k}/loss" if not k.startswith("aux/") else f"train/{k}": v
+                     for k, v in stats.losses.items()},
+                  **{f"valid/{task}/{k}": v for task, m in valid.items() for k, v in m.items()},
+                  "monitor": monitor.key, "monitor_value": value}
+        improved = value is not None and monitor.better(value, result.best_value)
+        if improved:
+            result.best_value, result.best_epoch, stale = value, epoch, 0
+            if on_best is not None:
+                on_best(epoch)
+        else:
+            stale += 1
+        record["best_epoch"] = result.best_epoch
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if ema is not None:
+            ema.swap()
+        if patience and stale >= patience:
+            break
+    return result

@@ -1,49 +1,30 @@
-"""Item-wise dynamic barrier (paper Sec. 3.2.1, Algorithm 1) as a fused backward hook on TorchRec tables.
+"""Item-wise dynamic barrier (paper Sec. 3.2.1, Algorithm 1) and the other transfer modes, as the ``transfer`` stage
+of the row pipeline (:mod:`recsys_transfer.rows.pipeline`).
 
-Design
-------
-All lookups of a collection's tables go through :class:`_FusedRowUpdate`, a custom autograd function over the
-whole collection (every table and feature in one call, like a TBE). Its forward is the ordinary pooled lookup on
-the (detached) tables. Its backward receives the gradient of the pooled output ``[B, sum D]`` and, instead of
-returning gradients for the tables, runs :func:`fused_step` once for all of them:
+:class:`TransferTransform` receives what a lookup call recorded -- per table, the touched rows and their main-loss
+gradient ``g_i`` -- and sets each row's update direction:
 
-1. per table, the output gradient is summed per *unique* row of the batch: ``g_i = dl_main/de_i`` for the
-   touched rows only (``[U, D]``; no ``[num_embeddings, D]`` gradient is ever allocated);
-2. the transfer loss of every table under transfer is evaluated in ONE batched call (rows of all tables padded to
+1. the transfer loss of every table under transfer is evaluated in ONE batched call (rows of all tables padded to
    ``[T, N, D]``, :mod:`recsys_transfer.transfer.losses`) on the touched rows (source rows vs target rows present
-   in the batch), giving ``t_i = dl_transfer/de_i`` from a small autograd graph over those rows;
-3. the direction is combined per row according to the training mode — for ``+Ours``/``lexico`` the barrier of
-   Algorithm 1 (:func:`barrier_direction`), evaluated for the rows of all tables at once;
-4. each table's direction is applied by a row optimizer (:mod:`recsys_transfer.optim.rowwise`: SGD, momentum,
-   Adam, row-wise Adagrad) that reads and writes the touched rows of the weight and of its state only.
+   in the batch), giving ``t_i = dl_transfer/de_i``;
+2. the direction is combined per row according to the training mode: ``+T`` / ``select``:
+   ``mu_i = g_i + lam t_i`` (Eq. 1, ``l_main + lam l_transfer``); ``+Ours`` / ``lexico``: the barrier of
+   Algorithm 1 (:func:`barrier_direction`), ``mu_i = t_i + lambda_i g_i``, evaluated for the rows of all tables
+   at once.
 
-Extra memory is ``O(U x D)`` per table and step, independent of the table size.
+The row optimizer then applies ``mu`` (the pipeline's last step). Extra memory is ``O(U x D)`` per table and
+step, independent of the table size.
 
-When the call's tables are row blocks of one buffer (the unsharded EBC built by
-:func:`recsys_transfer.modules.embedding.make_ebc`), steps 1-4 run on whole arrays (:func:`_fused_step_flat`):
-the touched rows of every table are gathered from the buffer ONCE (the loss reads them, the optimizer updates them
-and writes them back), placed in the padded layout by one index, and the barrier and the optimizer each run once
-over all rows; per-table work is only Python bookkeeping. Sharded tables and mixed calls take the per-table path
-(same results, tested against each other).
+When the call's tables are row blocks of one buffer, steps 1-2 run on whole arrays (:meth:`TransferTransform._shared`):
+the touched rows of every table under transfer are gathered from the buffer ONCE (the loss reads them, and the
+optimizer updates them and writes them back: ``SharedRows.current``), placed in the padded layout by one index,
+and the barrier runs once over all rows; per-table work is only Python bookkeeping. Sharded tables and calls
+mixing loss settings take the per-table path (same results, tested against each other).
 
-Why a custom lookup and not TorchRec's fused TBE: the barrier needs, per row, the *main-loss gradient itself*
-(for ``lambda_i``) before any update, and the CPU fused TBE can only apply its own optimizer to it
-(``OptimType.NONE``, which returns gradients, is CUDA-only); ``apply_optimizer_in_backward`` would hand us a dense
-``[num_embeddings, D]`` gradient. So the plug-in replaces the lookup *kernel* and keeps everything else TorchRec's:
-
-* unsharded :class:`~torchrec.EmbeddingBagCollection` / :class:`~torchrec.EmbeddingCollection`: the instance's
-  ``forward`` is replaced by the fused one (:func:`attach_ebc`, :func:`attach_ec`) over the same
-  ``nn.EmbeddingBag``/``nn.Embedding`` weights (same Parameters, state-dict keys unchanged, same ``KeyedTensor`` /
-  ``Dict[str, JaggedTensor]`` output);
-* under :class:`~torchrec.distributed.DistributedModelParallel`: in every sharded EBC lookup group, the TBE module
-  (``emb_module`` of ``BatchedFusedEmbeddingBag``/``BatchedDenseEmbeddingBag``) is swapped for
-  :class:`BarrierTBE`, which computes the same ``[B, sum D]`` output from the shard's own weight views
-  (``split_embedding_weights()``, so checkpoints see the updated rows) and runs the same backward. TorchRec's input
-  and output all-to-alls are untouched: on table-wise shards the backward sees the global batch of its tables; on
-  row-wise shards each rank sees the rows of its block, and the touched rows of the table are all-gathered over
-  the process group so the transfer loss is the one the single-process run computes. TorchRec divides the
-  embedding gradient by the world size (``GRADIENT_DIVISION``), so ``g_i`` is the gradient of the global-batch
-  mean loss, and the plug-in all-reduces ``l_main`` for the barrier ``phi_i``. The same code path runs with nccl.
+Under DistributedModelParallel, on row-wise shards the touched rows of a table are all-gathered over its process
+group, so the transfer loss is the one the single-process run computes, and ``l_main`` (for ``phi_i``) is the
+all-reduced global-batch loss (:meth:`recsys_transfer.rows.pipeline.RowPipeline.begin`). The same code path runs
+with nccl.
 
 Rows with zero main gradient
 ----------------------------
@@ -57,19 +38,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from recsys_transfer.flat import LayoutCache
-from recsys_transfer.modules.embedding import (flat_lookup, lookup, occurrence_grads, pooled_over_all,
-                                                pooled_rows_and_grads, stacked_occurrences)
-from recsys_transfer.optim.rowwise import RowOptimizer
-from recsys_transfer.transfer.losses import TransferLoss
+from recsys_transfer.config import BARRIER_MODES, SELECTIVE_MODES, TRAINING_MODES, TransferConfig
+from recsys_transfer.errors import UserError
+from recsys_transfer.flat import rows_of_one_buffer
+from recsys_transfer.rows.pipeline import CallRows, RowTransform, SharedRows, StepContext, TableRows, TableSlot
+from recsys_transfer.transfer.losses import TransferLoss, make_transfer_loss
 
-MODES = ("B", "+T", "+Ours", "select", "lexico")
-_USES_BARRIER = {"+Ours": True, "lexico": True, "+T": False, "select": False}
+MODES = TRAINING_MODES
 
 
 def barrier_direction(g_main: torch.Tensor, g_transfer: torch.Tensor, main_loss: torch.Tensor | float,
@@ -99,32 +79,19 @@ class StepStats:
     mean_lambda: float = 0.0
 
 
-class BarrierContext:
-    """State shared by every table rule of one plug-in: the current ``l_main`` (for ``phi_i``)."""
-
-    def __init__(self) -> None:
-        self.main_loss: torch.Tensor | None = None
-        self.flat_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see _flat_domain_masks
-
-
-class TableRule:
-    """Update rule of one table: mode, domains, transfer loss (shared, batched over tables), row optimizer.
+class TransferRule:
+    """How one table under transfer is treated: mode, domains, its slot in the shared (batched) transfer loss.
 
     ``source_mask`` / ``target_mask``: bool ``[num_embeddings]`` over *global* row ids (S and T or T'_eta).
-    ``loss_index``: this table's slot in the shared ``loss`` (its own discriminator, for the adversarial loss).
+    ``loss_index``: this table's slot in ``loss`` (its own discriminator, for the adversarial loss).
     """
 
-    def __init__(self, name: str, mode: str, context: BarrierContext, *, loss: TransferLoss | None = None,
-                 loss_index: int = 0, source_mask: torch.Tensor | None = None,
-                 target_mask: torch.Tensor | None = None, lam: float = 1e-2, alpha: float = 2.0) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "B" and (loss is None or source_mask is None or target_mask is None):
-            raise ValueError(f"mode {mode!r} needs a transfer loss and source/target masks")
+    def __init__(self, name: str, mode: str, *, loss: TransferLoss, loss_index: int, source_mask: torch.Tensor,
+                 target_mask: torch.Tensor, lam: float = 1e-2, alpha: float = 2.0) -> None:
+        if mode not in MODES or mode == "B":
+            raise ValueError(f"a transfer rule's mode must be one of {MODES[1:]}, got {mode!r}")
         self.name = name
         self.mode = mode
-        self.context = context
-        self.optimizer: RowOptimizer | None = None  # set by the plug-in once every table weight is known
         self.loss = loss
         self.loss_index = loss_index
         self.source_mask = source_mask
@@ -133,39 +100,15 @@ class TableRule:
         self.alpha = alpha
         self.stats = StepStats()
 
+    @property
+    def uses_barrier(self) -> bool:
+        return self.mode in BARRIER_MODES
+
     def masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The source and target masks on ``device`` (moved there once, on first use)."""
         if self.source_mask.device != device:
             self.source_mask, self.target_mask = self.source_mask.to(device), self.target_mask.to(device)
         return self.source_mask, self.target_mask
-
-
-@dataclass
-class _Item:
-    rule: TableRule
-    weight: torch.Tensor
-    rows: torch.Tensor  # unique local row ids [U]
-    row_offset: int
-    g: torch.Tensor  # main gradient [U, D]
-    group: object  # process group of a row-wise sharded table, else None
-    flat: "_Flat | None" = None  # the call's rows of every table at once, when the tables share one buffer
-    span: tuple[int, int] = (0, 0)  # this table's rows are flat.rows[span[0]:span[1]]
-
-    @property
-    def buffer_rows(self) -> torch.Tensor | None:
-        """The rows in the tables' shared buffer (:mod:`recsys_transfer.flat`), if they share one."""
-        return None if self.flat is None else self.flat.rows[self.span[0] : self.span[1]]
-
-
-@dataclass
-class _Flat:
-    """Every touched row of one lookup call whose tables are row blocks of one buffer (see :func:`_flat_items`)."""
-
-    base: torch.Tensor  # the buffer, as rows
-    rows: torch.Tensor  # [U] unique buffer row ids, sorted (so each table's rows are one span)
-    g: torch.Tensor  # [U, D] main gradients
-    firsts: list[int]  # first buffer row of each table of the call
-    rules: list["TableRule"]  # each table's rule
 
 
 def _on(loss: TransferLoss, device: torch.device) -> TransferLoss:
@@ -174,206 +117,6 @@ def _on(loss: TransferLoss, device: torch.device) -> TransferLoss:
     if p is not None and p.device != device:
         loss.to(device)
     return loss
-
-
-def _domain_rows(item: _Item):
-    """(global ids, current rows, index of this rank's rows or None), gathered over a row-wise table's group."""
-    ids = item.rows + item.row_offset
-    cur = item.weight.detach().index_select(0, item.rows)
-    if item.group is not None and dist.get_world_size(item.group) > 1:
-        return _all_gather_rows(ids, cur, item.group)
-    return ids, cur, None
-
-
-def _transfer_grads(items: list[_Item]) -> list[torch.Tensor]:
-    """``t_i`` for every item, one batched loss call per shared loss object.
-
-    Every touched row of every table of a bucket is packed into one padded ``[T, N, D]`` call, with its source
-    and target masks; rows in neither domain (and padding) have both masks False, so the loss gives them zero
-    gradient (CosReg, which regularizes every touched row, marks them all as "source"). Passing them instead of
-    compacting the domain rows costs a few more rows in the loss but no per-table gather and scatter.
-    """
-    out: list[torch.Tensor | None] = [None] * len(items)
-    buckets: dict[int, list[int]] = {}
-    for k, it in enumerate(items):
-        buckets.setdefault(id(it.rule.loss), []).append(k)
-    for ks in buckets.values():
-        loss = items[ks[0]].rule.loss
-        assert loss is not None
-        parts, xs, srcs, tgts = [], [], [], []
-        for k in ks:
-            rule = items[k].rule
-            ids, cur, mine = _domain_rows(items[k])
-            if loss.uses_all_rows:
-                s = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
-                t = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-            else:
-                src_mask, tgt_mask = rule.masks_on(ids.device)
-                s, t = src_mask[ids], tgt_mask[ids]
-            parts.append((len(ids), mine))
-            xs.append(cur)
-            srcs.append(s)
-            tgts.append(t)
-        x = pad_sequence(xs, batch_first=True)  # [T, N, D]
-        src = pad_sequence(srcs, batch_first=True)  # [T, N], padding False
-        tgt = pad_sequence(tgts, batch_first=True)
-        tables = torch.tensor([items[k].rule.loss_index for k in ks], dtype=torch.int64, device=x.device)
-        values, gx = _on(loss, x.device).grad(x, src, tgt, tables)
-        n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
-        for j, (k, (n_all, mine)) in enumerate(zip(ks, parts)):
-            t = gx[j, :n_all]
-            out[k] = t if mine is None else t.index_select(0, mine)
-            st = items[k].rule.stats
-            st.source_rows, st.target_rows, st.transfer_loss = n_src[j], n_tgt[j], vals[j]
-    return out  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def fused_step(items: list[_Item]) -> None:
-    """Directions for the touched rows of every table of one lookup call, then the row updates."""
-    for it in items:
-        it.rule.stats = StepStats(rows=len(it.rows))
-    if items and _fused_step_flat(items):
-        return
-    transfer = [k for k, it in enumerate(items) if it.rule.mode != "B"]
-    t_grads = dict(zip(transfer, _transfer_grads([items[k] for k in transfer]))) if transfer else {}
-    mus: list[torch.Tensor] = [it.g for it in items]
-    barrier = [k for k in transfer if _USES_BARRIER[items[k].rule.mode]]
-    for k in transfer:
-        if k not in barrier:
-            mus[k] = items[k].g + items[k].rule.lam * t_grads[k].to(items[k].g.dtype)  # Eq. 1: l_main + lam l_tr
-    if barrier:
-        main_loss = _main_loss(items[barrier[0]].rule)
-        sizes = [len(items[k].rows) for k in barrier]
-        g = torch.cat([items[k].g for k in barrier])
-        t = torch.cat([t_grads[k].to(g.dtype) for k in barrier])
-        alpha = torch.cat([torch.full((n,), items[k].rule.alpha, dtype=g.dtype, device=g.device)
-                           for k, n in zip(barrier, sizes)])
-        mu, lam = barrier_direction(g, t, main_loss, alpha)
-        for k, m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
-            mus[k] = m
-            items[k].rule.stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
-    _apply(items, mus)
-
-
-def _main_loss(rule: TableRule) -> torch.Tensor:
-    if rule.context.main_loss is None:
-        raise RuntimeError("the main loss is unknown: call plugin.backward(loss) (or plugin.set_main_loss(loss)) "
-                           "instead of loss.backward()")
-    return rule.context.main_loss
-
-
-def _apply(items: list[_Item], mus: list[torch.Tensor], buffer_rows: torch.Tensor | None = None,
-           current: torch.Tensor | None = None) -> None:
-    """Each item's direction through its row optimizer: one ``update_rows_many`` per optimizer (one run of the
-    update maths per optimizer and width). ``buffer_rows`` / ``current``: what the caller knows of all items'
-    rows together (see :meth:`RowOptimizer.update_rows_many`), used when one optimizer serves every item."""
-    by_optimizer: dict[int, tuple[RowOptimizer, list, list, list, list]] = {}
-    for it, mu in zip(items, mus):
-        assert it.rule.optimizer is not None
-        _, ws, rs, ms, bs = by_optimizer.setdefault(id(it.rule.optimizer), (it.rule.optimizer, [], [], [], []))
-        ws.append(it.weight)
-        rs.append(it.rows)
-        ms.append(mu)
-        bs.append(it.buffer_rows)
-    one = len(by_optimizer) == 1
-    for optimizer, ws, rs, ms, bs in by_optimizer.values():
-        rows = buffer_rows if one else None
-        if rows is None and all(b is not None for b in bs):
-            rows = bs[0] if len(bs) == 1 else torch.cat(bs)
-        optimizer.update_rows_many(ws, rs, ms, buffer_rows=rows, current=current if one else None)
-
-
-def _flat_domain_masks(base: torch.Tensor, firsts: list[int],
-                       rules: list[TableRule]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and target masks over every row of the buffer ``base`` whose tables start at ``firsts`` (False in
-    tables without transfer), so the rows of all tables are classified by one index each. Built once per layout
-    (the plug-in builds it when it attaches); each rule's masks then become views of them, so they are not held
-    twice."""
-    context = rules[0].context
-    key = (base.untyped_storage().data_ptr(), len(base), tuple(firsts), tuple(map(id, rules)))
-    masks = context.flat_masks.get(key)
-    if masks is None:
-        src = torch.zeros(len(base), dtype=torch.bool, device=base.device)
-        tgt = torch.zeros(len(base), dtype=torch.bool, device=base.device)
-        for first, rule in zip(firsts, rules):
-            if rule.mode == "B":
-                continue
-            source, target = rule.masks_on(src.device)
-            n = len(source)
-            src[first : first + n] = source
-            tgt[first : first + n] = target
-            rule.source_mask, rule.target_mask = src[first : first + n], tgt[first : first + n]
-        masks = context.flat_masks[key] = (src, tgt)
-    return masks
-
-
-def _fused_step_flat(items: list[_Item]) -> bool:
-    """:func:`fused_step` for the items of one call whose tables share a buffer (:func:`_flat_items`), on whole
-    arrays: one gather of the transfer rows, one padded loss call, one barrier over every row, one optimizer
-    call -- no per-table tensor op. Returns False (nothing done) when the items do not qualify: the general
-    path then runs (sharded tables, several loss objects or modes in one call)."""
-    flat = items[0].flat
-    if flat is None or any(it.flat is not flat for it in items):
-        return False
-    transfer = [it for it in items if it.rule.mode != "B"]
-    rules = [it.rule for it in transfer]
-    if transfer and any(r.loss is not rules[0].loss or r.mode != rules[0].mode or r.alpha != rules[0].alpha
-                        or r.lam != rules[0].lam for r in rules):
-        return False
-    mu_all, current = flat.g, None
-    if transfer:
-        rule0 = rules[0]
-        spans = [it.span for it in transfer]
-        sizes = [hi - lo for lo, hi in spans]
-        whole = spans[0][0] == 0 and spans[-1][1] == len(flat.rows) and all(
-            spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
-        dev = flat.rows.device
-        sel = (torch.arange(len(flat.rows), device=dev) if whole else
-               torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in spans]))
-        rows = flat.rows if whole else flat.rows.index_select(0, sel)
-        g = flat.g if whole else flat.g.index_select(0, sel)
-        # padded layout [T, N]: row j of table k sits at slot k * N + j; a padding slot repeats a real row, with
-        # both masks False (so the loss gives it no gradient)
-        n_tab, n_max, m = len(transfer), max(sizes), len(rows)
-        size_t = torch.tensor(sizes, device=dev)
-        tix = torch.repeat_interleave(torch.arange(n_tab, device=dev), size_t, output_size=m)
-        shift = torch.arange(n_tab, device=dev) * n_max - (torch.cumsum(size_t, 0) - size_t)  # slot - position
-        pidx = torch.arange(m, device=dev).add_(shift.index_select(0, tix))
-        # the rows' present values, gathered ONCE from the (large) buffer: the loss reads them, the optimizer
-        # updates them in place and writes them back
-        current = flat.base.index_select(0, flat.rows)
-        at = torch.zeros(n_tab * n_max, dtype=torch.int64, device=dev).index_copy_(0, pidx, sel)  # slot -> position
-        x = current.index_select(0, at)
-        if rule0.loss.uses_all_rows:
-            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_fill_(0, pidx, True)
-            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
-        else:
-            src_all, tgt_all = _flat_domain_masks(flat.base, flat.firsts, flat.rules)
-            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
-            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
-            src.index_copy_(0, pidx, src_all.index_select(0, rows))
-            tgt.index_copy_(0, pidx, tgt_all.index_select(0, rows))
-        src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
-        tables = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
-        values, gx = _on(rule0.loss, dev).grad(x.view(n_tab, n_max, -1), src, tgt, tables)
-        t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
-        if _USES_BARRIER[rule0.mode]:
-            mu, lam = barrier_direction(g, t, _main_loss(rule0), rule0.alpha)
-            lam_means = torch.segment_reduce(lam, "mean", lengths=size_t).tolist()
-        else:
-            mu, lam_means = g + rule0.lam * t, [0.0] * n_tab  # Eq. 1: l_main + lam l_transfer
-        if whole:
-            mu_all = mu
-        else:
-            mu_all = flat.g.clone()
-            mu_all[sel] = mu
-        n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
-        for j, it in enumerate(transfer):
-            st = it.rule.stats
-            st.source_rows, st.target_rows, st.transfer_loss, st.mean_lambda = n_src[j], n_tgt[j], vals[j], lam_means[j]
-    _apply(items, [mu_all[it.span[0] : it.span[1]] for it in items], buffer_rows=flat.rows, current=current)
-    return True
 
 
 def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
@@ -400,197 +143,257 @@ def _all_gather_rows(ids: torch.Tensor, rows: torch.Tensor, group):
     return all_ids, all_rows, mine
 
 
-# ------------------------------------------------------------------------------------------------------------
-# the fused lookup
+def _domain_rows(table: TableRows):
+    """(global ids, current rows, index of this rank's rows or None), gathered over a row-wise table's group."""
+    slot = table.slot
+    ids = table.rows + slot.row_offset
+    cur = slot.weight.detach().index_select(0, table.rows)
+    if slot.group is not None and dist.get_world_size(slot.group) > 1:
+        return _all_gather_rows(ids, cur, slot.group)
+    return ids, cur, None
 
 
-def _plain_lookup(indices, offsets, per_sample_weights, tables, features, modes) -> torch.Tensor:
-    return lookup(indices, offsets, per_sample_weights, [t[0] for t in tables], features, modes)
+class TransferTransform(RowTransform):
+    """The ``transfer`` stage: the mode's direction for the touched rows of every table under transfer (module
+    docstring). Build it with :func:`transfer_transform`; ``rules``: table name -> :class:`TransferRule`."""
+
+    stage = "transfer"
+
+    def __init__(self, rules: dict[str, TransferRule], losses: dict[int, TransferLoss]) -> None:
+        self.rules = rules
+        self.losses = losses
+        self.needs_main_loss = any(r.uses_barrier for r in rules.values())
+        self._buffer_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(self) -> dict[str, dict]:
+        return {name: vars(rule.stats) for name, rule in self.rules.items()}
+
+    @torch.no_grad()
+    def __call__(self, call: CallRows, context: StepContext) -> None:
+        transfer = [t for t in call.tables if t.slot.name in self.rules]
+        for t in transfer:
+            self.rules[t.slot.name].stats = StepStats(rows=len(t.rows))
+        if not transfer:
+            return
+        if call.shared is not None and self._shared(call, transfer, context):
+            return
+        self._per_table(transfer, context)
+
+    # -- the per-table path ------------------------------------------------------------------------------------
+    def _transfer_grads(self, tables: list[TableRows]) -> list[torch.Tensor]:
+        """``t_i`` for every table, one batched loss call per shared loss object.
+
+        Every touched row of every table of a bucket is packed into one padded ``[T, N, D]`` call, with its source
+        and target masks; rows in neither domain (and padding) have both masks False, so the loss gives them zero
+        gradient (CosReg, which regularizes every touched row, marks them all as "source"). Passing them instead of
+        compacting the domain rows costs a few more rows in the loss but no per-table gather and scatter.
+        """
+        out: list[torch.Tensor | None] = [None] * len(tables)
+        buckets: dict[int, list[int]] = {}
+        for k, t in enumerate(tables):
+            buckets.setdefault(id(self.rules[t.slot.name].loss), []).append(k)
+        for ks in buckets.values():
+            loss = self.rules[tables[ks[0]].slot.name].loss
+            parts, xs, srcs, tgts = [], [], [], []
+            for k in ks:
+                rule = self.rules[tables[k].slot.name]
+                ids, cur, mine = _domain_rows(tables[k])
+                if loss.uses_all_rows:
+                    s = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+                    t = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+                else:
+                    src_mask, tgt_mask = rule.masks_on(ids.device)
+                    s, t = src_mask[ids], tgt_mask[ids]
+                parts.append((len(ids), mine))
+                xs.append(cur)
+                srcs.append(s)
+                tgts.append(t)
+            x = pad_sequence(xs, batch_first=True)  # [T, N, D]
+            src = pad_sequence(srcs, batch_first=True)  # [T, N], padding False
+            tgt = pad_sequence(tgts, batch_first=True)
+            index = torch.tensor([self.rules[tables[k].slot.name].loss_index for k in ks], dtype=torch.int64,
+                                 device=x.device)
+            values, gx = _on(loss, x.device).grad(x, src, tgt, index)
+            n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
+            for j, (k, (n_all, mine)) in enumerate(zip(ks, parts)):
+                t = gx[j, :n_all]
+                out[k] = t if mine is None else t.index_select(0, mine)
+                st = self.rules[tables[k].slot.name].stats
+                st.source_rows, st.target_rows, st.transfer_loss = n_src[j], n_tgt[j], vals[j]
+        return out  # type: ignore[return-value]
+
+    def _per_table(self, transfer: list[TableRows], context: StepContext) -> None:
+        t_grads = self._transfer_grads(transfer)
+        barrier = []
+        for table, t in zip(transfer, t_grads):
+            rule = self.rules[table.slot.name]
+            if rule.uses_barrier:
+                barrier.append((table, t))
+            else:
+                table.direction = table.grad + rule.lam * t.to(table.grad.dtype)  # Eq. 1: l_main + lam l_transfer
+        if barrier:
+            sizes = [len(table.rows) for table, _ in barrier]
+            g = torch.cat([table.grad for table, _ in barrier])
+            t = torch.cat([t.to(g.dtype) for _, t in barrier])
+            alpha = torch.cat([torch.full((n,), self.rules[table.slot.name].alpha, dtype=g.dtype, device=g.device)
+                               for (table, _), n in zip(barrier, sizes)])
+            mu, lam = barrier_direction(g, t, _main_loss(context), alpha)
+            for (table, _), m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
+                table.direction = m
+                self.rules[table.slot.name].stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
+
+    # -- the whole-array path ----------------------------------------------------------------------------------
+    def buffer_masks(self, base: torch.Tensor, firsts: list[int],
+                     slots: list[TableSlot]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source and target masks over every row of the buffer ``base`` whose tables start at ``firsts`` (False in
+        tables without transfer), so the rows of all tables are classified by one index each. Built once per
+        layout (:func:`transfer_transform` builds them at setup); each rule's masks then become views of them, so
+        they are not held twice."""
+        key = (base.untyped_storage().data_ptr(), len(base), tuple(firsts), tuple(map(id, slots)))
+        masks = self._buffer_masks.get(key)
+        if masks is None:
+            src = torch.zeros(len(base), dtype=torch.bool, device=base.device)
+            tgt = torch.zeros(len(base), dtype=torch.bool, device=base.device)
+            for first, slot in zip(firsts, slots):
+                rule = self.rules.get(slot.name)
+                if rule is None:
+                    continue
+                source, target = rule.masks_on(src.device)
+                n = len(source)
+                src[first : first + n] = source
+                tgt[first : first + n] = target
+                rule.source_mask, rule.target_mask = src[first : first + n], tgt[first : first + n]
+            masks = self._buffer_masks[key] = (src, tgt)
+        return masks
+
+    def _shared(self, call: CallRows, transfer: list[TableRows], context: StepContext) -> bool:
+        """The transfer stage for a call whose tables share a buffer, on whole arrays: one gather of the transfer
+        rows, one padded loss call, one barrier over every row. Returns False (nothing done) when the tables under
+        transfer do not share one loss object and setting (then the per-table path runs)."""
+        shared: SharedRows = call.shared
+        rules = [self.rules[t.slot.name] for t in transfer]
+        rule0 = rules[0]
+        if any(r.loss is not rule0.loss or r.mode != rule0.mode or r.alpha != rule0.alpha or r.lam != rule0.lam
+               for r in rules):
+            return False
+        spans = [t.span for t in transfer]
+        sizes = [hi - lo for lo, hi in spans]
+        whole = spans[0][0] == 0 and spans[-1][1] == len(shared.rows) and all(
+            spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
+        dev = shared.rows.device
+        sel = (torch.arange(len(shared.rows), device=dev) if whole else
+               torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in spans]))
+        rows = shared.rows if whole else shared.rows.index_select(0, sel)
+        g = shared.grad if whole else shared.grad.index_select(0, sel)
+        # padded layout [T, N]: row j of table k sits at slot k * N + j; a padding slot repeats a real row, with
+        # both masks False (so the loss gives it no gradient)
+        n_tab, n_max, m = len(transfer), max(sizes), len(rows)
+        size_t = torch.tensor(sizes, device=dev)
+        tix = torch.repeat_interleave(torch.arange(n_tab, device=dev), size_t, output_size=m)
+        shift = torch.arange(n_tab, device=dev) * n_max - (torch.cumsum(size_t, 0) - size_t)  # slot - position
+        pidx = torch.arange(m, device=dev).add_(shift.index_select(0, tix))
+        # the rows' present values, gathered ONCE from the (large) buffer: the loss reads them, the optimizer
+        # updates them in place and writes them back
+        current = shared.base.index_select(0, shared.rows)
+        at = torch.zeros(n_tab * n_max, dtype=torch.int64, device=dev).index_copy_(0, pidx, sel)  # slot -> position
+        x = current.index_select(0, at)
+        if rule0.loss.uses_all_rows:
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_fill_(0, pidx, True)
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
+        else:
+            src_all, tgt_all = self.buffer_masks(shared.base, shared.firsts, shared.slots)
+            src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
+            tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
+            src.index_copy_(0, pidx, src_all.index_select(0, rows))
+            tgt.index_copy_(0, pidx, tgt_all.index_select(0, rows))
+        src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
+        index = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
+        values, gx = _on(rule0.loss, dev).grad(x.view(n_tab, n_max, -1), src, tgt, index)
+        t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
+        if rule0.uses_barrier:
+            mu, lam = barrier_direction(g, t, _main_loss(context), rule0.alpha)
+            lam_means = torch.segment_reduce(lam, "mean", lengths=size_t).tolist()
+        else:
+            mu, lam_means = g + rule0.lam * t, [0.0] * n_tab  # Eq. 1: l_main + lam l_transfer
+        if whole:
+            shared.direction = mu
+        else:
+            direction = shared.grad.clone()
+            direction[sel] = mu
+            shared.direction = direction
+        shared.current = current
+        n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
+        for j, rule in enumerate(rules):
+            st = rule.stats
+            st.source_rows, st.target_rows, st.transfer_loss, st.mean_lambda = n_src[j], n_tgt[j], vals[j], lam_means[j]
+        return True
 
 
-class _FusedRowUpdate(torch.autograd.Function):
-    """Lookup whose backward updates the touched rows in place and returns no table gradient.
-
-    ``tables``: list of (weight [R, D], rule, row_offset, group) per table; ``features``: the table index of each
-    feature; ``modes``: pooling per feature (``sum``, ``mean``, or ``none`` for sequence embeddings — all features
-    of one call are pooled or all are not); ``indices``/``offsets``: TBE layout (features major, ``offsets`` of
-    length ``F * B + 1``). Output: ``[B, sum_f D_f]`` pooled, ``[n_indices, D]`` for sequences.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, indices, offsets, per_sample_weights, tables, features, modes, layout):
-        ctx.tables, ctx.features, ctx.modes = tables, features, modes
-        ctx.flat = _flat_call(tables, features, modes, offsets, layout)
-        if ctx.flat is not None:  # keep the occurrences' buffer rows for the backward
-            base, firsts = ctx.flat
-            out, gids, ctx.single = flat_lookup(indices, offsets, per_sample_weights, base, firsts, features, modes[0])
-            ctx.save_for_backward(indices, offsets, per_sample_weights, gids)
-            return out
-        ctx.save_for_backward(indices, offsets, per_sample_weights, None)
-        return lookup(indices, offsets, per_sample_weights, [t[0] for t in tables], features, modes)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        indices, offsets, psw, gids = ctx.saved_tensors
-        tables, features = ctx.tables, ctx.features
-        if ctx.flat is not None:
-            fused_step(_flat_items(ctx.flat, grad_out, indices, offsets, psw, tables,
-                                   features, ctx.modes[0], known=(gids, ctx.single)))
-            return None, None, None, None, None, None, None, None
-        dims = [tables[t][0].shape[1] for t in features]
-        per_table: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for f, ids, occ in occurrence_grads(grad_out, indices, offsets, psw, dims, ctx.modes):
-            t = features[f]
-            t_ids, t_grads = per_table.setdefault(t, ([], []))
-            t_ids.append(ids)
-            t_grads.append(occ)
-        items = []
-        shapes = [(w.shape[0], w.shape[1], w.dtype) for w, *_ in tables]
-        # tables of one width and dtype share one unique + scatter_add: table t's rows live at bases[t] + id
-        for ts, bases, gids, occ in stacked_occurrences(per_table, shapes):
-            rows, g = _row_sums(gids, occ)
-            cuts = torch.searchsorted(rows, torch.tensor(bases, dtype=rows.dtype, device=rows.device)).tolist()
-            for j, t in enumerate(ts):
-                weight, rule, row_offset, group = tables[t]
-                lo, hi = cuts[j], cuts[j + 1]
-                items.append(_Item(rule, weight, rows[lo:hi] - bases[j], row_offset, g[lo:hi], group))
-        fused_step(items)
-        return None, None, None, None, None, None, None, None
+def _main_loss(context: StepContext) -> torch.Tensor:
+    if context.main_loss is None:
+        raise RuntimeError("the main loss is unknown: open the step with pipeline.begin(loss) (or use "
+                           "TransferPlugin.backward(loss)) instead of a bare loss.backward()")
+    return context.main_loss
 
 
-def _row_sums(gids: torch.Tensor, occ: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unique rows, sorted; the sum of ``occ`` per row): ``g_i`` of every touched row from its occurrences."""
-    rows, inverse = torch.unique(gids, return_inverse=True)
-    g = torch.zeros((len(rows), occ.shape[1]), dtype=occ.dtype, device=occ.device)
-    # scatter_add_, not index_add_: on CPU index_add_ with repeated indices takes ~100x longer
-    g.scatter_add_(0, inverse.unsqueeze(1).expand(-1, occ.shape[1]), occ)
-    return rows, g
-
-
-def _flat_call(tables, features, modes, offsets, layout: LayoutCache):
-    """(base, first rows) when one pooled lookup call's tables are row blocks of one buffer, else None."""
-    if not pooled_over_all(features, modes, len(tables), offsets) or any(t[3] is not None for t in tables):
+def transfer_transform(pipeline, meta, config: TransferConfig,
+                       domains: dict[str, np.ndarray] | None = None) -> TransferTransform | None:
+    """The transfer stage for ``config`` over the tables of ``pipeline`` (a
+    :class:`~recsys_transfer.rows.pipeline.RowPipeline`) in the collection ``config.embedding_module`` whose
+    feature is under transfer (None in mode B). Source = the field's head ids from ``meta.json``; target = its
+    tail ids, or for ``+Ours`` / ``select`` the selective target domain T'_eta (``domains[field]``, a bool array
+    over ids: :func:`recsys_transfer.transfer.domains.load_domains`). Under sharding, the rules cover this rank's
+    tables."""
+    fields = config.transfer_fields(meta)
+    if not fields:
         return None
-    return layout.get([t[0] for t in tables])
+    if config.mode in SELECTIVE_MODES:
+        missing = [f for f in fields if not domains or f not in domains]
+        if missing:
+            raise UserError(f"mode {config.mode!r} needs the selective target domain of {missing}: run "
+                            "`recsys-transfer select` (or pass domains=)")
+    slots = pipeline.slots
+    named = [c for c in pipeline.collections if _in_collection(c, config.embedding_module)]
+    if not named:
+        raise UserError(f"the model has no embedding collection named {config.embedding_module!r} "
+                        f"(collections: {sorted(pipeline.collections)})")
+    eligible = [s for s in slots if _in_collection(s.collection, config.embedding_module)]
+    losses: dict[int, TransferLoss] = {}
+    rules: dict[str, TransferRule] = {}
+    for slot in eligible:
+        if slot.feature not in fields:
+            continue
+        if slot.dim not in losses:
+            kwargs = dict(config.loss_kwargs)
+            kwargs.setdefault("seed", config.seed)
+            losses[slot.dim] = make_transfer_loss(config.loss, len(meta.sparse_names), slot.dim, **kwargs)
+        f = meta.field(slot.feature)
+        source = torch.from_numpy(f.head_mask())
+        target = (torch.from_numpy(np.asarray(domains[slot.feature], dtype=bool)) if config.mode in SELECTIVE_MODES
+                  else torch.from_numpy(f.tail_mask()))
+        if len(target) != f.vocab_size:
+            raise UserError(f"target domain of {slot.feature!r} has {len(target)} entries, the field has "
+                            f"{f.vocab_size} ids")
+        rules[slot.name] = TransferRule(slot.name, config.mode, loss=losses[slot.dim],
+                                        loss_index=meta.sparse_names.index(slot.feature), source_mask=source,
+                                        target_mask=target & ~source, lam=config.lam, alpha=config.alpha)
+    absent = sorted(set(fields) - {s.feature for s in eligible})
+    if absent and not any(pipeline.collections[c] for c in named):  # a shard may hold only some of the tables
+        raise UserError(f"transfer fields {absent} have no table in the collection {config.embedding_module!r}")
+    transform = TransferTransform(rules, losses)
+    by_collection: dict[str, list[TableSlot]] = {}
+    for s in slots:
+        by_collection.setdefault(s.collection, []).append(s)
+    for group in by_collection.values():  # the buffer-wide masks now, at setup (not at the first step)
+        if any(s.name in rules for s in group) and all(s.group is None for s in group):
+            layout = rows_of_one_buffer([s.weight for s in group])
+            if layout is not None:
+                transform.buffer_masks(layout[0], list(layout[1]), group)
+    return transform
 
 
-def _flat_items(flat, grad_out, indices, offsets, psw, tables, features, mode, known=None) -> list[_Item]:
-    """The per-table items of a call whose tables share one buffer: every occurrence at once (global row ids in
-    the buffer, one unique, one scatter_add), then one slice per table. ``known``: the forward's
-    ``(gids, single)`` (see :func:`recsys_transfer.modules.embedding.flat_lookup`)."""
-    base, firsts = flat
-    gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, mode, known=known)
-    rows, g = _row_sums(gids, occ.to(base.dtype))
-    edges = [e for t in range(len(tables)) for e in (firsts[t], firsts[t] + tables[t][0].shape[0])]
-    cuts = torch.searchsorted(rows, torch.tensor(edges, dtype=rows.dtype, device=rows.device)).tolist()
-    whole = _Flat(base, rows, g, list(firsts), [t[1] for t in tables])
-    items = []
-    for t, (weight, rule, row_offset, group) in enumerate(tables):
-        lo, hi = cuts[2 * t], cuts[2 * t + 1]
-        if hi > lo:
-            items.append(_Item(rule, weight, rows[lo:hi] - firsts[t], row_offset, g[lo:hi], group, whole, (lo, hi)))
-    return items
+def _in_collection(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
 
 
-def _anchor() -> torch.Tensor:
-    """A 0-element leaf that requires grad, so autograd calls the fused backward (the tables themselves get none)."""
-    return torch.zeros(0, requires_grad=True)
-
-
-def attach_ebc(ebc: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
-    """Replace an unsharded EmbeddingBagCollection's forward by the fused one; returns its table weights."""
-    configs = ebc.embedding_bag_configs()
-    tables, features, modes, names = [], [], [], []
-    for t, cfg in enumerate(configs):
-        bag = ebc.embedding_bags[cfg.name]
-        if bag.mode not in ("sum", "mean"):
-            raise ValueError(f"table {cfg.name}: pooling {bag.mode!r} is not supported by the fused lookup (sum, mean)")
-        tables.append((bag.weight, rules[cfg.name], 0, None))
-        for fname in cfg.feature_names:
-            features.append(t)
-            modes.append(bag.mode)
-            names.append(fname)
-    anchor, layout = _anchor(), LayoutCache()
-    flat = layout.get([t[0] for t in tables])
-    if flat is not None and any(t[1].mode != "B" for t in tables):  # the buffer-wide masks now, at setup
-        _flat_domain_masks(flat[0], list(flat[1]), [t[1] for t in tables])
-
-    def forward(features_kjt):
-        from torchrec.sparse.jagged_tensor import KeyedTensor
-
-        kjt = features_kjt
-        if kjt.keys() != names:
-            kjt = kjt.permute([kjt.keys().index(n) for n in names])
-        weights = kjt.weights_or_none() if ebc.is_weighted() else None
-        args = (kjt.values(), kjt.offsets(), weights, tables, features, modes)
-        values = _FusedRowUpdate.apply(anchor, *args, layout) if torch.is_grad_enabled() else _plain_lookup(*args)
-        return KeyedTensor(keys=ebc._embedding_names, values=values, length_per_key=ebc._lengths_per_embedding)
-
-    ebc.forward = forward
-    return [t[0] for t in tables]
-
-
-def attach_ec(ec: nn.Module, rules: dict[str, TableRule]) -> list[torch.Tensor]:
-    """Replace an unsharded EmbeddingCollection's forward (sequence embeddings) by the fused one."""
-    from torchrec.sparse.jagged_tensor import JaggedTensor
-
-    tables, features, names, out_names = [], [], [], []
-    for t, cfg in enumerate(ec.embedding_configs()):
-        tables.append((ec.embeddings[cfg.name].weight, rules[cfg.name], 0, None))
-        for fname, ename in zip(cfg.feature_names, ec._embedding_names_by_table[t]):
-            features.append(t)
-            names.append(fname)
-            out_names.append(ename)
-    modes = ["none"] * len(features)
-    anchor, layout = _anchor(), LayoutCache()
-
-    def forward(features_kjt):
-        kjt = features_kjt
-        if kjt.keys() != names:
-            kjt = kjt.permute([kjt.keys().index(n) for n in names])
-        args = (kjt.values(), kjt.offsets(), None, tables, features, modes)
-        values = _FusedRowUpdate.apply(anchor, *args, layout) if torch.is_grad_enabled() else _plain_lookup(*args)
-        out, start = {}, 0
-        for name, fname in zip(out_names, names):
-            lengths = kjt[fname].lengths()
-            n = int(lengths.sum())
-            out[name] = JaggedTensor(values=values[start : start + n], lengths=lengths,
-                                     weights=kjt[fname].values() if ec.need_indices() else None)
-            start += n
-        return out
-
-    ec.forward = forward
-    return [t[0] for t in tables]
-
-
-class BarrierTBE(nn.Module):
-    """Drop-in for a sharded lookup group's TBE module (``emb_module``), over the shard's weight views."""
-
-    def __init__(self, tbe: nn.Module, rules: list[TableRule], row_offsets: list[int],
-                 feature_table_map: list[int], modes: list[str], groups: list) -> None:
-        super().__init__()
-        self.base = tbe
-        self.weights = list(tbe.split_embedding_weights())
-        self.tables = list(zip(self.weights, rules, row_offsets, groups))
-        self.feature_table_map = list(feature_table_map)
-        self.modes = modes
-        self._anchor, self._layout = _anchor(), LayoutCache()
-
-    def split_embedding_weights(self):
-        return self.weights
-
-    def flush(self) -> None:
-        """Rows are written in place during backward: nothing is cached, nothing to flush."""
-
-    def purge(self) -> None:
-        """No cache to purge (see :meth:`flush`)."""
-
-    def reset_cache_states(self) -> None:
-        """No cache (TorchRec calls this before loading a state dict)."""
-
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None,
-                **_: object) -> torch.Tensor:
-        args = (indices, offsets, per_sample_weights, self.tables, self.feature_table_map, self.modes)
-        if not torch.is_grad_enabled():
-            return _plain_lookup(*args)
-        return _FusedRowUpdate.apply(self._anchor, *args, self._layout)
+__all__ = ["MODES", "StepStats", "TransferRule", "TransferTransform", "barrier_direction", "transfer_transform"]

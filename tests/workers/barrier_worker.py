@@ -18,7 +18,8 @@ from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.models.fm import FM
 from recsys_transfer.train.distributed import exit_rank, init_distributed, shard_model
-from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
+from recsys_transfer.config import RowsConfig, TransferConfig
+from recsys_transfer.transfer.plugin import TransferPlugin
 from recsys_transfer.types import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -61,9 +62,8 @@ def main() -> int:
         model = FM(meta, embedding_dim=8)
     model.load_state_dict(torch.load(args.init))
     dmp = shard_model(model, info.device, sharding_type=args.sharding)  # keeps the loaded initial weights
-    cfg = TransferConfig(mode=args.mode, loss=args.loss, fields=tuple(args.fields.split(",")), optimizer=args.optimizer,
-                         lr=args.lr, lam=0.5)
-    plugin = TransferPlugin(dmp, meta, cfg)
+    cfg = TransferConfig(mode=args.mode, loss=args.loss, fields=tuple(args.fields.split(",")), lam=0.5)
+    plugin = TransferPlugin(dmp, meta, cfg, RowsConfig(optimizer=args.optimizer, lr=args.lr))
     dense_opt = torch.optim.SGD(plugin.dense_parameters(), lr=args.lr)
     W, B = info.world_size, args.batch
     loader = BatchLoader(args.data, "train", W * B, drop_last=True)

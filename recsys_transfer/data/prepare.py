@@ -1,0 +1,71 @@
+"""The one library entry point that builds a prepared dataset: ``recsys-transfer prepare`` and the trainer (a run
+whose ``data.path`` does not exist yet) both call :func:`prepare` with a :class:`~recsys_transfer.config.PrepareConfig`.
+
+    from recsys_transfer.config import PrepareConfig
+    from recsys_transfer.data.prepare import prepare
+
+    meta = prepare(PrepareConfig(dataset="movielens", input=("../shared/data/movielens-100k",)), "runs/ml100k")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys_transfer.config import PrepareConfig
+from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+from recsys_transfer.errors import UserError
+
+DEFAULT_MIN_COUNT = {"movielens": 1, "criteo": 10, "synthetic": 1}
+
+
+def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = False,
+            progress: bool = True) -> DatasetMeta:
+    """Raw data -> prepared parquet shards + ``meta.json`` in ``output`` (see :mod:`recsys_transfer.data.prepared`).
+
+    User mistakes (a missing file, a malformed row, an option that does not fit the source, an output directory
+    holding another dataset without ``overwrite``, a degenerate split or label) raise :class:`UserError`."""
+    try:
+        split = SplitSpec(config.split, tuple(config.split_fractions), config.seed)
+        head_tail = HeadTailSpec(config.head_rule, config.head_fraction, config.head_min_count)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    common = dict(split=split, head_tail=head_tail, progress=progress, overwrite=overwrite,
+                  allow_degenerate=config.allow_degenerate)
+    min_count = config.min_count if config.min_count is not None else DEFAULT_MIN_COUNT[config.dataset]
+    inputs = [Path(p) for p in config.input]
+    if config.dataset != "synthetic" and config.rows is not None:
+        raise UserError(f"rows: only the synthetic dataset is generated; {config.dataset} reads its input")
+    if config.dataset == "movielens":
+        from recsys_transfer.data.movielens import prepare_movielens
+
+        if len(inputs) != 1:
+            raise UserError("input: movielens takes exactly one directory")
+        if config.hash_size is not None:
+            raise UserError("hash_size: movielens fields are vocabularies, not hashed")
+        return prepare_movielens(inputs[0], output, min_count=min_count, on_bad_row=config.on_bad_row, **common)
+    if config.dataset == "criteo":
+        from recsys_transfer.data.criteo import prepare_criteo
+
+        if not inputs:
+            raise UserError("input: criteo takes one or more TSV files")
+        if split.kind != "random":
+            raise UserError("split temporal: Criteo rows carry no timestamp; use a random split")
+        return prepare_criteo(inputs, output, min_count=min_count, hash_size=config.hash_size,
+                              on_bad_row=config.on_bad_row, **common)
+    from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
+
+    if inputs:
+        raise UserError("input: the synthetic dataset is generated, it takes no input")
+    if config.min_count is not None or config.hash_size is not None:
+        raise UserError("min_count, hash_size: the synthetic dataset's vocabularies take no such option")
+    if split.kind != "random":
+        raise UserError("split temporal: synthetic rows carry no timestamp; use a random split")
+    kwargs = {"seed": config.seed}
+    if config.rows is not None:
+        kwargs["rows"] = config.rows
+    try:
+        synthetic = SyntheticConfig(**kwargs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return prepare_synthetic(synthetic, output, **common)

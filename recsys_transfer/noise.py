@@ -1,0 +1,44 @@
+"""Known library log messages that are noise for our users, filtered at the CLI's start (no torch import here).
+
+Each entry is ``(logger name, text the message starts with)``; only those messages are dropped, everything else a
+library logs still reaches the user.
+
+* torch's fx tracer warns once per process that ``is_fx_tracing`` also covers ``torch.export`` -- TorchRec calls it
+  on import; nothing we can act on;
+* TorchRec's planner warns, on CPU and gloo runs, that it found no explicit hardware description (topology) and
+  uses its defaults -- which is what a CPU run wants.
+"""
+
+from __future__ import annotations
+
+import logging
+
+NOISE = (
+    ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
+    ("torchrec.distributed.planner.types", "HardwareConfig validation"),
+    ("torchrec.distributed.planner.types", "Topology"),
+)
+
+
+class _DropKnown(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is not ours to drop
+            return True
+        return not text.startswith(self.prefixes)
+
+
+def quiet_library_noise() -> None:
+    """Install the filters (idempotent)."""
+    by_logger: dict[str, list[str]] = {}
+    for name, prefix in NOISE:
+        by_logger.setdefault(name, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnown) for f in logger.filters):
+            logger.addFilter(_DropKnown(tuple(prefixes)))

@@ -1,0 +1,335 @@
+"""The row pipeline: recorded touched rows -> row transforms -> row optimizer, inside the step's backward phase.
+
+One step with the pipeline (what :class:`recsys_transfer.train.step.TrainStep` does)::
+
+    pipeline.begin(loss)            # open the backward phase; l_main for the barrier's phi_i (all-reduced)
+    loss.backward()                 # dense grads as usual; every fused lookup RECORDS its touched rows and g_i
+    pipeline.apply()                # per recorded lookup call: transforms in STAGES order, then the row optimizer
+    dense_optimizer.step()
+
+Per-task recording (gradient surgery needs one gradient per task): ``with pipeline.task(name): loss_k.backward(
+retain_graph=True)`` for every task inside one phase; the lookups record each task's ``g_i`` in its own slot, and
+the ``surgery`` stage turns them into one ``g_main`` (without a surgery transform: their sum, which is the gradient
+of the summed loss). Outside a phase (plain ``loss.backward()`` with the pipeline attached) each call's rows are
+transformed and applied as soon as its backward has run, as the fused update always did.
+
+Stages, in this order (:data:`STAGES`); each registered :class:`RowTransform` declares its stage:
+
+1. ``surgery`` -- per-task row gradients -> ``g_main`` (gradient surgery: issue 13);
+2. ``transfer`` -- the transfer term and the item-wise barrier (:class:`recsys_transfer.transfer.barrier.TransferTransform`):
+   ``mu_i = t_i + lambda_i g_main_i``;
+3. ``freeze`` -- chosen tables are dropped from the update (their rows and optimizer state never change);
+4. ``clip`` -- optionally, each row's direction is scaled to an L2 norm of at most ``max_norm``;
+
+then the row optimizer applies the directions (one ``update_rows_many`` per call). A frozen table still takes part
+in the transfer stage (its rows are a domain the transfer loss sees); it is only never written.
+
+Tables are registered by name, ``<collection path>.<table>`` (``embedding.t_zip``), the same name sharded or not
+(DistributedModelParallel's wrapper prefix is dropped): the row optimizer's state is keyed by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recsys_transfer.errors import UserError
+from recsys_transfer.optim.rowwise import RowOptimizer
+
+STAGES = ("surgery", "transfer", "freeze", "clip")
+DMP_PREFIX = "_dmp_wrapped_module."
+
+
+@dataclass(eq=False)
+class TableSlot:
+    """One embedding table the pipeline updates (static). ``weight``: the table (or, for a sharded table, this
+    rank's shard); ``row_offset``: the global id of local row 0 (row-wise shards); ``group``: the process group of
+    a row-wise sharded table (None otherwise); ``dim``: the row width."""
+
+    name: str
+    collection: str
+    table: str
+    feature: str
+    weight: torch.Tensor
+    row_offset: int = 0
+    group: object = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.weight.shape[1])
+
+
+@dataclass(eq=False)
+class SharedRows:
+    """Every touched row of one lookup call whose tables are row blocks of ONE buffer (:mod:`recsys_transfer.flat`),
+    as whole arrays: transforms and the optimizer then run once over all rows."""
+
+    base: torch.Tensor  # the buffer, as rows
+    rows: torch.Tensor  # [U] unique buffer row ids, sorted (so each table's rows are one span)
+    grad: torch.Tensor  # [U, D] g_main of every row
+    firsts: list[int]  # first buffer row of each table of the call
+    slots: list[TableSlot]  # each table of the call (with or without touched rows)
+    direction: torch.Tensor | None = None  # [U, D] set by a transform; None: grad
+    current: torch.Tensor | None = None  # the rows' present values, if a transform gathered them (optimizer reuses)
+
+
+@dataclass(eq=False)
+class TableRows:
+    """One table's touched rows in one lookup call: unique local row ids ``rows`` [U] and ``grad`` [U, D] (the
+    main-loss gradient of each row, summed over its occurrences). ``direction``: the update direction a transform
+    set (None: ``grad``). When the call's tables share a buffer, ``grad`` is ``shared.grad[span]``."""
+
+    slot: TableSlot
+    rows: torch.Tensor
+    grad: torch.Tensor
+    direction: torch.Tensor | None = None
+    span: tuple[int, int] = (0, 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.slot.weight
+
+
+@dataclass(eq=False)
+class CallRows:
+    """What one fused lookup call's backward recorded: its tables' touched rows (tables without touched rows are
+    absent), the shared-buffer view when they share one, and, with per-task recording, each task's gradients
+    (``task_grads[task]``: one ``[U, D]`` per table, in ``tables`` order)."""
+
+    tables: list[TableRows]
+    shared: SharedRows | None = None
+    task_grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def directions(self) -> list[torch.Tensor]:
+        if self.shared is not None and self.shared.direction is not None:
+            d = self.shared.direction
+            return [d[t.span[0]:t.span[1]] for t in self.tables]
+        return [t.grad if t.direction is None else t.direction for t in self.tables]
+
+    def drop_tables(self, keep: list[bool]) -> None:
+        """Remove tables from the update (``keep[k]`` False): the call stops being one whole array."""
+        if all(keep):
+            return
+        directions = self.directions()
+        for t, d in zip(self.tables, directions):
+            t.direction = d
+        self.tables = [t for t, k in zip(self.tables, keep) if k]
+        self.task_grads = {task: [g for g, k in zip(gs, keep) if k] for task, gs in self.task_grads.items()}
+        self.shared = None
+
+
+class StepContext:
+    """What the transforms of one step may read: ``main_loss`` (``l_main``, float64, averaged over ranks) when a
+    transform asked for it (:attr:`RowTransform.needs_main_loss`)."""
+
+    def __init__(self) -> None:
+        self.main_loss: torch.Tensor | None = None
+
+
+class RowTransform:
+    """A stage of the row pipeline: ``__call__(call, context)`` reads the call's gradients and writes its
+    directions in place. ``stage``: one of :data:`STAGES`."""
+
+    stage: str = ""
+    needs_main_loss: bool = False
+
+    def __call__(self, call: CallRows, context: StepContext) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+
+class FreezeTables(RowTransform):
+    """Stage ``freeze``: the named tables are never updated (their rows and row-optimizer state stay bitwise the
+    same); names are full (``embedding.t_zip``) or bare table names (``t_zip``, any collection)."""
+
+    stage = "freeze"
+
+    def __init__(self, names: tuple[str, ...] | list[str], slots: list[TableSlot]) -> None:
+        known = {s.name for s in slots} | {s.table for s in slots}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise UserError(f"rows.freeze: unknown table(s) {unknown}; tables: {sorted(s.name for s in slots)}")
+        self.names = frozenset(names)
+
+    def frozen(self, slot: TableSlot) -> bool:
+        return slot.name in self.names or slot.table in self.names
+
+    def __call__(self, call: CallRows, context: StepContext) -> None:
+        call.drop_tables([not self.frozen(t.slot) for t in call.tables])
+
+
+class ClipRowNorm(RowTransform):
+    """Stage ``clip``: ``d_i <- d_i * min(1, max_norm / ||d_i||)`` for every touched row (a row's direction keeps
+    its orientation; rows already within the norm are unchanged)."""
+
+    stage = "clip"
+
+    def __init__(self, max_norm: float) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self.max_norm = float(max_norm)
+
+    def _clip(self, d: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+        return d * (self.max_norm / norm.clamp_min(torch.finfo(d.dtype).tiny)).clamp_max(1.0)
+
+    def __call__(self, call: CallRows, context: StepContext) -> None:
+        s = call.shared
+        if s is not None and all(t.direction is None for t in call.tables):  # one pass over the whole array
+            s.direction = self._clip(s.grad if s.direction is None else s.direction)
+            return
+        for t, d in zip(call.tables, call.directions()):
+            t.direction = self._clip(d)
+
+
+def _collection_name(path: str) -> str:
+    return path[len(DMP_PREFIX):] if path.startswith(DMP_PREFIX) else path
+
+
+class RowPipeline:
+    """Owns the recording lookups of a model's embedding collections, the row transforms and the row optimizer.
+
+    Build it with :func:`recsys_transfer.rows.lookup.attach_rows` (which finds the collections, plain or sharded,
+    and registers their tables); see the module docstring for one step."""
+
+    def __init__(self, model: nn.Module, slots: list[TableSlot], optimizer: RowOptimizer,
+                 collections: dict[str, bool] | None = None) -> None:
+        self.model = model
+        self.slots = slots
+        # every embedding collection of the model -> whether it is sharded (a rank may hold none of its tables)
+        self.collections = collections if collections is not None else {s.collection: False for s in slots}
+        self.by_name = {s.name: s for s in slots}
+        self.optimizer = optimizer
+        self.transforms: list[RowTransform] = []
+        self.context = StepContext()
+        self._phase = False
+        self._task: str | None = None
+        self._records: dict[int, dict[str | None, CallRows]] = {}
+
+    # -- composition ---------------------------------------------------------------------------------------------
+    def add_transform(self, transform: RowTransform) -> None:
+        """Register ``transform`` at its stage (transforms of one stage run in registration order)."""
+        if transform.stage not in STAGES:
+            raise ValueError(f"unknown stage {transform.stage!r}; stages: {STAGES}")
+        self.transforms.append(transform)
+        self.transforms.sort(key=lambda t: STAGES.index(t.stage))
+
+    def transform(self, stage: str) -> RowTransform | None:
+        return next((t for t in self.transforms if t.stage == stage), None)
+
+    @property
+    def table_weights(self) -> list[torch.Tensor]:
+        return [s.weight for s in self.slots]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Model parameters outside the embedding collections (give these to the dense optimizer)."""
+        from torchrec.distributed.embedding import ShardedEmbeddingCollection
+        from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+        table_ids = {id(w) for w in self.table_weights}
+        for module in self.model.modules():
+            if isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection, EmbeddingCollection,
+                                   ShardedEmbeddingCollection)):
+                table_ids |= {id(p) for p in module.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in table_ids and p.requires_grad]
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def begin(self, main_loss: torch.Tensor | None = None, averaged: bool = False) -> None:
+        """Open the backward phase: records are kept until :meth:`apply`. ``main_loss``: ``l_main`` of the step
+        (the weighted task losses), needed when a transform reads it (the barrier's phi_i); it is averaged over
+        ranks, so every shard uses the global-batch loss (a collective: every rank calls it, in the same order),
+        unless ``averaged`` says the caller did that already."""
+        self._records.clear()
+        self._phase = True
+        if any(t.needs_main_loss for t in self.transforms):
+            if main_loss is None:
+                raise RuntimeError("the barrier needs l_main: pass the step's loss to RowPipeline.begin(loss)")
+            if averaged:
+                self.context.main_loss = main_loss.detach().to(torch.float64)
+            else:
+                self.set_main_loss(main_loss)
+
+    def set_main_loss(self, loss: torch.Tensor) -> None:
+        """``l_main`` for the barrier, averaged over ranks (a collective)."""
+        value = loss.detach().to(torch.float64).reshape(1).clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        self.context.main_loss = value[0]
+
+    @contextlib.contextmanager
+    def task(self, name: str):
+        """Record the row gradients of backward passes run inside this block in task ``name``'s slot."""
+        if not self._phase:
+            raise RuntimeError("per-task recording needs an open backward phase: call begin() first")
+        before, self._task = self._task, name
+        try:
+            yield
+        finally:
+            self._task = before
+
+    def record(self, key: int, call: CallRows) -> None:
+        """Called by a fused lookup's backward with what it recorded (``key`` identifies the lookup call)."""
+        if not self._phase:  # a plain loss.backward(): transform and apply now
+            self._run(call)
+            return
+        slots = self._records.setdefault(key, {})
+        if self._task in slots:
+            raise RuntimeError("a lookup call was recorded twice in one task: run each task's backward once")
+        slots[self._task] = call
+
+    def apply(self) -> None:
+        """Close the phase: per recorded call (in record order), combine per-task gradients, run the transforms,
+        apply the directions through the row optimizer."""
+        records, self._records, self._phase = self._records, {}, False
+        for by_task in records.values():
+            self._run(self._combine(by_task))
+
+    def abandon(self) -> None:
+        """Close the phase without applying anything (a skipped batch)."""
+        self._records.clear()
+        self._phase = False
+
+    @staticmethod
+    def _combine(by_task: dict[str | None, CallRows]) -> CallRows:
+        if len(by_task) == 1 and None in by_task:
+            return by_task[None]
+        calls = list(by_task.values())
+        call = calls[0]
+        call.task_grads = {task: [t.grad for t in c.tables] for task, c in by_task.items()}
+        if call.shared is not None:
+            call.shared.grad = torch.stack([c.shared.grad for c in calls]).sum(0) if len(calls) > 1 else call.shared.grad
+            for t in call.tables:
+                t.grad = call.shared.grad[t.span[0]:t.span[1]]
+        else:
+            for k, t in enumerate(call.tables):
+                t.grad = torch.stack([c.tables[k].grad for c in calls]).sum(0) if len(calls) > 1 else t.grad
+        return call
+
+    @torch.no_grad()
+    def _run(self, call: CallRows) -> None:
+        for transform in self.transforms:
+            transform(call, self.context)
+        if not call.tables:
+            return
+        shared = call.shared  # while set, call.tables' rows are exactly shared.rows (spans in order)
+        buffer_rows, current = (shared.rows, shared.current) if shared is not None else (None, None)
+        self.optimizer.update_rows_many([t.weight for t in call.tables], [t.rows for t in call.tables],
+                                        call.directions(), buffer_rows=buffer_rows, current=current)
+
+    def stats(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for t in self.transforms:
+            out.update(t.stats())
+        return out
+
+
+__all__ = ["CallRows", "ClipRowNorm", "FreezeTables", "RowPipeline", "RowTransform", "STAGES", "SharedRows",
+           "StepContext", "TableRows", "TableSlot"]

@@ -1,0 +1,222 @@
+"""``recsys-transfer train``: what one run composes, in one process or under torchrun.
+
+1. the run directory (:mod:`recsys_transfer.train.rundir`: an earlier run there is refused unless ``overwrite``);
+2. the data: prepared by rank 0 if ``data.path`` does not exist yet (:func:`recsys_transfer.data.prepare.prepare`,
+   the others wait and fail with it), then the selective target domain if the mode needs it and none exists;
+3. the tasks (the run config's, or the dataset's ``meta.json``) and the monitor;
+4. the model from the registry, on ``train.device``, sharded with DistributedModelParallel when ``WORLD_SIZE > 1``;
+5. the training step (:func:`recsys_transfer.train.compose.compose_step`): the row pipeline over the model's
+   tables (row optimizer, freeze, clip) with the transfer stage of ``transfer.mode`` (none in mode B), the
+   objective of the tasks and the dense optimizer, composed by :class:`~recsys_transfer.train.step.TrainStep`;
+6. :func:`recsys_transfer.train.loop.fit` with validation after each epoch, early stopping on the monitor, the best
+   model saved to ``best/``; then the test split on the best model.
+
+Each rank reads its own part of every split; predictions are gathered so metrics are global. Rank 0 writes
+``run.json`` (status, config, versions), ``epochs.jsonl`` (one strict-JSON record per epoch: train loss per task,
+rows/s, every validation metric of every task, the monitor) and ``metrics.json`` (test and best-validation
+metrics of every task, head/tail AUC of the transfer field, status; written last).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from recsys_transfer.config import SELECTIVE_MODES, RunConfig
+from recsys_transfer.errors import UserError
+from recsys_transfer.tasks import check_tasks
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict:
+    """Versions of the libraries a run's numbers depend on."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for dist_name in ("torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu", "recsys-transfer"):
+        try:
+            out[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def ensure_prepared(cfg: RunConfig) -> Path:
+    """``data.path``, prepared first by rank 0 if it holds no dataset yet (``data.prepare``)."""
+    from recsys_transfer.data.prepare import prepare
+    from recsys_transfer.train.distributed import run_on_rank0
+
+    path = Path(cfg.data.path)
+    if (path / "meta.json").is_file():
+        return path
+    if cfg.data.prepare is None:
+        raise UserError(f"{path}: not a prepared dataset and the config has no data.prepare section")
+
+    def build() -> None:
+        if not (path / "meta.json").is_file():
+            prepare(cfg.data.prepare, path, progress=False)
+
+    run_on_rank0(build)
+    return path
+
+
+def select_domains(cfg: RunConfig, data: Path, meta) -> dict | None:
+    """The selective target domain of the transfer fields (modes ``+Ours`` / ``select``), selected by rank 0
+    first when ``data/selection`` has none for them."""
+    if cfg.transfer.mode not in SELECTIVE_MODES:
+        return None
+    from recsys_transfer.train.distributed import run_on_rank0
+    from recsys_transfer.transfer.domains import load_domains, select_command
+
+    fields = cfg.transfer.transfer_fields(meta)
+    selection = data / "selection"
+
+    def select() -> None:
+        try:
+            load_domains(selection, fields, meta)
+        except UserError:
+            select_command(data, fields, selection, top_k=cfg.data.select_top_k, quantile=cfg.data.select_quantile)
+
+    run_on_rank0(select)
+    return load_domains(selection, fields, meta)
+
+
+def resolve_tasks(cfg: RunConfig, meta) -> tuple:
+    tasks = tuple(cfg.tasks) or tuple(meta.tasks)
+    try:
+        check_tasks(tasks, list(meta.labels), "tasks")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return tasks
+
+
+def report_field(cfg: RunConfig, meta) -> str | None:
+    """The field whose head/tail AUC every mode reports (B too, for comparison): the first transfer field."""
+    fields = cfg.transfer.candidate_fields(meta)
+    return fields[0] if fields else None
+
+
+def _unique_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in tensors:
+        key = (t.data_ptr(), t.shape)
+        if key not in seen and t.is_floating_point():
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def _epoch_line(record: dict, tasks) -> str:
+    parts = [f"epoch {record['epoch']}: loss {record['train/loss']:.4f}"]
+    for t in tasks:
+        metric = t.primary_metric
+        value = record.get(f"valid/{t.name}/{metric}")
+        parts.append(f"valid {t.name} {metric} {value:.4f}" if value is not None else f"valid {t.name} {metric} -")
+    return "  ".join(parts) + f"  ({record['train/rows_per_s']:,.0f} rows/s)"
+
+
+def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False) -> dict:
+    """Train one run of ``cfg`` into ``output`` (module docstring); returns what ``metrics.json`` holds. User
+    mistakes raise :class:`UserError` (the run's ``run.json`` and ``metrics.json`` then say ``failed``)."""
+    from recsys_transfer.data.loader import BatchLoader
+    from recsys_transfer.data.prepared import DatasetMeta
+    from recsys_transfer.models.registry import build_model
+    from recsys_transfer.train.checkpoint import load_model, save_model
+    from recsys_transfer.train.compose import compose_step
+    from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
+    from recsys_transfer.train.evaluate import evaluate
+    from recsys_transfer.train.loop import EMA, fit, resolve_monitor
+    from recsys_transfer.train.rundir import append_jsonl, open_run_dir, write_json
+
+    t_start = time.perf_counter()
+    out = Path(output)
+    info = init_distributed(cfg.train.device)
+    run: dict = {"status": "running", "config": cfg.to_dict(), "command": sys.argv, "commit": git_commit(),
+                 "versions": versions(), "world_size": info.world_size, "device": str(info.device)}
+    opened = False
+    try:
+        run["run_id"] = run_on_rank0(lambda: open_run_dir(out, overwrite))
+        opened = True
+        if info.is_main:
+            write_json(out / "run.json", run)
+            (out / "epochs.jsonl").write_text("")
+        data = ensure_prepared(cfg)
+        meta = DatasetMeta.load(data)
+        tasks = resolve_tasks(cfg, meta)
+        monitor = resolve_monitor(cfg.train.monitor, tasks)
+        field = report_field(cfg, meta)
+        if cfg.train.group_field is not None:
+            meta.field(cfg.train.group_field)
+        domains = select_domains(cfg, data, meta)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
+        model = shard_model(model, info.device) if info.world_size > 1 else model.to(info.device)
+        step = compose_step(model, meta, tasks=tasks, rows=cfg.rows, transfer=cfg.transfer, domains=domains,
+                            train=cfg.train)
+        rows = step.rows
+        pin = info.device.type == "cuda"
+        common = dict(rank=info.rank, world_size=info.world_size, meta=meta, pin_memory=pin)
+        train = BatchLoader(data, "train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                            drop_last=info.world_size > 1, shuffle_buffer_rows=cfg.train.shuffle_buffer_rows,
+                            **common)
+        valid = BatchLoader(data, "valid", cfg.train.eval_batch_size, **common)
+        test = BatchLoader(data, "test", cfg.train.eval_batch_size, **common)
+        ema = (EMA(_unique_tensors(list(model.parameters()) + rows.table_weights), cfg.train.ema_decay)
+               if cfg.train.ema_decay > 0 else None)
+
+        def validate() -> dict:
+            return evaluate(model, valid, tasks, meta, transfer_field=field, group_field=cfg.train.group_field,
+                            device=info.device)
+
+        def on_epoch(record: dict) -> None:
+            if info.is_main:
+                append_jsonl(out / "epochs.jsonl", record)
+                if cfg.train.progress:
+                    print(_epoch_line(record, tasks), flush=True)
+
+        result = fit(step, train, validate, epochs=cfg.train.epochs, monitor=monitor,
+                     patience=cfg.train.early_stopping_patience, device=info.device, ema=ema,
+                     progress=cfg.train.progress and info.is_main, on_epoch=on_epoch,
+                     on_best=lambda epoch: save_model(model, out / "best", run["run_id"]))
+        if result.best_epoch < 0:
+            values = [r["monitor_value"] for r in result.history]
+            raise UserError(f"no epoch gave a finite {monitor.key} (per epoch: {values}); no model was saved")
+        load_model(model, out / "best", run["run_id"])
+        test_metrics = evaluate(model, test, tasks, meta, transfer_field=field, group_field=cfg.train.group_field,
+                                device=info.device)
+        best = result.history[result.best_epoch]
+        train_rows = sum(r["train/rows"] for r in result.history) * info.world_size
+        train_seconds = sum(r["train/seconds"] for r in result.history)
+        metrics = {"status": "completed", "run_id": run["run_id"], "tasks": [t.to_json() for t in tasks],
+                   "test": test_metrics,
+                   "valid_best": {t.name: {k.split("/", 2)[2]: v for k, v in best.items()
+                                           if k.startswith(f"valid/{t.name}/")} for t in tasks},
+                   "monitor": monitor.key, "best_epoch": result.best_epoch, "best_monitor": result.best_value,
+                   "epochs_run": len(result.history), "skipped_batches": result.skipped_batches,
+                   "transfer_field": field, "wall_seconds": time.perf_counter() - t_start,
+                   "train_rows_per_s": train_rows / max(train_seconds, 1e-9), "world_size": info.world_size,
+                   "device": str(info.device), "transfer": rows.stats(), "config": cfg.to_dict(),
+                   "dataset_id": meta.dataset_id, "commit": run["commit"], "versions": run["versions"]}
+        if info.is_main:
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "run.json", {**run, "status": "completed"})
+        return metrics
+    except BaseException as exc:
+        if opened and info.is_main:
+            failed = {**run, "status": "failed", "error": str(exc) or type(exc).__name__}
+            write_json(out / "run.json", failed)
+            write_json(out / "metrics.json", {"status": "failed", "run_id": run.get("run_id"), "error": failed["error"]})
+        raise
+    finally:
+        shutdown()

@@ -1,0 +1,111 @@
+"""One training step, composed in the order it runs (the whole of it is :meth:`TrainStep.__call__`):
+
+1. forward: ``model(batch)`` -> ``{task: output}`` (+ auxiliary outputs);
+2. per-task losses by task kind and the model's own terms (:class:`recsys_transfer.objectives.Objective`);
+   ``l_main = sum_k w_k l_k + terms``; a non-finite ``l_main`` stops the run (or skips the batch, counted);
+3. backward phase: dense gradients as usual, while every fused lookup RECORDS its touched rows and their
+   gradient (never a dense table gradient) -- with ``per_task`` one backward per task, each into its own slot;
+4. row transforms, in the pipeline's stage order (surgery -> transfer barrier -> freeze -> clip), then the row
+   optimizer applies the directions to the touched rows (:mod:`recsys_transfer.rows`);
+5. the dense optimizer step.
+
+With one task and no surgery this is exactly the arithmetic of the fused row update it replaced (tested against
+weights recorded before the change, ``tests/test_reference_updates.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recsys_transfer.config import TrainConfig
+from recsys_transfer.objectives import Objective
+from recsys_transfer.rows.pipeline import RowPipeline
+from recsys_transfer.types import split_output
+
+
+def dense_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimizer of the dense (non-table) parameters (``train.optimizer``, ``train.lr``): fused kernels, one
+    call for all tensors."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    momentum = 0.9 if config.optimizer == "momentum" else 0.0
+    return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay, fused=True)
+
+
+@dataclass
+class StepResult:
+    """``loss``: ``l_main`` (a float, NaN/inf for a skipped batch); ``losses``: each task's (and term's) unweighted
+    loss, detached; ``skipped``: the batch was not trained on (non-finite loss under ``nonfinite_loss: skip``)."""
+
+    loss: float
+    losses: dict[str, torch.Tensor]
+    skipped: bool = False
+
+
+class NonFiniteLoss(Exception):
+    """The training loss of a batch is NaN or infinite (raised before any parameter moved)."""
+
+    def __init__(self, value: float, losses: dict[str, float]) -> None:
+        self.value = value
+        self.losses = losses
+        parts = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+        super().__init__(f"training loss is {value} ({parts})")
+
+
+class TrainStep:
+    """Forward, losses, backward phase with recorded rows, row transforms + row optimizer, dense step.
+
+    ``rows``: the row pipeline of the model's embedding tables (None for a model trained entirely by
+    ``dense_optimizer``, e.g. with dense table gradients); ``per_task``: one backward per task (each task's row
+    gradients recorded in its own slot, for gradient surgery; without surgery the result equals one backward of
+    the weighted sum); ``skip_nonfinite``: a batch with a non-finite loss is dropped (``StepResult.skipped``)
+    instead of raising :class:`NonFiniteLoss`."""
+
+    def __init__(self, model: nn.Module, objective: Objective, dense: torch.optim.Optimizer,
+                 rows: RowPipeline | None = None, *, per_task: bool = False, skip_nonfinite: bool = False) -> None:
+        self.model = model
+        self.objective = objective
+        self.dense = dense
+        self.rows = rows
+        self.per_task = per_task
+        self.skip_nonfinite = skip_nonfinite
+
+    def __call__(self, batch) -> StepResult:
+        # 1. forward
+        outputs, aux = split_output(self.model(batch))
+        # 2. per-task losses and model terms; l_main
+        losses = self.objective.losses(outputs, aux, batch)
+        loss = self.objective.total(losses)
+        # l_main averaged over ranks (every rank then agrees on whether it is finite, and the barrier's phi_i uses
+        # the global-batch loss); the step's one host sync: nothing has moved yet if it is not finite
+        main = loss.detach().to(torch.float64).reshape(1).clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(main)
+            main /= dist.get_world_size()
+        value = float(main[0])
+        if not math.isfinite(value):
+            if self.skip_nonfinite:
+                return StepResult(value, {k: v.detach() for k, v in losses.items()}, skipped=True)
+            raise NonFiniteLoss(value, {k: float(v.detach()) for k, v in losses.items()})
+        self.dense.zero_grad(set_to_none=True)
+        # 3. backward phase: dense grads; the fused lookups record the touched rows and their gradients
+        if self.rows is not None:
+            self.rows.begin(main[0], averaged=True)
+        if self.per_task and self.rows is not None and len(losses) > 1:
+            weighted = list(self.objective.weighted(losses).items())
+            for k, (name, term) in enumerate(weighted):
+                with self.rows.task(name):
+                    term.backward(retain_graph=k + 1 < len(weighted))
+        else:
+            loss.backward()
+        # 4. row transforms (surgery -> transfer -> freeze -> clip) and the row optimizer, touched rows only
+        if self.rows is not None:
+            self.rows.apply()
+        # 5. dense update
+        self.dense.step()
+        return StepResult(value, {k: v.detach() for k, v in losses.items()})
