@@ -4,12 +4,13 @@ Same model (DeepFM: 26 sparse fields, all under transfer, dim 16, MLP 400-400-40
 (Zipf-distributed ids, batch 4096), in one run, at two sizes: every table 1e5 rows; then one table grown to 1e7
 rows (the rest unchanged). Methods:
 
-* ``B``        — main loss only, tables updated by our fused row hook (row-wise Adagrad);
-* ``+Ours``    — selective domain + barrier with the adversarial transfer loss on all 26 fields, same hook;
+* ``B``        — main loss only, tables updated by our row pipeline (row-wise Adagrad), through the trainer's own
+                 training step (``compose_step`` -> ``TrainStep``, what ``recsys-transfer train`` runs);
+* ``+Ours``    — selective domain + barrier with the adversarial transfer loss on all 26 fields, same step;
 * ``B-fused``  — main loss only with TorchRec's own path: DistributedModelParallel (1 rank, gloo), fbgemm fused
                  TBE with its fused EXACT_ROWWISE_ADAGRAD, no plug-in (the library's fastest CPU path).
 
-Dense parameters use Adam in every method. Printed per size: median step time (ms), peak RSS, RSS growth
+Dense parameters use Adam in every method (the trainer's fused Adam for B and +Ours). Printed per size: median step time (ms), peak RSS, RSS growth
 during training ("extra": training peak minus RSS after setup), and the ``ratio`` of +Ours to B and to B-fused.
 Step times come from ONE process that interleaves the methods step by step (so background load hits all alike);
 memory from fresh processes, one method each, ``--mem-runs`` (3) per method, median reported: one process's RSS
@@ -90,16 +91,19 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def build(method: str, meta, loss: str = "adversarial"):
-    """(step function, dense optimizer) for one method on a fresh DeepFM."""
+    """The step function of one method on a fresh DeepFM: the trainer's TrainStep (composed as ``recsys-transfer
+    train`` composes it, :func:`recsys_transfer.train.compose.compose_step`) for B and +Ours."""
     import numpy as np
     import torch
 
+    from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
     from recsys_transfer.models.deepfm import DeepFM
-    from recsys_transfer.train.loop import train_step
+    from recsys_transfer.objectives import Objective
+    from recsys_transfer.train.compose import compose_step
+    from recsys_transfer.train.step import TrainStep, dense_optimizer
 
     torch.manual_seed(0)
     model = DeepFM(meta, embedding_dim=DIM, hidden=MLP_HIDDEN)
-    plugin = None
     if method == "B-fused":
         import torch.distributed as dist
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -113,21 +117,19 @@ def build(method: str, meta, loss: str = "adversarial"):
         model = shard_model(model, torch.device("cpu"), sharding_type="table_wise",
                             fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.01})
         dense_params = [p for n, p in model.named_parameters() if "embedding_bags" not in n]
+        train_step = TrainStep(model, Objective(meta.tasks), dense_optimizer(TrainConfig(optimizer="adam", lr=1e-3),
+                                                                              dense_params))
     else:
-        from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
-
         rng = np.random.default_rng(1)
         domains = {f.name: f.tail_mask() & (rng.random(f.vocab_size) >= 0.2) for f in meta.sparse}  # T'_eta
         mode = "B" if method == "B" else "+Ours"
-        plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss=loss,
-                                                            fields=tuple(meta.sparse_names),
-                                                            optimizer="rowwise_adagrad", lr=0.01), domains=domains)
-        dense_params = plugin.dense_parameters()
-    dense = torch.optim.Adam(dense_params, lr=1e-3)
+        train_step = compose_step(model, meta, rows=RowsConfig(optimizer="rowwise_adagrad", lr=0.01),
+                                  transfer=TransferConfig(mode=mode, loss=loss, fields=tuple(meta.sparse_names)),
+                                  domains=domains, train=TrainConfig(optimizer="adam", lr=1e-3))
 
     def step(b) -> float:
         t0 = time.perf_counter()
-        train_step(model, b, dense, "label", plugin)
+        train_step(b)
         return time.perf_counter() - t0
 
     return step

@@ -3,11 +3,14 @@
 Three implementations train on the SAME prepared rows (ML-100K, and synthetic Criteo-schema rows prepared by
 ``prepare_criteo``), with the same batch size (1024), embedding dim (16), MLP (100, 100), Adam lr 1e-3:
 
-* ``ours-dense``:  ``recsys_transfer.models.deepfm.DeepFM`` over a TorchRec EmbeddingBagCollection, trained by
-  ``recsys_transfer.train.loop.train_epoch`` with one ``torch.optim.Adam(fused=True)`` over all parameters (the
-  tables get dense gradients, from the EBC's grouped lookup, see ``recsys_transfer.modules.embedding``); batches come from ``BatchLoader``, which reads the parquet shards every epoch;
-* ``ours-plugin-B``: the same model, with ``TransferPlugin(mode="B", optimizer="adam", lr=1e-3)``: embedding
-  rows are updated sparsely (row-wise Adam) inside backward, the dense optimizer holds the other parameters;
+* ``ours-trainer-B``: ``recsys_transfer.models.deepfm.DeepFM`` over a TorchRec EmbeddingBagCollection, trained by
+  the step ``recsys-transfer train`` runs in mode B (``recsys_transfer.train.compose.compose_step`` ->
+  ``TrainStep``, driven by ``train.loop.train_epoch``): embedding rows updated sparsely by row-wise Adam in the row
+  pipeline (touched rows only), the other parameters by the trainer's fused Adam; batches come from
+  ``BatchLoader``, which reads the parquet shards every epoch;
+* ``ours-dense``: the same model with dense table gradients (the EBC's grouped lookup, see
+  ``recsys_transfer.modules.embedding``) and one ``torch.optim.Adam(fused=True)`` over all parameters, through the
+  same ``TrainStep`` without a row pipeline (a reference point: the CLI does not train this way);
 * ``deepctr``: ``deepctr_torch.models.DeepFM`` (pip ``deepctr-torch``; ``pip install deepctr-torch --no-deps``
   so it does not pull another torch) with ``SparseFeat(vocabulary_size=meta.field(f).vocab_size,
   embedding_dim=16)`` per sparse field and ``DenseFeat`` per dense column, ``dnn_hidden_units=(100, 100)``,
@@ -51,7 +54,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ML_RAW = Path("/work/shared/data/movielens-100k")
-IMPLS = ("ours-dense", "ours-plugin-B", "deepctr")
+IMPLS = ("ours-trainer-B", "ours-dense", "deepctr")
 
 
 def log(msg: str) -> None:
@@ -123,23 +126,24 @@ class Ours:
     def __init__(self, name: str, data_dir: Path, meta, args) -> None:
         import torch
 
+        from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
         from recsys_transfer.data.loader import BatchLoader
         from recsys_transfer.models.deepfm import DeepFM
+        from recsys_transfer.objectives import Objective
+        from recsys_transfer.train.compose import compose_step
+        from recsys_transfer.train.step import TrainStep
 
         torch.manual_seed(args.seed)
-        self.name, self.meta, self.label = name, meta, meta.labels[0]
+        self.name, self.meta = name, meta
         self.model = DeepFM(meta, embedding_dim=args.dim, hidden=tuple(args.hidden))
         self.loader = BatchLoader(data_dir, "train", args.batch_size, shuffle=True, seed=args.seed, meta=meta)
         self.test = BatchLoader(data_dir, "test", 8192, shuffle=False, meta=meta)
-        self.plugin = None
-        if name == "ours-plugin-B":
-            from recsys_transfer.transfer.plugin import TransferConfig, TransferPlugin
-
-            self.plugin = TransferPlugin(self.model, meta, TransferConfig(mode="B", optimizer="adam", lr=args.lr))
-            params = self.plugin.dense_parameters()
-        else:
-            params = list(self.model.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=args.lr, fused=True)  # one fused kernel for all tensors
+        if name == "ours-trainer-B":  # the step `recsys-transfer train` composes in mode B
+            self.step = compose_step(self.model, meta, rows=RowsConfig(optimizer="adam", lr=args.lr),
+                                     transfer=TransferConfig(mode="B"), train=TrainConfig(optimizer="adam", lr=args.lr))
+        else:  # dense table gradients, one fused Adam over every parameter (no row pipeline)
+            self.step = TrainStep(self.model, Objective(meta.tasks),
+                                  torch.optim.Adam(self.model.parameters(), lr=args.lr, fused=True))
         self._it = None
 
     def begin_epoch(self, epoch: int) -> None:
@@ -151,14 +155,13 @@ class Ours:
 
         n_batches = -(-rows // self.loader.batch_size)
         t0 = time.perf_counter()
-        st = train_epoch(self.model, _Slice(self.loader, self._it, n_batches), self.optimizer, self.label,
-                         plugin=self.plugin)
+        st = train_epoch(self.step, _Slice(self.loader, self._it, n_batches))
         return st.rows, time.perf_counter() - t0, st.loss
 
     def test_auc(self) -> float:
-        from recsys_transfer.train.loop import evaluate
+        from recsys_transfer.train.evaluate import evaluate
 
-        return float(evaluate(self.model, self.test, self.label)["auc"])
+        return float(evaluate(self.model, self.test, self.meta.tasks)[self.meta.tasks[0].name]["auc"])
 
 
 class DeepCTR:
@@ -229,8 +232,8 @@ def run_dataset(name: str, data_dir: Path, epochs: int, args) -> dict:
     log(f"{name}: {n_train} train / {len(test[1])} test rows, {len(meta.sparse_names)} sparse fields "
         f"(total vocab {sum(meta.field(f).vocab_size for f in meta.sparse_names)}), {len(meta.dense)} dense; "
         f"in-memory load for deepctr {time.perf_counter() - t0:.1f}s (untimed)")
-    impls = {"ours-dense": Ours("ours-dense", data_dir, meta, args),
-             "ours-plugin-B": Ours("ours-plugin-B", data_dir, meta, args),
+    impls = {"ours-trainer-B": Ours("ours-trainer-B", data_dir, meta, args),
+             "ours-dense": Ours("ours-dense", data_dir, meta, args),
              "deepctr": DeepCTR(data_dir, meta, args, train, test)}
     impls = {k: v for k, v in impls.items() if k in args.impls}
     lrows, lsec = loader_pass(data_dir, meta, args.batch_size, args.seed)

@@ -313,13 +313,15 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     names = [s.name for s in slots]
     if len(set(names)) != len(names):
         raise UserError(f"two embedding tables share a name: {sorted(n for n in names if names.count(n) > 1)}")
-    optimizer = make_row_optimizer(config.optimizer, [s.weight for s in slots], names=names, lr=config.lr,
-                                   **config.optimizer_kwargs) if slots else None
+    freeze = FreezeTables(config.freeze, slots) if config.freeze else None
+    trained = [s for s in slots if freeze is None or not freeze.frozen(s)]  # frozen tables get no optimizer state
+    optimizer = make_row_optimizer(config.optimizer, [s.weight for s in trained], names=[s.name for s in trained],
+                                   lr=config.lr, **config.optimizer_kwargs) if trained else None
     RowPipeline.__init__(pipeline, model, slots, optimizer, collections)
     for attach, module, found in attached:
         attach(module, found, pipeline)
-    if config.freeze:
-        pipeline.add_transform(FreezeTables(config.freeze, slots))
+    if freeze is not None:
+        pipeline.add_transform(freeze)
     if config.clip_norm is not None:
         pipeline.add_transform(ClipRowNorm(config.clip_norm))
     return pipeline

@@ -1,0 +1,227 @@
+"""The row pipeline's stages on real ML-100K batches: per-task recording, freezing, clipping, stage order, row
+optimizer state keyed by table name, and the step's non-finite guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recsys_transfer.config import RowsConfig, TransferConfig
+from recsys_transfer.data.loader import BatchLoader
+from recsys_transfer.errors import UserError
+from recsys_transfer.flat import share_storage
+from recsys_transfer.models.deepfm import DeepFM
+from recsys_transfer.objectives import Objective
+from recsys_transfer.optim.rowwise import make_row_optimizer
+from recsys_transfer.rows.lookup import attach_rows
+from recsys_transfer.rows.pipeline import ClipRowNorm, FreezeTables, RowTransform
+from recsys_transfer.tasks import TaskSpec
+from recsys_transfer.train.step import NonFiniteLoss, TrainStep
+from recsys_transfer.transfer.barrier import transfer_transform
+
+TASKS = (TaskSpec("click", label="label"), TaskSpec("score", label="label", kind="regression", weight=0.3))
+
+
+def _model(meta, double: bool = True) -> DeepFM:
+    torch.manual_seed(11)
+    model = DeepFM(meta, embedding_dim=4, hidden=(8,), tasks=TASKS)
+    if double:
+        model = model.double()
+        for ebc in (model.embedding, model.linear.tables):
+            share_storage([bag.weight for bag in ebc.embedding_bags.values()])
+    return model
+
+
+def _batches(out, meta, n: int, size: int = 256):
+    from recsys_transfer.types import Batch
+
+    got = []
+    for k, b in enumerate(BatchLoader(out, "train", size, shuffle=True, seed=3, meta=meta, prefetch=0)):
+        if k == n:
+            break
+        got.append(Batch(b.dense.double(), b.sparse, {n_: v.double() for n_, v in b.labels.items()}))
+    return got
+
+
+class Spy(RowTransform):
+    """Keeps what the surgery stage sees: the per-task row gradients and the combined one."""
+
+    stage = "surgery"
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def __call__(self, call, context) -> None:
+        self.seen.append(({k: [g.clone() for g in v] for k, v in call.task_grads.items()},
+                          [t.grad.clone() for t in call.tables]))
+
+
+@pytest.mark.parametrize("mode", ["B", "+Ours"])
+def test_per_task_recording_equals_one_backward_and_sums_to_it(ml100k_prepared, mode):
+    out, meta = ml100k_prepared
+    batches = _batches(out, meta, 4)
+    rng = torch.Generator().manual_seed(0)
+    domains = {f: (torch.rand(meta.field(f).vocab_size, generator=rng) > 0.3).numpy() & meta.field(f).tail_mask()
+               for f in ("zip", "user_id")}
+    runs = []
+    for per_task in (False, True):
+        model = _model(meta)
+        rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01, per_task=per_task))
+        transfer = transfer_transform(rows, meta, TransferConfig(mode=mode, loss="moment", fields=("zip", "user_id")),
+                                      domains)
+        if transfer is not None:
+            rows.add_transform(transfer)
+        spy = Spy()
+        rows.add_transform(spy)
+        step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows,
+                         per_task=per_task)
+        losses = [step(b).loss for b in batches]
+        runs.append((model, rows, spy, losses))
+    (m1, r1, s1, l1), (m2, r2, s2, l2) = runs
+    assert l1 == pytest.approx(l2, rel=1e-12)
+    for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    assert len(s1.seen) == len(s2.seen) == 8  # 4 steps x (embedding, first-order) calls
+    assert all(not tg for tg, _ in s1.seen)  # one backward: no per-task slots
+    moved = 0.0
+    for (task_grads, combined), (_, joint) in zip(s2.seen, s1.seen):
+        assert sorted(task_grads) == ["click", "score"]
+        for k, g in enumerate(combined):
+            torch.testing.assert_close(task_grads["click"][k] + task_grads["score"][k], g, rtol=0, atol=0)
+            torch.testing.assert_close(g, joint[k], rtol=1e-10, atol=1e-13)
+            moved += float(task_grads["score"][k].abs().sum())
+    assert moved > 0  # the second task's slot is not empty
+
+
+def test_frozen_tables_never_change_and_the_others_do(ml100k_prepared):
+    out, meta = ml100k_prepared
+    batches = _batches(out, meta, 3)
+    model = _model(meta)
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01, freeze=("embedding.t_zip", "t_user_id")))
+    rows.add_transform(transfer_transform(rows, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",))))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
+    for b in batches:
+        step(b)
+    after = model.state_dict()
+    frozen = {f"{c}.embedding_bags.t_{f}.weight" for c in ("embedding", "linear.tables") for f in ("user_id",)}
+    frozen.add("embedding.embedding_bags.t_zip.weight")
+    for key in frozen:
+        assert torch.equal(after[key], before[key]), key
+        param = dict(model.named_parameters())[key]
+        assert all(p is not param for g in rows.optimizer.param_groups for p in g["params"]), key  # no state either
+    assert not torch.equal(after["linear.tables.embedding_bags.t_zip.weight"], before["linear.tables.embedding_bags.t_zip.weight"])
+    assert not torch.equal(after["embedding.embedding_bags.t_item_id.weight"], before["embedding.embedding_bags.t_item_id.weight"])
+    assert rows.stats()["embedding.t_zip"]["target_rows"] > 0  # the frozen table still fed the transfer loss
+    with pytest.raises(UserError, match=r"rows.freeze: unknown table\(s\) \['t_nope'\]"):
+        FreezeTables(("t_nope",), rows.slots)
+
+
+def test_clipping_bounds_every_applied_row_update(ml100k_prepared):
+    out, meta = ml100k_prepared
+    batch = _batches(out, meta, 1, size=512)[0]
+    deltas = []
+    for clip in (None, 0.02):
+        model = _model(meta)
+        rows = attach_rows(model, RowsConfig(optimizer="sgd", lr=1.0, clip_norm=clip))  # update = -direction
+        before = {k: v.clone() for k, v in model.state_dict().items() if "embedding_bags" in k}
+        TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.0), rows)(batch)
+        deltas.append({k: before[k] - v for k, v in model.state_dict().items() if k in before})
+    clipped = unclipped = 0
+    for key, d in deltas[1].items():
+        norm = torch.linalg.vector_norm(d, dim=1)
+        free = torch.linalg.vector_norm(deltas[0][key], dim=1)
+        assert bool((norm <= 0.02 * (1 + 1e-12)).all()), key
+        big = free > 0.02
+        torch.testing.assert_close(norm[big], torch.full_like(norm[big], 0.02))  # scaled onto the ball
+        torch.testing.assert_close(d[~big], deltas[0][key][~big], rtol=0, atol=0)  # within it: unchanged
+        clipped += int(big.sum())
+        unclipped += int(((free > 0) & ~big).sum())
+    assert clipped > 0 and unclipped > 0
+    with pytest.raises(ValueError):
+        ClipRowNorm(0.0)
+
+
+def test_stages_run_in_the_documented_order(ml100k_prepared):
+    out, meta = ml100k_prepared
+    model = _model(meta, double=False)
+    rows = attach_rows(model, RowsConfig(clip_norm=1.0, freeze=("t_zip",)))
+    rows.add_transform(transfer_transform(rows, meta, TransferConfig(mode="+T", loss="moment", fields=("zip",))))
+    rows.add_transform(Spy())
+    assert [t.stage for t in rows.transforms] == ["surgery", "transfer", "freeze", "clip"]
+    bad = Spy()
+    bad.stage = "later"
+    with pytest.raises(ValueError, match="unknown stage"):
+        rows.add_transform(bad)
+
+
+def test_row_optimizer_state_is_keyed_by_table_name(ml100k_prepared):
+    """A state saved from one pipeline loads into an optimizer whose tables are listed in another order; both
+    then take the same next step."""
+    out, meta = ml100k_prepared
+    batches = _batches(out, meta, 3)
+    model = _model(meta)
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01))
+    step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
+    for b in batches[:2]:
+        step(b)
+    saved = rows.optimizer.state_dict()
+    assert sorted(saved["state"]) == sorted(s.name for s in rows.slots if rows.optimizer.state[s.weight])
+    assert saved["param_groups"][0]["params"] == [s.name for s in rows.slots]
+
+    twin = _model(meta)
+    twin.load_state_dict(model.state_dict())
+    twin_rows = attach_rows(twin, RowsConfig(optimizer="adam", lr=0.01))
+    reordered = list(reversed(twin_rows.slots))
+    twin_rows.optimizer = make_row_optimizer("adam", [s.weight for s in reordered], names=[s.name for s in reordered],
+                                             lr=0.5)
+    twin_rows.optimizer.load_state_dict(saved)
+    assert twin_rows.optimizer.param_groups[0]["lr"] == 0.01  # hyper-parameters come from the saved groups
+    for slot in twin_rows.slots:
+        mine = rows.optimizer.state[rows.by_name[slot.name].weight]
+        for key, value in twin_rows.optimizer.state[slot.weight].items():
+            assert torch.equal(value, mine[key]), (slot.name, key)
+    twin_step = TrainStep(twin, Objective(TASKS), torch.optim.SGD(twin_rows.dense_parameters(), lr=0.05), twin_rows)
+    twin_step.dense.load_state_dict(step.dense.state_dict())
+    step(batches[2])
+    twin_step(batches[2])
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), name
+    broken = {**saved, "param_groups": [{**saved["param_groups"][0], "params": saved["param_groups"][0]["params"][1:]}]}
+    with pytest.raises(ValueError, match="missing \\['embedding.t_user_id'\\]"):
+        twin_rows.optimizer.load_state_dict(broken)
+
+
+def test_a_plain_backward_outside_a_phase_still_updates_the_rows(ml100k_prepared):
+    out, meta = ml100k_prepared
+    batch = _batches(out, meta, 1)[0]
+    model = _model(meta)
+    rows = attach_rows(model, RowsConfig(optimizer="sgd", lr=0.1))
+    before = model.embedding.embedding_bags["t_zip"].weight.detach().clone()
+    Objective(TASKS).total(Objective(TASKS).losses(model(batch), {}, batch)).backward()
+    assert not torch.equal(model.embedding.embedding_bags["t_zip"].weight.detach(), before)
+    assert model.embedding.embedding_bags["t_zip"].weight.grad is None  # never a dense table gradient
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_non_finite_loss_moves_nothing(ml100k_prepared, skip):
+    out, meta = ml100k_prepared
+    batch = _batches(out, meta, 1)[0]
+    model = _model(meta)
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01))
+    with torch.no_grad():
+        model.bias[1] = math.inf  # the regression task's loss is infinite
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, Objective(TASKS), torch.optim.Adam(rows.dense_parameters(), lr=0.01), rows,
+                     skip_nonfinite=skip)
+    if skip:
+        result = step(batch)
+        assert result.skipped and math.isinf(result.loss)
+    else:
+        with pytest.raises(NonFiniteLoss, match=r"training loss is inf \(click [0-9.]+, score inf\)"):
+            step(batch)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not any(rows.optimizer.state[w] for w in rows.table_weights)
