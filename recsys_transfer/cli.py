@@ -7,6 +7,7 @@
     recsys-transfer bench --config benchmarks/grids/NAME.yaml --output DIR
     recsys-transfer demo [--output DIR]
     recsys-transfer env
+    recsys-transfer launch [TORCHRUN OPTIONS] -- COMMAND ...       (torchrun, failures in one line per rank)
 
 Every command is a thin layer over a library function (``prepare`` -> :func:`recsys_transfer.data.prepare.prepare`,
 ``train`` -> :func:`recsys_transfer.train.run.run_training`, ...). User mistakes (missing files, malformed rows,
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=2022)
 
     sub.add_parser("env", help="versions of torch, fbgemm and TorchRec, the fbgemm build, devices, world info")
+    sub.add_parser("launch", help="torchrun a command on several processes: launch [TORCHRUN OPTIONS] -- COMMAND",
+                   add_help=False)
     return parser
 
 
@@ -202,7 +205,27 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error_line(text: str) -> None:
+    """One line on stderr in ONE write, so the lines of several ranks sharing the stream never interleave."""
+    sys.stderr.flush()
+    line = " ".join(text.splitlines()) + "\n"
+    try:
+        os.write(sys.stderr.fileno(), line.encode())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured by a test harness)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # torchrun's options and our command pass through unparsed
+        from recsys_transfer.launch import launch
+
+        try:
+            return launch(argv[1:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     from recsys_transfer.bench.cli import cmd_bench
     from recsys_transfer.noise import quiet_library_noise
@@ -215,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         code = handler(args)
     except UserError as exc:
         where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-        print(f"error: {where}{exc}", file=sys.stderr)
+        _error_line(f"error: {where}{exc}")
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,17 +6,30 @@ library logs still reaches the user.
 * torch's fx tracer warns once per process that ``is_fx_tracing`` also covers ``torch.export`` -- TorchRec calls it
   on import; nothing we can act on;
 * TorchRec's planner warns, on CPU and gloo runs, that it found no explicit hardware description (topology) and
-  uses its defaults -- which is what a CPU run wants.
+  uses its defaults -- which is what a CPU run wants;
+* deprecations raised inside TorchRec and torch.distributed by their own calls (DDP's ``broadcast_buffers``,
+  ``reduce_scatter_tensor``, ``all_gather_into_tensor``, ShardedTensor in checkpoints): ``FutureWarning``s about
+  library internals a user cannot change (:data:`NOISY_WARNINGS`, matched by message).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 
 NOISE = (
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true"),
     ("torchrec.distributed.planner.types", "HardwareConfig validation"),
     ("torchrec.distributed.planner.types", "Topology"),
+)
+
+
+NOISY_WARNINGS = (
+    "`broadcast_buffers` is deprecated",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
 )
 
 
@@ -42,3 +55,5 @@ def quiet_library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnown) for f in logger.filters):
             logger.addFilter(_DropKnown(tuple(prefixes)))
+    for text in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text), category=FutureWarning)

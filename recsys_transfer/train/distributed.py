@@ -147,22 +147,29 @@ def _sharder_cls():
     return Sharder
 
 
+#: sharding types whose shards the row pipeline can update (whole rows of model-parallel tables)
+ROW_PIPELINE_SHARDINGS = ("table_wise", "row_wise")
+
+
 def shard_model(model: nn.Module, device: torch.device, sharding_type: str | None = None,
                 compute_kernel: str = "fused", fused_params: dict | None = None) -> nn.Module:
     """Wrap ``model`` in DistributedModelParallel.
 
-    ``sharding_type``: None (planner's choice), ``table_wise``, ``row_wise`` (every table gets that type).
+    ``sharding_type``: None (planner's choice among :data:`ROW_PIPELINE_SHARDINGS`), or one type for every table
+    (``table_wise``, ``row_wise``, or any TorchRec type when the row pipeline is not attached).
     ``compute_kernel``: ``fused`` (TorchRec's fused TBE) or ``dense``. ``fused_params`` go to the sharder (e.g. the
     fused optimizer of plain TorchRec training); with the transfer plug-in the lookup kernel is replaced after
     sharding and the fused optimizer is not used.
     """
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
     world = dist.get_world_size() if dist.is_initialized() else 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     constraints = {}
     for module in model.modules():
         if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
@@ -170,16 +177,19 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
                        else module.embedding_configs())
             for cfg in configs:
                 constraints[cfg.name] = ParameterConstraints(
-                    sharding_types=[sharding_type] if sharding_type else None,
+                    # the row pipeline updates whole rows of model-parallel shards: not data-parallel (DDP)
+                    # replicas, not column shards
+                    sharding_types=[sharding_type] if sharding_type else list(ROW_PIPELINE_SHARDINGS),
                     # fbgemm's fused TBE needs dims divisible by 4; narrower tables (e.g. FM's 1-wide first-order
                     # weights) use the dense kernel
                     compute_kernels=[compute_kernel if cfg.embedding_dim % 4 == 0 else "dense"],
                 )
     sharders = [_sharder_cls()(fused_params=fused_params), EmbeddingCollectionSharder(fused_params=fused_params)]
-    planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=world, compute_device=device.type),
-        constraints=constraints,
-    )
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=min(local, world)),
+                                               kernel_config=KernelConfig(compute_device=device.type))
+    # a fixed 15% reserve for the dense parts: TorchRec's default heuristic warns it over-estimates them
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
+                                       storage_reservation=FixedPercentageStorageReservation(0.15))
     pg = dist.GroupMember.WORLD if dist.is_initialized() else None
     plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
