@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q fbgemm-gpu-cpu==1.8.0
 	$(PIP) install -q --no-deps torchrec==1.8.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[cpu,dev]'
 	$(PY) -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
