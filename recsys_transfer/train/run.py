@@ -86,7 +86,8 @@ def select_domains(cfg: RunConfig, data: Path, meta) -> dict | None:
         try:
             load_domains(selection, fields, meta)
         except UserError:
-            select_command(data, fields, selection, top_k=cfg.data.select_top_k, quantile=cfg.data.select_quantile)
+            select_command(data, fields, selection, top_k=cfg.data.select_top_k, quantile=cfg.data.select_quantile,
+                           meta=meta)
 
     run_on_rank0(select)
     return load_domains(selection, fields, meta)

@@ -279,11 +279,13 @@ def max_cosine(vectors: sp.csr_matrix, query_ids: np.ndarray, source_ids: np.nda
 
 def select_target_domain(data_dir: str | Path, field: str, *, top_k: int = DEFAULT_TOP_K,
                          quantile: float = DEFAULT_QUANTILE, eta: float | None = None, context_fields=None,
-                         chunk_rows: int = 4096, block_entries: int = 1 << 21, threads: int = 1) -> Selection:
-    """Selective target domain T'_eta (Eq. 3) of one sparse field of a prepared dataset (module docstring)."""
+                         chunk_rows: int = 4096, block_entries: int = 1 << 21, threads: int = 1,
+                         meta: DatasetMeta | None = None) -> Selection:
+    """Selective target domain T'_eta (Eq. 3) of one sparse field of a prepared dataset (module docstring).
+    ``meta``: the dataset's, if the caller has it (else read from ``data_dir``)."""
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
-    meta = DatasetMeta.load(data_dir)
+    meta = meta or DatasetMeta.load(data_dir)
     f = meta.field(field)
     if eta is None and not 0.0 <= quantile <= 1.0:
         raise UserError(f"quantile must be in [0, 1], got {quantile}")
@@ -398,11 +400,12 @@ def load_domains(out_dir: str | Path, fields, meta: DatasetMeta) -> dict[str, np
 
 def select_command(data_dir: str | Path, fields=None, out_dir: str | Path | None = None,
                    top_k: int = DEFAULT_TOP_K, quantile: float = DEFAULT_QUANTILE,
-                   eta: float | None = None, **kwargs) -> list[Selection]:
+                   eta: float | None = None, meta: DatasetMeta | None = None, **kwargs) -> list[Selection]:
     """What ``recsys-transfer select`` runs: select every requested field (default: every sparse field with
-    more than 100 ids) and write the result to ``out_dir`` (default ``data_dir/selection``)."""
+    more than 100 ids) and write the result to ``out_dir`` (default ``data_dir/selection``). ``meta``: the
+    dataset's, read once (from ``data_dir`` when not given) and handed to every stage."""
     data_dir = Path(data_dir)
-    meta = DatasetMeta.load(data_dir)
+    meta = meta or DatasetMeta.load(data_dir)
     if not fields:
         fields = [f.name for f in meta.sparse if f.vocab_size > MIN_VOCAB_FOR_DEFAULT]
         if not fields:
@@ -410,7 +413,7 @@ def select_command(data_dir: str | Path, fields=None, out_dir: str | Path | None
     else:
         for name in fields:
             meta.field(name)
-    selections = [select_target_domain(data_dir, name, top_k=top_k, quantile=quantile, eta=eta, **kwargs)
+    selections = [select_target_domain(data_dir, name, top_k=top_k, quantile=quantile, eta=eta, meta=meta, **kwargs)
                   for name in fields]
     write_selection(selections, Path(out_dir) if out_dir is not None else data_dir / "selection")
     return selections
