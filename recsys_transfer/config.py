@@ -169,6 +169,7 @@ class TrainConfig:
     shuffle_buffer_rows: int = 1_000_000
     progress: bool = True
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default (one per core)
     nonfinite_loss: str = "error"  # error: stop naming epoch and step | skip: drop the batch, counted
     group_field: str | None = None  # sparse field whose ids group the rows for group AUC (binary tasks)
     aux_weights: dict = field(default_factory=dict)  # weight per auxiliary loss term of the model (default 1)
@@ -176,6 +177,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("train.epochs, train.batch_size and train.eval_batch_size must be >= 1")
+        if self.threads < 0:
+            raise ValueError(f"train.threads must be >= 0, got {self.threads}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.optimizer not in DENSE_OPTIMIZERS:

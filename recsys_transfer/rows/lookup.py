@@ -43,8 +43,8 @@ from recsys_transfer.flat import LayoutCache
 from recsys_transfer.modules.embedding import (flat_lookup, lookup, occurrence_grads, pooled_over_all,
                                                 pooled_rows_and_grads, stacked_occurrences)
 from recsys_transfer.optim.rowwise import make_row_optimizer
-from recsys_transfer.rows.pipeline import (DMP_PREFIX, CallRows, ClipRowNorm, FreezeTables, RowPipeline, SharedRows,
-                                           TableRows, TableSlot, _collection_name)
+from recsys_transfer.rows.pipeline import (CallRows, ClipRowNorm, FreezeTables, RowPipeline, SharedRows, TableRows,
+                                           TableSlot, collection_name)
 
 _CALL_KEYS = itertools.count()  # one key per forward call: per-task records of the same call are merged by it
 
@@ -254,7 +254,7 @@ def _feature_of(config) -> str:
 def _unsharded_slots(path: str, module: nn.Module, pooled: bool) -> list[TableSlot]:
     configs = module.embedding_bag_configs() if pooled else module.embedding_configs()
     tables = module.embedding_bags if pooled else module.embeddings
-    collection = _collection_name(path)
+    collection = collection_name(path)
     return [TableSlot(f"{collection}.{cfg.name}", collection, cfg.name, _feature_of(cfg), tables[cfg.name].weight)
             for cfg in configs]
 
@@ -262,7 +262,7 @@ def _unsharded_slots(path: str, module: nn.Module, pooled: bool) -> list[TableSl
 def _attach_sharded(path: str, sharded: nn.Module, pipeline: RowPipeline, slots: list[TableSlot]) -> None:
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
-    collection = _collection_name(path)
+    collection = collection_name(path)
     for lookup_module in sharded._lookups:
         inner = getattr(lookup_module, "module", lookup_module)  # DDP-wrapped lookups (data parallel): unsupported
         if not hasattr(inner, "_emb_modules"):
@@ -296,7 +296,7 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-    pipeline = RowPipeline.__new__(RowPipeline)
+    pipeline = RowPipeline(model)  # the recording lookups hand their records to it
     slots: list[TableSlot] = []
     attached = []
     collections: dict[str, bool] = {}
@@ -306,10 +306,10 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
             found = _unsharded_slots(path, module, pooled)
             attached.append((attach_ebc if pooled else attach_ec, module, found))
             slots.extend(found)
-            collections[_collection_name(path)] = False
+            collections[collection_name(path)] = False
         elif isinstance(module, (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)):
             _attach_sharded(path, module, pipeline, slots)
-            collections[_collection_name(path)] = True
+            collections[collection_name(path)] = True
     names = [s.name for s in slots]
     if len(set(names)) != len(names):
         raise UserError(f"two embedding tables share a name: {sorted(n for n in names if names.count(n) > 1)}")
@@ -317,7 +317,7 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     trained = [s for s in slots if freeze is None or not freeze.frozen(s)]  # frozen tables get no optimizer state
     optimizer = make_row_optimizer(config.optimizer, [s.weight for s in trained], names=[s.name for s in trained],
                                    lr=config.lr, **config.optimizer_kwargs) if trained else None
-    RowPipeline.__init__(pipeline, model, slots, optimizer, collections)
+    pipeline.register(slots, collections, optimizer)
     for attach, module, found in attached:
         attach(module, found, pipeline)
     if freeze is not None:
@@ -327,4 +327,4 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     return pipeline
 
 
-__all__ = ["DMP_PREFIX", "RecordingLookup", "RecordingTBE", "attach_ebc", "attach_ec", "attach_rows"]
+__all__ = ["RecordingLookup", "RecordingTBE", "attach_ebc", "attach_ec", "attach_rows"]

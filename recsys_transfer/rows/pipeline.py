@@ -188,7 +188,8 @@ class ClipRowNorm(RowTransform):
             t.direction = self._clip(d)
 
 
-def _collection_name(path: str) -> str:
+def collection_name(path: str) -> str:
+    """A collection's module path without DistributedModelParallel's wrapper prefix."""
     return path[len(DMP_PREFIX):] if path.startswith(DMP_PREFIX) else path
 
 
@@ -198,14 +199,13 @@ class RowPipeline:
     Build it with :func:`recsys_transfer.rows.lookup.attach_rows` (which finds the collections, plain or sharded,
     and registers their tables); see the module docstring for one step."""
 
-    def __init__(self, model: nn.Module, slots: list[TableSlot], optimizer: RowOptimizer,
-                 collections: dict[str, bool] | None = None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.slots = slots
+        self.slots: list[TableSlot] = []
+        self.by_name: dict[str, TableSlot] = {}
         # every embedding collection of the model -> whether it is sharded (a rank may hold none of its tables)
-        self.collections = collections if collections is not None else {s.collection: False for s in slots}
-        self.by_name = {s.name: s for s in slots}
-        self.optimizer = optimizer
+        self.collections: dict[str, bool] = {}
+        self.optimizer: RowOptimizer | None = None
         self.transforms: list[RowTransform] = []
         self.context = StepContext()
         self._phase = False
@@ -213,6 +213,13 @@ class RowPipeline:
         self._records: dict[int, dict[str | None, CallRows]] = {}
 
     # -- composition ---------------------------------------------------------------------------------------------
+    def register(self, slots: list[TableSlot], collections: dict[str, bool], optimizer: RowOptimizer | None) -> None:
+        """The tables the pipeline updates, the model's collections (name -> sharded) and the row optimizer."""
+        self.slots = slots
+        self.by_name = {s.name: s for s in slots}
+        self.collections = collections
+        self.optimizer = optimizer
+
     def add_transform(self, transform: RowTransform) -> None:
         """Register ``transform`` at its stage (transforms of one stage run in registration order)."""
         if transform.stage not in STAGES:

@@ -142,6 +142,8 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False)
 
     t_start = time.perf_counter()
     out = Path(output)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg.train.device)
     run: dict = {"status": "running", "config": cfg.to_dict(), "command": sys.argv, "commit": git_commit(),
                  "versions": versions(), "world_size": info.world_size, "device": str(info.device)}
