@@ -261,3 +261,62 @@ def test_join_is_a_view_of_adjacent_blocks_and_a_copy_otherwise():
     assert gap.data_ptr() != t.data_ptr() and torch.equal(gap, torch.cat([t[0:2], t[3:5]]))
     swapped = join([t[2:4], t[0:2]])
     assert torch.equal(swapped, torch.cat([t[2:4], t[0:2]]))
+
+
+def test_update_rows_many_with_lazy_rows_and_direction_blocks():
+    """What the row pipeline passes (the rows as a lazy sequence, the directions as row blocks of one tensor, the
+    buffer rows) gives the update of plain lists, without making the per-table rows or slicing the directions."""
+    from recsys_transfer.flat import Blocks, Lazy, join, share_storage
+    from recsys_transfer.optim.rowwise import make_row_optimizer
+
+    gen = torch.Generator().manual_seed(2)
+    sizes, firsts = (5, 8, 6), (0, 5, 13)
+    runs = []
+    for lazy in (False, True):
+        params = [torch.nn.Parameter(torch.randn(s, 3, generator=torch.Generator().manual_seed(s))) for s in sizes]
+        share_storage(params)
+        opt = make_row_optimizer("adam", params, lr=0.1)
+        for _ in range(3):
+            rows = [torch.tensor([0, 3]), torch.tensor([1, 2, 7]), torch.tensor([4])]
+            mu = torch.randn(6, 3, generator=gen)
+            spans = [(0, 2), (2, 5), (5, 6)]
+            buffer_rows = torch.cat([r + f for r, f in zip(rows, firsts)])
+            made = []
+            if lazy:
+                lazy_rows = Lazy(3, lambda k: made.append(k) or rows[k])
+                opt.update_rows_many(params, lazy_rows, Blocks(mu, spans), buffer_rows=buffer_rows)
+            else:
+                opt.update_rows_many(params, rows, [mu[lo:hi] for lo, hi in spans], buffer_rows=buffer_rows)
+            assert made == []
+        gen.manual_seed(2)
+        runs.append([torch.cat([p.detach() for p in params])] + [v.clone() for p in params
+                                                               for v in opt.state[p].values()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    t = torch.arange(12.0).view(6, 2)
+    assert join(Blocks(t, [(0, 2), (2, 6)])) is t
+    assert torch.equal(join(Blocks(t, [(2, 6), (0, 2)])), torch.cat([t[2:6], t[0:2]]))
+    assert torch.equal(join(Blocks(t, [(0, 2), (3, 6)])), torch.cat([t[0:2], t[3:6]]))
+
+
+def test_per_row_state_of_two_widths_found_by_one_shift():
+    """Adam's row_step of tables of two widths is one buffer; an update of the second width's tables finds its rows
+    there by shifting the buffer rows (no per-table rows made), and counts the right rows."""
+    from recsys_transfer.flat import Blocks, Lazy, share_storage
+    from recsys_transfer.optim.rowwise import make_row_optimizer
+
+    wide = [torch.nn.Parameter(torch.randn(s, 4)) for s in (7, 9)]
+    narrow = [torch.nn.Parameter(torch.randn(s, 2)) for s in (7, 9)]
+    share_storage(wide)
+    share_storage(narrow)
+    opt = make_row_optimizer("adam", wide + narrow, lr=0.1)
+    rows = [torch.tensor([1, 6]), torch.tensor([0, 8])]
+    made = []
+    lazy = Lazy(2, lambda k: made.append(k) or rows[k])
+    buffer_rows = torch.cat([rows[0], rows[1] + 7])
+    opt.update_rows_many(wide, lazy, Blocks(torch.randn(4, 4), [(0, 2), (2, 4)]), buffer_rows=buffer_rows)
+    opt.update_rows_many(narrow, lazy, Blocks(torch.randn(4, 2), [(0, 2), (2, 4)]), buffer_rows=buffer_rows)
+    assert made == []
+    for p, r in zip(narrow, rows):
+        want = torch.zeros(len(p), dtype=torch.int64)
+        want[r] = 1
+        assert torch.equal(opt.state[p]["row_step"], want)

@@ -225,3 +225,95 @@ def test_a_non_finite_loss_moves_nothing(ml100k_prepared, skip):
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not any(rows.optimizer.state[w] for w in rows.table_weights)
+
+
+class _ReadsRows(RowTransform):
+    """A no-op stage that reads every table's rows: the lookups must then take their full (all-column) path."""
+
+    stage = "clip"
+
+    def __call__(self, call, context) -> None:
+        pass
+
+    def reads_rows(self, slot) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adagrad", "momentum"])
+def test_one_column_path_equals_the_full_lookup_bitwise(ml100k_prepared, monkeypatch, optimizer):
+    """The first-order tables' one-column path (RecordingColumnLookup: only column 0 gathered and summed) gives
+    bitwise the weights, row-optimizer state and losses of the full 4-wide lookup sliced (row-wise Adagrad
+    included: its accumulator still averages mu^2 over all 4 columns); it is taken whenever no stage reads the
+    rows, and never when one does."""
+    import recsys_transfer.rows.lookup as lookup_module
+
+    out, meta = ml100k_prepared
+    batches = _batches(out, meta, 4)
+    taken = []
+
+    class Counted(lookup_module.RecordingColumnLookup):
+        @classmethod
+        def apply(cls, *args):
+            taken.append(True)
+            return super().apply(*args)
+
+    monkeypatch.setattr(lookup_module, "RecordingColumnLookup", Counted)
+    runs = []
+    for column_path in (True, False):
+        model = _model(meta)
+        with torch.no_grad():
+            model.linear.tables.embedding_bags["t_zip"].weight[:, 0].normal_(0, 0.3)  # columns 1-3 stay 0
+        rows = attach_rows(model, RowsConfig(optimizer=optimizer, lr=0.05))
+        if not column_path:
+            rows.add_transform(_ReadsRows())
+        step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
+        before = len(taken)
+        losses = [step(b).loss for b in batches]
+        assert len(taken) - before == (4 if column_path else 0)
+        runs.append((model, rows, losses))
+    (m_col, r_col, l_col), (m_full, r_full, l_full) = runs
+    assert l_col == l_full
+    for (name, a), b in zip(m_col.state_dict().items(), m_full.state_dict().values()):
+        assert torch.equal(a, b), name
+    for wa, wb in zip(r_col.table_weights, r_full.table_weights):
+        for key, value in r_col.optimizer.state[wa].items():
+            assert torch.equal(value, r_full.optimizer.state[wb][key]), key
+    first_order = m_col.linear.tables.embedding_bags["t_zip"].weight
+    assert torch.count_nonzero(first_order[:, 1:]) == 0 and torch.count_nonzero(first_order[:, 0]) > 0
+
+
+@pytest.mark.parametrize("n_rows,n_occ", [(50, 400), (3000, 400), (1, 5), (10, 0)])
+def test_unique_rows_equals_torch_unique(n_rows, n_occ):
+    """The dense-mark unique of the recording backward gives torch.unique's rows and inverse (and falls back to
+    it when the buffer is large next to the occurrences)."""
+    from recsys_transfer.rows.lookup import unique_rows
+
+    ids = torch.randint(0, n_rows, (n_occ,), generator=torch.Generator().manual_seed(n_rows))
+    rows, inverse = unique_rows(ids, n_rows)
+    want_rows, want_inverse = torch.unique(ids, return_inverse=True)
+    assert torch.equal(rows, want_rows) and torch.equal(inverse, want_inverse)
+    assert rows.dtype == want_rows.dtype and inverse.dtype == want_inverse.dtype
+
+
+def test_the_second_lookup_over_the_same_ids_reuses_the_first_ones_rows(ml100k_prepared, monkeypatch):
+    """DeepFM's embedding and first-order lookups read one KJT: their occurrence rows and unique rows are computed
+    once per step (SameIds), and a different batch is never served the last one's."""
+    import recsys_transfer.rows.lookup as lookup_module
+
+    out, meta = ml100k_prepared
+    batches = _batches(out, meta, 2)
+    calls = {"occurrence_rows": 0, "unique_rows": 0}
+    for name in calls:
+        original = getattr(lookup_module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lookup_module, name, counted)
+    model = _model(meta)
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01))
+    step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
+    for b in batches:
+        step(b)
+    assert calls == {"occurrence_rows": 2, "unique_rows": 2}  # once per step, not once per lookup

@@ -80,7 +80,7 @@ def buffer_ids(indices: torch.Tensor, bounds: list[int], features: Sequence[int]
 _ARANGES: dict[tuple, torch.Tensor] = {}
 
 
-def _single_valued(n_indices: int, offsets: torch.Tensor, n_bags: int) -> bool:
+def single_valued(n_indices: int, offsets: torch.Tensor, n_bags: int) -> bool:
     """Every one of the ``n_bags`` bags holds exactly one id: ``offsets == arange``, one compare against a cached
     arange (instead of forming the lengths)."""
     if n_indices != n_bags:
@@ -101,7 +101,7 @@ def occurrence_rows(indices: torch.Tensor, offsets: torch.Tensor, features: Sequ
     ``sample_major``. Single-valued bags (every prepared dataset) need no per-feature bounds: one broadcast add."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
-    single = _single_valued(len(indices), offsets, n_feat * batch)
+    single = single_valued(len(indices), offsets, n_feat * batch)
     if not single:
         return buffer_ids(indices.long(), offsets[::batch].tolist(), features, firsts), False
     shift = torch.tensor([firsts[t] for t in features], dtype=torch.int64, device=indices.device)
@@ -138,15 +138,17 @@ def stacked_occurrences(per_table: dict[int, tuple[list[torch.Tensor], list[torc
 
 
 def flat_lookup(indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None,
-                base: torch.Tensor, firsts: Sequence[int], features: Sequence[int],
-                mode: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                base: torch.Tensor, firsts: Sequence[int], features: Sequence[int], mode: str,
+                known: tuple[torch.Tensor, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Pooled lookup of every feature in ONE call over tables that are row blocks of ``base`` (``firsts``: each
     table's first row). Returns ``(out [B, sum D], gids, single)``: ``gids`` is every occurrence's row in the
     buffer, in the order :func:`pooled_rows_and_grads` pairs with the output gradient (sample major when
-    ``single``, i.e. every bag holds one id; else feature major) -- a backward can keep it instead of recomputing."""
+    ``single``, i.e. every bag holds one id; else feature major) -- a backward can keep it instead of recomputing.
+    ``known``: ``occurrence_rows(indices, offsets, features, firsts, sample_major=True)`` if the caller has it."""
     n_feat = len(features)
     batch = (len(offsets) - 1) // n_feat
-    gids, single = occurrence_rows(indices, offsets, features, firsts, sample_major=True)
+    gids, single = known if known is not None else occurrence_rows(indices, offsets, features, firsts,
+                                                                   sample_major=True)
     if single:  # the rows gathered sample-major, so the output needs no transpose
         out = F.embedding(gids, base.detach())  # [B * F, D]
         if per_sample_weights is not None:
@@ -376,11 +378,19 @@ def lookup_column(ebc: EmbeddingBagCollection, features, column: int = 0) -> tor
     """``ebc(features)`` reduced to column ``column`` of each feature's pooled embedding: ``[B, F]``, features in
     the order of the output's keys. For a module that reads one column of its tables (the FM first-order weights
     of :class:`recsys_transfer.modules.fm.FirstOrder`): on the grouped lookup it gathers and scatters only that
-    column (a strided 1-D gather; the full lookup of 4-wide tables costs ~3x more on CPU); anywhere else (a
-    sharded module, the transfer plug-in's lookup, tables that do not share a buffer) it is the full lookup,
-    sliced. Values and table gradients are the same either way (tested)."""
-    # the test is which forward RUNS, not whether use_grouped_lookup was applied: the plug-in replaces that
-    # forward on the same module, and its lookup (which updates the rows in backward) must not be bypassed
+    column (a strided 1-D gather; the full lookup of 4-wide tables costs ~3x more on CPU); so does the row
+    pipeline's recording lookup where its column path applies (no transform reads these tables' other columns:
+    :class:`recsys_transfer.rows.lookup.RecordingColumnLookup`); anywhere else (a sharded module, tables that do
+    not share a buffer, tables under transfer) it is the full lookup, sliced. Values and table gradients (for the
+    row pipeline: the row updates) are the same either way (tested)."""
+    # the test is which forward RUNS, not whether use_grouped_lookup was applied: the row pipeline replaces that
+    # forward on the same module, and its lookup (which records the rows in backward) must not be bypassed; it
+    # offers its own column path (recsys_transfer.rows.lookup.RecordingColumnLookup) where it applies
+    column_lookup = getattr(ebc.forward, "column_lookup", None)
+    if column_lookup is not None:
+        out = column_lookup(features, column)
+        if out is not None:
+            return out
     if getattr(ebc.forward, "__func__", None) is _grouped_forward:
         kjt, psw, weights = _grouped_inputs(ebc, features)
         _, table_of, modes = ebc._grouped_layout

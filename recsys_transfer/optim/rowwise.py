@@ -70,7 +70,7 @@ class _Rows:
     allocated there by the optimizers), it is ONE index_select / index_copy_ on the buffer with global row ids
     (computed once per layout), instead of one per table."""
 
-    def __init__(self, rows: list[torch.Tensor], known: tuple[tuple[int, ...], torch.Tensor] | None = None,
+    def __init__(self, rows: Sequence[torch.Tensor], known: tuple[tuple[int, ...], torch.Tensor] | None = None,
                  current: torch.Tensor | None = None, caches: "_LayoutCaches | None" = None) -> None:
         self.rows = rows
         self.current = current  # the weights' touched rows, if the caller already gathered them (used up)
@@ -89,10 +89,22 @@ class _Rows:
             base, firsts = flat
             key = tuple(firsts)
             if key not in self._global:
-                self._global[key] = global_rows(self.rows, firsts)
+                self._global[key] = self._shifted(key)
             found = (base, self._global[key])
         self._layouts[id(tensors)] = (tensors, found)  # keeps the list alive while its id is a key
         return found
+
+    def _shifted(self, firsts: tuple[int, ...]) -> torch.Tensor:
+        """``global_rows(self.rows, firsts)``: one add to the rows already known for a layout whose blocks all
+        start ``c`` rows before these (``cat(rows[k] + f[k] + c) == known + c``), instead of a slice and an add
+        per table. E.g. Adam's ``row_step`` state is one buffer for every table of its group, the first-order
+        tables after the embedding tables, while their weights have a buffer of their own."""
+        for known_firsts, known in self._global.items():
+            if len(known_firsts) == len(firsts) and known_firsts:
+                c = firsts[0] - known_firsts[0]
+                if all(f - k == c for f, k in zip(firsts, known_firsts)):
+                    return known + c if c else known
+        return global_rows(self.rows, firsts)
 
     def gather(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         flat = self._flat(tensors)
@@ -261,25 +273,27 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         kernels). What the caller may already have, saving its recomputation: ``buffer_rows``,
         ``cat(rows[k] + first_row[k])`` for params that are row blocks of one buffer (:mod:`recsys_transfer.flat`);
         ``current``, the rows' present values ``cat(params[k][rows[k]])`` (a tensor this call may overwrite;
-        only used when all params form one batch)."""
-        batches: dict[tuple, tuple[dict[str, Any], list, list, list]] = {}
-        for p, r, mu in zip(params, rows, mus):
+        only used when all params form one batch). ``rows`` and ``mus`` may be lazy sequences
+        (:class:`recsys_transfer.flat.Lazy`, :class:`~recsys_transfer.flat.Blocks`): an element is only asked for
+        if the update cannot use ``buffer_rows`` (per-table rows) or the whole direction (per-table blocks)."""
+        # batched by index: the elements of ``rows`` and ``mus`` are not looked at here
+        batches: dict[tuple, tuple[dict[str, Any], list[int]]] = {}
+        for k, p in enumerate(params):
             group = self._group_of(p)
-            key = (id(group), p.shape[1:], p.dtype, p.device)
-            _, ps, rs, ms = batches.setdefault(key, (group, [], [], []))
-            ps.append(p)
-            rs.append(r)
-            ms.append(mu)
+            batches.setdefault((id(group), p.shape[1:], p.dtype, p.device), (group, []))[1].append(k)
         caches = self.__dict__.setdefault("_layout_caches", _LayoutCaches())  # per optimizer, across steps
         known = None
         if buffer_rows is not None and len(batches) == 1:
             flat = caches.layout(params)
             if flat is not None:
                 known = (tuple(flat[1]), buffer_rows)
-        if len(batches) != 1:
-            current = None
-        for group, ps, rs, ms in batches.values():
-            self._update(group, ps, _Rows(rs, known, current, caches), ms)
+        if len(batches) == 1:
+            group, _ = next(iter(batches.values()))
+            self._update(group, list(params), _Rows(rows, known, current, caches), mus)
+            return
+        for group, ks in batches.values():
+            self._update(group, [params[k] for k in ks], _Rows([rows[k] for k in ks], None, None, caches),
+                         [mus[k] for k in ks])
 
     def _init_state(self, group: dict[str, Any], spec: dict[str, Any]) -> None:
         """Create the state of every parameter of ``group`` that has none (``spec``: key -> factory(param)), all

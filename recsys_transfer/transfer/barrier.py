@@ -168,11 +168,14 @@ class TransferTransform(RowTransform):
     def stats(self) -> dict[str, dict]:
         return {name: vars(rule.stats) for name, rule in self.rules.items()}
 
+    def reads_rows(self, slot: TableSlot) -> bool:
+        return slot.name in self.rules  # the transfer loss reads the rows of the tables under transfer
+
     @torch.no_grad()
     def __call__(self, call: CallRows, context: StepContext) -> None:
         transfer = [t for t in call.tables if t.slot.name in self.rules]
         for t in transfer:
-            self.rules[t.slot.name].stats = StepStats(rows=len(t.rows))
+            self.rules[t.slot.name].stats = StepStats(rows=len(t))
         if not transfer:
             return
         if call.shared is not None and self._shared(call, transfer, context):
@@ -232,7 +235,7 @@ class TransferTransform(RowTransform):
             else:
                 table.direction = table.grad + rule.lam * t.to(table.grad.dtype)  # Eq. 1: l_main + lam l_transfer
         if barrier:
-            sizes = [len(table.rows) for table, _ in barrier]
+            sizes = [len(table) for table, _ in barrier]
             g = torch.cat([table.grad for table, _ in barrier])
             t = torch.cat([t.to(g.dtype) for _, t in barrier])
             alpha = torch.cat([torch.full((n,), self.rules[table.slot.name].alpha, dtype=g.dtype, device=g.device)
