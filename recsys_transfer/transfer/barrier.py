@@ -59,12 +59,16 @@ def barrier_direction(g_main: torch.Tensor, g_transfer: torch.Tensor, main_loss:
     ``phi_i = alpha * min(||g_i||^2, l_main)``,
     ``lambda_i = max((phi_i - t_i . g_i) / ||g_i||^2, 0)`` (0 where ``g_i = 0``),
     ``mu_i = t_i + lambda_i g_i`` (Eq. 6-7 applied item-wise). Returns ``(mu, lambda)``.
+
+    The row dot products are a product then a matrix-vector product with ones (``[U, D] @ [D]``): on CPU the
+    reduction over a short inner dimension (``.sum(1)`` of D = 16) takes ~2x longer than the GEMV (~1 ms of the
+    barrier's ~3 ms at 79k rows). Sums in another order than ``.sum(1)``: equal up to float rounding.
     """
-    gg = (g_main * g_main).sum(dim=1)
+    ones = torch.ones(g_main.shape[1], dtype=g_main.dtype, device=g_main.device)
+    gg = torch.mul(g_main, g_main) @ ones
+    dot = torch.mul(g_transfer, g_main) @ ones
     phi = alpha * torch.minimum(gg, torch.as_tensor(main_loss, dtype=gg.dtype, device=gg.device))
-    dot = (g_transfer * g_main).sum(dim=1)
-    safe = torch.where(gg > 0, gg, torch.ones_like(gg))
-    lam = torch.where(gg > 0, ((phi - dot) / safe).clamp_min(0.0), torch.zeros_like(gg))
+    lam = ((phi - dot) / gg.clamp_min(torch.finfo(gg.dtype).tiny)).clamp_min_(0.0).masked_fill_(gg == 0, 0.0)
     return torch.addcmul(g_transfer, lam.unsqueeze(1), g_main), lam
 
 
