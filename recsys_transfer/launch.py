@@ -36,10 +36,10 @@ def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _quiet_agent() -> None:
-    from recsys_transfer.noise import _DropKnown
+    from recsys_transfer.noise import DropMessages
 
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
-        logging.getLogger(name).addFilter(_DropKnown(_AGENT_NOISE))
+        logging.getLogger(name).addFilter(DropMessages(_AGENT_NOISE))
 
 
 def launch(argv: list[str]) -> int:

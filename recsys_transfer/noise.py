@@ -33,7 +33,9 @@ NOISY_WARNINGS = (
 )
 
 
-class _DropKnown(logging.Filter):
+class DropMessages(logging.Filter):
+    """Drops the records whose message starts with one of ``prefixes``."""
+
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         super().__init__()
         self.prefixes = prefixes
@@ -53,7 +55,7 @@ def quiet_library_noise() -> None:
         by_logger.setdefault(name, []).append(prefix)
     for name, prefixes in by_logger.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKnown) for f in logger.filters):
-            logger.addFilter(_DropKnown(tuple(prefixes)))
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(tuple(prefixes)))
     for text in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(text), category=FutureWarning)

@@ -158,6 +158,10 @@ def test_evaluate_reports_every_kind_on_real_test_rows(ml100k_prepared):
     # an empty subset is a null metric, not a crash
     empty = task_metrics(BINARY, preds.tasks["click"], head=np.ones(len(y), dtype=bool))
     assert empty["tail_rows"] == 0 and empty["tail_auc"] is None and empty["head_auc"] == m["click"]["auc"]
+    from recsys_transfer.train.evaluate import TASK_METRICS
+
+    for task in tasks:  # what the monitor may name is what evaluate reports
+        assert set(TASK_METRICS[task.kind]) <= set(m[task.name]), task.kind
     nan = task_metrics(BINARY, TaskPredictions(y, np.where(np.arange(len(y)) == 3, np.nan, p), 1))
     assert nan["nonfinite_predictions"] == 1 and nan["auc"] is None and nan["logloss"] is None
 

@@ -30,6 +30,7 @@ Tables are registered by name, ``<collection path>.<table>`` (``embedding.t_zip`
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,15 +199,16 @@ class StepContext:
         self.main_loss: torch.Tensor | None = None
 
 
-class RowTransform:
+class RowTransform(abc.ABC):
     """A stage of the row pipeline: ``__call__(call, context)`` reads the call's gradients and writes its
     directions in place. ``stage``: one of :data:`STAGES`."""
 
     stage: str = ""
     needs_main_loss: bool = False
 
-    def __call__(self, call: CallRows, context: StepContext) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, call: CallRows, context: StepContext) -> None:
+        """Set the directions of ``call``'s rows (``CallRows.shared.direction`` or ``TableRows.direction``)."""
 
     def reads_rows(self, slot: TableSlot) -> bool:
         """Whether this transform reads the values of ``slot``'s touched rows (every column), not only their

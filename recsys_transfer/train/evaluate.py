@@ -29,6 +29,14 @@ from recsys_transfer.types import split_output
 
 RANKING_KS = (5, 10)
 
+#: the metrics :func:`task_metrics` reports per task kind (besides row counts); the monitor may name these
+TASK_METRICS = {
+    "binary": ("auc", "logloss", "ne", "calibration", "gauc", "head_auc", "tail_auc"),
+    "regression": ("mse", "mae", "rmse"),
+    "multiclass": ("accuracy", "macro_f1"),
+    "retrieval": tuple(f"{m}@{k}" for k in RANKING_KS for m in ("hr", "mrr", "ndcg")),
+}
+
 
 @dataclass
 class TaskPredictions:

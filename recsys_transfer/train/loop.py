@@ -21,6 +21,7 @@ from torch import nn
 
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
+from recsys_transfer.train.evaluate import TASK_METRICS
 from recsys_transfer.train.step import NonFiniteLoss, TrainStep
 
 MAXIMIZE = ("auc", "gauc", "head_auc", "tail_auc", "accuracy", "macro_f1", "hr@", "mrr@", "ndcg@")
@@ -139,12 +140,7 @@ def resolve_monitor(name: str, tasks: tuple[TaskSpec, ...] | list[TaskSpec]) -> 
 
 def metric_names(task: TaskSpec) -> list[str]:
     """The metrics :func:`recsys_transfer.train.evaluate.task_metrics` reports for a task of this kind."""
-    from recsys_transfer.train.evaluate import RANKING_KS
-
-    return {"binary": ["auc", "logloss", "ne", "calibration", "gauc", "head_auc", "tail_auc"],
-            "regression": ["mse", "mae", "rmse"],
-            "multiclass": ["accuracy", "macro_f1"],
-            "retrieval": [f"{m}@{k}" for k in RANKING_KS for m in ("hr", "mrr", "ndcg")]}[task.kind]
+    return list(TASK_METRICS[task.kind])
 
 
 # -- epochs ---------------------------------------------------------------------------------------------------
