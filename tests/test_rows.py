@@ -298,19 +298,19 @@ def test_unique_rows_equals_torch_unique(n_rows, n_occ):
 def test_the_second_lookup_over_the_same_ids_reuses_the_first_ones_rows(ml100k_prepared, monkeypatch):
     """DeepFM's embedding and first-order lookups read one KJT: their occurrence rows and unique rows are computed
     once per step (SameIds), and a different batch is never served the last one's."""
-    import recsys_transfer.rows.lookup as lookup_module
+    import recsys_transfer.rows.pipeline as pipeline_module
 
     out, meta = ml100k_prepared
     batches = _batches(out, meta, 2)
     calls = {"occurrence_rows": 0, "unique_rows": 0}
     for name in calls:
-        original = getattr(lookup_module, name)
+        original = getattr(pipeline_module, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(lookup_module, name, counted)
+        monkeypatch.setattr(pipeline_module, name, counted)
     model = _model(meta)
     rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01))
     step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)

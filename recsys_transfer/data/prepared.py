@@ -224,12 +224,6 @@ class DatasetMeta:
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: {exc}; prepare the data again") from None
 
-    def task(self, name: str) -> TaskSpec:
-        for t in self.tasks:
-            if t.name == name:
-                return t
-        raise UserError(f"unknown task {name!r}; this dataset has {[t.name for t in self.tasks]}")
-
 
 def _copy_json(value):
     """Copy of a JSON-like value; lists of ints are copied flat (fast), containers recursively."""

@@ -112,6 +112,25 @@ def occurrence_rows(indices: torch.Tensor, offsets: torch.Tensor, features: Sequ
     return torch.add(ids.t(), shift, out=gids).view(-1), True
 
 
+#: :func:`unique_rows` marks rows in a dense ``[n_rows]`` array when ``n_rows`` is at most this many times the
+#: number of occurrences (its cost grows with ``n_rows``, a sort's with the occurrences only)
+MARK_ROWS_PER_OCCURRENCE = 8
+
+
+def unique_rows(gids: torch.Tensor, n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(gids, return_inverse=True)`` (sorted unique rows, each occurrence's position among them) for
+    row ids in ``[0, n_rows)``. CPU ``torch.unique`` sorts (~1.1 ms for DeepFM's 40k occurrences per step); when
+    the buffer is small next to the occurrences, marking the touched rows in a dense ``[n_rows]`` array is ~6x
+    cheaper: ``nonzero`` lists them in order, and the running count of marks is one more than each row's position.
+    The same two integer tensors either way (tested). The mark is an int64 per row, not a gradient: it is only
+    made for buffers of at most ``MARK_ROWS_PER_OCCURRENCE`` rows per occurrence."""
+    if n_rows is None or not 0 < n_rows <= MARK_ROWS_PER_OCCURRENCE * len(gids) or gids.device.type != "cpu":
+        return torch.unique(gids, return_inverse=True)
+    mark = torch.zeros(n_rows, dtype=torch.int64, device=gids.device).index_fill_(0, gids, 1)
+    rows = mark.nonzero().view(-1)
+    return rows, mark.cumsum_(0).index_select(0, gids).sub_(1)
+
+
 def pooled_over_all(features: Sequence[int], modes: Sequence[str], n_tables: int, offsets: torch.Tensor) -> bool:
     """One pooled lookup (a single pooling mode, not sequences, a non-empty batch) that reads every one of the
     ``n_tables`` tables: the case where tables sharing a buffer are looked up in ONE call (:func:`flat_lookup`)."""

@@ -40,9 +40,9 @@ from torch import nn
 from recsys_transfer.config import RowsConfig
 from recsys_transfer.errors import UserError
 from recsys_transfer.flat import LayoutCache
-from recsys_transfer.modules.embedding import (flat_lookup, lookup, occurrence_grads, occurrence_rows,
-                                                pooled_over_all, pooled_rows_and_grads, single_valued,
-                                                stacked_occurrences)
+from recsys_transfer.modules.embedding import (flat_lookup, lookup, occurrence_grads, pooled_over_all,
+                                                pooled_rows_and_grads, single_valued, stacked_occurrences,
+                                                unique_rows)
 from recsys_transfer.optim.rowwise import make_row_optimizer
 from recsys_transfer.rows.pipeline import (CallRows, ClipRowNorm, FreezeTables, RowPipeline, SharedRows, TableRows,
                                            TableSlot, collection_name)
@@ -70,8 +70,7 @@ class RecordingLookup(torch.autograd.Function):
         ctx.shared = _shared_call(slots, features, modes, offsets, layout)
         if ctx.shared is not None:  # keep the occurrences' buffer rows for the backward
             base, firsts = ctx.shared
-            known = pipeline.same_ids.occurrence_rows(indices, offsets, features, firsts, lambda: occurrence_rows(
-                indices, offsets, features, firsts, sample_major=True))
+            known = pipeline.same_ids.occurrence_rows(indices, offsets, features, firsts)
             out, gids, ctx.single = flat_lookup(indices, offsets, per_sample_weights, base, firsts, features, modes[0],
                                                 known=known)
             ctx.save_for_backward(indices, offsets, per_sample_weights, gids)
@@ -89,25 +88,6 @@ class RecordingLookup(torch.autograd.Function):
             call = _per_table_call_rows(grad_out, indices, offsets, psw, ctx.slots, ctx.features, ctx.modes)
         ctx.pipeline.record(ctx.key, call)
         return (None,) * 9
-
-
-#: :func:`unique_rows` marks rows in a dense ``[n_rows]`` array when ``n_rows`` is at most this many times the
-#: number of occurrences (its cost grows with ``n_rows``, a sort's with the occurrences only)
-MARK_ROWS_PER_OCCURRENCE = 8
-
-
-def unique_rows(gids: torch.Tensor, n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.unique(gids, return_inverse=True)`` (sorted unique rows, each occurrence's position among them) for
-    row ids in ``[0, n_rows)``. CPU ``torch.unique`` sorts (~1.1 ms for DeepFM's 40k occurrences per step); when
-    the buffer is small next to the occurrences, marking the touched rows in a dense ``[n_rows]`` array is ~6x
-    cheaper: ``nonzero`` lists them in order, and the running count of marks is one more than each row's position.
-    The same two integer tensors either way (tested). The mark is an int64 per row, not a gradient: it is only
-    made for buffers of at most ``MARK_ROWS_PER_OCCURRENCE`` rows per occurrence."""
-    if n_rows is None or not 0 < n_rows <= MARK_ROWS_PER_OCCURRENCE * len(gids) or gids.device.type != "cpu":
-        return torch.unique(gids, return_inverse=True)
-    mark = torch.zeros(n_rows, dtype=torch.int64, device=gids.device).index_fill_(0, gids, 1)
-    rows = mark.nonzero().view(-1)
-    return rows, mark.cumsum_(0).index_select(0, gids).sub_(1)
 
 
 def _row_sums(gids: torch.Tensor, occ: torch.Tensor, n_rows: int | None = None,
@@ -156,7 +136,7 @@ def _shared_call_rows(shared, grad_out, indices, offsets, psw, slots, features, 
     :func:`recsys_transfer.modules.embedding.flat_lookup`)."""
     base, firsts = shared
     gids, occ = pooled_rows_and_grads(grad_out, indices, offsets, psw, features, firsts, mode, known=known)
-    unique = pipeline.same_ids.unique_rows(gids, len(base), lambda: unique_rows(gids, len(base)))
+    unique = pipeline.same_ids.unique_rows(gids, len(base))
     rows, g = _row_sums(gids, occ.to(base.dtype), unique=unique)
     return _shared_record(shared, rows, g, slots)
 
@@ -194,8 +174,7 @@ class RecordingColumnLookup(torch.autograd.Function):
     def forward(ctx, anchor, indices, offsets, per_sample_weights, slots, features, column, shared, pipeline):
         base, firsts = shared
         batch = (len(offsets) - 1) // len(features)
-        gids, _ = pipeline.same_ids.occurrence_rows(indices, offsets, features, firsts, lambda: occurrence_rows(
-            indices, offsets, features, firsts, sample_major=True))  # row b * F + f
+        gids, _ = pipeline.same_ids.occurrence_rows(indices, offsets, features, firsts)  # row b * F + f
         vals = base.detach()[:, column].index_select(0, gids)
         psw = None
         if per_sample_weights is not None:  # feature major, as the ids: reordered as the occurrences
@@ -212,7 +191,7 @@ class RecordingColumnLookup(torch.autograd.Function):
         occ = grad_out.reshape(-1)
         if psw is not None:
             occ = occ * psw
-        rows, inverse = ctx.pipeline.same_ids.unique_rows(gids, len(base), lambda: unique_rows(gids, len(base)))
+        rows, inverse = ctx.pipeline.same_ids.unique_rows(gids, len(base))
         column = torch.zeros(len(rows), dtype=base.dtype, device=base.device)
         column.scatter_add_(0, inverse, occ.to(base.dtype))
         g = torch.zeros((len(rows), base.shape[1]), dtype=base.dtype, device=base.device)

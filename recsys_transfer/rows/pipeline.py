@@ -41,6 +41,7 @@ from torch import nn
 
 from recsys_transfer.errors import UserError
 from recsys_transfer.flat import Blocks, Lazy
+from recsys_transfer.modules.embedding import occurrence_rows, unique_rows
 from recsys_transfer.optim.rowwise import RowOptimizer
 
 STAGES = ("surgery", "transfer", "freeze", "clip")
@@ -169,24 +170,26 @@ class SameIds:
         self._rows: tuple | None = None
         self._unique: tuple | None = None
 
-    def occurrence_rows(self, indices: torch.Tensor, offsets: torch.Tensor, features, firsts,
-                        compute) -> tuple[torch.Tensor, bool]:
-        """``compute()`` (the occurrences' buffer rows, sample major) unless the last call had these ids."""
+    def occurrence_rows(self, indices: torch.Tensor, offsets: torch.Tensor, features,
+                        firsts) -> tuple[torch.Tensor, bool]:
+        """``occurrence_rows(indices, offsets, features, firsts, sample_major=True)``
+        (:mod:`recsys_transfer.modules.embedding`), or the last call's when it had these ids."""
         layout = (tuple(features), tuple(firsts))
         last = self._rows
         if (last is not None and last[0] is indices and last[1] == indices._version and last[2] is offsets
                 and last[3] == offsets._version and last[4] == layout):
             return last[5]
-        out = compute()
+        out = occurrence_rows(indices, offsets, features, firsts, sample_major=True)
         self._rows = (indices, indices._version, offsets, offsets._version, layout, out)
         return out
 
-    def unique_rows(self, gids: torch.Tensor, n_rows: int, compute) -> tuple[torch.Tensor, torch.Tensor]:
-        """``compute()`` (the unique rows of ``gids`` and their inverse) unless the last call had this ``gids``."""
+    def unique_rows(self, gids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unique_rows(gids, n_rows)`` (:mod:`recsys_transfer.modules.embedding`), or the last call's when it had
+        this ``gids``."""
         last = self._unique
         if last is not None and last[0] is gids and last[1] == gids._version and last[2] == n_rows:
             return last[3]
-        out = compute()
+        out = unique_rows(gids, n_rows)
         self._unique = (gids, gids._version, n_rows, out)
         return out
 
@@ -263,6 +266,16 @@ class ClipRowNorm(RowTransform):
             t.direction = self._clip(d)
 
 
+def mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` (a scalar) as a float64 0-dim tensor, averaged over the ranks of a torchrun job (an all-reduce:
+    every rank calls it, in the same order); itself in a single process."""
+    value = loss.detach().to(torch.float64).reshape(1).clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value[0]
+
+
 def collection_name(path: str) -> str:
     """A collection's module path without DistributedModelParallel's wrapper prefix."""
     return path[len(DMP_PREFIX):] if path.startswith(DMP_PREFIX) else path
@@ -313,8 +326,6 @@ class RowPipeline:
             found = self._full_rows[key] = any(t.reads_rows(s) for t in self.transforms for s in slots)
         return found
 
-    def transform(self, stage: str) -> RowTransform | None:
-        return next((t for t in self.transforms if t.stage == stage), None)
 
     @property
     def table_weights(self) -> list[torch.Tensor]:
@@ -351,11 +362,7 @@ class RowPipeline:
 
     def set_main_loss(self, loss: torch.Tensor) -> None:
         """``l_main`` for the barrier, averaged over ranks (a collective)."""
-        value = loss.detach().to(torch.float64).reshape(1).clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(value)
-            value /= dist.get_world_size()
-        self.context.main_loss = value[0]
+        self.context.main_loss = mean_over_ranks(loss)
 
     @contextlib.contextmanager
     def task(self, name: str):
@@ -385,10 +392,6 @@ class RowPipeline:
         for by_task in records.values():
             self._run(self._combine(by_task))
 
-    def abandon(self) -> None:
-        """Close the phase without applying anything (a skipped batch)."""
-        self._records.clear()
-        self._phase = False
 
     @staticmethod
     def _combine(by_task: dict[str | None, CallRows]) -> CallRows:

@@ -19,12 +19,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from recsys_transfer.config import TrainConfig
 from recsys_transfer.objectives import Objective
-from recsys_transfer.rows.pipeline import RowPipeline
+from recsys_transfer.rows.pipeline import RowPipeline, mean_over_ranks
 from recsys_transfer.types import split_output
 
 
@@ -83,11 +82,8 @@ class TrainStep:
         loss = self.objective.total(losses)
         # l_main averaged over ranks (every rank then agrees on whether it is finite, and the barrier's phi_i uses
         # the global-batch loss); the step's one host sync: nothing has moved yet if it is not finite
-        main = loss.detach().to(torch.float64).reshape(1).clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(main)
-            main /= dist.get_world_size()
-        value = float(main[0])
+        main = mean_over_ranks(loss)
+        value = float(main)
         if not math.isfinite(value):
             if self.skip_nonfinite:
                 return StepResult(value, {k: v.detach() for k, v in losses.items()}, skipped=True)
@@ -95,7 +91,7 @@ class TrainStep:
         self.dense.zero_grad(set_to_none=True)
         # 3. backward phase: dense grads; the fused lookups record the touched rows and their gradients
         if self.rows is not None:
-            self.rows.begin(main[0], averaged=True)
+            self.rows.begin(main, averaged=True)
         if self.per_task and self.rows is not None and len(losses) > 1:
             weighted = list(self.objective.weighted(losses).items())
             for k, (name, term) in enumerate(weighted):
