@@ -34,6 +34,7 @@ TRAINING_MODES = ("B", "+T", "+Ours", "select", "lexico")  # paper Sec. 5 notati
 SELECTIVE_MODES = ("+Ours", "select")  # modes that need the selective target domain T'_eta
 BARRIER_MODES = ("+Ours", "lexico")  # modes that combine the gradients by Algorithm 1
 TRANSFER_LOSSES = ("adversarial", "mmd", "moment", "cosreg")
+BARRIERS = ("paper", "applied")  # Algorithm 1 on the direction | the barrier on the row optimizer's applied update
 TRANSFER_LOSS_ALIASES = {"frage": "adversarial", "adda": "adversarial", "coral": "moment"}
 ROW_OPTIMIZERS = ("sgd", "momentum", "adam", "rowwise_adagrad")
 DENSE_OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -117,7 +118,9 @@ class TransferConfig:
     fields: tuple[str, ...] = ()  # fields under transfer; empty = every field with > min_vocab rows
     min_vocab: int = 100  # the paper's Criteo rule: transfer on fields with more than 100 values
     lam: float = 1e-2
-    alpha: float = 2.0
+    alpha: float | None = None  # the barrier's alpha; None: 2 for the paper's barrier (its choice), 1 for applied
+    barrier: str = "applied"
+    max_ratio: float | None = 0.1  # applied barrier: per row, ||transfer update|| <= max_ratio ||main update||
     loss_kwargs: dict = field(default_factory=dict)
     embedding_module: str = "embedding"  # attribute name of the model's collection whose tables carry the transfer
     seed: int = 0
@@ -129,8 +132,20 @@ class TransferConfig:
         if name not in TRANSFER_LOSSES:
             raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {self.loss!r}")
         object.__setattr__(self, "loss", name)
-        if not self.lam >= 0 or not self.alpha > 0:
+        if self.barrier not in BARRIERS:
+            raise ValueError(f"transfer.barrier must be one of {BARRIERS}, got {self.barrier!r}")
+        if not self.lam >= 0 or (self.alpha is not None and not self.alpha > 0):
             raise ValueError(f"transfer.lam must be >= 0 and transfer.alpha > 0, got {self.lam}, {self.alpha}")
+        if self.max_ratio is not None and not self.max_ratio > 0:
+            raise ValueError(f"transfer.max_ratio must be > 0 or null, got {self.max_ratio}")
+
+    @property
+    def barrier_alpha(self) -> float:
+        """``alpha``, or its default for the barrier: 2 for ``paper`` (the paper's), 1 for ``applied`` (the applied
+        update descends the main loss at least as fast as mode B's update from the same state)."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        return 2.0 if self.barrier == "paper" else 1.0
 
     def candidate_fields(self, meta) -> list[str]:
         """The fields the transfer is about, whatever the mode (``fields``, checked against ``meta``; or every field

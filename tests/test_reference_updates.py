@@ -58,7 +58,7 @@ def test_training_core_reproduces_the_recorded_updates(ml100k_prepared, domains,
         share_storage([bag.weight for bag in ebc.embedding_bags.values()])
     rows = attach_rows(model, RowsConfig(optimizer=optimizer, lr=LRS[optimizer]))
     transfer = transfer_transform(rows, meta, TransferConfig(mode=mode, loss=loss, fields=FIELDS, lam=0.5,
-                                                                   seed=3), domains)
+                                                                   seed=3, barrier="paper"), domains)  # recorded: Alg. 1
     if transfer is not None:
         transfer.losses[4].double()
         rows.add_transform(transfer)

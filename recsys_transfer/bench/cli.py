@@ -27,6 +27,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every run (after the grid's own), e.g. --set train.epochs=2")
     p.add_argument("--max-runs", type=int, default=None, help="train at most N missing runs, then report")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="train only the runs whose index in the grid is K mod N (run N processes, K = 0..N-1, on one "
+                        "--output; each reports every finished run)")
     p.add_argument("--report-only", action="store_true", help="only rebuild results.csv/results.md/plots")
     p.add_argument("--dry-run", action="store_true", help="list the runs (and which are done) and exit")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: grid's, 1)")
@@ -52,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.report_only:
         rebuild_csv(out)
     else:
-        res = run_grid(spec, out, args.overrides, max_runs=args.max_runs)
+        res = run_grid(spec, out, args.overrides, max_runs=args.max_runs, shard=_shard(args.shard))
         print(f"ran {len(res['ran'])}, skipped {len(res['skipped'])} (done), {len(res['runs'])} in the grid")
     command = "recsys-transfer bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "bench" else \
@@ -60,6 +63,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path = write_report(out, spec, command=command)
     print(f"wrote {out / 'results.csv'}, {path}, {out / 'plots'}/")
     return 0
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    from recsys_transfer.errors import UserError
+
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        raise UserError(f"--shard: expected K/N with 0 <= K < N, got {text!r}")
+    return int(k), int(n)
 
 
 def main(argv: list[str] | None = None) -> int:

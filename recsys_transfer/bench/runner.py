@@ -73,9 +73,11 @@ def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) ->
         for ex in spec.extras:
             for m in spec.models:
                 for dim in spec.dims:
-                    for mode in spec.modes:
+                    columns = [(mode, mode, ()) for mode in spec.modes]
+                    columns += [(meth.name, meth.mode, meth.overrides) for meth in spec.methods]
+                    for column, mode, method_overrides in columns:
                         lams = [None]
-                        if mode == "+T" and spec.lambdas:
+                        if column == "+T" and spec.lambdas:
                             lams = [None, *spec.lambdas]
                         for lam in lams:
                             for seed in spec.seeds:
@@ -83,17 +85,17 @@ def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) ->
                                 if m.params is not None:
                                     ov.append("model.params=" + json.dumps(m.params))
                                 ov += [*m.overrides, f"model.params.embedding_dim={dim}", f"transfer.mode={mode}",
-                                       *ex.overrides]
+                                       *method_overrides, *ex.overrides]
                                 if lam is not None:
                                     ov.append(f"transfer.lam={lam}")
                                 ov += [f"train.seed={seed}", f"transfer.seed={seed}", *extra_overrides]
                                 cfg = load_config(pipeline, ov)
-                                slug = f"{ds.name}-{m.name}-d{dim}-{mode}-{ex.name}-lam{cfg.transfer.lam:g}-s{seed}"
+                                slug = f"{ds.name}-{m.name}-d{dim}-{column}-{ex.name}-lam{cfg.transfer.lam:g}-s{seed}"
                                 rid = run_id_of(cfg, slug)
                                 if rid in seen:
                                     continue
                                 seen.add(rid)
-                                runs.append(Run(ds.name, m.name, mode, dim, seed, ex.name, cfg.transfer.lam,
+                                runs.append(Run(ds.name, m.name, column, dim, seed, ex.name, cfg.transfer.lam,
                                                 pipeline, ov, cfg, rid))
     return runs
 
@@ -210,8 +212,9 @@ def code_state() -> str:
 
 
 def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int | None = None,
-             log=print) -> dict:
-    """Run every missing run of ``spec`` into ``out``; returns {'ran': [...], 'skipped': [...], 'runs': [...]}."""
+             log=print, shard: tuple[int, int] | None = None) -> dict:
+    """Run every missing run of ``spec`` into ``out``; returns {'ran': [...], 'skipped': [...], 'runs': [...]}.
+    ``shard = (k, n)``: only the runs whose index is ``k`` mod ``n`` (one of ``n`` processes sharing ``out``)."""
     import torch
 
     from recsys_transfer.train.run import run_training
@@ -225,6 +228,8 @@ def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int 
     ran, skipped = [], []
     code = code_state()
     for i, r in enumerate(runs):
+        if shard is not None and i % shard[1] != shard[0]:
+            continue
         d = out / "runs" / r.run_id
         done = completed(d)
         if done and (d / "bench.json").is_file() and (d / "test_predictions.npz").is_file():
@@ -248,5 +253,5 @@ def run_grid(spec: GridSpec, out: str | Path, extra_overrides=(), max_runs: int 
         row = row_of(d)
         if row is not None:
             _append_csv(out, row)
-    rebuild_csv(out, [r.run_id for r in runs])
+    rebuild_csv(out, [r.run_id for r in runs])  # every finished run of the grid, whichever shard trained it
     return {"ran": ran, "skipped": skipped, "runs": [r.run_id for r in runs]}

@@ -11,6 +11,8 @@ Example (``benchmarks/grids/ml100k.yaml``)::
       - deepfm
       - {name: autoint, params: {num_layers: 3}}
     modes: [B, +T, +Ours]                  # subset of B, +T, +Ours, select, lexico
+    methods:                               # optional further columns: a mode with overrides of its own
+      - {name: "+Ours applied", mode: +Ours, overrides: [transfer.barrier=applied]}
     dims: [16]                             # model.params.embedding_dim; #P is counted from the built model
     seeds: [0, 1, 2]                       # train.seed and transfer.seed (>= 3 unless allow_few_seeds)
     extras:                                # optional named override sets (optimizer variants ...)
@@ -57,6 +59,15 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class MethodSpec:
+    """A column of the tables beyond the plain modes: ``mode`` trained with ``overrides`` (e.g. another barrier)."""
+
+    name: str
+    mode: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ExtraSpec:
     name: str
     overrides: tuple[str, ...] = ()
@@ -73,6 +84,7 @@ class GridSpec:
     seeds: tuple[int, ...]
     overrides: tuple[str, ...] = ()
     extras: tuple[ExtraSpec, ...] = (ExtraSpec("default"),)
+    methods: tuple[MethodSpec, ...] = ()
     lambdas: tuple[float, ...] = ()
     lam_main: float | None = None
     n_boot: int = 1000
@@ -84,6 +96,13 @@ class GridSpec:
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"modes: unknown {bad}; choose from {list(MODES)}")
+        for m in self.methods:
+            if m.mode not in MODES:
+                raise ValueError(f"methods: {m.name!r} has unknown mode {m.mode!r}; choose from {list(MODES)}")
+            if m.name in MODES or m.name in self.modes:
+                raise ValueError(f"methods: the name {m.name!r} is a mode's; give the method a name of its own")
+        if len({m.name for m in self.methods}) != len(self.methods):
+            raise ValueError(f"methods: names must be unique, got {[m.name for m in self.methods]}")
         if "B" not in self.modes:
             raise ValueError("modes: must include B (the reference of NTG and the CIs)")
         if not self.seeds or (len(self.seeds) < 3 and not self.allow_few_seeds):

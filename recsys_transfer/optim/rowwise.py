@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ __all__ = ["RowOptimizer", "RowSGD", "RowAdam", "RowAdagrad", "make_row_optimize
 
 
 # -- functional kernels ---------------------------------------------------------------------------------------
-# The ``*_many`` kernels update several tables at once: ``weights[k]`` [R_k, D] (same D and dtype), ``rows[k]``
+# The kernels update several tables at once: ``weights[k]`` [R_k, D] (same D and dtype), ``rows[k]``
 # int64 [U_k] (unique), ``grads[k]`` [U_k, D]. Touched rows (and their state) are gathered per table -- or in ONE
 # call when the tables share a buffer (see _Rows) -- the maths runs ONCE on the concatenation, and the results are
 # written back the same way: on CPU the per-op dispatch cost, not the arithmetic, dominates for ~1k rows. One table
@@ -132,31 +132,29 @@ class _Rows:
                 t.index_copy_(0, r, v)
 
 
-@torch.no_grad()
-def sgd_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
-                  momentum_buffers: list[torch.Tensor] | None, *, lr: float, momentum: float, nesterov: bool,
-                  weight_decay: float) -> None:
-    at = rows if isinstance(rows, _Rows) else _Rows(rows)
-    w = at.gather_weights(weights)
-    grad = join(grads)
+# Each optimizer's maths is split in two: ``*_delta`` turns one direction into the row update (committing the state
+# it reads: momentum buffers, moments, accumulators) and returns ``(delta, alpha)``, the update being
+# ``w - alpha * delta``; the ``*_rows_many`` kernels apply it. The split update (:meth:`RowOptimizer.update_rows_split`)
+# runs ``*_delta`` twice, on the main direction with the main state and on the transfer direction with a second
+# copy of the state, and combines the two deltas. (``alpha`` is the learning rate for SGD, whose update has always
+# been ``w.sub_(d, alpha=lr)``, one fused multiply-add; 1 for Adam and Adagrad, whose delta includes ``lr``: each
+# kernel keeps the exact operations it always had, so B and the paper's barrier are bitwise what they were.)
+
+
+def sgd_delta(at: "_Rows", w: torch.Tensor, grad: torch.Tensor, momentum_buffers: list[torch.Tensor] | None, *,
+              lr: float, momentum: float, nesterov: bool, weight_decay: float) -> tuple[torch.Tensor, float]:
     d = grad if weight_decay == 0 else grad + weight_decay * w
     if momentum != 0:
         assert momentum_buffers is not None
         buf = at.gather(momentum_buffers).mul_(momentum).add_(d)
         at.scatter(momentum_buffers, buf)
         d = d + momentum * buf if nesterov else buf
-    at.scatter(weights, w.sub_(d, alpha=lr))
+    return d, lr
 
 
-@torch.no_grad()
-def adam_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
-                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], row_steps: list[torch.Tensor], *,
-                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    at = rows if isinstance(rows, _Rows) else _Rows(rows)
-    w = at.gather_weights(weights)
-    grad = join(grads)
-    if weight_decay != 0:
-        w.mul_(1 - lr * weight_decay)
+def adam_delta(at: "_Rows", grad: torch.Tensor, exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+               row_steps: list[torch.Tensor], *, lr: float, beta1: float, beta2: float,
+               eps: float) -> tuple[torch.Tensor, float]:
     m = at.gather(exp_avgs).mul_(beta1).add_(grad, alpha=1 - beta1)
     v = at.gather(exp_avg_sqs).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     t = at.gather(row_steps).add_(1)
@@ -167,25 +165,36 @@ def adam_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Row
     bc1 = 1 - torch.pow(torch.as_tensor(beta1, dtype=grad.dtype), tf)
     bc2 = 1 - torch.pow(torch.as_tensor(beta2, dtype=grad.dtype), tf)
     denom = (v / bc2).sqrt_().add_(eps)
-    at.scatter(weights, w.sub_(lr * (m / bc1) / denom))
+    return lr * (m / bc1) / denom, 1.0
 
 
-@torch.no_grad()
-def rowwise_adagrad_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
-                              sum_sqs: list[torch.Tensor], *, lr: float, eps: float, weight_decay: float) -> None:
-    at = rows if isinstance(rows, _Rows) else _Rows(rows)
-    w = at.gather_weights(weights)
-    grad = join(grads)
+def rowwise_adagrad_delta(at: "_Rows", w: torch.Tensor, grad: torch.Tensor, sum_sqs: list[torch.Tensor], *,
+                          lr: float, eps: float, weight_decay: float) -> tuple[torch.Tensor, float]:
     d = grad if weight_decay == 0 else grad + weight_decay * w
     s = at.gather(sum_sqs).add_(d.pow(2).mean(dim=1))
     at.scatter(sum_sqs, s)
-    at.scatter(weights, w.sub_(lr * d / (s.sqrt() + eps).unsqueeze(1)))
+    return lr * d / (s.sqrt() + eps).unsqueeze(1), 1.0
+
+
+@torch.no_grad()
+def adam_rows_many(weights: list[torch.Tensor], rows: "list[torch.Tensor] | _Rows", grads: list[torch.Tensor],
+                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], row_steps: list[torch.Tensor], *,
+                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    at = rows if isinstance(rows, _Rows) else _Rows(rows)
+    w = at.gather_weights(weights)
+    if weight_decay != 0:
+        w.mul_(1 - lr * weight_decay)
+    delta, _ = adam_delta(at, join(grads), exp_avgs, exp_avg_sqs, row_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    at.scatter(weights, w.sub_(delta))
 
 
 def adam_rows(weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
               exp_avg_sq: torch.Tensor, row_step: torch.Tensor, **kw: Any) -> None:
     """Lazy Adam on ``rows`` of one tensor (the discriminators of the adversarial loss use it)."""
     adam_rows_many([weight], [rows], [grad], [exp_avg], [exp_avg_sq], [row_step], **kw)
+
+
+Combine = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _zeros_like(p: torch.Tensor) -> torch.Tensor:
@@ -269,14 +278,45 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     def update_rows_many(self, params: list[torch.Tensor], rows: list[torch.Tensor], mus: list[torch.Tensor],
                          buffer_rows: torch.Tensor | None = None, current: torch.Tensor | None = None) -> None:
         """:meth:`update_rows` for several parameters at once (the same result as one call each); parameters of
-        one param group with the same row width and dtype share one run of the maths (see the ``*_many``
+        one param group with the same row width and dtype share one run of the maths (see the ``*_delta``
         kernels). What the caller may already have, saving its recomputation: ``buffer_rows``,
         ``cat(rows[k] + first_row[k])`` for params that are row blocks of one buffer (:mod:`recsys_transfer.flat`);
         ``current``, the rows' present values ``cat(params[k][rows[k]])`` (a tensor this call may overwrite;
         only used when all params form one batch). ``rows`` and ``mus`` may be lazy sequences
         (:class:`recsys_transfer.flat.Lazy`, :class:`~recsys_transfer.flat.Blocks`): an element is only asked for
         if the update cannot use ``buffer_rows`` (per-table rows) or the whole direction (per-table blocks)."""
-        # batched by index: the elements of ``rows`` and ``mus`` are not looked at here
+        self._batched(params, rows, buffer_rows, current, lambda ks: ([mus[k] for k in ks] if ks is not None else mus),
+                      None, None)
+
+    def enable_transfer_state(self, params: Sequence[torch.Tensor]) -> None:
+        """Let :meth:`update_rows_split` update ``params`` (the tables under transfer): they get a second copy of the
+        optimizer state for the transfer direction, keys prefixed ``transfer_`` (saved and loaded with the rest),
+        allocated at their first split update in one buffer per key."""
+        self.__dict__.setdefault("_transfer_params", set()).update(map(id, params))
+
+    def update_rows_split(self, params: list[torch.Tensor], rows: list[torch.Tensor], grads: Sequence[torch.Tensor],
+                          transfers: Sequence[torch.Tensor], combine: Combine, buffer_rows: torch.Tensor | None = None,
+                          current: torch.Tensor | None = None) -> None:
+        """One update of ``rows`` from two directions, each through its own optimizer state: the main gradient
+        ``grads`` with the state :meth:`update_rows_many` keeps (so the main part is exactly the update mode B
+        applies from that state) and the transfer gradient ``transfers`` with the ``transfer_`` state
+        (:meth:`enable_transfer_state`). ``combine(g, u, v)`` gets the concatenated main gradient and the two
+        updates (``u`` from ``g``, ``v`` from the transfer gradient; both ``[U, D]``, in the same units) and returns
+        the update applied, ``w <- w - alpha * combine(g, u, v)`` (see ``*_delta``). Weight decay, if any, is part
+        of the main update. Other arguments as :meth:`update_rows_many`."""
+        known = self.__dict__.get("_transfer_params", set())
+        if not all(id(p) in known for p in params):
+            raise ValueError("update_rows_split: call enable_transfer_state() for these tables first")
+
+        def split(ks):
+            if ks is None:
+                return grads, transfers
+            return [grads[k] for k in ks], [transfers[k] for k in ks]
+
+        self._batched(params, rows, buffer_rows, current, split, combine, True)
+
+    def _batched(self, params, rows, buffer_rows, current, directions, combine, split: bool | None) -> None:
+        # batched by index: the elements of ``rows`` and of the directions are not looked at here
         batches: dict[tuple, tuple[dict[str, Any], list[int]]] = {}
         for k, p in enumerate(params):
             group = self._group_of(p)
@@ -289,28 +329,66 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 known = (tuple(flat[1]), buffer_rows)
         if len(batches) == 1:
             group, _ = next(iter(batches.values()))
-            self._update(group, list(params), _Rows(rows, known, current, caches), mus)
-            return
-        for group, ks in batches.values():
-            self._update(group, [params[k] for k in ks], _Rows([rows[k] for k in ks], None, None, caches),
-                         [mus[k] for k in ks])
+            jobs = [(group, list(params), _Rows(rows, known, current, caches), directions(None))]
+        else:
+            jobs = [(group, [params[k] for k in ks], _Rows([rows[k] for k in ks], None, None, caches), directions(ks))
+                    for group, ks in batches.values()]
+        for group, ps, at, dirs in jobs:
+            self._init_state(group, self._state_spec(group))
+            if split:
+                self._update_split(group, ps, at, dirs[0], dirs[1], combine)
+            else:
+                self._update(group, ps, at, dirs)
 
-    def _init_state(self, group: dict[str, Any], spec: dict[str, Any]) -> None:
-        """Create the state of every parameter of ``group`` that has none (``spec``: key -> factory(param)), all
-        at once and, per key, in one buffer (:func:`recsys_transfer.flat.share_storage`), so a later update of
-        many tables gathers and scatters the state in one call."""
-        fresh = [p for p in group["params"] if not self.state[p]]
+    def _init_state(self, group: dict[str, Any], spec: dict[str, Any], prefix: str = "",
+                    among: set[int] | None = None) -> None:
+        """Create the state ``prefix + key`` of every parameter of ``group`` (of those in ``among``, if given) that
+        lacks it (``spec``: key -> factory(param)), all at once and, per key, in one buffer
+        (:func:`recsys_transfer.flat.share_storage`), so a later update of many tables gathers and scatters the
+        state in one call."""
+        if not spec:
+            return
+        first = prefix + next(iter(spec))
+        fresh = [p for p in group["params"] if first not in self.state[p] and (among is None or id(p) in among)]
         if not fresh:
             return
         for p in fresh:
-            self.state[p].update({key: make(p) for key, make in spec.items()})
+            self.state[p].update({prefix + key: make(p) for key, make in spec.items()})
         for key in spec:
-            share_storage([self.state[p][key] for p in fresh])
+            share_storage([self.state[p][prefix + key] for p in fresh])
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], at: "_Rows",
+                mus: Sequence[torch.Tensor]) -> None:
+        weights = [p.data for p in params]
+        w = at.gather_weights(weights)
+        self._decay(group, w)
+        delta, alpha = self._delta(group, params, at, w, join(mus), "")
+        at.scatter(weights, w.sub_(delta, alpha=alpha) if alpha != 1 else w.sub_(delta))
+
+    def _update_split(self, group: dict[str, Any], params: list[torch.Tensor], at: "_Rows",
+                      grads: Sequence[torch.Tensor], transfers: Sequence[torch.Tensor], combine: Combine) -> None:
+        self._init_state(group, self._state_spec(group), "transfer_", self.__dict__["_transfer_params"])
+        weights = [p.data for p in params]
+        w = at.gather_weights(weights)
+        self._decay(group, w)
+        g = join(grads)
+        u, alpha = self._delta(group, params, at, w, g, "")
+        v, _ = self._delta(group, params, at, w, join(transfers), "transfer_")
+        delta = combine(g, u, v)
+        at.scatter(weights, w.sub_(delta, alpha=alpha) if alpha != 1 else w.sub_(delta))
 
     @abc.abstractmethod
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], rows: "_Rows",
-                mus: list[torch.Tensor]) -> None:
-        """One kernel call for parameters of one group with equal row shape and dtype."""
+    def _state_spec(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The per-parameter state of ``group``'s settings: key -> factory(param)."""
+
+    @abc.abstractmethod
+    def _delta(self, group: dict[str, Any], params: list[torch.Tensor], at: "_Rows", w: torch.Tensor,
+               grad: torch.Tensor, prefix: str) -> tuple[torch.Tensor, float]:
+        """The update ``(delta, alpha)`` for direction ``grad`` of the rows ``at`` (present values ``w``), reading
+        and committing the state ``prefix + key``; weight decay only in the main update (``prefix == ""``)."""
+
+    def _decay(self, group: dict[str, Any], w: torch.Tensor) -> None:
+        """Decoupled weight decay applied to the rows before the update (Adam); nothing by default."""
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch.optim signature
@@ -331,14 +409,13 @@ class RowSGD(RowOptimizer):
             raise ValueError(f"invalid weight_decay {weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay), names)
 
-    def _update(self, g, params, rows, mus) -> None:
-        bufs = None
-        if g["momentum"] != 0:
-            if any("momentum_buffer" not in self.state[p] for p in params):
-                self._init_state(g, {"momentum_buffer": _zeros_like})
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-        sgd_rows_many([p.data for p in params], rows, mus, bufs, lr=g["lr"], momentum=g["momentum"],
-                      nesterov=g["nesterov"], weight_decay=g["weight_decay"])
+    def _state_spec(self, g):
+        return {"momentum_buffer": _zeros_like} if g["momentum"] != 0 else {}
+
+    def _delta(self, g, params, at, w, grad, prefix):
+        bufs = [self.state[p][prefix + "momentum_buffer"] for p in params] if g["momentum"] != 0 else None
+        return sgd_delta(at, w, grad, bufs, lr=g["lr"], momentum=g["momentum"], nesterov=g["nesterov"],
+                         weight_decay=0.0 if prefix else g["weight_decay"])
 
 
 class RowAdam(RowOptimizer):
@@ -352,14 +429,19 @@ class RowAdam(RowOptimizer):
             raise ValueError(f"invalid eps {eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), names)
 
-    def _update(self, g, params, rows, mus) -> None:
-        if any(not self.state[p] for p in params):
-            self._init_state(g, {"exp_avg": _zeros_like, "exp_avg_sq": _zeros_like,
-                                 "row_step": lambda p: torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)})
+    def _state_spec(self, g):
+        return {"exp_avg": _zeros_like, "exp_avg_sq": _zeros_like,
+                "row_step": lambda p: torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)}
+
+    def _decay(self, g, w):
+        if g["weight_decay"] != 0:
+            w.mul_(1 - g["lr"] * g["weight_decay"])
+
+    def _delta(self, g, params, at, w, grad, prefix):
         states = [self.state[p] for p in params]
-        adam_rows_many([p.data for p in params], rows, mus, [st["exp_avg"] for st in states],
-                       [st["exp_avg_sq"] for st in states], [st["row_step"] for st in states], lr=g["lr"],
-                       beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"])
+        return adam_delta(at, grad, [st[prefix + "exp_avg"] for st in states],
+                          [st[prefix + "exp_avg_sq"] for st in states], [st[prefix + "row_step"] for st in states],
+                          lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"])
 
 
 class RowAdagrad(RowOptimizer):
@@ -371,12 +453,12 @@ class RowAdagrad(RowOptimizer):
             raise ValueError(f"invalid learning rate {lr}")
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay), names)
 
-    def _update(self, g, params, rows, mus) -> None:
-        if any(not self.state[p] for p in params):
-            self._init_state(g, {"sum": lambda p: torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)})
-        sums = [self.state[p]["sum"] for p in params]
-        rowwise_adagrad_rows_many([p.data for p in params], rows, mus, sums, lr=g["lr"], eps=g["eps"],
-                                  weight_decay=g["weight_decay"])
+    def _state_spec(self, g):
+        return {"sum": lambda p: torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)}
+
+    def _delta(self, g, params, at, w, grad, prefix):
+        return rowwise_adagrad_delta(at, w, grad, [self.state[p][prefix + "sum"] for p in params], lr=g["lr"],
+                                     eps=g["eps"], weight_decay=0.0 if prefix else g["weight_decay"])
 
 
 def make_row_optimizer(name: str, params, **kwargs: Any) -> RowOptimizer:

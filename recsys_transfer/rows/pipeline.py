@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -122,6 +122,46 @@ class TableRows:
 
 
 @dataclass(eq=False)
+class SplitUpdate:
+    """Tables of a call whose update combines two directions inside the row optimizer
+    (:meth:`recsys_transfer.optim.rowwise.RowOptimizer.update_rows_split`): set by the transfer stage under
+    ``transfer.barrier: applied``. ``tables``: a subset of the call's tables, in their order; ``grads`` /
+    ``transfers``: each one's main and transfer gradient (``[U_k, D]``; possibly :class:`~recsys_transfer.flat.Blocks`
+    of one array); ``combine(g, u, v)``: the applied update from the two optimizer updates; ``rows`` / ``current``:
+    their buffer rows and present values when the transform has them (None otherwise); ``done``: called after the
+    update (statistics)."""
+
+    tables: list["TableRows"]
+    grads: Sequence[torch.Tensor]
+    transfers: Sequence[torch.Tensor]
+    combine: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    rows: torch.Tensor | None = None
+    current: torch.Tensor | None = None
+    done: Callable[[], None] | None = None
+
+    def keep(self, keep: Callable[["TableRows"], bool]) -> None:
+        """Drop tables (``keep(table)`` False) from the split update."""
+        kept = [k for k, t in enumerate(self.tables) if keep(t)]
+        if len(kept) == len(self.tables):
+            return
+        self.tables = [self.tables[k] for k in kept]
+        self.grads = [self.grads[k] for k in kept]
+        self.transfers = [self.transfers[k] for k in kept]
+        self.rows = self.current = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every main and transfer gradient ``x`` by ``fn(x)``, a row-wise function (a later stage's)."""
+        self.grads, self.transfers = _map_rows(self.grads, fn), _map_rows(self.transfers, fn)
+
+
+def _map_rows(xs: Sequence[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]) -> Sequence[torch.Tensor]:
+    # a row-wise fn commutes with taking row blocks: blocks of one array are mapped as one array
+    if isinstance(xs, Blocks):
+        return Blocks(fn(xs.whole), xs.spans)
+    return [fn(x) for x in xs]
+
+
+@dataclass(eq=False)
 class CallRows:
     """What one fused lookup call's backward recorded: its tables' touched rows (tables without touched rows are
     absent), the shared-buffer view when they share one, and, with per-task recording, each task's gradients
@@ -130,6 +170,7 @@ class CallRows:
     tables: list[TableRows]
     shared: SharedRows | None = None
     task_grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    split: SplitUpdate | None = None
 
     def whole(self) -> bool:
         """The directions are one ``[U, D]`` array over the shared rows (no per-table direction was set)."""
@@ -150,6 +191,11 @@ class CallRows:
         directions = self.directions()
         for t, d in zip(self.tables, directions):
             t.direction = d
+        dropped = {id(t) for t, k in zip(self.tables, keep) if not k}
+        if self.split is not None:
+            self.split.keep(lambda t: id(t) not in dropped)
+            if not self.split.tables:
+                self.split = None
         self.tables = [t for t, k in zip(self.tables, keep) if k]
         self.task_grads = {task: [g for g, k in zip(gs, keep) if k] for task, gs in self.task_grads.items()}
         self.shared = None
@@ -258,6 +304,8 @@ class ClipRowNorm(RowTransform):
         return d * (self.max_norm / norm.clamp_min(torch.finfo(d.dtype).tiny)).clamp_max(1.0)
 
     def __call__(self, call: CallRows, context: StepContext) -> None:
+        if call.split is not None:  # the barrier is applied by the optimizer: bound both of its inputs
+            call.split.map(self._clip)
         s = call.shared
         if call.whole():  # one pass over the whole array
             s.direction = self._clip(s.grad if s.direction is None else s.direction)
@@ -415,11 +463,30 @@ class RowPipeline:
             transform(call, self.context)
         if not call.tables:
             return
-        tables, shared = call.tables, call.shared  # while shared is set, the tables' rows are exactly shared.rows
+        tables, shared, split = call.tables, call.shared, call.split
+        if split is not None:
+            self._run_split(call, split)
+            return
+        # while shared is set, the tables' rows are exactly shared.rows
         buffer_rows, current = (shared.rows, shared.current) if shared is not None else (None, None)
         # the rows as a lazy sequence: made per table only if the optimizer cannot use the buffer rows
         self.optimizer.update_rows_many([t.weight for t in tables], Lazy(len(tables), lambda k: tables[k].rows),
                                         call.directions(), buffer_rows=buffer_rows, current=current)
+
+    def _run_split(self, call: CallRows, split: SplitUpdate) -> None:
+        """The call's tables without a split update as usual, then the split ones through
+        :meth:`~recsys_transfer.optim.rowwise.RowOptimizer.update_rows_split`."""
+        ids = {id(t) for t in split.tables}
+        rest = [(t, d) for t, d in zip(call.tables, call.directions()) if id(t) not in ids]
+        if rest:
+            self.optimizer.update_rows_many([t.weight for t, _ in rest], Lazy(len(rest), lambda k: rest[k][0].rows),
+                                            [d for _, d in rest])
+        tables = split.tables
+        self.optimizer.update_rows_split([t.weight for t in tables], Lazy(len(tables), lambda k: tables[k].rows),
+                                         split.grads, split.transfers, split.combine, buffer_rows=split.rows,
+                                         current=split.current)
+        if split.done is not None:
+            split.done()
 
     def stats(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -429,4 +496,4 @@ class RowPipeline:
 
 
 __all__ = ["CallRows", "ClipRowNorm", "FreezeTables", "RowPipeline", "RowTransform", "STAGES", "SharedRows",
-           "StepContext", "TableRows", "TableSlot"]
+           "SplitUpdate", "StepContext", "TableRows", "TableSlot"]

@@ -26,6 +26,52 @@ group, so the transfer loss is the one the single-process run computes, and ``l_
 all-reduced global-batch loss (:meth:`recsys_transfer.rows.pipeline.RowPipeline.begin`). The same code path runs
 with nccl.
 
+The barrier under any row optimizer (``transfer.barrier``)
+----------------------------------------------------------
+Algorithm 1 guarantees ``<g_i, mu_i> >= phi_i`` for the DIRECTION ``mu_i``. The paper's analysis is for gradient
+steps ``e_i <- e_i - eps mu_i``, where that is the main loss's first-order decrease. A row optimizer with state
+applies something else: momentum adds the buffer of earlier directions; Adam divides every coordinate by the RMS
+of ``mu`` (which the transfer term dominates on rare rows), and row-wise Adagrad's accumulator grows with
+``||mu||^2``, so the main part of the applied step shrinks. Measured (``tests/test_harmless.py``): with Adam rows
+the paper's barrier loses 0.010 AUC to B where +T loses 0.013.
+
+``barrier: applied`` (:func:`applied_barrier`) puts the constraint on the update the optimizer applies. Write the
+optimizer's update of one row as a map ``U_S(d)`` from a direction ``d`` and a state ``S`` (weights move by
+``-U``). The row optimizer keeps TWO states per row under transfer
+(:meth:`recsys_transfer.optim.rowwise.RowOptimizer.update_rows_split`): the main state ``S``, which only ever sees
+``g_i``, and a transfer state ``S_T`` (keys ``transfer_*``), which only sees ``t_i``. Then
+
+* ``u_i = U_S(g_i)`` is exactly the update mode B would apply from the same state (tested against B's optimizer);
+* ``v_i = U_{S_T}(t_i)``, bounded per row by ``||v_i|| <= max_ratio ||u_i||`` (``transfer.max_ratio``, a trust
+  region: the transfer may move a row at most ``max_ratio`` times as far as the main loss does);
+* the applied update is ``delta_i = v_i + lambda_i u_i + s_i g_i`` with Eq. 6's form and Eq. 7's rule in the
+  optimizer's units: ``phi_i = alpha <g_i, u_i> min(1, l_main / ||g_i||^2)``,
+  ``lambda_i = min(max((phi_i - <g_i, v_i>) / <g_i, u_i>, 0), alpha)``, and ``s_i >= 0`` the least make-up along
+  ``g_i`` that meets the barrier when ``lambda_i`` stops at ``alpha`` (``||s_i g_i|| <= ||v_i||``);
+* where B's own update does not descend (``<g_i, u_i> <= 0``, momentum or Adam carrying earlier steps),
+  ``lambda_i = 1`` and ``phi_i = <g_i, u_i>``: the row is never slower than B's step; the transfer update is
+  projected onto ``<g_i, .> >= 0``.
+
+Invariant (tested for SGD, momentum, Nesterov, Adam, AdamW, row-wise Adagrad, against a reference written out row
+by row): ``<g_i, delta_i> >= phi_i`` for every touched row, ``delta_i`` being the update applied. With
+``alpha = 1`` (this barrier's default) the first-order decrease of the main loss is at least that of B's update
+whenever ``||g_i||^2 <= l_main``. With SGD ``u_i = eps g_i`` and ``v_i = eps t_i``, and without the trust bound
+(``max_ratio: null``) this IS Algorithm 1 (``lambda_i + s_i`` is Eq. 7's lambda). Memory: one more copy of the
+optimizer state for the tables under transfer only (Adam: two ``[R, D]`` tensors and a ``[R]`` step count;
+momentum: one ``[R, D]``; row-wise Adagrad: one ``[R]``; SGD: none).
+
+Candidates measured on the Adam stress test (``tests/test_harmless.py``'s data, seed 0, B 0.7524, +T 0.7398,
+paper barrier 0.7420; numbers in ``benchmarks/results/harmless_candidates.md``): (1) the transfer gradient in the
+main preconditioner's metric (``v_i = lr m_t / sqrt(v_main)``, the issue's first candidate) diverges: rare rows
+have a tiny main second moment, so their transfer step is unbounded (AUC 0.53); (2) separate statistics combined
+by Eq. 7 in update units, without a cap on ``lambda_i``: 0.7416 -- where ``<g, u>`` is small but positive
+``lambda_i`` reached 800 (B's step multiplied); (3) with ``lambda_i <= alpha`` and the make-up along ``g``:
+0.7489 (alpha 1) / 0.7475 (alpha 2: the main step doubled on a tuned Adam overshoots, as B at 2x lr does,
+0.7458); (4) the transfer preconditioned by the joint main+transfer second moment: 0.7491, no better than (3);
+(5) = (3) with the trust bound: 0.7516 (``max_ratio`` 0.3), 0.7527 (0.1). The first-order guarantee alone is not
+enough under Adam: an Adam-normalized transfer step moves a rare row as far as the main step, whatever the size of
+``t_i``, and the main loss pays at second order; the trust bound is what keeps that in check.
+
 Rows with zero main gradient
 ----------------------------
 A touched row whose main gradient is exactly zero (e.g. its examples' output gradients cancel) has
@@ -36,6 +82,7 @@ touched at all (no transfer gradient either, because the transfer loss only sees
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,10 +90,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence
 
-from recsys_transfer.config import BARRIER_MODES, SELECTIVE_MODES, TRAINING_MODES, TransferConfig
+from recsys_transfer.config import BARRIER_MODES, BARRIERS, SELECTIVE_MODES, TRAINING_MODES, TransferConfig
 from recsys_transfer.errors import UserError
 from recsys_transfer.flat import rows_of_one_buffer
-from recsys_transfer.rows.pipeline import CallRows, RowTransform, SharedRows, StepContext, TableRows, TableSlot
+from recsys_transfer.flat import Blocks
+from recsys_transfer.rows.pipeline import (CallRows, RowTransform, SharedRows, SplitUpdate, StepContext, TableRows,
+                                            TableSlot)
 from recsys_transfer.transfer.losses import TransferLoss, make_transfer_loss
 
 MODES = TRAINING_MODES
@@ -72,6 +121,69 @@ def barrier_direction(g_main: torch.Tensor, g_transfer: torch.Tensor, main_loss:
     return torch.addcmul(g_transfer, lam.unsqueeze(1), g_main), lam
 
 
+def applied_barrier(g_main: torch.Tensor, u: torch.Tensor, v: torch.Tensor, main_loss: torch.Tensor | float,
+                    alpha: float, max_ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The barrier on the applied update (module docstring, *The barrier under any row optimizer*), per row ``i``
+    of ``[U, D]`` inputs: ``g`` the main gradient, ``u`` the row optimizer's update from ``g`` with the main state
+    (mode B's update), ``v`` its update from the transfer gradient with the transfer state, both in one unit::
+
+        v      <- v * min(1, max_ratio ||u|| / ||v||)                       (trust bound; none if max_ratio is None)
+        r_u = <g, u>,  r_v = <g, v>
+        phi    = alpha r_u min(1, l_main / ||g||^2)  where r_u > 0,  r_u otherwise
+        lambda = min(max((phi - r_v) / r_u, 0), alpha)  where r_u > 0,  1 otherwise
+        delta  = v + lambda u + s g,   s = max(phi - r_v - lambda r_u, 0) / ||g||^2
+
+    so that ``<g, delta> >= phi`` for every row (``s`` makes up what ``lambda <= alpha`` leaves, along ``g``; it
+    is at most ``|r_v| / ||g||^2``, so ``||s g|| <= ||v||``). Returns ``(delta, lambda)``. With SGD (``u = g``,
+    ``v = t``) and no trust bound, ``lambda + s`` is Eq. 7's lambda and ``delta`` Eq. 6's direction (bitwise
+    :func:`barrier_direction`'s where ``||g||^2 <= l_main`` and ``<g, t> >= 0``; to rounding elsewhere)."""
+    if max_ratio is not None:
+        nu = torch.linalg.vector_norm(u, dim=1)
+        nv = torch.linalg.vector_norm(v, dim=1)
+        v = v * (max_ratio * nu / nv.clamp_min(torch.finfo(nv.dtype).tiny)).clamp_max_(1.0).unsqueeze(1)
+    ones = torch.ones(g_main.shape[1], dtype=g_main.dtype, device=g_main.device)
+    gg = torch.mul(g_main, g_main) @ ones
+    ru = torch.mul(g_main, u) @ ones
+    rv = torch.mul(g_main, v) @ ones
+    loss = torch.as_tensor(main_loss, dtype=gg.dtype, device=gg.device)
+    tiny = torch.finfo(gg.dtype).tiny
+    descends = ru > 0
+    cap = torch.where(gg <= loss, torch.ones_like(gg), loss / gg.clamp_min(tiny))  # min(1, l_main / ||g||^2)
+    phi = torch.where(descends, alpha * ru * cap, ru)
+    lam = torch.where(descends, ((phi - rv) / ru.where(descends, 1.0)).clamp_(0.0, alpha), 1.0)
+    delta = torch.addcmul(v, lam.unsqueeze(1), u)
+    # where lambda < alpha the barrier is met by lambda alone (no make-up: its rounding residue is left out)
+    short = (phi - rv - lam * ru).clamp_min_(0.0).masked_fill_(descends & (lam < alpha), 0.0)
+    return delta.addcmul_((short / gg.clamp_min(tiny)).unsqueeze(1), g_main), lam
+
+
+class AppliedBarrier:
+    """``combine`` of :meth:`recsys_transfer.optim.rowwise.RowOptimizer.update_rows_split` for the tables of one
+    split update: :func:`applied_barrier` with this step's ``l_main``; :meth:`done` records each table's mean
+    lambda (``sizes``: the tables' row counts, in order)."""
+
+    def __init__(self, main_loss: torch.Tensor, alpha: float, max_ratio: float | None, rules: list["TransferRule"],
+                 sizes: list[int]) -> None:
+        self.main_loss, self.alpha, self.max_ratio, self.rules, self.sizes = main_loss, alpha, max_ratio, rules, sizes
+        self.lams: list[torch.Tensor] = []
+
+    def __call__(self, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        delta, lam = applied_barrier(g, u, v, self.main_loss, self.alpha, self.max_ratio)
+        self.lams.append(lam)
+        return delta
+
+    def done(self) -> None:
+        lam = torch.cat(self.lams) if self.lams else torch.zeros(0)
+        if len(lam) != sum(self.sizes):  # updated in several batches (tables of other widths): one mean for all
+            mean = float(lam.mean()) if len(lam) else 0.0
+            means = [mean] * len(self.rules)
+        else:
+            means = [float(x.mean()) if len(x) else 0.0 for x in lam.split(self.sizes)]
+        for rule, m in zip(self.rules, means):
+            rule.stats.mean_lambda = m
+        self.lams = []
+
+
 @dataclass
 class StepStats:
     """What the last update of a table did (for logging and tests)."""
@@ -91,7 +203,8 @@ class TransferRule:
     """
 
     def __init__(self, name: str, mode: str, *, loss: TransferLoss, loss_index: int, source_mask: torch.Tensor,
-                 target_mask: torch.Tensor, lam: float = 1e-2, alpha: float = 2.0) -> None:
+                 target_mask: torch.Tensor, lam: float = 1e-2, alpha: float = 2.0, barrier: str = "paper",
+                 max_ratio: float | None = None) -> None:
         if mode not in MODES or mode == "B":
             raise ValueError(f"a transfer rule's mode must be one of {MODES[1:]}, got {mode!r}")
         self.name = name
@@ -102,11 +215,20 @@ class TransferRule:
         self.target_mask = target_mask
         self.lam = lam
         self.alpha = alpha
+        if barrier not in BARRIERS:
+            raise ValueError(f"barrier must be one of {BARRIERS}, got {barrier!r}")
+        self.barrier = barrier
+        self.max_ratio = max_ratio
         self.stats = StepStats()
 
     @property
     def uses_barrier(self) -> bool:
         return self.mode in BARRIER_MODES
+
+    @property
+    def applied(self) -> bool:
+        """The barrier is applied by the row optimizer to its updates (``transfer.barrier: applied``)."""
+        return self.uses_barrier and self.barrier == "applied"
 
     def masks_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The source and target masks on ``device`` (moved there once, on first use)."""
@@ -184,7 +306,7 @@ class TransferTransform(RowTransform):
             return
         if call.shared is not None and self._shared(call, transfer, context):
             return
-        self._per_table(transfer, context)
+        self._per_table(call, transfer, context)
 
     # -- the per-table path ------------------------------------------------------------------------------------
     def _transfer_grads(self, tables: list[TableRows]) -> list[torch.Tensor]:
@@ -229,7 +351,7 @@ class TransferTransform(RowTransform):
                 st.source_rows, st.target_rows, st.transfer_loss = n_src[j], n_tgt[j], vals[j]
         return out  # type: ignore[return-value]
 
-    def _per_table(self, transfer: list[TableRows], context: StepContext) -> None:
+    def _per_table(self, call: CallRows, transfer: list[TableRows], context: StepContext) -> None:
         t_grads = self._transfer_grads(transfer)
         barrier = []
         for table, t in zip(transfer, t_grads):
@@ -238,6 +360,10 @@ class TransferTransform(RowTransform):
                 barrier.append((table, t))
             else:
                 table.direction = table.grad + rule.lam * t.to(table.grad.dtype)  # Eq. 1: l_main + lam l_transfer
+        applied = [(table, t) for table, t in barrier if self.rules[table.slot.name].applied]
+        if applied:
+            self._split(call, applied, context)
+            barrier = [(table, t) for table, t in barrier if not self.rules[table.slot.name].applied]
         if barrier:
             sizes = [len(table) for table, _ in barrier]
             g = torch.cat([table.grad for table, _ in barrier])
@@ -248,6 +374,18 @@ class TransferTransform(RowTransform):
             for (table, _), m, lk in zip(barrier, mu.split(sizes), lam.split(sizes)):
                 table.direction = m
                 self.rules[table.slot.name].stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
+
+    def _split(self, call: CallRows, tables: list[tuple[TableRows, torch.Tensor]], context: StepContext) -> None:
+        """Hand the barrier tables' main and transfer gradients to the row optimizer (``transfer.barrier: applied``)."""
+        rules = [self.rules[table.slot.name] for table, _ in tables]
+        settings = {(r.alpha, r.max_ratio) for r in rules}
+        if len(settings) != 1:
+            raise ValueError(f"the applied barrier needs one (alpha, max_ratio) for the tables of a lookup call, got "
+                             f"{sorted(settings, key=str)}")
+        combine = AppliedBarrier(_main_loss(context), rules[0].alpha, rules[0].max_ratio, rules,
+                                 [len(table) for table, _ in tables])
+        call.split = SplitUpdate([table for table, _ in tables], [table.grad for table, _ in tables],
+                                 [t.to(table.grad.dtype) for table, t in tables], combine, done=combine.done)
 
     # -- the whole-array path ----------------------------------------------------------------------------------
     def buffer_masks(self, base: torch.Tensor, firsts: list[int],
@@ -281,7 +419,7 @@ class TransferTransform(RowTransform):
         rules = [self.rules[t.slot.name] for t in transfer]
         rule0 = rules[0]
         if any(r.loss is not rule0.loss or r.mode != rule0.mode or r.alpha != rule0.alpha or r.lam != rule0.lam
-               for r in rules):
+               or r.barrier != rule0.barrier or r.max_ratio != rule0.max_ratio for r in rules):
             return False
         spans = [t.span for t in transfer]
         sizes = [hi - lo for lo, hi in spans]
@@ -317,6 +455,15 @@ class TransferTransform(RowTransform):
         index = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
         values, gx = _on(rule0.loss, dev).grad(x.view(n_tab, n_max, -1), src, tgt, index)
         t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
+        if rule0.applied:  # the optimizer combines its two updates (AppliedBarrier)
+            combine = AppliedBarrier(_main_loss(context), rule0.alpha, rule0.max_ratio, rules, sizes)
+            at = list(itertools.accumulate(sizes, initial=0))
+            spans = list(zip(at[:-1], at[1:]))
+            call.split = SplitUpdate(transfer, Blocks(g, spans), Blocks(t, spans), combine,
+                                     rows=shared.rows if whole else shared.rows.index_select(0, sel),
+                                     current=current if whole else current.index_select(0, sel), done=combine.done)
+            self._record_stats(rules, src, tgt, values, None)
+            return True
         if rule0.uses_barrier:
             mu, lam = barrier_direction(g, t, _main_loss(context), rule0.alpha)
             lam_means = torch.segment_reduce(lam, "mean", lengths=size_t).tolist()
@@ -329,11 +476,18 @@ class TransferTransform(RowTransform):
             direction[sel] = mu
             shared.direction = direction
         shared.current = current
+        self._record_stats(rules, src, tgt, values, lam_means)
+        return True
+
+    @staticmethod
+    def _record_stats(rules: list[TransferRule], src: torch.Tensor, tgt: torch.Tensor, values: torch.Tensor,
+                      lam_means: list[float] | None) -> None:
         n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
         for j, rule in enumerate(rules):
             st = rule.stats
-            st.source_rows, st.target_rows, st.transfer_loss, st.mean_lambda = n_src[j], n_tgt[j], vals[j], lam_means[j]
-        return True
+            st.source_rows, st.target_rows, st.transfer_loss = n_src[j], n_tgt[j], vals[j]
+            if lam_means is not None:
+                st.mean_lambda = lam_means[j]
 
 
 def _main_loss(context: StepContext) -> torch.Tensor:
@@ -383,11 +537,15 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
                             f"{f.vocab_size} ids")
         rules[slot.name] = TransferRule(slot.name, config.mode, loss=losses[slot.dim],
                                         loss_index=meta.sparse_names.index(slot.feature), source_mask=source,
-                                        target_mask=target & ~source, lam=config.lam, alpha=config.alpha)
+                                        target_mask=target & ~source, lam=config.lam,
+                                        alpha=config.barrier_alpha, barrier=config.barrier,
+                                        max_ratio=config.max_ratio if config.barrier == "applied" else None)
     absent = sorted(set(fields) - {s.feature for s in eligible})
     if absent and not any(pipeline.collections[c] for c in named):  # a shard may hold only some of the tables
         raise UserError(f"transfer fields {absent} have no table in the collection {config.embedding_module!r}")
     transform = TransferTransform(rules, losses)
+    if pipeline.optimizer is not None and any(r.applied for r in rules.values()):
+        pipeline.optimizer.enable_transfer_state([pipeline.by_name[name].weight for name in rules])
     by_collection: dict[str, list[TableSlot]] = {}
     for s in slots:
         by_collection.setdefault(s.collection, []).append(s)
@@ -403,4 +561,4 @@ def _in_collection(path: str, name: str) -> bool:
     return path == name or path.endswith("." + name)
 
 
-__all__ = ["MODES", "StepStats", "TransferRule", "TransferTransform", "barrier_direction", "transfer_transform"]
+__all__ = ["AppliedBarrier", "MODES", "StepStats", "applied_barrier", "TransferRule", "TransferTransform", "barrier_direction", "transfer_transform"]
