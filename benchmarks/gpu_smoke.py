@@ -15,8 +15,10 @@ What it does, on ``--device`` (default ``cuda``; on a machine without CUDA it pr
    (DistributedModelParallel with 1 rank, fbgemm's fused TBE with its fused EXACT_ROWWISE_ADAGRAD);
 3. times ``--steps`` steps of each, interleaved (median, after ``--warmup``), on the same batches of ``--batch``
    rows, synchronizing the device around each step;
-4. checks, for every touched row of every +Ours step, the barrier's constraint ``<g_i, mu_i> >= phi_i`` (Algorithm
-   1) on the tensors the GPU computed, and counts the rows where it binds;
+4. checks, for every touched row of every +Ours step, the barrier's constraint on the tensors the GPU computed, and
+   counts the rows where it binds: for the default barrier on the applied update, ``<g_i, delta_i> >= phi_i`` with
+   ``phi_i = alpha <g_i, u_i> min(1, l_main / ||g_i||^2)`` (``<g_i, u_i>`` where that is <= 0), ``u_i`` mode B's
+   update and ``delta_i`` the update applied; for ``transfer.barrier: paper``, Algorithm 1's ``<g_i, mu_i> >= phi_i``;
 5. trains one epoch of B and +Ours and reports their test AUC (same batches, same init);
 6. writes ``benchmarks/results/gpu_smoke.{json,md}`` (unless ``--no-record``).
 """
@@ -87,21 +89,43 @@ def build_steps(meta, domains, device, seed: int, names=("B", "+Ours", "B-fused"
 
 
 def check_barrier(records: list[tuple]) -> dict:
-    """The constraint of Algorithm 1 on every recorded row: ``<g, mu> >= phi = alpha * min(||g||^2, l_main)``."""
-    import torch
-
+    """The barrier's constraint on every recorded row: ``(g, d, phi)`` per call, ``<g, d> >= phi``."""
     rows = binding = violations = 0
     worst = 0.0
-    for g, mu, main, alpha in records:
-        gg = (g * g).sum(1)
-        phi = alpha * torch.minimum(gg, torch.as_tensor(main, dtype=gg.dtype, device=gg.device))
-        slack = (g * mu).sum(1) - phi
+    for g, d, phi in records:
+        slack = (g * d).sum(1) - phi
         tol = 1e-4 * (1 + phi.abs())
         violations += int((slack < -tol).sum())
         binding += int((slack.abs() <= tol).sum())
         rows += len(g)
         worst = min(worst, float((slack / (1 + phi.abs())).min())) if len(g) else worst
     return {"rows_checked": rows, "violations": violations, "binding_rows": binding, "worst_relative_slack": worst}
+
+
+def barrier_spies(barrier_module, records: list[tuple]) -> dict:
+    """Wrappers of the two barriers that record ``(g, d, phi)`` (float64, on the device) for :func:`check_barrier`."""
+    import torch
+
+    paper, applied = barrier_module.barrier_direction, barrier_module.applied_barrier
+
+    def paper_spy(g_main, g_transfer, main_loss, alpha):
+        mu, lam = paper(g_main, g_transfer, main_loss, alpha)
+        g = g_main.detach().double()
+        a = alpha.detach().double() if isinstance(alpha, torch.Tensor) else float(alpha)
+        gg = (g * g).sum(1)
+        records.append((g, mu.detach().double(), a * torch.minimum(gg, torch.as_tensor(float(main_loss), dtype=gg.dtype,
+                                                                                      device=gg.device))))
+        return mu, lam
+
+    def applied_spy(g_main, u, v, main_loss, alpha, max_ratio=None):
+        delta, lam = applied(g_main, u, v, main_loss, alpha, max_ratio)
+        g, u64 = g_main.detach().double(), u.detach().double()
+        gg, ru = (g * g).sum(1), (g * u64).sum(1)
+        cap = torch.clamp(float(main_loss) / gg.clamp_min(1e-300), max=1.0)
+        records.append((g, delta.detach().double(), torch.where(ru > 0, alpha * ru * cap, ru)))
+        return delta, lam
+
+    return {"barrier_direction": paper_spy, "applied_barrier": applied_spy}
 
 
 def main() -> int:
@@ -149,15 +173,9 @@ def main() -> int:
                          pin_memory=device.type == "cuda")
     batches = [b.to(device, non_blocking=True) for _, b in zip(range(8), loader)]
     records: list[tuple] = []
-    original = barrier_module.barrier_direction
-
-    def spy(g_main, g_transfer, main_loss, alpha):
-        mu, lam = original(g_main, g_transfer, main_loss, alpha)
-        a = alpha.detach().double() if isinstance(alpha, torch.Tensor) else float(alpha)
-        records.append((g_main.detach().double(), mu.detach().double(), float(main_loss), a))
-        return mu, lam
-
-    barrier_module.barrier_direction = spy
+    originals = {name: getattr(barrier_module, name) for name in ("barrier_direction", "applied_barrier")}
+    for name, spy in barrier_spies(barrier_module, records).items():
+        setattr(barrier_module, name, spy)
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for k in range(args.warmup + args.steps):
@@ -170,7 +188,8 @@ def main() -> int:
             _sync(device)
             if k >= args.warmup:
                 times[name].append(time.perf_counter() - s0)
-    barrier_module.barrier_direction = original
+    for name, fn in originals.items():
+        setattr(barrier_module, name, fn)
     barrier = check_barrier(records)
     on_device = {str(g.device) for g, *_ in records}
     timing = {name: {"median_ms": statistics.median(v) * 1e3, "p90_ms": sorted(v)[int(0.9 * (len(v) - 1))] * 1e3}

@@ -136,7 +136,8 @@ def _make(meta, optimizer: str, mode: str):
             if name.startswith("linear."):
                 p[:, 1:] = 0
     ref = Reference(model, meta, optimizer, mode)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="moment", fields=FIELDS, lam=0.5, alpha=ALPHA),
+    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="moment", fields=FIELDS, lam=0.5, alpha=ALPHA,
+                                                        barrier="paper"),
                             RowsConfig(optimizer=optimizer, lr=LR))
     dense = torch.optim.SGD(plugin.dense_parameters(), lr=LR)
     return model, ref, plugin, dense
@@ -207,7 +208,8 @@ def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, monkeypatch):
     out, meta = ml100k_prepared
     torch.manual_seed(0)
     model = FM(meta, embedding_dim=8)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",)), RowsConfig(lr=1e-2))
+    plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",), barrier="paper"),
+                            RowsConfig(lr=1e-2))
     dense = torch.optim.Adam(plugin.dense_parameters(), lr=1e-2)
     seen = []
     original = barrier_mod.barrier_direction
@@ -296,13 +298,15 @@ def test_embedding_collection_path_equals_bag_path(ml100k_prepared):
     assert runs[0].stats()["embedding.t_zip"]["target_rows"] > 0
 
 
-@pytest.mark.parametrize("mode,loss,fields", [
-    ("+Ours", "adversarial", None),  # every table under transfer: the loss sees all touched rows in one span
-    ("lexico", "adversarial", FIELDS),  # some tables: the transfer rows are gathered from several spans
-    ("+T", "cosreg", None),  # a loss over every touched row
-    ("select", "moment", FIELDS),
+@pytest.mark.parametrize("mode,loss,fields,barrier", [
+    ("+Ours", "adversarial", None, "applied"),  # every table under transfer: the loss sees all touched rows in one span
+    ("+Ours", "adversarial", None, "paper"),
+    ("lexico", "adversarial", FIELDS, "applied"),  # some tables: the transfer rows are gathered from several spans
+    ("lexico", "adversarial", FIELDS, "paper"),
+    ("+T", "cosreg", None, "applied"),  # a loss over every touched row
+    ("select", "moment", FIELDS, "applied"),
 ])
-def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss, fields):
+def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss, fields, barrier):
     """The whole-array update of tables that share one buffer (TransferTransform._shared) gives the per-table
     path's weights, row-optimizer state, discriminators and step statistics."""
     import numpy as np
@@ -322,7 +326,8 @@ def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss,
         monkeypatch.setattr(barrier_mod.TransferTransform, "_shared", spy)
         torch.manual_seed(3)  # not a deepcopy: that gives each table its own storage, and the general path
         model = FM(meta, embedding_dim=DIM)
-        config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), lam=0.5)
+        config = TransferConfig(mode=mode, loss=loss, fields=tuple(fields or meta.sparse_names), lam=0.5,
+                                barrier=barrier)
         plugin = TransferPlugin(model, meta, config, RowsConfig(optimizer="adam", lr=0.05), domains=domains)
         runs.append((model, plugin, _train_steps(model, plugin, out, steps=4, seed=6)))
     (m_flat, p_flat, s_flat), (m_gen, p_gen, s_gen) = runs
