@@ -7,6 +7,10 @@ rows (the rest unchanged). Methods:
 * ``B``        — main loss only, tables updated by our row pipeline (row-wise Adagrad), through the trainer's own
                  training step (``compose_step`` -> ``TrainStep``, what ``recsys-transfer train`` runs);
 * ``+Ours``    — selective domain + barrier with the adversarial transfer loss on all 26 fields, same step;
+* ``+Ours:<option>:...`` — +Ours with options: ``paper`` (the paper's barrier on the direction instead of the
+                 default barrier on the applied update), ``rows=K`` (``transfer.max_rows``: at most K source and K
+                 target rows per table and step in the transfer loss), ``disc=K`` (``transfer.disc_every``: the
+                 discriminators step every K-th step), e.g. ``+Ours:rows=256:disc=4``;
 * ``B-fused``  — main loss only with TorchRec's own path: DistributedModelParallel (1 rank, gloo), fbgemm fused
                  TBE with its fused EXACT_ROWWISE_ADAGRAD, no plug-in (the library's fastest CPU path).
 
@@ -18,6 +22,7 @@ growth varies by tens of MiB from run to run. Results go to ``benchmarks/results
 
     python benchmarks/barrier_overhead.py                 # both sizes, 40 timed steps each
     python benchmarks/barrier_overhead.py --sizes 100000 --steps 10
+    python benchmarks/barrier_overhead.py --methods B,+Ours,+Ours:paper,+Ours:rows=256:disc=4,B-fused
 """
 
 from __future__ import annotations
@@ -90,6 +95,25 @@ def rss_mib(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def transfer_options(method: str) -> dict:
+    """TransferConfig fields of a method name: ``B``, ``+Ours``, ``+Ours:paper:rows=256:disc=4``."""
+    name, *options = method.split(":")
+    if name not in ("B", "+Ours") or (name == "B" and options):
+        raise SystemExit(f"unknown method {method!r}: B, +Ours[:paper][:rows=K][:disc=K], B-fused")
+    out: dict = {"mode": name}
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key == "paper" and not value:
+            out["barrier"] = "paper"
+        elif key == "rows" and value.isdigit():
+            out["max_rows"] = int(value)
+        elif key == "disc" and value.isdigit():
+            out["disc_every"] = int(value)
+        else:
+            raise SystemExit(f"unknown option {opt!r} in {method!r}: paper, rows=K, disc=K")
+    return out
+
+
 def build(method: str, meta, loss: str = "adversarial"):
     """The step function of one method on a fresh DeepFM: the trainer's TrainStep (composed as ``recsys-transfer
     train`` composes it, :func:`recsys_transfer.train.compose.compose_step`) for B and +Ours."""
@@ -122,9 +146,9 @@ def build(method: str, meta, loss: str = "adversarial"):
     else:
         rng = np.random.default_rng(1)
         domains = {f.name: f.tail_mask() & (rng.random(f.vocab_size) >= 0.2) for f in meta.sparse}  # T'_eta
-        mode = "B" if method == "B" else "+Ours"
         train_step = compose_step(model, meta, rows=RowsConfig(optimizer="rowwise_adagrad", lr=0.01),
-                                  transfer=TransferConfig(mode=mode, loss=loss, fields=tuple(meta.sparse_names)),
+                                  transfer=TransferConfig(loss=loss, fields=tuple(meta.sparse_names),
+                                                          **transfer_options(method)),
                                   domains=domains, train=TrainConfig(optimizer="adam", lr=1e-3))
 
     def step(b) -> float:
@@ -246,6 +270,9 @@ def main() -> int:
         by = {r["method"]: r for r in rows_out if r["size"] == size}
         if "+Ours" in by and "B" in by:
             text = (f"size {size:,}: +Ours/B step-time ratio {by['+Ours']['median_ms'] / by['B']['median_ms']:.3f}")
+            for name, r in by.items():
+                if name.startswith("+Ours:"):
+                    text += f"; {name}/B {r['median_ms'] / by['B']['median_ms']:.3f}"
             if "B-fused" in by:
                 text += (f"; +Ours/B-fused ratio {by['+Ours']['median_ms'] / by['B-fused']['median_ms']:.3f}"
                          f"; B/B-fused ratio {by['B']['median_ms'] / by['B-fused']['median_ms']:.3f}")

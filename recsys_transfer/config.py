@@ -111,7 +111,15 @@ class RowsConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """The transfer row transform (:mod:`recsys_transfer.transfer`). ``mode`` B trains on the main loss only."""
+    """The transfer row transform (:mod:`recsys_transfer.transfer`). ``mode`` B trains on the main loss only.
+
+    ``barrier`` (modes +Ours and lexico): ``applied`` (default) puts the barrier on the update the row optimizer
+    applies, with the main and transfer gradients preconditioned by their own optimizer state and the transfer
+    update bounded per row by ``max_ratio`` times the main update; ``paper`` is Algorithm 1 on the direction, as
+    published (harmless with SGD, not with Adam: :mod:`recsys_transfer.transfer.barrier`). ``alpha``: the barrier's
+    coefficient (None: 2, the paper's, for ``paper``; 1 for ``applied``). Cost controls (off by default):
+    ``max_rows`` source and target rows per table and step drawn for the transfer loss, ``disc_every``: the
+    adversarial discriminators step every k-th step."""
 
     mode: str = "B"
     loss: str = "adversarial"
@@ -121,6 +129,8 @@ class TransferConfig:
     alpha: float | None = None  # the barrier's alpha; None: 2 for the paper's barrier (its choice), 1 for applied
     barrier: str = "applied"
     max_ratio: float | None = 0.1  # applied barrier: per row, ||transfer update|| <= max_ratio ||main update||
+    max_rows: int | None = None  # cost control: at most this many source and target rows per table and step
+    disc_every: int = 1  # cost control (adversarial loss): the discriminators take a step every k-th step
     loss_kwargs: dict = field(default_factory=dict)
     embedding_module: str = "embedding"  # attribute name of the model's collection whose tables carry the transfer
     seed: int = 0
@@ -136,6 +146,13 @@ class TransferConfig:
             raise ValueError(f"transfer.barrier must be one of {BARRIERS}, got {self.barrier!r}")
         if not self.lam >= 0 or (self.alpha is not None and not self.alpha > 0):
             raise ValueError(f"transfer.lam must be >= 0 and transfer.alpha > 0, got {self.lam}, {self.alpha}")
+        if self.max_rows is not None and (isinstance(self.max_rows, bool) or not self.max_rows >= 1):
+            raise ValueError(f"transfer.max_rows must be a positive integer or null, got {self.max_rows}")
+        if isinstance(self.disc_every, bool) or not self.disc_every >= 1:
+            raise ValueError(f"transfer.disc_every must be a positive integer, got {self.disc_every}")
+        if self.disc_every != 1 and self.loss != "adversarial":
+            raise ValueError(f"transfer.disc_every applies to the adversarial loss's discriminators; loss is "
+                             f"{self.loss!r}")
         if self.max_ratio is not None and not self.max_ratio > 0:
             raise ValueError(f"transfer.max_ratio must be > 0 or null, got {self.max_ratio}")
 

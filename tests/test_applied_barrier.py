@@ -294,3 +294,108 @@ def test_applied_update_on_real_batches(ml100k_selected, monkeypatch):
         phi = torch.where(ru > 0, ru * torch.clamp(loss / gg, max=1.0), ru)
         assert bool(((g * applied).sum(1) >= phi - 1e-12 * (1 + phi.abs())).all())  # (3), alpha = 1
         assert len(g) > 100
+
+
+# -- cost controls: transfer.max_rows, transfer.disc_every -------------------------------------------------------------
+def test_subsample_slots_draws_each_side_uniformly():
+    from recsys_transfer.transfer.barrier import subsample_slots
+
+    gen = torch.Generator().manual_seed(0)
+    src = torch.zeros(2, 30, dtype=torch.bool)
+    tgt = torch.zeros(2, 30, dtype=torch.bool)
+    src[0, :12], tgt[0, 12:20] = True, True  # table 0: 12 source rows (> k), 8 target rows
+    src[1, :3], tgt[1, 3:25] = True, True  # table 1: 3 source rows (< k), 22 target rows
+    k, draws = 5, 4000
+    counts_src, counts_tgt = torch.zeros(2, 30), torch.zeros(2, 30)
+    for _ in range(draws):
+        pick, s, t = subsample_slots(src, tgt, k, gen)
+        assert pick.shape == s.shape == t.shape == (2, 2 * k)
+        assert s[:, k:].sum() == 0 and t[:, :k].sum() == 0  # each half keeps its own side only
+        assert bool((s <= src.gather(1, pick)).all() and (t <= tgt.gather(1, pick)).all())
+        for j in range(2):  # no row counted twice
+            chosen = pick[j][s[j] | t[j]]
+            assert len(chosen) == len(set(chosen.tolist()))
+        assert s.sum(1).tolist() == [5, 3] and t.sum(1).tolist() == [5, 5]
+        counts_src.scatter_add_(1, pick[:, :k], s[:, :k].double().float())
+        counts_tgt.scatter_add_(1, pick[:, k:], t[:, k:].double().float())
+    freq_s, freq_t = counts_src / draws, counts_tgt / draws
+    torch.testing.assert_close(freq_s[0, :12], torch.full((12,), 5 / 12), atol=0.03, rtol=0)
+    torch.testing.assert_close(freq_s[1, :3], torch.ones(3), atol=0, rtol=0)  # fewer than k: all of them, always
+    torch.testing.assert_close(freq_t[0, 12:20], torch.full((8,), 5 / 8), atol=0.03, rtol=0)
+    torch.testing.assert_close(freq_t[1, 3:25], torch.full((22,), 5 / 22), atol=0.03, rtol=0)
+    assert subsample_slots(src[:, :5], tgt[:, :5], 5, gen) is None  # nothing to leave out
+
+
+def test_max_rows_gives_an_unbiased_adversarial_row_gradient():
+    """The mean over draws of the subsampled gradient (rows left out: zero) equals the full gradient (float64)."""
+    from recsys_transfer.transfer.barrier import TransferTransform
+    from recsys_transfer.transfer.losses import AdversarialLoss
+
+    torch.manual_seed(0)
+    loss = AdversarialLoss(2, 4, hidden=8, dtype=torch.float64, update_every=10 ** 9)  # frozen after its first call
+    x = torch.randn(2, 40, 4, dtype=torch.float64)
+    src = torch.zeros(2, 40, dtype=torch.bool)
+    tgt = torch.zeros(2, 40, dtype=torch.bool)
+    src[:, :15], tgt[:, 15:33] = True, True
+    index = torch.tensor([0, 1])
+    full_t = TransferTransform({}, {}, max_rows=None)
+    _, first = full_t._loss_grad(loss, x, None, src, tgt, index, 4, x)  # the discriminators' one step
+    values, full = full_t._loss_grad(loss, x, None, src, tgt, index, 4, x)
+    sampled = TransferTransform({}, {}, max_rows=6, seed=1)
+    mean = torch.zeros_like(full)
+    draws = 3000
+    for _ in range(draws):
+        _, g = sampled._loss_grad(loss, x, None, src, tgt, index, 4, x)
+        assert int((g.abs().sum(1) > 0).sum()) <= 2 * 6  # only drawn target rows get a gradient
+        mean += g / draws
+    assert float(full.abs().sum()) > 0
+    torch.testing.assert_close(mean, full, rtol=0, atol=0.08 * float(full.abs().max()))
+
+
+def test_disc_every_steps_the_discriminators_on_every_kth_call():
+    from recsys_transfer.transfer.losses import AdversarialLoss
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, 4)
+    src = torch.zeros(1, 20, dtype=torch.bool)
+    tgt = torch.zeros(1, 20, dtype=torch.bool)
+    src[0, :8], tgt[0, 8:] = True, True
+    every = AdversarialLoss(1, 4, hidden=8, update_every=3)
+    params = []
+    for _ in range(7):
+        params.append(every.w1.detach().clone())
+        every.grad(x, src, tgt, torch.tensor([0]))
+    moved = [not torch.equal(params[k], params[k + 1]) for k in range(6)]
+    assert moved == [True, False, False, True, False, False]
+    assert int(every._adam[2][0]) == 3  # three Adam steps in 7 calls (calls 0, 3, 6)
+    with pytest.raises(ValueError, match="disc_every"):
+        TransferConfig(loss="mmd", disc_every=2)
+    with pytest.raises(ValueError, match="max_rows"):
+        TransferConfig(max_rows=0)
+
+
+@pytest.mark.parametrize("barrier", ["applied", "paper"])
+def test_cost_controls_on_real_batches(ml100k_selected, barrier):
+    """+Ours with max_rows and disc_every on ML-100K DeepFM: it trains, the loss sees at most max_rows rows per side
+    (the statistics still count every domain row present), and it differs from the exact method."""
+    out, meta, domains = ml100k_selected
+    results = {}
+    for name, extra in (("exact", {}), ("cheap", {"max_rows": 16, "disc_every": 2})):
+        torch.manual_seed(5)
+        model = DeepFM(meta, embedding_dim=8, hidden=(16,))
+        rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01))
+        transfer = transfer_transform(rows, meta, TransferConfig(mode="+Ours", loss="adversarial",
+                                                                 fields=("zip", "user_id"), barrier=barrier, **extra),
+                                      domains)
+        rows.add_transform(transfer)
+        step = TrainStep(model, Objective(meta.tasks), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
+        for b in BatchLoader(out, "train", 512, shuffle=True, seed=1, prefetch=0):
+            step(b)
+            if transfer.losses[8].calls == 4:
+                break
+        results[name] = (model.state_dict(), transfer.stats())
+    exact, cheap = results["exact"], results["cheap"]
+    assert cheap[1]["embedding.t_user_id"]["target_rows"] > 16  # counted, although only 16 entered the loss
+    assert cheap[1]["embedding.t_user_id"]["source_rows"] == exact[1]["embedding.t_user_id"]["source_rows"]
+    w = "embedding.embedding_bags.t_user_id.weight"
+    assert not torch.equal(exact[0][w], cheap[0][w])

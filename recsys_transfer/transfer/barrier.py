@@ -122,7 +122,8 @@ def barrier_direction(g_main: torch.Tensor, g_transfer: torch.Tensor, main_loss:
 
 
 def applied_barrier(g_main: torch.Tensor, u: torch.Tensor, v: torch.Tensor, main_loss: torch.Tensor | float,
-                    alpha: float, max_ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    alpha: float, max_ratio: float | None = None,
+                    workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The barrier on the applied update (module docstring, *The barrier under any row optimizer*), per row ``i``
     of ``[U, D]`` inputs: ``g`` the main gradient, ``u`` the row optimizer's update from ``g`` with the main state
     (mode B's update), ``v`` its update from the transfer gradient with the transfer state, both in one unit::
@@ -136,24 +137,33 @@ def applied_barrier(g_main: torch.Tensor, u: torch.Tensor, v: torch.Tensor, main
     so that ``<g, delta> >= phi`` for every row (``s`` makes up what ``lambda <= alpha`` leaves, along ``g``; it
     is at most ``|r_v| / ||g||^2``, so ``||s g|| <= ||v||``). Returns ``(delta, lambda)``. With SGD (``u = g``,
     ``v = t``) and no trust bound, ``lambda + s`` is Eq. 7's lambda and ``delta`` Eq. 6's direction (bitwise
-    :func:`barrier_direction`'s where ``||g||^2 <= l_main`` and ``<g, t> >= 0``; to rounding elsewhere)."""
-    if max_ratio is not None:
-        nu = torch.linalg.vector_norm(u, dim=1)
-        nv = torch.linalg.vector_norm(v, dim=1)
-        v = v * (max_ratio * nu / nv.clamp_min(torch.finfo(nv.dtype).tiny)).clamp_max_(1.0).unsqueeze(1)
+    :func:`barrier_direction`'s where ``||g||^2 <= l_main`` and ``<g, t> >= 0``; to rounding elsewhere).
+
+    ``workspace``: a ``[U, D]`` buffer (of ``g``'s dtype and device) for the row products, reused across steps: a
+    fresh 5 MB product per dot is page-faulted in on every call on CPU. Row dot products are a product and a
+    matrix-vector product with ones, as in :func:`barrier_direction`."""
+    ws = workspace if workspace is not None and workspace.shape == g_main.shape else torch.empty_like(g_main)
     ones = torch.ones(g_main.shape[1], dtype=g_main.dtype, device=g_main.device)
-    gg = torch.mul(g_main, g_main) @ ones
-    ru = torch.mul(g_main, u) @ ones
-    rv = torch.mul(g_main, v) @ ones
+    gg = torch.mul(g_main, g_main, out=ws) @ ones
+    ru = torch.mul(g_main, u, out=ws) @ ones
+    rv = torch.mul(g_main, v, out=ws) @ ones
+    scale = None
+    if max_ratio is not None:
+        uu = torch.mul(u, u, out=ws) @ ones
+        vv = torch.mul(v, v, out=ws) @ ones
+        over = vv > (max_ratio * max_ratio) * uu
+        scale = torch.where(over, max_ratio * torch.sqrt(uu / vv.where(over, 1.0)), 1.0)
+        rv = rv * scale
     loss = torch.as_tensor(main_loss, dtype=gg.dtype, device=gg.device)
     tiny = torch.finfo(gg.dtype).tiny
     descends = ru > 0
     cap = torch.where(gg <= loss, torch.ones_like(gg), loss / gg.clamp_min(tiny))  # min(1, l_main / ||g||^2)
     phi = torch.where(descends, alpha * ru * cap, ru)
     lam = torch.where(descends, ((phi - rv) / ru.where(descends, 1.0)).clamp_(0.0, alpha), 1.0)
-    delta = torch.addcmul(v, lam.unsqueeze(1), u)
     # where lambda < alpha the barrier is met by lambda alone (no make-up: its rounding residue is left out)
     short = (phi - rv - lam * ru).clamp_min_(0.0).masked_fill_(descends & (lam < alpha), 0.0)
+    delta = torch.addcmul(v, lam.unsqueeze(1), u) if scale is None else \
+        torch.mul(v, scale.unsqueeze(1)).addcmul_(lam.unsqueeze(1), u)
     return delta.addcmul_((short / gg.clamp_min(tiny)).unsqueeze(1), g_main), lam
 
 
@@ -163,12 +173,18 @@ class AppliedBarrier:
     lambda (``sizes``: the tables' row counts, in order)."""
 
     def __init__(self, main_loss: torch.Tensor, alpha: float, max_ratio: float | None, rules: list["TransferRule"],
-                 sizes: list[int]) -> None:
+                 sizes: list[int], workspaces: dict | None = None) -> None:
         self.main_loss, self.alpha, self.max_ratio, self.rules, self.sizes = main_loss, alpha, max_ratio, rules, sizes
         self.lams: list[torch.Tensor] = []
+        self.workspaces = workspaces if workspaces is not None else {}  # (dtype, device) -> buffer, across steps
 
     def __call__(self, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        delta, lam = applied_barrier(g, u, v, self.main_loss, self.alpha, self.max_ratio)
+        key = (g.dtype, g.device)
+        ws = self.workspaces.get(key)
+        if ws is None or ws.numel() < g.numel():
+            ws = self.workspaces[key] = torch.empty(g.numel() * 5 // 4 + 64, dtype=g.dtype, device=g.device)
+        delta, lam = applied_barrier(g, u, v, self.main_loss, self.alpha, self.max_ratio,
+                                     ws[: g.numel()].view(g.shape))
         self.lams.append(lam)
         return delta
 
@@ -237,6 +253,27 @@ class TransferRule:
         return self.source_mask, self.target_mask
 
 
+def subsample_slots(src: torch.Tensor, tgt: torch.Tensor, k: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``transfer.max_rows``: per table (row of the ``[T, N]`` masks), at most ``k`` source and ``k`` target slots
+    drawn uniformly without replacement. Returns ``(pick, src_k, tgt_k)``: slot indices ``[T, 2k]`` (the first
+    ``k`` drawn from the source side, then ``k`` from the target side; where a side has fewer than ``k`` rows, all
+    of them, the rest of its half filled with other slots) and their masks ``[T, 2k]`` (a filler is in neither
+    side, so no row counts twice). None when no table has more than ``k`` rows on a side (nothing to leave out).
+
+    A loss that is a mean over each side's rows (the adversarial loss) then has an unbiased loss and row gradient:
+    a row is drawn with probability ``k / n`` and its gradient in the subsampled mean is ``n / k`` times its share
+    of the full one. For MMD and moment matching the subsample gives the same statistic on fewer rows."""
+    n = src.shape[1]
+    if n <= k or not bool(((src.sum(1) > k) | (tgt.sum(1) > k)).any()):
+        return None
+    keys = torch.rand(src.shape, generator=generator, device=src.device)
+    picks = [torch.topk(torch.where(side, keys, keys + 2.0), k, dim=1, largest=False).indices for side in (src, tgt)]
+    pick = torch.cat(picks, 1)
+    first = (torch.arange(2 * k, device=src.device) < k).unsqueeze(0)
+    return pick, src.gather(1, pick) & first, tgt.gather(1, pick) & ~first
+
+
 def _on(loss: TransferLoss, device: torch.device) -> TransferLoss:
     """``loss`` with its parameters (a discriminator's) on ``device``, where the rows are."""
     p = next(loss.parameters(), None)
@@ -285,14 +322,45 @@ class TransferTransform(RowTransform):
 
     stage = "transfer"
 
-    def __init__(self, rules: dict[str, TransferRule], losses: dict[int, TransferLoss]) -> None:
+    def __init__(self, rules: dict[str, TransferRule], losses: dict[int, TransferLoss], max_rows: int | None = None,
+                 seed: int = 0) -> None:
         self.rules = rules
         self.losses = losses
+        self.max_rows = max_rows  # transfer.max_rows (subsample_slots)
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._workspaces: dict = {}  # the applied barrier's row-product buffer (AppliedBarrier)
         self.needs_main_loss = any(r.uses_barrier for r in rules.values())
         self._buffer_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def stats(self) -> dict[str, dict]:
         return {name: vars(rule.stats) for name, rule in self.rules.items()}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device).manual_seed(self._seed * 1_000_003 + 17)
+        return gen
+
+    def _loss_grad(self, loss: TransferLoss, x: torch.Tensor | None, rows_of, src: torch.Tensor, tgt: torch.Tensor,
+                   index: torch.Tensor, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss.grad`` on the padded ``[T, N]`` layout, or on a subsample of it (``transfer.max_rows``): then only
+        the drawn rows are gathered (``rows_of(flat slot ids) -> [K, D]`` values) and the gradient is scattered back
+        (rows left out get zero). Returns (per-table losses, ``[T * N, D]`` gradient)."""
+        n_tab, n_max = src.shape
+        drawn = None if self.max_rows is None else subsample_slots(src, tgt, self.max_rows,
+                                                                   self._generator(src.device))
+        if drawn is None:
+            xs = x if x is not None else rows_of(None).view(n_tab, n_max, dim)
+            values, gx = _on(loss, src.device).grad(xs, src, tgt, index)
+            return values, gx.reshape(n_tab * n_max, dim)
+        pick, src_k, tgt_k = drawn
+        slots = (torch.arange(n_tab, device=src.device).unsqueeze(1) * n_max + pick).reshape(-1)
+        xs = (x.reshape(n_tab * n_max, dim).index_select(0, slots) if x is not None else rows_of(slots))
+        values, gx = _on(loss, src.device).grad(xs.view(n_tab, pick.shape[1], dim), src_k, tgt_k, index)
+        full = torch.zeros((n_tab * n_max, dim), dtype=gx.dtype, device=gx.device)
+        # a slot drawn twice (once on its side, once as filler of the other side, masked there) adds zero once
+        return values, full.index_add_(0, slots, gx.reshape(-1, dim))
 
     def reads_rows(self, slot: TableSlot) -> bool:
         return slot.name in self.rules  # the transfer loss reads the rows of the tables under transfer
@@ -342,7 +410,8 @@ class TransferTransform(RowTransform):
             tgt = pad_sequence(tgts, batch_first=True)
             index = torch.tensor([self.rules[tables[k].slot.name].loss_index for k in ks], dtype=torch.int64,
                                  device=x.device)
-            values, gx = _on(loss, x.device).grad(x, src, tgt, index)
+            values, gx = self._loss_grad(loss, x, None, src, tgt, index, x.shape[2], x)
+            gx = gx.view(x.shape)
             n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
             for j, (k, (n_all, mine)) in enumerate(zip(ks, parts)):
                 t = gx[j, :n_all]
@@ -383,7 +452,7 @@ class TransferTransform(RowTransform):
             raise ValueError(f"the applied barrier needs one (alpha, max_ratio) for the tables of a lookup call, got "
                              f"{sorted(settings, key=str)}")
         combine = AppliedBarrier(_main_loss(context), rules[0].alpha, rules[0].max_ratio, rules,
-                                 [len(table) for table, _ in tables])
+                                 [len(table) for table, _ in tables], self._workspaces)
         call.split = SplitUpdate([table for table, _ in tables], [table.grad for table, _ in tables],
                                  [t.to(table.grad.dtype) for table, t in tables], combine, done=combine.done)
 
@@ -441,7 +510,6 @@ class TransferTransform(RowTransform):
         # updates them in place and writes them back
         current = shared.base.index_select(0, shared.rows)
         at = torch.zeros(n_tab * n_max, dtype=torch.int64, device=dev).index_copy_(0, pidx, sel)  # slot -> position
-        x = current.index_select(0, at)
         if rule0.loss.uses_all_rows:
             src = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev).index_fill_(0, pidx, True)
             tgt = torch.zeros(n_tab * n_max, dtype=torch.bool, device=dev)
@@ -453,10 +521,11 @@ class TransferTransform(RowTransform):
             tgt.index_copy_(0, pidx, tgt_all.index_select(0, rows))
         src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
         index = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
-        values, gx = _on(rule0.loss, dev).grad(x.view(n_tab, n_max, -1), src, tgt, index)
-        t = gx.reshape(n_tab * n_max, -1).index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
+        rows_of = lambda slots: current.index_select(0, at if slots is None else at.index_select(0, slots))  # noqa: E731
+        values, gx = self._loss_grad(rule0.loss, None, rows_of, src, tgt, index, current.shape[1], current)
+        t = gx.index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
         if rule0.applied:  # the optimizer combines its two updates (AppliedBarrier)
-            combine = AppliedBarrier(_main_loss(context), rule0.alpha, rule0.max_ratio, rules, sizes)
+            combine = AppliedBarrier(_main_loss(context), rule0.alpha, rule0.max_ratio, rules, sizes, self._workspaces)
             at = list(itertools.accumulate(sizes, initial=0))
             spans = list(zip(at[:-1], at[1:]))
             call.split = SplitUpdate(transfer, Blocks(g, spans), Blocks(t, spans), combine,
@@ -527,6 +596,8 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
         if slot.dim not in losses:
             kwargs = dict(config.loss_kwargs)
             kwargs.setdefault("seed", config.seed)
+            if config.disc_every != 1:
+                kwargs["update_every"] = config.disc_every
             losses[slot.dim] = make_transfer_loss(config.loss, len(meta.sparse_names), slot.dim, **kwargs)
         f = meta.field(slot.feature)
         source = torch.from_numpy(f.head_mask())
@@ -543,7 +614,7 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
     absent = sorted(set(fields) - {s.feature for s in eligible})
     if absent and not any(pipeline.collections[c] for c in named):  # a shard may hold only some of the tables
         raise UserError(f"transfer fields {absent} have no table in the collection {config.embedding_module!r}")
-    transform = TransferTransform(rules, losses)
+    transform = TransferTransform(rules, losses, max_rows=config.max_rows, seed=config.seed)
     if pipeline.optimizer is not None and any(r.applied for r in rules.values()):
         pipeline.optimizer.enable_transfer_state([pipeline.by_name[name].weight for name in rules])
     by_collection: dict[str, list[TableSlot]] = {}

@@ -63,9 +63,13 @@ class TransferLoss(nn.Module):
 
 class AdversarialLoss(TransferLoss):
     def __init__(self, num_tables: int, dim: int, hidden: int = 32, lr: float = 1e-3, seed: int = 0,
-                 betas: tuple[float, float] = (0.5, 0.999), dtype: torch.dtype = torch.float32) -> None:
+                 betas: tuple[float, float] = (0.5, 0.999), dtype: torch.dtype = torch.float32,
+                 update_every: int = 1) -> None:
         super().__init__(num_tables)
         self.lr, self.betas = lr, betas
+        # transfer.disc_every: the discriminators take their step on every k-th call only; the calls between
+        # skip the discriminator's gradient (two of the four bmm's over [T, N, H]) and its Adam step
+        self.update_every, self.calls = int(update_every), 0
         self.dim, self.hidden = dim, hidden
         # every table's discriminator is ONE row of a [T, K] buffer: [w1 (D x H, row-major); b1; w2; b2], so the
         # augmented first layer [w1; b1] is a [D + 1, H] view and one lazy Adam call updates all parameters
@@ -182,6 +186,10 @@ class AdversarialLoss(TransferLoss):
             dz_disc = sm1 * srcf * half_inv_s + sig * tw * 0.5
             # d adv / dx = dz_adv * (G @ w1^T); the discriminator's gradients contract dz_disc with G and h
             gx = torch.bmm(g_act, w1.transpose(1, 2)).mul_(dz_adv.unsqueeze(-1))  # [T, N, D]
+            update = self.calls % self.update_every == 0
+            self.calls += 1
+            if not update:
+                return adv, gx
             xd = torch.mul(xa, dz_disc.unsqueeze(-1), out=self._workspace("xd", xa.shape, x))
             grads = torch.cat([torch.bmm(xd.transpose(1, 2), g_act).view(t_, -1),  # [w1; b1]  [T, (D + 1) H]
                                torch.bmm(dz_disc.unsqueeze(1), h).squeeze(1),  # w2 [T, H]
