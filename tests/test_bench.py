@@ -154,3 +154,54 @@ def test_cli_parser_and_dry_run(tmp_path, capsys):
     assert cmd_bench(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("todo ") for line in lines)
+
+
+def test_methods_are_columns_with_their_own_overrides(tmp_path):
+    extra = ('methods:\n  - {name: "+Ours paper", mode: +Ours, overrides: [transfer.barrier=paper]}\n'
+             '  - {name: "+Ours r0.3", mode: +Ours, overrides: [transfer.max_ratio=0.3]}')
+    spec = load_grid(_grid(tmp_path, tmp_path / "data", modes=("B", "+Ours"), seeds=(0, 1, 2), extra=extra))
+    runs = expand(spec)
+    by = {}
+    for r in runs:
+        by.setdefault(r.mode, []).append(r)
+    assert sorted(by) == sorted(["B", "+Ours", "+Ours paper", "+Ours r0.3"]) and all(len(v) == 3 for v in by.values())
+    assert {(r.cfg.transfer.mode, r.cfg.transfer.barrier, r.cfg.transfer.max_ratio) for r in by["+Ours paper"]} == \
+        {("+Ours", "paper", 0.1)}
+    assert {(r.cfg.transfer.barrier, r.cfg.transfer.max_ratio) for r in by["+Ours r0.3"]} == {("applied", 0.3)}
+    assert len({r.run_id for r in runs}) == len(runs) == 12
+    bad = _grid(tmp_path, tmp_path / "data", extra='methods:\n  - {name: "+Ours", mode: +Ours}')
+    with pytest.raises(UserError, match="name of its own"):
+        load_grid(bad)
+    bad.write_text(bad.read_text().replace('{name: "+Ours", mode: +Ours}', '{name: x, mode: "+Best"}'))
+    with pytest.raises(UserError, match="unknown mode"):
+        load_grid(bad)
+
+
+def test_shards_split_the_runs_and_each_trains_only_its_own(tmp_path, monkeypatch):
+    import argparse
+
+    import recsys_transfer.train.run as run_module
+    from recsys_transfer.bench.cli import add_bench_parser, cmd_bench
+
+    spec = load_grid(_grid(tmp_path, tmp_path / "data", seeds=(0, 1, 2)))
+    ids = [r.run_id for r in expand(spec)]
+    trained = []
+
+    class Stop(Exception):
+        pass
+
+    def first_run_only(cfg, out, overwrite):  # which run a shard starts with; no training
+        trained.append(Path(out).name)
+        raise Stop
+
+    monkeypatch.setattr(run_module, "run_training", first_run_only)
+    for k in range(3):
+        with pytest.raises(Stop):
+            run_grid(spec, tmp_path / "o", shard=(k, 3), log=lambda *_: None)
+    assert trained == ids[:3]  # shard k starts with run k (then k + 3, ...)
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--config", str(_grid(tmp_path, tmp_path / "data")), "--output",
+                              str(tmp_path / "o2"), "--shard", "2/2"])
+    with pytest.raises(UserError, match="--shard"):
+        cmd_bench(args)
