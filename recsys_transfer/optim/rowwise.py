@@ -285,8 +285,7 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         only used when all params form one batch). ``rows`` and ``mus`` may be lazy sequences
         (:class:`recsys_transfer.flat.Lazy`, :class:`~recsys_transfer.flat.Blocks`): an element is only asked for
         if the update cannot use ``buffer_rows`` (per-table rows) or the whole direction (per-table blocks)."""
-        self._batched(params, rows, buffer_rows, current, lambda ks: ([mus[k] for k in ks] if ks is not None else mus),
-                      None, None)
+        self._batched(params, rows, buffer_rows, current, lambda ks: ([mus[k] for k in ks] if ks is not None else mus))
 
     def enable_transfer_state(self, params: Sequence[torch.Tensor]) -> None:
         """Let :meth:`update_rows_split` update ``params`` (the tables under transfer): they get a second copy of the
@@ -313,10 +312,12 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                 return grads, transfers
             return [grads[k] for k in ks], [transfers[k] for k in ks]
 
-        self._batched(params, rows, buffer_rows, current, split, combine, True)
+        self._batched(params, rows, buffer_rows, current, split, combine)
 
-    def _batched(self, params, rows, buffer_rows, current, directions, combine, split: bool | None) -> None:
-        # batched by index: the elements of ``rows`` and of the directions are not looked at here
+    def _batched(self, params, rows, buffer_rows, current, directions, combine: Combine | None = None) -> None:
+        """Run the maths once per (param group, row shape, dtype, device) batch; ``directions(ks)``: the directions
+        of params ``ks`` (None: all), one list or, for a split update (``combine`` given), a (main, transfer) pair.
+        Batched by index: the elements of ``rows`` and of the directions are not looked at here."""
         batches: dict[tuple, tuple[dict[str, Any], list[int]]] = {}
         for k, p in enumerate(params):
             group = self._group_of(p)
@@ -335,7 +336,7 @@ class RowOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
                     for group, ks in batches.values()]
         for group, ps, at, dirs in jobs:
             self._init_state(group, self._state_spec(group))
-            if split:
+            if combine is not None:
                 self._update_split(group, ps, at, dirs[0], dirs[1], combine)
             else:
                 self._update(group, ps, at, dirs)

@@ -60,17 +60,18 @@ whenever ``||g_i||^2 <= l_main``. With SGD ``u_i = eps g_i`` and ``v_i = eps t_i
 optimizer state for the tables under transfer only (Adam: two ``[R, D]`` tensors and a ``[R]`` step count;
 momentum: one ``[R, D]``; row-wise Adagrad: one ``[R]``; SGD: none).
 
-Candidates measured on the Adam stress test (``tests/test_harmless.py``'s data, seed 0, B 0.7524, +T 0.7398,
-paper barrier 0.7420; numbers in ``benchmarks/results/harmless_candidates.md``): (1) the transfer gradient in the
-main preconditioner's metric (``v_i = lr m_t / sqrt(v_main)``, the issue's first candidate) diverges: rare rows
-have a tiny main second moment, so their transfer step is unbounded (AUC 0.53); (2) separate statistics combined
-by Eq. 7 in update units, without a cap on ``lambda_i``: 0.7416 -- where ``<g, u>`` is small but positive
-``lambda_i`` reached 800 (B's step multiplied); (3) with ``lambda_i <= alpha`` and the make-up along ``g``:
-0.7489 (alpha 1) / 0.7475 (alpha 2: the main step doubled on a tuned Adam overshoots, as B at 2x lr does,
-0.7458); (4) the transfer preconditioned by the joint main+transfer second moment: 0.7491, no better than (3);
-(5) = (3) with the trust bound: 0.7516 (``max_ratio`` 0.3), 0.7527 (0.1). The first-order guarantee alone is not
-enough under Adam: an Adam-normalized transfer step moves a rare row as far as the main step, whatever the size of
-``t_i``, and the main loss pays at second order; the trust bound is what keeps that in check.
+Candidates measured on the Adam stress test (``tests/test_harmless.py``'s data; B 0.7524, +T 0.7398, paper barrier
+0.7420 on seed 0; ``benchmarks/results/harmless_candidates.md``, and the kept ones on 3 seeds in
+``harmless_stress.md``): (1) the transfer gradient in the main preconditioner's metric (``v_i = lr m_t /
+sqrt(v_main)``, the issue's first candidate) diverges: rare rows have a tiny main second moment, so their transfer
+step is unbounded (AUC 0.53); (2) separate statistics combined by Eq. 7 in update units, without a cap on
+``lambda_i``: 0.7416 -- where ``<g, u>`` is small but positive ``lambda_i`` reached 836 (B's step multiplied);
+(3) with ``lambda_i <= alpha`` and the make-up along ``g``: 0.7489 (alpha 1) / 0.7475 (alpha 2: the main step
+doubled on a tuned Adam overshoots, as B at 2x lr does, 0.7458); (4) the transfer preconditioned by the joint
+main+transfer second moment: 0.7491, no better than (3); (5) = (3) with the trust bound: 0.7516 (``max_ratio``
+0.3), 0.7527 (0.1; 3 seeds: +0.0001 to +0.0004 over B). The first-order guarantee alone is not enough under Adam:
+an Adam-normalized transfer step moves a rare row as far as the main step, whatever the size of ``t_i``, and the
+main loss pays at second order; the trust bound is what keeps that in check.
 
 Rows with zero main gradient
 ----------------------------
