@@ -171,9 +171,12 @@ def adam_delta(at: "_Rows", grad: torch.Tensor, exp_avgs: list[torch.Tensor], ex
 def rowwise_adagrad_delta(at: "_Rows", w: torch.Tensor, grad: torch.Tensor, sum_sqs: list[torch.Tensor], *,
                           lr: float, eps: float, weight_decay: float) -> tuple[torch.Tensor, float]:
     d = grad if weight_decay == 0 else grad + weight_decay * w
-    s = at.gather(sum_sqs).add_(d.pow(2).mean(dim=1))
+    # mean(d^2) per row as a product and a matrix-vector product (a reduction over a short row is ~2x slower on
+    # CPU), and one pass for the update itself (d times a per-row factor)
+    mean_sq = torch.mul(d, d) @ torch.full((d.shape[1],), 1.0 / d.shape[1], dtype=d.dtype, device=d.device)
+    s = at.gather(sum_sqs).add_(mean_sq)
     at.scatter(sum_sqs, s)
-    return lr * d / (s.sqrt() + eps).unsqueeze(1), 1.0
+    return d * (lr / (s.sqrt() + eps)).unsqueeze(1), 1.0
 
 
 @torch.no_grad()

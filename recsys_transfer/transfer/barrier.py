@@ -190,12 +190,13 @@ class AppliedBarrier:
         return delta
 
     def done(self) -> None:
-        lam = torch.cat(self.lams) if self.lams else torch.zeros(0)
-        if len(lam) != sum(self.sizes):  # updated in several batches (tables of other widths): one mean for all
+        lam = torch.cat(self.lams) if len(self.lams) > 1 else (self.lams[0] if self.lams else torch.zeros(0))
+        if len(lam) != sum(self.sizes) or not len(lam):  # several batches (tables of other widths): one mean
             mean = float(lam.mean()) if len(lam) else 0.0
             means = [mean] * len(self.rules)
-        else:
-            means = [float(x.mean()) if len(x) else 0.0 for x in lam.split(self.sizes)]
+        else:  # one reduction and one host copy for every table (not a mean and a float() each)
+            lengths = torch.tensor(self.sizes, device=lam.device)
+            means = torch.segment_reduce(lam, "mean", lengths=lengths).nan_to_num_(0.0).tolist()
         for rule, m in zip(self.rules, means):
             rule.stats.mean_lambda = m
         self.lams = []
