@@ -93,8 +93,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from recsys_transfer.config import BARRIER_MODES, BARRIERS, SELECTIVE_MODES, TRAINING_MODES, TransferConfig
 from recsys_transfer.errors import UserError
-from recsys_transfer.flat import rows_of_one_buffer
-from recsys_transfer.flat import Blocks
+from recsys_transfer.flat import Blocks, rows_of_one_buffer
 from recsys_transfer.rows.pipeline import (CallRows, RowTransform, SharedRows, SplitUpdate, StepContext, TableRows,
                                             TableSlot)
 from recsys_transfer.transfer.losses import TransferLoss, make_transfer_loss
@@ -345,7 +344,7 @@ class TransferTransform(RowTransform):
         return gen
 
     def _loss_grad(self, loss: TransferLoss, x: torch.Tensor | None, rows_of, src: torch.Tensor, tgt: torch.Tensor,
-                   index: torch.Tensor, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   index: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``loss.grad`` on the padded ``[T, N]`` layout, or on a subsample of it (``transfer.max_rows``): then only
         the drawn rows are gathered (``rows_of(flat slot ids) -> [K, D]`` values) and the gradient is scattered back
         (rows left out get zero). Returns (per-table losses, ``[T * N, D]`` gradient)."""
@@ -412,7 +411,7 @@ class TransferTransform(RowTransform):
             tgt = pad_sequence(tgts, batch_first=True)
             index = torch.tensor([self.rules[tables[k].slot.name].loss_index for k in ks], dtype=torch.int64,
                                  device=x.device)
-            values, gx = self._loss_grad(loss, x, None, src, tgt, index, x.shape[2], x)
+            values, gx = self._loss_grad(loss, x, None, src, tgt, index, x.shape[2])
             gx = gx.view(x.shape)
             n_src, n_tgt, vals = src.sum(1).tolist(), tgt.sum(1).tolist(), values.tolist()
             for j, (k, (n_all, mine)) in enumerate(zip(ks, parts)):
@@ -524,7 +523,7 @@ class TransferTransform(RowTransform):
         src, tgt = src.view(n_tab, n_max), tgt.view(n_tab, n_max)
         index = torch.tensor([r.loss_index for r in rules], dtype=torch.int64, device=dev)
         rows_of = lambda slots: current.index_select(0, at if slots is None else at.index_select(0, slots))  # noqa: E731
-        values, gx = self._loss_grad(rule0.loss, None, rows_of, src, tgt, index, current.shape[1], current)
+        values, gx = self._loss_grad(rule0.loss, None, rows_of, src, tgt, index, current.shape[1])
         t = gx.index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
         if rule0.applied:  # the optimizer combines its two updates (AppliedBarrier)
             combine = AppliedBarrier(_main_loss(context), rule0.alpha, rule0.max_ratio, rules, sizes, self._workspaces)
