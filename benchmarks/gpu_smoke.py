@@ -117,8 +117,8 @@ def barrier_spies(barrier_module, records: list[tuple]) -> dict:
                                                                                       device=gg.device))))
         return mu, lam
 
-    def applied_spy(g_main, u, v, main_loss, alpha, max_ratio=None):
-        delta, lam = applied(g_main, u, v, main_loss, alpha, max_ratio)
+    def applied_spy(g_main, u, v, main_loss, alpha, max_ratio=None, workspace=None):
+        delta, lam = applied(g_main, u, v, main_loss, alpha, max_ratio, workspace)
         g, u64 = g_main.detach().double(), u.detach().double()
         gg, ru = (g * g).sum(1), (g * u64).sum(1)
         cap = torch.clamp(float(main_loss) / gg.clamp_min(1e-300), max=1.0)
