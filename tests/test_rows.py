@@ -144,6 +144,42 @@ def test_clipping_bounds_every_applied_row_update(ml100k_prepared):
         ClipRowNorm(0.0)
 
 
+def test_clipping_with_the_applied_barrier_bounds_both_inputs_and_the_other_tables(ml100k_prepared, monkeypatch):
+    """Under ``transfer.barrier: applied`` the optimizer combines g and t itself: the clip stage bounds both of them
+    for the tables under transfer, and the directions of the call's other tables."""
+    from recsys_transfer.flat import join
+    from recsys_transfer.rows import pipeline as pipeline_mod
+
+    out, meta = ml100k_prepared
+    batch = _batches(out, meta, 1, size=512)[0]
+    model = _model(meta)
+    clip = 1e-5
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01, clip_norm=clip))
+    rows.add_transform(transfer_transform(rows, meta, TransferConfig(mode="lexico", loss="moment", fields=("zip",),
+                                                                     barrier="applied")))
+    seen = []
+    original = pipeline_mod.RowPipeline._run_split
+
+    def spy(self, call, split):
+        ids = {id(t) for t in split.tables}
+        others = [d for t, d in zip(call.tables, call.directions()) if id(t) not in ids]
+        seen.append((join(split.grads), join(split.transfers), others, [t.grad for t in split.tables],
+                     [t.grad for t in call.tables if id(t) not in ids]))
+        return original(self, call, split)
+
+    monkeypatch.setattr(pipeline_mod.RowPipeline, "_run_split", spy)
+    TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.0), rows)(batch)
+    assert len(seen) == 1
+    g, t, others, raw_split, raw_others = seen[0]
+    for x in [g, t, *others]:
+        assert bool((torch.linalg.vector_norm(x, dim=1) <= clip * (1 + 1e-12)).all())
+    assert len(others) == len(meta.sparse_names) - 1  # every embedding table but zip's, clipped too
+    # the clip did something, on the split table and on the others
+    assert all(bool((torch.linalg.vector_norm(r, dim=1) > clip).any()) for r in raw_split)
+    assert any(bool((torch.linalg.vector_norm(r, dim=1) > clip).any()) for r in raw_others)
+    assert float(torch.linalg.vector_norm(t, dim=1).max()) > 0
+
+
 def test_stages_run_in_the_documented_order(ml100k_prepared):
     out, meta = ml100k_prepared
     model = _model(meta, double=False)

@@ -304,8 +304,13 @@ class ClipRowNorm(RowTransform):
         return d * (self.max_norm / norm.clamp_min(torch.finfo(d.dtype).tiny)).clamp_max(1.0)
 
     def __call__(self, call: CallRows, context: StepContext) -> None:
-        if call.split is not None:  # the barrier is applied by the optimizer: bound both of its inputs
-            call.split.map(self._clip)
+        if call.split is not None:  # the barrier is applied by the optimizer: bound both of its inputs, and the
+            call.split.map(self._clip)  # directions of the other tables only (the split ones' are not used)
+            split = {id(t) for t in call.split.tables}
+            for t, d in zip(call.tables, call.directions()):
+                if id(t) not in split:
+                    t.direction = self._clip(d)
+            return
         s = call.shared
         if call.whole():  # one pass over the whole array
             s.direction = self._clip(s.grad if s.direction is None else s.direction)

@@ -432,7 +432,8 @@ class TransferTransform(RowTransform):
                 table.direction = table.grad + rule.lam * t.to(table.grad.dtype)  # Eq. 1: l_main + lam l_transfer
         applied = [(table, t) for table, t in barrier if self.rules[table.slot.name].applied]
         if applied:
-            self._split(call, applied, context)
+            self._split(call, [table for table, _ in applied], [table.grad for table, _ in applied],
+                        [t.to(table.grad.dtype) for table, t in applied], context)
             barrier = [(table, t) for table, t in barrier if not self.rules[table.slot.name].applied]
         if barrier:
             sizes = [len(table) for table, _ in barrier]
@@ -445,17 +446,18 @@ class TransferTransform(RowTransform):
                 table.direction = m
                 self.rules[table.slot.name].stats.mean_lambda = float(lk.mean()) if len(lk) else 0.0
 
-    def _split(self, call: CallRows, tables: list[tuple[TableRows, torch.Tensor]], context: StepContext) -> None:
-        """Hand the barrier tables' main and transfer gradients to the row optimizer (``transfer.barrier: applied``)."""
-        rules = [self.rules[table.slot.name] for table, _ in tables]
+    def _split(self, call: CallRows, tables: list[TableRows], grads, transfers, context: StepContext,
+               rows: torch.Tensor | None = None, current: torch.Tensor | None = None) -> None:
+        """Hand the barrier tables' main and transfer gradients (one per table, or Blocks of one array) to the row
+        optimizer (``transfer.barrier: applied``): ``call.split``, combined by :class:`AppliedBarrier`."""
+        rules = [self.rules[table.slot.name] for table in tables]
         settings = {(r.alpha, r.max_ratio) for r in rules}
         if len(settings) != 1:
             raise ValueError(f"the applied barrier needs one (alpha, max_ratio) for the tables of a lookup call, got "
                              f"{sorted(settings, key=str)}")
         combine = AppliedBarrier(_main_loss(context), rules[0].alpha, rules[0].max_ratio, rules,
-                                 [len(table) for table, _ in tables], self._workspaces)
-        call.split = SplitUpdate([table for table, _ in tables], [table.grad for table, _ in tables],
-                                 [t.to(table.grad.dtype) for table, t in tables], combine, done=combine.done)
+                                 [len(table) for table in tables], self._workspaces)
+        call.split = SplitUpdate(tables, grads, transfers, combine, rows=rows, current=current, done=combine.done)
 
     # -- the whole-array path ----------------------------------------------------------------------------------
     def buffer_masks(self, base: torch.Tensor, firsts: list[int],
@@ -526,12 +528,11 @@ class TransferTransform(RowTransform):
         values, gx = self._loss_grad(rule0.loss, None, rows_of, src, tgt, index, current.shape[1])
         t = gx.index_select(0, pidx).to(g.dtype)  # [M, D], in the rows' order
         if rule0.applied:  # the optimizer combines its two updates (AppliedBarrier)
-            combine = AppliedBarrier(_main_loss(context), rule0.alpha, rule0.max_ratio, rules, sizes, self._workspaces)
-            at = list(itertools.accumulate(sizes, initial=0))
-            spans = list(zip(at[:-1], at[1:]))
-            call.split = SplitUpdate(transfer, Blocks(g, spans), Blocks(t, spans), combine,
-                                     rows=shared.rows if whole else shared.rows.index_select(0, sel),
-                                     current=current if whole else current.index_select(0, sel), done=combine.done)
+            starts = list(itertools.accumulate(sizes, initial=0))
+            spans = list(zip(starts[:-1], starts[1:]))
+            self._split(call, transfer, Blocks(g, spans), Blocks(t, spans), context,
+                        rows=shared.rows if whole else shared.rows.index_select(0, sel),
+                        current=current if whole else current.index_select(0, sel))
             self._record_stats(rules, src, tgt, values, None)
             return True
         if rule0.uses_barrier:
