@@ -3,7 +3,7 @@
     recsys-transfer prepare --dataset {movielens,criteo,synthetic} --input PATH --output DIR [options]
     recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
-    recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite]
+    recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite | --resume]
     recsys-transfer bench --config benchmarks/grids/NAME.yaml --output DIR
     recsys-transfer demo [--output DIR]
     recsys-transfer env
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.epochs=3 --set transfer.mode=+Ours")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --output (the default when it holds one of an "
+                        "unfinished run of the same config; needed to continue a completed run)")
 
     add_bench_parser(sub)
 
@@ -184,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from recsys_transfer.train.run import run_training
 
     cfg = load_config(args.config, args.overrides)
-    result = run_training(cfg, args.output, overwrite=args.overwrite)
+    result = run_training(cfg, args.output, overwrite=args.overwrite, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0
     print(summary_line(result) + f"  -> {args.output}/metrics.json")

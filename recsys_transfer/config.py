@@ -9,6 +9,7 @@ A pipeline file (``pipelines/*.yaml``) has these sections::
     rows:     {optimizer: adam, lr: 1.0e-3}      # how embedding rows are updated (every mode)
     transfer: {mode: "+Ours", loss: adversarial, fields: [zip]}
     train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, monitor: valid/label/auc, device: auto, ...}
+    checkpoint: {every_steps: 500, keep: 2}     # train-state checkpoints (resume); default: each epoch end
 
 Unknown keys are rejected at every level with the file, the key path and the known keys (no silent typos like
 ``batchsize``); ``--set train.epochs=3`` style overrides are parsed as YAML scalars and go through the same check.
@@ -227,6 +228,44 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Train-state checkpoints (:mod:`recsys_transfer.train.state`) under ``<output>/checkpoints/``: one at the
+    end of every epoch and, with ``every_steps`` > 0, every that many training steps; the newest ``keep`` are
+    kept. ``enabled: false`` writes none (the run then cannot resume)."""
+
+    enabled: bool = True
+    every_steps: int = 0
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every_steps, bool) or self.every_steps < 0:
+            raise ValueError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        if isinstance(self.keep, bool) or self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+#: config keys that may differ between a checkpoint and the run resuming it (they do not change its numbers)
+RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.device", "train.eval_batch_size",
+                     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.enabled", "data.prepare")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for every leaf that differs between two :meth:`RunConfig.to_dict` trees, except
+    :data:`RESUMABLE_CHANGES` (a key missing on one side is listed as ``<absent>``)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        path = f"{prefix}{key}"
+        if path in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict) and a and b:
+            out.extend(config_differences(a, b, path + "."))
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig
     tasks: tuple[TaskSpec, ...] = ()  # empty: the dataset's tasks (meta.json)
@@ -234,6 +273,7 @@ class RunConfig:
     rows: RowsConfig = field(default_factory=RowsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

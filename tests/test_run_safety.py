@@ -48,9 +48,13 @@ def test_an_earlier_run_is_refused_unless_overwrite(tmp_path, ml100k_prepared, c
     assert first["status"] == "completed" and "test label: auc" in capsys.readouterr().out
     (out / "notes.txt").write_text("mine")
     assert main(["train", "--config", str(cfg), "--output", str(out)]) == 2
+    assert _error_lines(capsys) == [f"error: {out}: holds a completed run; choose another --output, pass --overwrite "
+                                    "to replace it or --resume to continue it (e.g. with more train.epochs)"]
+    assert _strict((out / "metrics.json").read_text())["run_id"] == first["run_id"]  # untouched
+    shutil.rmtree(out / "checkpoints")  # a run without checkpoints (checkpoint.enabled: false) cannot resume
+    assert main(["train", "--config", str(cfg), "--output", str(out)]) == 2
     assert _error_lines(capsys) == [f"error: {out}: holds an earlier run (run.json, metrics.json, epochs.jsonl, best); "
                                     "choose another --output or pass --overwrite to replace it"]
-    assert _strict((out / "metrics.json").read_text())["run_id"] == first["run_id"]  # untouched
     assert main(["train", "--config", str(cfg), "--output", str(out), "--overwrite"]) == 0
     second = _strict((out / "metrics.json").read_text())
     assert second["run_id"] != first["run_id"] and (out / "notes.txt").read_text() == "mine"

@@ -19,7 +19,7 @@ layout, and one ``torch.from_numpy`` per batch tensor; no Python loop touches in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +158,7 @@ class BatchLoader:
         self.world_size = world_size
         self.shuffle_buffer_rows = max(shuffle_buffer_rows, batch_size)
         self.epoch = 0
+        self.start_batch = 0  # batches of the epoch to pass over (a resumed run: set_epoch(epoch, start_batch=k))
         self.keys = self.meta.sparse_names
         self._columns = self.keys + self.meta.dense + self.meta.labels
         self._pieces, self.num_rows = self._plan()
@@ -186,8 +187,14 @@ class BatchLoader:
             offset += n
         return pieces, hi - lo
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch whose order the next iteration serves, from its batch ``start_batch`` on: a run resumed
+        mid-epoch gets exactly the batches the interrupted run had not trained yet (the order depends on ``(seed,
+        epoch, rank)`` only). Buffers wholly before that batch are not read, only their permutation is drawn."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_rows, self.batch_size)
@@ -220,11 +227,12 @@ class BatchLoader:
             lo += len(piece)
         return out
 
-    def _buffers(self) -> Iterator[tuple[_Rows, np.ndarray | None]]:
-        """(rows, the order to serve them in; None = as stored)."""
+    def _buffers(self) -> Iterator[tuple[int, Callable[[], _Rows], np.ndarray | None]]:
+        """(rows in the buffer, a function reading them, the order to serve them in; None = as stored). The
+        permutation is drawn whether or not the buffer is read, so skipping buffers keeps the later orders."""
         if not self.shuffle:
             for piece in self._pieces:
-                yield self._read_buffer([piece]), None
+                yield len(piece), (lambda piece=piece: self._read_buffer([piece])), None
             return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank])
         order = rng.permutation(len(self._pieces))
@@ -235,12 +243,10 @@ class BatchLoader:
             group.append(piece)
             buffered += len(piece)
             if buffered >= self.shuffle_buffer_rows:
-                rows = self._read_buffer(group)
-                yield rows, rng.permutation(len(rows))
+                yield buffered, (lambda group=group: self._read_buffer(group)), rng.permutation(buffered)
                 group, buffered = [], 0
         if group:
-            rows = self._read_buffer(group)
-            yield rows, rng.permutation(len(rows))
+            yield buffered, (lambda group=group: self._read_buffer(group)), rng.permutation(buffered)
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches in order; with ``prefetch > 0`` they are built (parquet decoding, shuffling, KJT layout) in a
@@ -253,11 +259,18 @@ class BatchLoader:
     def _batches(self) -> Iterator[Batch]:
         """The buffers' rows, each buffer in its order, as one stream cut into batches: a batch is gathered from
         its buffer when it is built (so a permuted buffer is never copied whole), and rows left over at the end of
-        a buffer open the first batch of the next one."""
+        a buffer open the first batch of the next one. The first ``start_batch`` batches are passed over: their
+        rows are counted, not gathered, and a buffer holding none of the served rows is not read."""
         bs = self.batch_size
+        skip = self.start_batch * bs  # rows of the stream before the first served batch
+        seen = 0  # rows of the stream before the current buffer
         carry: _Rows | None = None
-        for rows, order in self._buffers():
-            n, pos = len(rows), 0
+        for n, read, order in self._buffers():
+            if seen + n <= skip:
+                seen += n
+                continue
+            rows, pos = read(), max(skip - seen, 0)
+            seen += n
 
             def part(lo: int, hi: int) -> _Rows:
                 return rows.take(slice(lo, hi) if order is None else order[lo:hi])

@@ -7,7 +7,11 @@ which wrote them, so a run never loads or reports another run's model.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import warnings
+import zlib
 from pathlib import Path
 
 import torch.distributed as dist
@@ -64,3 +68,100 @@ def load_model(model: nn.Module, path: str | Path, run_id: str | None = None) ->
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state)
+
+
+# -- train-state checkpoints ------------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+
+
+def _crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+class CheckpointDir:
+    """The train-state checkpoints of one run: ``<run>/checkpoints/step-<global step>/`` (DCP files plus
+    ``manifest.json``: every file's size and CRC-32, and the run's id, config, world size, position, versions).
+
+    Atomic: a checkpoint is written to ``.step-<N>.tmp/`` and renamed into place by rank 0 only after every rank
+    has written its files and the manifest is complete, so a kill during a save leaves the previous checkpoints as
+    they were (a left-over ``.tmp`` is removed by the next save). The newest ``keep`` are kept. :meth:`latest`
+    verifies the manifest and falls back to the previous checkpoint, with one line naming the damaged file."""
+
+    def __init__(self, root: str | Path, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints (renamed into place, with a manifest), newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                 and (p / MANIFEST).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+    @staticmethod
+    def manifest(path: Path) -> dict:
+        return json.loads((path / MANIFEST).read_text())
+
+    def problem(self, path: Path) -> str | None:
+        """What is wrong with checkpoint ``path`` (one line naming the file), or None when every file is there
+        with its recorded size and CRC-32."""
+        try:
+            files = self.manifest(path)["files"]
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            return f"{path / MANIFEST}: unreadable manifest ({exc})"
+        for name, (size, crc) in sorted(files.items()):
+            f = path / name
+            if not f.is_file():
+                return f"{f}: missing"
+            actual = f.stat().st_size
+            if actual != size:
+                return f"{f}: {actual} bytes, {size} when saved (truncated)"
+            if _crc32(f) != crc:
+                return f"{f}: CRC-32 differs from the one saved (corrupted)"
+        return None
+
+    def latest(self, warn=None) -> Path | None:
+        """The newest checkpoint that verifies; each damaged newer one is reported through ``warn(line)``."""
+        for path in self.complete():
+            problem = self.problem(path)
+            if problem is None:
+                return path
+            if warn is not None:
+                warn(f"warning: {problem}; falling back to the previous checkpoint")
+        return None
+
+    def save(self, state: dict, step: int, manifest: dict) -> Path:
+        """Write ``state`` (a DCP state dict, every rank its part) as checkpoint ``step``; a collective."""
+        import torch.distributed.checkpoint as dcp
+
+        final = self.root / f"step-{step:09d}"
+        tmp = self.root / f".step-{step:09d}.tmp"
+        if _is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for old in self.root.glob(".step-*.tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), overwrite=True))
+        _barrier()
+        if _is_main():
+            files = {f.name: [f.stat().st_size, _crc32(f)] for f in sorted(tmp.iterdir()) if f.is_file()}
+            body = json.dumps({**manifest, "files": files}, indent=1, default=str) + "\n"
+            with (tmp / MANIFEST).open("w") as fh:
+                fh.write(body)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.complete()[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final

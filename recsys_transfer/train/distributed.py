@@ -71,8 +71,31 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        store = _attempt_store(rank, world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank, world, local, dev)
+
+
+def _attempt_store(rank: int, world: int):
+    """Under torchrun, the rendezvous store seen through a prefix unique to this restart attempt
+    (``TORCHELASTIC_RESTART_COUNT``), or None outside torchrun.
+
+    torchrun keeps its store across the restarts of ``--max-restarts``; without a prefix the restarted workers
+    find the keys of the dead attempt's process groups (the gloo addresses of the killed processes) and either
+    connect to a dead address ("Connection refused") or wait forever in ``new_group`` (both seen here in 1 of 2
+    restarts). Every group of this attempt (the default one and :func:`control_group`) lives under the prefix."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if attempt is None or not host or not port:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
+    store = dist.TCPStore(host, int(port), world_size=world, is_master=not agent_store and rank == 0,
+                          timeout=timedelta(minutes=30), multi_tenant=True)
+    return dist.PrefixStore(f"/recsys_transfer/attempt_{attempt}", store)
 
 
 _CONTROL: list = []  # the gloo group for control messages (created on first use)

@@ -12,6 +12,9 @@ log loss, NE, MSE, MAE, RMSE.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,40 +55,96 @@ class EpochStats:
         return self.rows / max(self.seconds, 1e-9)
 
 
+@dataclass
+class EpochProgress:
+    """The running sums of the epoch in progress: what a checkpoint taken mid-epoch must hold so that the resumed
+    epoch reports the same means (``sums``: per task, sum over trained rows of the loss, as tensors: the exact
+    float32 values the uninterrupted run adds)."""
+
+    batches: int = 0  # batches of the epoch consumed (trained or skipped)
+    total: float = 0.0  # sum of l_main * rows
+    rows: int = 0
+    skipped: int = 0
+    seconds: float = 0.0  # training time of the epoch so far (before an interruption, too)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def stats(self) -> EpochStats:
+        losses = {name: float(v) / max(self.rows, 1) for name, v in self.sums.items()}
+        return EpochStats(self.total / max(self.rows, 1), losses, self.rows, self.seconds, self.skipped)
+
+
+def fault_step() -> tuple[int, int] | None:
+    """Fault injection for tests and drills: ``RECSYS_TRANSFER_FAULT_STEP=k`` kills the process with SIGKILL
+    before it trains global step ``k`` (counted from 0 over the whole run), on rank ``RECSYS_TRANSFER_FAULT_RANK``
+    (default 0), in the first attempt only (a worker restarted by torchrun, ``TORCHELASTIC_RESTART_COUNT > 0``,
+    runs on). Returns ``(k, rank)`` or None."""
+    value = os.environ.get("RECSYS_TRANSFER_FAULT_STEP")
+    if not value or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return None
+    try:
+        return int(value), int(os.environ.get("RECSYS_TRANSFER_FAULT_RANK", "0"))
+    except ValueError:
+        raise UserError(f"RECSYS_TRANSFER_FAULT_STEP / _RANK must be integers, got {value!r}") from None
+
+
+def _kill_self() -> None:
+    print(f"fault injection: killing rank {os.environ.get('RANK', '0')} (pid {os.getpid()}) with SIGKILL",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_epoch(step: TrainStep, loader, *, epoch: int = 0, device: torch.device | None = None,
-                progress: bool = False, after_step: Callable[[], None] | None = None) -> EpochStats:
+                progress: bool = False, after_step: Callable[[], None] | None = None,
+                state: EpochProgress | None = None, on_step: Callable[[EpochProgress], None] | None = None,
+                first_step: int = 0, rank: int = 0) -> EpochStats:
     """One pass of ``step`` over ``loader`` (batches moved to ``device`` when it is not the CPU). A non-finite loss
-    raises :class:`NonFiniteTrainingLoss` naming the epoch and step, unless the step skips such batches."""
+    raises :class:`NonFiniteTrainingLoss` naming the epoch and step, unless the step skips such batches.
+
+    Resuming: ``state`` holds the sums of the batches already trained in this epoch (the loader must serve the
+    rest: ``loader.set_epoch(epoch, start_batch=state.batches)``); ``on_step(state)`` runs after every batch (a
+    checkpoint hook); ``first_step`` is the run's global step of the first batch served (fault injection,
+    :func:`fault_step`, reads it; ``rank`` is this process's)."""
     check_dataset(step.model, loader)
     step.model.train()
     move = device is not None and torch.device(device).type != "cpu"
-    total, rows, skipped, t0 = 0.0, 0, 0, time.perf_counter()
-    sums: dict[str, torch.Tensor] = {}
+    state = state if state is not None else EpochProgress()
+    fault = fault_step()
+    fault_at = fault[0] if fault is not None and fault[1] == rank else -1
+    t0 = time.perf_counter() - state.seconds
+    sums = state.sums
     it = loader
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, mininterval=0.5)
-    for k, batch in enumerate(it):
+        it = tqdm(loader, total=len(loader), initial=state.batches, desc=f"epoch {epoch}", unit="batch", leave=False,
+                  mininterval=0.5)
+    start = state.batches
+    for k, batch in enumerate(it, start=start):
+        if first_step + k - start == fault_at:
+            _kill_self()
         n = batch.batch_size
         try:
             result = step(batch.to(device, non_blocking=True) if move else batch)
         except NonFiniteLoss as exc:
             raise NonFiniteTrainingLoss(f"epoch {epoch}, step {k}: {exc}; set train.nonfinite_loss=skip to skip such "
                                         "batches") from None
+        state.batches = k + 1
         if result.skipped:
-            skipped += 1
-            continue
-        if after_step is not None:
-            after_step()
-        total += result.loss * n
-        rows += n
-        for name, value in result.losses.items():
-            sums[name] = sums[name] + value * n if name in sums else value * n
-        if progress and k % 50 == 0:
-            it.set_postfix(loss=f"{total / max(rows, 1):.4f}", refresh=False)
-    losses = {name: float(v) / max(rows, 1) for name, v in sums.items()}
-    return EpochStats(total / max(rows, 1), losses, rows, time.perf_counter() - t0, skipped)
+            state.skipped += 1
+        else:
+            if after_step is not None:
+                after_step()
+            state.total += result.loss * n
+            state.rows += n
+            for name, value in result.losses.items():
+                sums[name] = sums[name] + value * n if name in sums else value * n
+            if progress and k % 50 == 0:
+                it.set_postfix(loss=f"{state.total / max(state.rows, 1):.4f}", refresh=False)
+        state.seconds = time.perf_counter() - t0
+        if on_step is not None:
+            on_step(state)
+    state.seconds = time.perf_counter() - t0
+    return state.stats()
 
 
 # -- monitor --------------------------------------------------------------------------------------------------
@@ -172,25 +231,48 @@ class EMA:
 
 @dataclass
 class FitResult:
-    history: list[dict] = field(default_factory=list)  # one record per epoch
+    """Where :func:`fit` is (a checkpoint holds it, :mod:`recsys_transfer.train.state`) and what it found."""
+
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
     best_epoch: int = -1  # -1: no epoch had a finite monitor
     best_value: float | None = None
     skipped_batches: int = 0
+    epoch: int = 0  # the epoch in progress (== len(history) unless stopped)
+    stale: int = 0  # epochs since the monitor last improved
+    global_step: int = 0  # batches consumed since the run began
+    stopped: bool = False  # early stopping ended the run
+    progress: EpochProgress = field(default_factory=EpochProgress)  # the epoch in progress
 
 
 def fit(step: TrainStep, train, validate: Callable[[], dict[str, dict]], *, epochs: int, monitor: Monitor,
         patience: int = 0, device: torch.device | None = None, ema: EMA | None = None, progress: bool = False,
-        on_epoch: Callable[[dict], None] | None = None, on_best: Callable[[int], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None, on_best: Callable[[int], None] | None = None,
+        result: FitResult | None = None, on_step: Callable[[FitResult], None] | None = None,
+        on_epoch_end: Callable[[FitResult], None] | None = None, rank: int = 0) -> FitResult:
     """Train ``epochs`` epochs (``train.set_epoch`` each); after each, ``validate()`` (``{task: metrics}``, with the
     EMA weights swapped in when ``ema`` is given) gives the monitor's value; ``on_best(epoch)`` runs when it
     improves (save the model there), ``on_epoch(record)`` for every epoch. Stops after ``patience`` epochs without
-    improvement (0: never early). An epoch whose monitor is None (undefined or not finite) never counts as best."""
-    result = FitResult()
-    stale = 0
-    for epoch in range(epochs):
-        train.set_epoch(epoch)
+    improvement (0: never early). An epoch whose monitor is None (undefined or not finite) never counts as best.
+
+    Checkpoints: ``result`` resumes a run where a checkpoint left it (epoch, batch of the epoch, the epoch's
+    sums, history, best, stale count); ``on_step(result)`` runs after every batch and ``on_epoch_end(result)``
+    after every epoch (the EMA swapped back, ``result`` pointing at the next epoch), so a checkpoint taken there
+    holds everything the rest of the run depends on."""
+    result = result if result is not None else FitResult()
+    while not result.stopped and result.epoch < epochs:
+        epoch = result.epoch
+        train.set_epoch(epoch, start_batch=result.progress.batches)
+        first = result.global_step
+
+        def stepped(p: EpochProgress) -> None:
+            result.global_step = first + p.batches - start
+            if on_step is not None:
+                on_step(result)
+
+        start = result.progress.batches
         stats = train_epoch(step, train, epoch=epoch, device=device, progress=progress,
-                            after_step=ema.update if ema is not None else None)
+                            after_step=ema.update if ema is not None else None, state=result.progress,
+                            on_step=stepped, first_step=first, rank=rank)
         result.skipped_batches += stats.skipped_batches
         if ema is not None:
             ema.swap()
@@ -205,17 +287,19 @@ def fit(step: TrainStep, train, validate: Callable[[], dict[str, dict]], *, epoc
                   "monitor": monitor.key, "monitor_value": value}
         improved = value is not None and monitor.better(value, result.best_value)
         if improved:
-            result.best_value, result.best_epoch, stale = value, epoch, 0
+            result.best_value, result.best_epoch, result.stale = value, epoch, 0
             if on_best is not None:
                 on_best(epoch)
         else:
-            stale += 1
+            result.stale += 1
         record["best_epoch"] = result.best_epoch
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
         if ema is not None:
             ema.swap()
-        if patience and stale >= patience:
-            break
+        result.epoch, result.progress = epoch + 1, EpochProgress()
+        result.stopped = bool(patience and result.stale >= patience)
+        if on_epoch_end is not None:
+            on_epoch_end(result)
     return result

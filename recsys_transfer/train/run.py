@@ -9,7 +9,16 @@
    tables (row optimizer, freeze, clip) with the transfer stage of ``transfer.mode`` (none in mode B), the
    objective of the tasks and the dense optimizer, composed by :class:`~recsys_transfer.train.step.TrainStep`;
 6. :func:`recsys_transfer.train.loop.fit` with validation after each epoch, early stopping on the monitor, the best
-   model saved to ``best/``; then the test split on the best model.
+   model saved to ``best/``, the train state (:class:`~recsys_transfer.train.state.TrainState`) checkpointed to
+   ``checkpoints/`` at each epoch end and every ``checkpoint.every_steps`` steps; then the test split on the best
+   model.
+
+Resume: when ``output`` holds a checkpoint of the same config (keys in
+:data:`~recsys_transfer.config.RESUMABLE_CHANGES` may differ), the run continues from the newest one that verifies
+(a damaged one is named in one line and the previous one is used) with the same run id, and ends as the
+uninterrupted run would have, bitwise (same world size); a checkpoint of another config is refused with the keys
+that differ. A completed run is continued only with ``resume=True`` (e.g. with more ``train.epochs``);
+``overwrite`` starts over.
 
 Each rank reads its own part of every split; predictions are gathered so metrics are global. Rank 0 writes
 ``run.json`` (status, config, versions), ``epochs.jsonl`` (one strict-JSON record per epoch: train loss per task,
@@ -19,6 +28,7 @@ metrics of every task, head/tail AUC of the transfer field, status; written last
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -118,6 +128,18 @@ def _unique_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _previous_resumes(out: Path) -> list:
+    return list(_read_json(out / "run.json").get("resumed_from", []))
+
+
 def _epoch_line(record: dict, tasks) -> str:
     parts = [f"epoch {record['epoch']}: loss {record['train/loss']:.4f}"]
     for t in tasks:
@@ -127,18 +149,55 @@ def _epoch_line(record: dict, tasks) -> str:
     return "  ".join(parts) + f"  ({record['train/rows_per_s']:,.0f} rows/s)"
 
 
-def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False) -> dict:
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def open_or_resume(out: Path, cfg: RunConfig, store, *, overwrite: bool, resume: bool) -> tuple[str, str | None]:
+    """(the run id, the checkpoint to resume from or None) for a run of ``cfg`` into ``out`` (module docstring);
+    run by rank 0."""
+    from recsys_transfer.config import config_differences
+    from recsys_transfer.train.rundir import open_run_dir
+
+    if not overwrite and store.complete():
+        previous = _read_json(out / "run.json")
+        if previous.get("status") == "completed" and not resume:
+            raise UserError(f"{out}: holds a completed run; choose another --output, pass --overwrite to replace it "
+                            "or --resume to continue it (e.g. with more train.epochs)")
+        path = store.latest(warn=_warn)
+        if path is None:
+            raise UserError(f"{store.root}: no checkpoint verifies (each is named above); pass --overwrite to start "
+                            "over")
+        manifest = store.manifest(path)
+        differ = config_differences(manifest["config"], json.loads(json.dumps(cfg.to_dict())))
+        if differ:
+            raise UserError(f"{out}: holds checkpoints of another config ({'; '.join(differ)}); use the same config, "
+                            "another --output, or --overwrite")
+        return manifest["run_id"], str(path)
+    if resume and not overwrite:
+        raise UserError(f"{out}: no checkpoint to resume from (checkpoints/ holds none)")
+    previous = _read_json(out / "run.json")
+    if (not overwrite and previous.get("status") in ("running", "failed")
+            and not config_differences(previous.get("config", {}), json.loads(json.dumps(cfg.to_dict())))):
+        # the same run, ended before its first checkpoint (a torchrun restart lands here): start it over
+        _warn(f"note: {out}: the earlier run of this config ended before its first checkpoint; starting it over")
+        overwrite = True
+    return open_run_dir(out, overwrite), None
+
+
+def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False, resume: bool = False) -> dict:
     """Train one run of ``cfg`` into ``output`` (module docstring); returns what ``metrics.json`` holds. User
     mistakes raise :class:`UserError` (the run's ``run.json`` and ``metrics.json`` then say ``failed``)."""
     from recsys_transfer.data.loader import BatchLoader
     from recsys_transfer.data.prepared import DatasetMeta
     from recsys_transfer.models.registry import build_model
-    from recsys_transfer.train.checkpoint import load_model, save_model
+    from recsys_transfer.train.checkpoint import CheckpointDir, load_model, save_model
     from recsys_transfer.train.compose import compose_step
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
     from recsys_transfer.train.evaluate import evaluate
-    from recsys_transfer.train.loop import EMA, fit, resolve_monitor
-    from recsys_transfer.train.rundir import append_jsonl, open_run_dir, write_json
+    from recsys_transfer.train.loop import EMA, FitResult, fit, resolve_monitor
+    from recsys_transfer.train.rundir import append_jsonl, dumps, write_json
+    from recsys_transfer.train.state import TrainState
 
     t_start = time.perf_counter()
     out = Path(output)
@@ -148,12 +207,17 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False)
     run: dict = {"status": "running", "config": cfg.to_dict(), "command": sys.argv, "commit": git_commit(),
                  "versions": versions(), "world_size": info.world_size, "device": str(info.device)}
     opened = False
+    store = CheckpointDir(out / "checkpoints", keep=cfg.checkpoint.keep)
     try:
-        run["run_id"] = run_on_rank0(lambda: open_run_dir(out, overwrite))
+        run["run_id"], resume_from = run_on_rank0(lambda: open_or_resume(out, cfg, store, overwrite=overwrite,
+                                                                         resume=resume))
         opened = True
         if info.is_main:
+            if resume_from is not None:
+                run["resumed_from"] = _previous_resumes(out) + [{"checkpoint": resume_from, "time": time.time()}]
             write_json(out / "run.json", run)
-            (out / "epochs.jsonl").write_text("")
+            if resume_from is None:
+                (out / "epochs.jsonl").write_text("")
         data = ensure_prepared(cfg)
         meta = DatasetMeta.load(data)
         tasks = resolve_tasks(cfg, meta)
@@ -188,10 +252,36 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False)
                 if cfg.train.progress:
                     print(_epoch_line(record, tasks), flush=True)
 
+        loop = FitResult()
+        state = TrainState(model, step, ema, loop, rank=info.rank, world_size=info.world_size,
+                           meta={"run_id": run["run_id"], "config": cfg.to_dict(), "versions": run["versions"],
+                                 "plan": str(getattr(model, "plan", ""))})
+        if resume_from is not None:
+            saved = state.load(resume_from)
+            if info.is_main:
+                (out / "epochs.jsonl").write_text("".join(dumps(r) + "\n" for r in loop.history))
+                if cfg.train.progress:
+                    print(f"resuming from {resume_from} (epoch {saved['epoch']}, batch {saved['batch']}, step "
+                          f"{saved['global_step']}, saved by {saved['world_size']} process(es))", flush=True)
+
+        def checkpoint(result: FitResult) -> None:
+            if not cfg.checkpoint.enabled:
+                return
+            store.save(state.state_dict(), result.global_step,
+                       {"run_id": run["run_id"], "config": cfg.to_dict(), "world_size": info.world_size,
+                        "global_step": result.global_step, "epoch": result.epoch, "batch": result.progress.batches,
+                        "versions": run["versions"], "time": time.time()})
+
+        def on_step(result: FitResult) -> None:
+            every = cfg.checkpoint.every_steps
+            if every and result.global_step % every == 0 and result.progress.batches < len(train):
+                checkpoint(result)  # the last batch of an epoch is checkpointed at the epoch's end
+
         result = fit(step, train, validate, epochs=cfg.train.epochs, monitor=monitor,
                      patience=cfg.train.early_stopping_patience, device=info.device, ema=ema,
                      progress=cfg.train.progress and info.is_main, on_epoch=on_epoch,
-                     on_best=lambda epoch: save_model(model, out / "best", run["run_id"]))
+                     on_best=lambda epoch: save_model(model, out / "best", run["run_id"]), result=loop,
+                     on_step=on_step, on_epoch_end=checkpoint, rank=info.rank)
         if result.best_epoch < 0:
             values = [r["monitor_value"] for r in result.history]
             raise UserError(f"no epoch gave a finite {monitor.key} (per epoch: {values}); no model was saved")

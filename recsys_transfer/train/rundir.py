@@ -2,7 +2,8 @@
 
 A run directory holds ``run.json`` (run id, status, config, command, versions, written first and updated at the
 end), ``epochs.jsonl`` (one record per epoch), ``metrics.json`` (the final result, written last) and ``best/``
-(the best model, marked with the run id: :mod:`recsys_transfer.train.checkpoint`). :func:`open_run_dir` refuses a
+(the best model, marked with the run id: :mod:`recsys_transfer.train.checkpoint`) and ``checkpoints/`` (the
+train states a run resumes from). :func:`open_run_dir` refuses a
 directory that holds another run's files unless ``overwrite`` (then only those files are removed; anything else in
 the directory is left alone). Every record is strict JSON: NaN and infinities are written as ``null``
 (:func:`strict`), and ``status`` is ``running``, ``completed`` or ``failed`` (with the error).
@@ -20,7 +21,7 @@ from typing import Any
 from recsys_transfer.errors import UserError
 
 RUN_FILES = ("run.json", "metrics.json", "epochs.jsonl")
-RUN_DIRS = ("best",)
+RUN_DIRS = ("best", "checkpoints")
 
 
 def strict(value: Any) -> Any:

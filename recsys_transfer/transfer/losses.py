@@ -50,6 +50,16 @@ class TransferLoss(nn.Module):
     def forward(self, x: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         raise TypeError("use a concrete transfer loss")  # pragma: no cover
 
+    def table_state(self, table: int) -> dict[str, torch.Tensor]:
+        """The learned state that belongs to table ``table`` (a copy; checkpoints save it by table name, so it
+        can be loaded under another sharding): none for a loss without learnable parts."""
+        return {}
+
+    def load_table_state(self, table: int, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`table_state` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no per-table state, got {sorted(state)}")
+
     def grad(self, x: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor,
              tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-table losses [T], d sum(losses) / dx [T, N, D]); learnable parts take their step here."""
@@ -106,6 +116,23 @@ class AdversarialLoss(TransferLoss):
         self._packed = buf
         self._adam = tuple(t.to(buf.device, buf.dtype if t.dtype != torch.int64 else t.dtype) for t in self._adam)
         return buf
+
+    def table_state(self, table: int) -> dict[str, torch.Tensor]:
+        """Table ``table``'s discriminator (its row of the packed ``[T, K]`` buffer) and its lazy-Adam state."""
+        m, v, step = self._adam
+        return {"discriminator": self._packed_params()[table].clone(), "adam_exp_avg": m[table].clone(),
+                "adam_exp_avg_sq": v[table].clone(), "adam_step": step[table].clone()}
+
+    @torch.no_grad()
+    def load_table_state(self, table: int, state: dict[str, torch.Tensor]) -> None:
+        m, v, step = self._adam
+        expected = {"discriminator", "adam_exp_avg", "adam_exp_avg_sq", "adam_step"}
+        if set(state) != expected:
+            raise ValueError(f"adversarial loss state: expected {sorted(expected)}, got {sorted(state)}")
+        self._packed_params()[table].copy_(state["discriminator"])
+        m[table].copy_(state["adam_exp_avg"])
+        v[table].copy_(state["adam_exp_avg_sq"])
+        step[table].copy_(state["adam_step"])
 
     def logits(self, x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Discriminator logits ``[T, N]`` of each table's own discriminator."""
