@@ -260,9 +260,8 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
             saved = state.load(resume_from)
             if info.is_main:
                 (out / "epochs.jsonl").write_text("".join(dumps(r) + "\n" for r in loop.history))
-                if cfg.train.progress:
-                    print(f"resuming from {resume_from} (epoch {saved['epoch']}, batch {saved['batch']}, step "
-                          f"{saved['global_step']}, saved by {saved['world_size']} process(es))", flush=True)
+                print(f"resuming from {resume_from} (epoch {saved['epoch']}, batch {saved['batch']}, step "
+                      f"{saved['global_step']}, saved by {saved['world_size']} process(es))", flush=True)
 
         def checkpoint(result: FitResult) -> None:
             if not cfg.checkpoint.enabled:
