@@ -78,8 +78,9 @@ run_in_image() {  # docker run of the image, no network, the volume at /vol; ext
   docker run --rm --label "$LABEL" --network none --hostname localhost -v "$WORK/vol:/vol" -e OMP_NUM_THREADS=1 \
     "${opts[@]}" "$IMAGE" "$@"
 }
-json_field() {  # json_field FILE KEY: the top-level KEY of a JSON file ("" when absent)
-  python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2]) or "")' "$1" "$2"
+json_field() {  # json_field FILE KEY: the top-level KEY of a JSON file, as text or JSON ("" when absent or empty)
+  python3 -c 'import json, sys; v = json.load(open(sys.argv[1])).get(sys.argv[2])
+print("" if v in (None, "", [], {}) else v if isinstance(v, str) else json.dumps(v))' "$1" "$2"
 }
 
 STEP="1-tools"
@@ -194,7 +195,12 @@ if [ "$RESUME" = 1 ]; then
   [ "$(json_field "$WORK/vol/resume/metrics.json" status)" = completed ] || fail "resumed metrics.json not completed"
   from="$(json_field "$WORK/vol/resume/run.json" resumed_from)"
   [ -n "$from" ] || fail "run.json has no resumed_from: the second run started over instead of resuming"
-  echo "docker-ci: resumed from $from and completed"
+  echo "docker-ci: resumed ($from) and completed"
+  if [ "$(json_field "$WORK/vol/resume/metrics.json" test)" = "$(json_field "$WORK/vol/run/metrics.json" test)" ]; then
+    echo "docker-ci: its test metrics equal the uninterrupted run's (step 6)"
+  else
+    echo "docker-ci: note: its test metrics differ from the uninterrupted run's (step 6)"
+  fi
 else
   step "7-resume-skipped"
   echo "docker-ci: DOCKER_CI_RESUME=$RESUME: the resume step is not run"
