@@ -20,7 +20,11 @@ What it does, on ``--device`` (default ``cuda``; on a machine without CUDA it pr
    ``phi_i = alpha <g_i, u_i> min(1, l_main / ||g_i||^2)`` (``<g_i, u_i>`` where that is <= 0), ``u_i`` mode B's
    update and ``delta_i`` the update applied; for ``transfer.barrier: paper``, Algorithm 1's ``<g_i, mu_i> >= phi_i``;
 5. trains one epoch of B and +Ours and reports their test AUC (same batches, same init);
-6. writes ``benchmarks/results/gpu_smoke.{json,md}`` (unless ``--no-record``).
+6. saves the trained +Ours run's full train state (:class:`recsys_transfer.train.state.TrainState`: model, dense
+   and row optimizer state, discriminators, RNG) from the device, loads it into a fresh +Ours step built from
+   another seed, trains ``--resume-steps`` more steps with both on the same batches and checks that every model
+   tensor is bitwise equal (a save + resume on the GPU); reports save / load seconds;
+7. writes ``benchmarks/results/gpu_smoke.{json,md}`` (unless ``--no-record``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,36 @@ def _init_group(device) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def check_resume(model, step, meta, domains, device, args, batches, root: Path) -> dict:
+    """Save ``step``'s train state, load it into a fresh +Ours step (another seed), train both on the same batches
+    and compare every model tensor bitwise (the run's step 6)."""
+    import torch
+
+    from recsys_transfer.train.checkpoint import CheckpointDir
+    from recsys_transfer.train.loop import FitResult
+    from recsys_transfer.train.state import TrainState
+
+    store = CheckpointDir(root)
+    state = TrainState(model, step, None, FitResult(), meta={"run_id": "gpu_smoke"})
+    _sync(device)
+    s0 = time.perf_counter()
+    store.save(state.state_dict(), 1, {"run_id": "gpu_smoke", "config": {}})
+    save_s = time.perf_counter() - s0
+    model2, step2 = build_steps(meta, domains, device, args.seed + 1, names=("+Ours",))["+Ours"]
+    s0 = time.perf_counter()
+    TrainState(model2, step2, None, FitResult(), meta={}).load(store.latest())
+    _sync(device)
+    load_s = time.perf_counter() - s0
+    for k in range(args.resume_steps):
+        for s in (step, step2):
+            s(batches[k % len(batches)])
+    _sync(device)
+    a, b = model.state_dict(), model2.state_dict()
+    equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return {"save_seconds": save_s, "load_seconds": load_s, "steps": args.resume_steps, "tensors": len(a),
+            "bitwise_equal": bool(equal)}
 
 
 def build_steps(meta, domains, device, seed: int, names=("B", "+Ours", "B-fused")):
@@ -136,6 +170,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume-steps", type=int, default=3, help="steps trained after the save + resume check")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
@@ -209,18 +244,21 @@ def main() -> int:
                       "epoch_seconds": time.perf_counter() - s0, "rows_per_s": stats.rows_per_s}
     print("one epoch: " + ", ".join(f"{n} AUC {a['test_auc']:.6f} ({a['rows_per_s']:,.0f} rows/s)"
                                     for n, a in aucs.items()), flush=True)
+    resume = check_resume(model, step, meta, domains, device, args, batches, work / "checkpoints")
+    print(f"save + resume on {device}: {resume}", flush=True)
 
     ratios = {"+Ours/B": timing["+Ours"]["median_ms"] / timing["B"]["median_ms"],
               "+Ours/B-fused": timing["+Ours"]["median_ms"] / timing["B-fused"]["median_ms"],
               "B/B-fused": timing["B"]["median_ms"] / timing["B-fused"]["median_ms"]}
-    ok = barrier["violations"] == 0 and barrier["rows_checked"] > 0 and on_device == {str(device)}
+    ok = (barrier["violations"] == 0 and barrier["rows_checked"] > 0 and on_device == {str(device)}
+          and resume["bitwise_equal"])
     record = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                        cwd=Path(__file__).parent).stdout.strip(),
               "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
               platform.processor(), "torch": torch.__version__, "cuda": torch.version.cuda, "args": vars(args),
               "prepare_seconds": prepared_s, "timing": timing, "ratios": ratios, "barrier": barrier,
-              "barrier_tensors_on": sorted(on_device), "one_epoch": aucs, "ok": ok}
+              "barrier_tensors_on": sorted(on_device), "one_epoch": aucs, "resume": resume, "ok": ok}
     print(f"ratios: {', '.join(f'{k} {v:.3f}' for k, v in ratios.items())}; {'OK' if ok else 'FAILED'}")
     if not args.no_record:
         RESULTS.mkdir(exist_ok=True)
@@ -233,7 +271,10 @@ def main() -> int:
                   f"- barrier invariant: {barrier['violations']} violations in {barrier['rows_checked']:,} rows "
                   f"({barrier['binding_rows']:,} binding), tensors on {sorted(on_device)}",
                   *(f"- one epoch {n}: test AUC {a['test_auc']:.4f}, {a['rows_per_s']:,.0f} rows/s"
-                    for n, a in aucs.items())]
+                    for n, a in aucs.items()),
+                  f"- save + resume of the +Ours train state on the device: save {resume['save_seconds']:.2f} s, "
+                  f"load {resume['load_seconds']:.2f} s, {resume['tensors']} tensors bitwise equal after "
+                  f"{resume['steps']} more steps: {resume['bitwise_equal']}"]
         (RESULTS / "gpu_smoke.md").write_text("\n".join(lines) + "\n")
     import torch.distributed as dist
 

@@ -24,6 +24,7 @@ def test_gpu_smoke_logic_on_the_cpu():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "barrier invariant: {'rows_checked':" in r.stdout and "'violations': 0" in r.stdout
     assert "+Ours/B-fused" in r.stdout and r.stdout.rstrip().endswith("OK")
+    assert "save + resume on cpu: {'save_seconds':" in r.stdout and "'bitwise_equal': True}" in r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the default run measures on the GPU (minutes)")
