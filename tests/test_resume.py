@@ -241,3 +241,53 @@ def test_train_state_reshards_between_world_sizes(ml100k_prepared, tmp_path, sha
         for part, value in disc_a[name].items():
             assert torch.equal(value, disc_b[name][part]), (name, part)
     assert all(d["step"] == 3 for d in after)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("saved,resumed", [(2, 1), (1, 2)])
+def test_a_run_resumes_under_another_world_size(whole_two, runs, saved, resumed):
+    """Through the trainer: the planner's own plan, every state resharded, the mid-epoch position converted."""
+    cfg, _ = whole_two
+    out = runs / f"reshard_{saved}_{resumed}"
+    fault = 17 if saved == 2 else 37  # 14 batches per epoch and rank with 2 processes, 29 with 1
+    assert _train(cfg, out, procs=saved, fault=fault).returncode != 0
+    r = _train(cfg, out, procs=resumed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("resuming from"))
+    assert line.endswith(f"saved by {saved} process(es))"), line
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["world_size"] == resumed and metrics["epochs_run"] == 2
+    assert [json.loads(x)["epoch"] for x in (out / "epochs.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_checkpoint_dir_is_atomic_keeps_the_newest_and_verifies(tmp_path, monkeypatch):
+    from recsys_transfer.train.checkpoint import CheckpointDir
+
+    store = CheckpointDir(tmp_path / "checkpoints", keep=2)
+    for step in (5, 10, 15):
+        store.save({"w": torch.full((100, 4), float(step)), "meta": b"x"}, step, {"run_id": "r", "step": step})
+    assert [p.name for p in store.complete()] == ["step-000000015", "step-000000010"]
+    manifest = store.manifest(store.complete()[0])
+    assert manifest["run_id"] == "r" and manifest["step"] == 15 and ".metadata" in manifest["files"]
+
+    def killed(*args, **kwargs):  # a process killed while DCP writes: part of the files are there, no rename
+        partial = tmp_path / "checkpoints" / ".step-000000020.tmp"
+        partial.mkdir()
+        (partial / "__0_0.distcp").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dcp, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.save({"w": torch.zeros(3)}, 20, {})
+    monkeypatch.undo()
+    assert store.latest().name == "step-000000015"  # the interrupted save left the previous ones loadable
+    loaded = {"w": torch.empty(100, 4)}
+    dcp.load(loaded, checkpoint_id=str(store.latest()))
+    assert torch.equal(loaded["w"], torch.full((100, 4), 15.0))
+    store.save({"w": torch.ones(2)}, 25, {})
+    assert not list((tmp_path / "checkpoints").glob(".step-*.tmp"))  # the next save removes the leftover
+    (store.complete()[0] / ".metadata").unlink()
+    lines = []
+    assert store.latest(warn=lines.append).name == "step-000000015"
+    assert lines == [f"warning: {store.complete()[0] / '.metadata'}: missing; falling back to the previous checkpoint"]

@@ -46,6 +46,7 @@ from torch import nn
 from recsys_transfer.errors import UserError
 from recsys_transfer.train.loop import EMA, EpochProgress, FitResult
 from recsys_transfer.train.step import TrainStep
+from recsys_transfer.transfer.barrier import TransferTransform
 
 FORMAT = 1
 
@@ -156,19 +157,13 @@ class TrainState:
     def _param_names(self) -> dict[int, str]:
         return {id(p): name for name, p in self.model.named_parameters()}
 
-    def _transfer_stages(self) -> list:
+    def _transfer_stages(self) -> list[TransferTransform]:
         rows = self.step.rows
-        return [t for t in rows.transforms if hasattr(t, "rules") and hasattr(t, "losses")] if rows else []
+        return [t for t in rows.transforms if isinstance(t, TransferTransform)] if rows else []
 
     def _rank_blob(self) -> dict:
-        blob = {"rng": rng_state(), "loop": self._loop_view(), "progress": self.loop.progress, "transfer": []}
-        for stage in self._transfer_stages():
-            blob["transfer"].append({
-                "generators": {str(dev): g.get_state() for dev, g in stage._generators.items()},
-                "calls": {dim: getattr(loss, "calls", 0) for dim, loss in stage.losses.items()},
-                "stats": {name: dict(vars(rule.stats)) for name, rule in stage.rules.items()},
-            })
-        return blob
+        return {"rng": rng_state(), "loop": self._loop_view(), "progress": self.loop.progress,
+                "transfer": [stage.local_state() for stage in self._transfer_stages()]}
 
     def _restore_rank_blob(self, blob: dict) -> None:
         set_rng_state(blob["rng"])
@@ -176,14 +171,7 @@ class TrainState:
             setattr(self.loop, k, v)
         self.loop.progress = blob["progress"]
         for stage, saved in zip(self._transfer_stages(), blob["transfer"]):
-            for dev, state in saved["generators"].items():
-                stage._generator(torch.device(dev)).set_state(state)
-            for dim, calls in saved["calls"].items():
-                if dim in stage.losses and hasattr(stage.losses[dim], "calls"):
-                    stage.losses[dim].calls = calls
-            for name, stats in saved["stats"].items():
-                if name in stage.rules:
-                    vars(stage.rules[name].stats).update(stats)
+            stage.load_local_state(saved)
 
     def _loop_view(self) -> dict:
         loop = self.loop

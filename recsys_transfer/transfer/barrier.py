@@ -337,6 +337,26 @@ class TransferTransform(RowTransform):
     def stats(self) -> dict[str, dict]:
         return {name: vars(rule.stats) for name, rule in self.rules.items()}
 
+    def local_state(self) -> dict:
+        """What this stage keeps that a checkpoint must hold per rank (the learned per-table state is saved by
+        table instead, :meth:`~recsys_transfer.transfer.losses.TransferLoss.table_state`): the subsample
+        generators' states (``transfer.max_rows``), the discriminators' call counters (``transfer.disc_every``)
+        and the last step's statistics of each table."""
+        return {"generators": {str(dev): g.get_state() for dev, g in self._generators.items()},
+                "calls": {dim: getattr(loss, "calls", 0) for dim, loss in self.losses.items()},
+                "stats": {name: dict(vars(rule.stats)) for name, rule in self.rules.items()}}
+
+    def load_local_state(self, state: dict) -> None:
+        """Restore what :meth:`local_state` returned (tables this rank does not hold are passed over)."""
+        for dev, gen_state in state["generators"].items():
+            self._generator(torch.device(dev)).set_state(gen_state)
+        for dim, calls in state["calls"].items():
+            if dim in self.losses and hasattr(self.losses[dim], "calls"):
+                self.losses[dim].calls = calls
+        for name, stats in state["stats"].items():
+            if name in self.rules:
+                vars(self.rules[name].stats).update(stats)
+
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
