@@ -196,6 +196,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
     from recsys_transfer.train.evaluate import evaluate
     from recsys_transfer.train.loop import EMA, FitResult, fit, resolve_monitor
+    from recsys_transfer.train.progress import reporter
     from recsys_transfer.train.rundir import append_jsonl, dumps, write_json
     from recsys_transfer.train.state import TrainState
 
@@ -278,7 +279,8 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
 
         result = fit(step, train, validate, epochs=cfg.train.epochs, monitor=monitor,
                      patience=cfg.train.early_stopping_patience, device=info.device, ema=ema,
-                     progress=cfg.train.progress and info.is_main, on_epoch=on_epoch,
+                     progress=reporter(cfg.train.progress and info.is_main, every_steps=cfg.log.lines_every_steps,
+                                       every_seconds=cfg.log.lines_every_seconds), on_epoch=on_epoch,
                      on_best=lambda epoch: save_model(model, out / "best", run["run_id"]), result=loop,
                      on_step=on_step, on_epoch_end=checkpoint, rank=info.rank)
         if result.best_epoch < 0:
