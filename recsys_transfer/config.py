@@ -10,6 +10,7 @@ A pipeline file (``pipelines/*.yaml``) has these sections::
     transfer: {mode: "+Ours", loss: adversarial, fields: [zip]}
     train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, monitor: valid/label/auc, device: auto, ...}
     checkpoint: {every_steps: 500, keep: 2}     # train-state checkpoints (resume); default: each epoch end
+    log:      {tensorboard: true, every_steps: 50}  # TensorBoard scalars (rank 0); plain progress lines off a terminal
 
 Unknown keys are rejected at every level with the file, the key path and the known keys (no silent typos like
 ``batchsize``); ``--set train.epochs=3`` style overrides are parsed as YAML scalars and go through the same check.
@@ -244,9 +245,39 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
 
 
+@dataclass(frozen=True)
+class LogConfig:
+    """Watching a run (:mod:`recsys_transfer.train.scalars`, :mod:`recsys_transfer.train.progress`); no effect on
+    its numbers.
+
+    ``tensorboard``: rank 0 writes TensorBoard event files under ``<output>/tensorboard/`` (needs the optional
+    ``tensorboard`` package: ``pip install 'recsys-transfer[tensorboard]'``): the running train loss, rows/s and
+    transfer statistics every ``every_steps`` global steps and at each epoch's end (0: at epoch ends only), every
+    ``epochs.jsonl`` number per epoch, checkpoint save times and the test metrics. ``lines_every_steps`` /
+    ``lines_every_seconds``: with ``train.progress`` and no terminal on stderr (a cluster log), a plain progress
+    line every that many batches of the epoch and whenever that many seconds passed since the last one (0: that
+    trigger off; not both)."""
+
+    tensorboard: bool = False
+    every_steps: int = 50
+    lines_every_steps: int = 0
+    lines_every_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key in ("every_steps", "lines_every_steps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"log.{key} must be an integer >= 0, got {value!r}")
+        if not 0 <= self.lines_every_seconds < float("inf"):
+            raise ValueError(f"log.lines_every_seconds must be a finite number >= 0, got {self.lines_every_seconds!r}")
+        if not self.lines_every_steps and not self.lines_every_seconds:
+            raise ValueError("log.lines_every_steps and log.lines_every_seconds are both 0; set train.progress: false "
+                             "to turn progress lines off")
+
+
 #: config keys that may differ between a checkpoint and the run resuming it (they do not change its numbers)
 RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.device", "train.eval_batch_size",
-                     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.enabled", "data.prepare")
+                     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.enabled", "data.prepare", "log")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -274,6 +305,7 @@ class RunConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

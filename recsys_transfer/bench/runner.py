@@ -1,9 +1,9 @@
 """Expand a grid into runs and execute them resumably.
 
 Each cell x seed is one :func:`run_training` into ``OUT/runs/<run_id>/``; ``run_id`` is a readable slug plus a
-hash of the resolved config (minus ``train.progress``), so it is stable across invocations and identical configs
-share one run. A run counts as done when its ``metrics.json`` says ``completed`` (the trainer writes it last), so a
-run interrupted midway (or failed) is redone from scratch. After training the harness writes, next to it:
+hash of the resolved config (minus ``train.progress`` and ``log``), so it is stable across invocations and identical
+configs share one run. A run counts as done when its ``metrics.json`` says ``completed`` (the trainer writes it
+last), so a run interrupted midway (or failed) is redone from scratch. After training the harness writes, next to it:
 
 * ``bench.json``  — the cell (dataset, model, mode, dim, seed, extra, lam), overrides and ``params`` (#P:
   every parameter of the built model, embedding tables included);
@@ -61,6 +61,7 @@ def _slug(text: str) -> str:
 def run_id_of(cfg: RunConfig, slug: str) -> str:
     tree = cfg.to_dict()
     tree["train"].pop("progress", None)
+    tree.pop("log", None)  # how a run is watched, not what it computes
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{_slug(slug)}-{digest}"
 

@@ -25,6 +25,7 @@ from torch import nn
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.train.evaluate import TASK_METRICS
+from recsys_transfer.train.progress import Progress, reporter
 from recsys_transfer.train.step import NonFiniteLoss, TrainStep
 
 MAXIMIZE = ("auc", "gauc", "head_auc", "tail_auc", "accuracy", "macro_f1", "hr@", "mrr@", "ndcg@")
@@ -53,6 +54,12 @@ class EpochStats:
     @property
     def rows_per_s(self) -> float:
         return self.rows / max(self.seconds, 1e-9)
+
+
+def loss_key(name: str, prefix: str = "train") -> str:
+    """The record key of a training loss: ``train/<task>/loss`` for a task, ``train/aux/<term>`` for a model's
+    auxiliary term."""
+    return f"{prefix}/{name}" if name.startswith("aux/") else f"{prefix}/{name}/loss"
 
 
 @dataclass
@@ -94,11 +101,13 @@ def _kill_self() -> None:
 
 
 def train_epoch(step: TrainStep, loader, *, epoch: int = 0, device: torch.device | None = None,
-                progress: bool = False, after_step: Callable[[], None] | None = None,
+                progress: bool | Progress = False, after_step: Callable[[], None] | None = None,
                 state: EpochProgress | None = None, on_step: Callable[[EpochProgress], None] | None = None,
                 first_step: int = 0, rank: int = 0) -> EpochStats:
     """One pass of ``step`` over ``loader`` (batches moved to ``device`` when it is not the CPU). A non-finite loss
     raises :class:`NonFiniteTrainingLoss` naming the epoch and step, unless the step skips such batches.
+    ``progress``: a :class:`~recsys_transfer.train.progress.Progress` told of every batch, or True for
+    :func:`~recsys_transfer.train.progress.reporter`'s default (a bar on a terminal, else plain lines).
 
     Resuming: ``state`` holds the sums of the batches already trained in this epoch (the loader must serve the
     rest: ``loader.set_epoch(epoch, start_batch=state.batches)``); ``on_step(state)`` runs after every batch (a
@@ -112,14 +121,10 @@ def train_epoch(step: TrainStep, loader, *, epoch: int = 0, device: torch.device
     fault_at = fault[0] if fault is not None and fault[1] == rank else -1
     t0 = time.perf_counter() - state.seconds
     sums = state.sums
-    it = loader
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(loader, total=len(loader), initial=state.batches, desc=f"epoch {epoch}", unit="batch", leave=False,
-                  mininterval=0.5)
+    report = progress if isinstance(progress, Progress) else reporter(progress)
+    report.start(epoch, len(loader), state)
     start = state.batches
-    for k, batch in enumerate(it, start=start):
+    for k, batch in enumerate(loader, start=start):
         if first_step + k - start == fault_at:
             _kill_self()
         n = batch.batch_size
@@ -138,12 +143,12 @@ def train_epoch(step: TrainStep, loader, *, epoch: int = 0, device: torch.device
             state.rows += n
             for name, value in result.losses.items():
                 sums[name] = sums[name] + value * n if name in sums else value * n
-            if progress and k % 50 == 0:
-                it.set_postfix(loss=f"{state.total / max(state.rows, 1):.4f}", refresh=False)
         state.seconds = time.perf_counter() - t0
+        report.update(state)
         if on_step is not None:
             on_step(state)
     state.seconds = time.perf_counter() - t0
+    report.close()
     return state.stats()
 
 
@@ -245,7 +250,8 @@ class FitResult:
 
 
 def fit(step: TrainStep, train, validate: Callable[[], dict[str, dict]], *, epochs: int, monitor: Monitor,
-        patience: int = 0, device: torch.device | None = None, ema: EMA | None = None, progress: bool = False,
+        patience: int = 0, device: torch.device | None = None, ema: EMA | None = None,
+        progress: bool | Progress = False,
         on_epoch: Callable[[dict], None] | None = None, on_best: Callable[[int], None] | None = None,
         result: FitResult | None = None, on_step: Callable[[FitResult], None] | None = None,
         on_epoch_end: Callable[[FitResult], None] | None = None, rank: int = 0) -> FitResult:
@@ -281,8 +287,7 @@ def fit(step: TrainStep, train, validate: Callable[[], dict[str, dict]], *, epoc
         record = {"epoch": epoch, "train/loss": stats.loss, "train/rows": stats.rows,
                   "train/rows_per_s": stats.rows_per_s, "train/seconds": stats.seconds,
                   "train/skipped_batches": stats.skipped_batches,
-                  **{f"train/{k}/loss" if not k.startswith("aux/") else f"train/{k}": v
-                     for k, v in stats.losses.items()},
+                  **{loss_key(k): v for k, v in stats.losses.items()},
                   **{f"valid/{task}/{k}": v for task, m in valid.items() for k, v in m.items()},
                   "monitor": monitor.key, "monitor_value": value}
         improved = value is not None and monitor.better(value, result.best_value)

@@ -23,7 +23,10 @@ that differ. A completed run is continued only with ``resume=True`` (e.g. with m
 Each rank reads its own part of every split; predictions are gathered so metrics are global. Rank 0 writes
 ``run.json`` (status, config, versions), ``epochs.jsonl`` (one strict-JSON record per epoch: train loss per task,
 rows/s, every validation metric of every task, the monitor) and ``metrics.json`` (test and best-validation
-metrics of every task, head/tail AUC of the transfer field, status; written last).
+metrics of every task, head/tail AUC of the transfer field, status; written last); with ``log.tensorboard`` also
+TensorBoard scalars under ``tensorboard/`` (:mod:`recsys_transfer.train.scalars`; a resumed run continues the same
+series). While an epoch runs, rank 0 shows a bar on a terminal or plain progress lines in a log file
+(:mod:`recsys_transfer.train.progress`, ``train.progress``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from recsys_transfer.config import SELECTIVE_MODES, RunConfig
+from recsys_transfer.config import BARRIER_MODES, SELECTIVE_MODES, RunConfig
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import check_tasks
 
@@ -196,11 +199,15 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
     from recsys_transfer.train.evaluate import evaluate
     from recsys_transfer.train.loop import EMA, FitResult, fit, resolve_monitor
+    from recsys_transfer.train.progress import reporter
     from recsys_transfer.train.rundir import append_jsonl, dumps, write_json
+    from recsys_transfer.train.scalars import Scalars, require_tensorboard, run_scalars
     from recsys_transfer.train.state import TrainState
 
     t_start = time.perf_counter()
     out = Path(output)
+    if cfg.log.tensorboard:
+        require_tensorboard()  # on every rank, before anything is written
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg.train.device)
@@ -208,6 +215,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
                  "versions": versions(), "world_size": info.world_size, "device": str(info.device)}
     opened = False
     store = CheckpointDir(out / "checkpoints", keep=cfg.checkpoint.keep)
+    scalars = Scalars()
     try:
         run["run_id"], resume_from = run_on_rank0(lambda: open_or_resume(out, cfg, store, overwrite=overwrite,
                                                                          resume=resume))
@@ -249,6 +257,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         def on_epoch(record: dict) -> None:
             if info.is_main:
                 append_jsonl(out / "epochs.jsonl", record)
+                scalars.epoch(record, loop.global_step)
                 if cfg.train.progress:
                     print(_epoch_line(record, tasks), flush=True)
 
@@ -262,23 +271,31 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
                 (out / "epochs.jsonl").write_text("".join(dumps(r) + "\n" for r in loop.history))
                 print(f"resuming from {resume_from} (epoch {saved['epoch']}, batch {saved['batch']}, step "
                       f"{saved['global_step']}, saved by {saved['world_size']} process(es))", flush=True)
+        scalars = run_scalars(cfg.log, out, main=info.is_main, batches=len(train),
+                              resumed_at=loop.global_step if resume_from is not None else None,
+                              transfer_stats=rows.stats, lambdas=cfg.transfer.mode in BARRIER_MODES)
 
         def checkpoint(result: FitResult) -> None:
             if not cfg.checkpoint.enabled:
                 return
+            scalars.flush()  # every scalar up to this step is on disk before the checkpoint a resume starts from
+            t0 = time.perf_counter()
             store.save(state.state_dict(), result.global_step,
                        {"run_id": run["run_id"], "config": cfg.to_dict(), "world_size": info.world_size,
                         "global_step": result.global_step, "epoch": result.epoch, "batch": result.progress.batches,
                         "versions": run["versions"], "time": time.time()})
+            scalars.checkpoint(time.perf_counter() - t0, result.global_step)
 
         def on_step(result: FitResult) -> None:
+            scalars.step(result)
             every = cfg.checkpoint.every_steps
             if every and result.global_step % every == 0 and result.progress.batches < len(train):
                 checkpoint(result)  # the last batch of an epoch is checkpointed at the epoch's end
 
         result = fit(step, train, validate, epochs=cfg.train.epochs, monitor=monitor,
                      patience=cfg.train.early_stopping_patience, device=info.device, ema=ema,
-                     progress=cfg.train.progress and info.is_main, on_epoch=on_epoch,
+                     progress=reporter(cfg.train.progress and info.is_main, every_steps=cfg.log.lines_every_steps,
+                                       every_seconds=cfg.log.lines_every_seconds), on_epoch=on_epoch,
                      on_best=lambda epoch: save_model(model, out / "best", run["run_id"]), result=loop,
                      on_step=on_step, on_epoch_end=checkpoint, rank=info.rank)
         if result.best_epoch < 0:
@@ -287,6 +304,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         load_model(model, out / "best", run["run_id"])
         test_metrics = evaluate(model, test, tasks, meta, transfer_field=field, group_field=cfg.train.group_field,
                                 device=info.device)
+        scalars.test(test_metrics, result.global_step)
         best = result.history[result.best_epoch]
         train_rows = sum(r["train/rows"] for r in result.history) * info.world_size
         train_seconds = sum(r["train/seconds"] for r in result.history)
@@ -311,4 +329,5 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
             write_json(out / "metrics.json", {"status": "failed", "run_id": run.get("run_id"), "error": failed["error"]})
         raise
     finally:
+        scalars.close()
         shutdown()

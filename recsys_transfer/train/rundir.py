@@ -1,12 +1,12 @@
 """Run directories that never mix two runs, and strict JSON records.
 
 A run directory holds ``run.json`` (run id, status, config, command, versions, written first and updated at the
-end), ``epochs.jsonl`` (one record per epoch), ``metrics.json`` (the final result, written last) and ``best/``
-(the best model, marked with the run id: :mod:`recsys_transfer.train.checkpoint`) and ``checkpoints/`` (the
-train states a run resumes from). :func:`open_run_dir` refuses a
-directory that holds another run's files unless ``overwrite`` (then only those files are removed; anything else in
-the directory is left alone). Every record is strict JSON: NaN and infinities are written as ``null``
-(:func:`strict`), and ``status`` is ``running``, ``completed`` or ``failed`` (with the error).
+end), ``epochs.jsonl`` (one record per epoch), ``metrics.json`` (the final result, written last), ``best/`` (the
+best model, marked with the run id: :mod:`recsys_transfer.train.checkpoint`), ``checkpoints/`` (the train states a
+run resumes from) and ``tensorboard/`` (event files with ``log.tensorboard``: :mod:`recsys_transfer.train.scalars`).
+:func:`open_run_dir` refuses a directory that holds another run's files unless ``overwrite`` (then only those files
+are removed; anything else in the directory is left alone). Every record is strict JSON: NaN and infinities are
+written as ``null`` (:func:`strict`), and ``status`` is ``running``, ``completed`` or ``failed`` (with the error).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from recsys_transfer.errors import UserError
 
 RUN_FILES = ("run.json", "metrics.json", "epochs.jsonl")
-RUN_DIRS = ("best", "checkpoints")
+RUN_DIRS = ("best", "checkpoints", "tensorboard")
 
 
 def strict(value: Any) -> Any:
