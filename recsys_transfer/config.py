@@ -6,6 +6,7 @@ A pipeline file (``pipelines/*.yaml``) has these sections::
     data:     {path: runs/ml100k, prepare: {dataset: movielens, input: [../shared/data/movielens-100k]}}
     tasks:    [{name: label, kind: binary}]      # optional: default = the tasks in the dataset's meta.json
     model:    {name: deepfm, params: {embedding_dim: 16, hidden: [100, 100]}}
+    sharding: {row_wise_min_rows: 1000000, tables: {t_zip: table_wise}}  # torchrun runs: the tables' layout
     rows:     {optimizer: adam, lr: 1.0e-3}      # how embedding rows are updated (every mode)
     transfer: {mode: "+Ours", loss: adversarial, fields: [zip]}
     train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, monitor: valid/label/auc, device: auto, ...}
@@ -188,6 +189,129 @@ class TransferConfig:
         return found
 
 
+#: TorchRec's sharding types (``torchrec.distributed.types.ShardingType``)
+SHARDING_TYPES = ("table_wise", "row_wise", "table_row_wise", "data_parallel", "column_wise", "table_column_wise",
+                  "grid_shard")
+#: the sharding types whose shards the row pipeline updates: whole rows of model-parallel tables (every table of a
+#: run is updated by it); the others are refused, for the reason measured in :mod:`recsys_transfer.train.sharding`
+ROW_PIPELINE_SHARDINGS = ("table_wise", "row_wise")
+_WHOLE_ROWS = ("it splits each row's dimensions over shards, and the row pipeline needs whole rows (row optimizer "
+               "state, the barrier and the transfer loss are per row)")
+REFUSED_SHARDINGS = {
+    "data_parallel": ("the row pipeline updates each replica from its own rank's rows only (no table gradient reaches "
+                      "DDP's all-reduce), so the replicas drift apart; use table_wise for small tables"),
+    "table_row_wise": ("across nodes on gloo a transfer run deadlocked in TorchRec's backward all-to-all when a node "
+                       "held no table-row-wise table, and on one node it is row_wise; use row_wise"),
+    "column_wise": f"{_WHOLE_ROWS}; use row_wise",
+    "table_column_wise": f"{_WHOLE_ROWS}; use row_wise",
+    "grid_shard": f"{_WHOLE_ROWS}; use row_wise",
+}
+#: compute kernels the row pipeline can drive: it swaps the lookup kernel for its own over the shard's weight tensor
+#: (``fused_uvm*``: CUDA only; ``dense``: data_parallel's kernel). Key-value / SSD / virtual tables keep rows outside
+#: a weight tensor and quantized kernels are inference-only.
+COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: object, where: str) -> int | None:
+    """A byte count from an int or a string with a unit (``16GiB``, ``512MB``, ``1.5e9``); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where} must be a byte count (e.g. 17179869184 or 16GiB), got {value!r}")
+    number, unit = value, ""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*", value)
+        if m is None or m.group(2).lower() not in _BYTE_UNITS:
+            raise ValueError(f"{where} must be a byte count (e.g. 17179869184 or 16GiB), got {value!r}")
+        number, unit = float(m.group(1)), m.group(2).lower()
+    out = number * _BYTE_UNITS[unit]
+    if not out >= 1 or out != int(out):
+        raise ValueError(f"{where} must be a positive whole number of bytes, got {value!r}")
+    return int(out)
+
+
+@dataclass(frozen=True)
+class TableShardingConfig:
+    """One table's override in ``sharding.tables``: its sharding type and/or compute kernel (None: the policy's)."""
+
+    sharding_type: str | None = None
+    compute_kernel: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How DistributedModelParallel lays out the embedding tables of a torchrun run
+    (:mod:`recsys_transfer.train.sharding`; single-process runs are not sharded).
+
+    Per table, by precedence: ``tables[<table name>]`` (``{sharding_type: row_wise, compute_kernel: fused}``, or
+    just the sharding type as a string); else the size policy: tables with at least ``row_wise_min_rows`` rows are
+    ``row_wise``, smaller ones ``table_wise`` (None: TorchRec's planner chooses between the two by its cost model;
+    it picks row_wise even for a 3-row table). Table names are TorchRec's (``t_<field>``); TorchRec's planner takes
+    one decision per name, so tables of one name in several collections (FM's embedding and first-order tables)
+    share it. ``compute_kernel``: the default kernel. Refused sharding types (:data:`REFUSED_SHARDINGS`) are an
+    error naming the table and why. Topology budgets for the planner: ``hbm_bytes`` (GPU memory per device),
+    ``ddr_bytes`` (host memory per rank), as bytes or with a unit (``16GiB``); None: TorchRec's defaults (32 GiB,
+    128 GiB). ``batch_size``: the per-rank batch the planner's estimates assume (None: ``train.batch_size``)."""
+
+    row_wise_min_rows: int | None = 1_000_000
+    compute_kernel: str = "fused"
+    tables: dict = field(default_factory=dict)
+    hbm_bytes: object = None
+    ddr_bytes: object = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.row_wise_min_rows is not None and (isinstance(self.row_wise_min_rows, bool)
+                                                   or not isinstance(self.row_wise_min_rows, int)
+                                                   or self.row_wise_min_rows < 1):
+            raise ValueError(f"sharding.row_wise_min_rows must be a positive integer or null, got "
+                             f"{self.row_wise_min_rows!r}")
+        _check_kernel(self.compute_kernel, "sharding.compute_kernel")
+        if not isinstance(self.tables, dict):
+            raise ValueError(f"sharding.tables must map table names to overrides, got {self.tables!r}")
+        tables = {}
+        for name, raw in self.tables.items():
+            where = f"sharding.tables.{name}"
+            if isinstance(raw, str):
+                raw = {"sharding_type": raw}
+            if isinstance(raw, dict):
+                try:
+                    raw = build(TableShardingConfig, raw, where)
+                except UserError as exc:
+                    raise ValueError(str(exc)) from None
+            if not isinstance(raw, TableShardingConfig):
+                raise ValueError(f"{where}: expected a sharding type or {{sharding_type, compute_kernel}}, got {raw!r}")
+            if raw.sharding_type is None and raw.compute_kernel is None:
+                raise ValueError(f"{where}: give sharding_type and/or compute_kernel")
+            if raw.sharding_type is not None:
+                check_sharding_type(raw.sharding_type, f"table {name}")
+            if raw.compute_kernel is not None:
+                _check_kernel(raw.compute_kernel, f"{where}.compute_kernel")
+            tables[str(name)] = raw
+        object.__setattr__(self, "tables", tables)
+        object.__setattr__(self, "hbm_bytes", parse_bytes(self.hbm_bytes, "sharding.hbm_bytes"))
+        object.__setattr__(self, "ddr_bytes", parse_bytes(self.ddr_bytes, "sharding.ddr_bytes"))
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise ValueError(f"sharding.batch_size must be a positive integer or null, got {self.batch_size!r}")
+
+
+def check_sharding_type(sharding_type: str, what: str) -> None:
+    """A ValueError for an unknown sharding type, or one the row pipeline refuses (naming ``what`` and why)."""
+    if sharding_type not in SHARDING_TYPES:
+        raise ValueError(f"{what}: unknown sharding type {sharding_type!r}; one of {ROW_PIPELINE_SHARDINGS} (TorchRec "
+                         f"also has {tuple(REFUSED_SHARDINGS)}, which the row pipeline refuses)")
+    if sharding_type in REFUSED_SHARDINGS:
+        raise ValueError(f"{what}: {sharding_type} sharding is refused: {REFUSED_SHARDINGS[sharding_type]}")
+
+
+def _check_kernel(kernel: str, where: str) -> None:
+    if kernel not in COMPUTE_KERNELS:
+        raise ValueError(f"{where} must be one of {COMPUTE_KERNELS}, got {kernel!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -301,6 +425,7 @@ class RunConfig:
     data: DataConfig
     tasks: tuple[TaskSpec, ...] = ()  # empty: the dataset's tasks (meta.json)
     model: ModelConfig = field(default_factory=ModelConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
     rows: RowsConfig = field(default_factory=RowsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

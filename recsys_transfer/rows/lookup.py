@@ -37,7 +37,7 @@ import itertools
 import torch
 from torch import nn
 
-from recsys_transfer.config import RowsConfig
+from recsys_transfer.config import REFUSED_SHARDINGS, ROW_PIPELINE_SHARDINGS, RowsConfig
 from recsys_transfer.errors import UserError
 from recsys_transfer.flat import LayoutCache
 from recsys_transfer.modules.embedding import (flat_lookup, lookup, occurrence_grads, pooled_over_all,
@@ -339,8 +339,17 @@ def _attach_sharded(path: str, sharded: nn.Module, pipeline: RowPipeline, slots:
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
     collection = collection_name(path)
+    # the sharding types come from the plan, the same on every rank: every rank refuses (a check on the local shards
+    # alone fired only on the ranks holding one, and the others hung in the next all-to-all)
+    for sharding_type in sharded._sharding_types:
+        if sharding_type not in ROW_PIPELINE_SHARDINGS:
+            plan = getattr(sharded, "module_sharding_plan", {})
+            names = sorted(n for n, p in plan.items() if p.sharding_type == sharding_type)
+            what = f"table {', '.join(names)}" if names else collection
+            raise UserError(f"{what}: {sharding_type} sharding is refused by the row pipeline: "
+                            f"{REFUSED_SHARDINGS.get(sharding_type, 'not supported')}")
     for lookup_module in sharded._lookups:
-        inner = getattr(lookup_module, "module", lookup_module)  # DDP-wrapped lookups (data parallel): unsupported
+        inner = getattr(lookup_module, "module", lookup_module)
         if not hasattr(inner, "_emb_modules"):
             raise UserError(f"{collection}: unsupported sharded lookup {type(inner).__name__} (use table-wise or "
                             "row-wise sharding)")
@@ -370,13 +379,17 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     barrier) with :meth:`RowPipeline.add_transform`."""
     from torchrec.distributed.embedding import ShardedEmbeddingCollection
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+    from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
     pipeline = RowPipeline(model)  # the recording lookups hand their records to it
     slots: list[TableSlot] = []
     attached = []
     collections: dict[str, bool] = {}
-    for path, module in list(model.named_modules()):
+    # module paths inside DistributedModelParallel's wrappers (DMP, and DDP when world > 1: tables were named
+    # "module.embedding.t_zip" under torchrun, "embedding.t_zip" in one process)
+    root = model.module if isinstance(model, DistributedModelParallel) else model
+    for path, module in list(root.named_modules()):
         if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
             pooled = isinstance(module, EmbeddingBagCollection)
             found = _unsharded_slots(path, module, pooled)

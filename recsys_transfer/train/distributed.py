@@ -2,8 +2,9 @@
 
 ``init_distributed()`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts a process group:
 nccl on CUDA, gloo on CPU. ``shard_model()`` wraps a model in TorchRec's DistributedModelParallel with a
-planner-produced plan, constrained to one sharding type (``table_wise`` / ``row_wise``) when asked, so that
-tests and benchmarks can pin the layout. Always call ``shutdown()`` before the process exits (gloo ranks abort at
+planner-produced plan: the per-table policy of a :class:`~recsys_transfer.config.ShardingConfig`
+(:mod:`recsys_transfer.train.sharding`), or one sharding type for every table when asked, so that tests and
+benchmarks can pin the layout. Always call ``shutdown()`` before the process exits (gloo ranks abort at
 teardown otherwise), and end a rank of a torchrun job with ``exit_rank(code)``.
 
 Why ``exit_rank``: even after ``destroy_process_group()``, objects that TorchRec's sharded modules still hold
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recsys_transfer.config import ROW_PIPELINE_SHARDINGS, ShardingConfig  # noqa: F401 (a re-export)
 from recsys_transfer.errors import UserError
 
 T = TypeVar("T")
@@ -153,68 +155,39 @@ def exit_rank(code: int = 0) -> NoReturn:
     os._exit(code)
 
 
-def _sharder_cls():
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.types import ShardingType
-
-    class Sharder(EmbeddingBagCollectionSharder):
-        """TorchRec's EBC sharder, also offering row-wise sharding on CPU (TorchRec lists it for CUDA only;
-        its CPU path — fbgemm block bucketization, gloo reduce-scatter — works and is tested here)."""
-
-        def sharding_types(self, compute_device_type: str) -> list[str]:
-            types = list(super().sharding_types(compute_device_type))
-            if compute_device_type == "cpu" and ShardingType.ROW_WISE.value not in types:
-                types.append(ShardingType.ROW_WISE.value)
-            return types
-
-    return Sharder
-
-
-#: sharding types whose shards the row pipeline can update (whole rows of model-parallel tables)
-ROW_PIPELINE_SHARDINGS = ("table_wise", "row_wise")
-
-
 def shard_model(model: nn.Module, device: torch.device, sharding_type: str | None = None,
-                compute_kernel: str = "fused", fused_params: dict | None = None) -> nn.Module:
-    """Wrap ``model`` in DistributedModelParallel.
+                compute_kernel: str = "fused", fused_params: dict | None = None, *,
+                sharding: ShardingConfig | None = None, batch_size: int | None = None) -> nn.Module:
+    """Wrap ``model`` in DistributedModelParallel with a planner-produced plan (:mod:`recsys_transfer.train.sharding`).
 
-    ``sharding_type``: None (planner's choice among :data:`ROW_PIPELINE_SHARDINGS`), or one type for every table
-    (``table_wise``, ``row_wise``, or any TorchRec type when the row pipeline is not attached).
-    ``compute_kernel``: ``fused`` (TorchRec's fused TBE) or ``dense``. ``fused_params`` go to the sharder (e.g. the
-    fused optimizer of plain TorchRec training); with the transfer plug-in the lookup kernel is replaced after
-    sharding and the fused optimizer is not used.
+    ``sharding``: the run's :class:`~recsys_transfer.config.ShardingConfig` (per-table overrides, the size policy,
+    memory budgets; default ``ShardingConfig()``), with ``compute_kernel`` as its default kernel when not given;
+    ``batch_size``: the per-rank batch the planner's estimates assume unless ``sharding.batch_size`` is set. Or
+    ``sharding_type``: one type for every table, so that tests and benchmarks can pin the layout (``table_wise``,
+    ``row_wise``, ..., or any TorchRec type when the row pipeline is not attached: it is not checked against
+    :data:`ROW_PIPELINE_SHARDINGS` here, but :func:`recsys_transfer.rows.lookup.attach_rows` refuses the others on
+    every rank). ``fused_params`` go to the sharders (e.g. the fused optimizer of plain TorchRec training); with
+    the row pipeline the lookup kernel is replaced after sharding and the fused optimizer is not used. The model's
+    own initial weights are kept (:func:`copy_into_shards`).
     """
-    from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-    from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    constraints = {}
-    for module in model.modules():
-        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
-            configs = (module.embedding_bag_configs() if isinstance(module, EmbeddingBagCollection)
-                       else module.embedding_configs())
-            for cfg in configs:
-                constraints[cfg.name] = ParameterConstraints(
-                    # the row pipeline updates whole rows of model-parallel shards: not data-parallel (DDP)
-                    # replicas, not column shards
-                    sharding_types=[sharding_type] if sharding_type else list(ROW_PIPELINE_SHARDINGS),
-                    # fbgemm's fused TBE needs dims divisible by 4; narrower tables (e.g. FM's 1-wide first-order
-                    # weights) use the dense kernel
-                    compute_kernels=[compute_kernel if cfg.embedding_dim % 4 == 0 else "dense"],
-                )
-    sharders = [_sharder_cls()(fused_params=fused_params), EmbeddingCollectionSharder(fused_params=fused_params)]
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=min(local, world)),
-                                               kernel_config=KernelConfig(compute_device=device.type))
-    # a fixed 15% reserve for the dense parts: TorchRec's default heuristic warns it over-estimates them
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints,
-                                       storage_reservation=FixedPercentageStorageReservation(0.15))
-    pg = dist.GroupMember.WORLD if dist.is_initialized() else None
-    plan = planner.collective_plan(model, sharders, pg) if pg is not None else planner.plan(model, sharders)
+    from recsys_transfer.train import sharding as plans
+
+    if sharding is not None and sharding_type is not None:
+        raise ValueError("shard_model: pass sharding_type or sharding, not both")
+    tables = plans.model_tables(model)
+    sharders = plans.sharders(fused_params)
+    if sharding_type is not None:
+        config = ShardingConfig()
+        choices = plans.uniform_choices(tables, sharding_type, compute_kernel)
+    else:
+        config = sharding if sharding is not None else ShardingConfig(compute_kernel=compute_kernel)
+        choices = plans.choose(config, tables)
+    plans.check_choices(tables, choices, device.type, sharders, row_pipeline=sharding_type is None)
+    # rank 0 plans; every rank gets the plan, or rank 0's error (TorchRec's collective_plan leaves the others waiting)
+    plan = run_on_rank0(lambda: plans.plan_sharding(model, device.type, choices, sharders, config,
+                                                    batch_size=batch_size))
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     copy_into_shards(dmp, init)

@@ -4,7 +4,8 @@
 2. the data: prepared by rank 0 if ``data.path`` does not exist yet (:func:`recsys_transfer.data.prepare.prepare`,
    the others wait and fail with it), then the selective target domain if the mode needs it and none exists;
 3. the tasks (the run config's, or the dataset's ``meta.json``) and the monitor;
-4. the model from the registry, on ``train.device``, sharded with DistributedModelParallel when ``WORLD_SIZE > 1``;
+4. the model from the registry, on ``train.device``, sharded with DistributedModelParallel when ``WORLD_SIZE > 1``
+   by the ``sharding`` section's plan (:mod:`recsys_transfer.train.sharding`; rank 0 prints it, saves ``plan.json``);
 5. the training step (:func:`recsys_transfer.train.compose.compose_step`): the row pipeline over the model's
    tables (row optimizer, freeze, clip) with the transfer stage of ``transfer.mode`` (none in mode B), the
    objective of the tasks and the dense optimizer, composed by :class:`~recsys_transfer.train.step.TrainStep`;
@@ -197,6 +198,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
     from recsys_transfer.train.checkpoint import CheckpointDir, load_model, save_model
     from recsys_transfer.train.compose import compose_step
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
+    from recsys_transfer.train.sharding import sharded_plan_rows, write_plan
     from recsys_transfer.train.evaluate import evaluate
     from recsys_transfer.train.loop import EMA, FitResult, fit, resolve_monitor
     from recsys_transfer.train.progress import reporter
@@ -236,7 +238,10 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         domains = select_domains(cfg, data, meta)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
-        model = shard_model(model, info.device) if info.world_size > 1 else model.to(info.device)
+        model = (shard_model(model, info.device, sharding=cfg.sharding, batch_size=cfg.train.batch_size)
+                 if info.world_size > 1 else model.to(info.device))
+        if info.world_size > 1 and info.is_main:
+            write_plan(out, sharded_plan_rows(model, cfg.sharding))
         step = compose_step(model, meta, tasks=tasks, rows=cfg.rows, transfer=cfg.transfer, domains=domains,
                             train=cfg.train)
         rows = step.rows

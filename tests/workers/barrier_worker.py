@@ -2,7 +2,9 @@
 
 Each rank trains the same FM on the same global batches (rank r takes rows [r*B, (r+1)*B) of each global batch of
 size W*B) under DistributedModelParallel with the transfer plug-in, starting from the weights in --init, and saves
-its local shards (with their row offsets) and the dense parameters to --out/rank<r>.pt.
+its local shards (with their row offsets), the dense parameters and the plan's rows to --out/rank<r>.pt. The layout:
+one --sharding type for every table, or a ``sharding`` config section: the size policy (--row-wise-min-rows N) and
+per-table overrides (--tables t_zip=table_row_wise,...).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.models.fm import FM
 from recsys_transfer.train.distributed import exit_rank, init_distributed, shard_model
-from recsys_transfer.config import RowsConfig, TransferConfig
+from recsys_transfer.train.sharding import sharded_plan_rows
+from recsys_transfer.config import RowsConfig, ShardingConfig, TransferConfig
 from recsys_transfer.transfer.plugin import TransferPlugin
 from recsys_transfer.types import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -39,7 +42,9 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--init", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sharding", choices=("table_wise", "row_wise"), required=True)
+    p.add_argument("--sharding", choices=("table_wise", "row_wise"))
+    p.add_argument("--row-wise-min-rows", type=int)
+    p.add_argument("--tables", default="", help="per-table overrides: name=sharding_type,...")
     p.add_argument("--mode", default="lexico")
     p.add_argument("--loss", default="mmd")
     p.add_argument("--optimizer", default="adam")
@@ -61,7 +66,12 @@ def main() -> int:
     else:
         model = FM(meta, embedding_dim=8)
     model.load_state_dict(torch.load(args.init))
-    dmp = shard_model(model, info.device, sharding_type=args.sharding)  # keeps the loaded initial weights
+    if args.sharding is None:
+        tables = dict(item.split("=") for item in args.tables.split(",") if item)
+        sharding = ShardingConfig(row_wise_min_rows=args.row_wise_min_rows, tables=tables)
+        dmp = shard_model(model, info.device, sharding=sharding, batch_size=args.batch)
+    else:
+        dmp = shard_model(model, info.device, sharding_type=args.sharding)  # keeps the loaded initial weights
     cfg = TransferConfig(mode=args.mode, loss=args.loss, fields=tuple(args.fields.split(",")), lam=0.5)
     plugin = TransferPlugin(dmp, meta, cfg, RowsConfig(optimizer=args.optimizer, lr=args.lr))
     dense_opt = torch.optim.SGD(plugin.dense_parameters(), lr=args.lr)
@@ -82,7 +92,8 @@ def main() -> int:
         else:
             saved[key] = [([0] * value.dim(), value.detach().clone())]
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": saved, "stats": plugin.stats()}, args.out / f"rank{info.rank}.pt")
+    torch.save({"state": saved, "stats": plugin.stats(), "plan": sharded_plan_rows(dmp)},
+               args.out / f"rank{info.rank}.pt")
     exit_rank(0)
 
 
