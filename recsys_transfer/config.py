@@ -401,7 +401,8 @@ class LogConfig:
 
 #: config keys that may differ between a checkpoint and the run resuming it (they do not change its numbers)
 RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.device", "train.eval_batch_size",
-                     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.enabled", "data.prepare", "log")
+                     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.enabled", "data.prepare", "log",
+                     "sharding")  # a checkpoint reshards: recsys_transfer.train.state
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -240,8 +240,9 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
         model = (shard_model(model, info.device, sharding=cfg.sharding, batch_size=cfg.train.batch_size)
                  if info.world_size > 1 else model.to(info.device))
-        if info.world_size > 1 and info.is_main:
-            write_plan(out, sharded_plan_rows(model, cfg.sharding))
+        plan = sharded_plan_rows(model, cfg.sharding) if info.world_size > 1 else []
+        if plan and info.is_main:
+            write_plan(out, plan)
         step = compose_step(model, meta, tasks=tasks, rows=cfg.rows, transfer=cfg.transfer, domains=domains,
                             train=cfg.train)
         rows = step.rows
@@ -269,7 +270,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         loop = FitResult()
         state = TrainState(model, step, ema, loop, rank=info.rank, world_size=info.world_size,
                            meta={"run_id": run["run_id"], "config": cfg.to_dict(), "versions": run["versions"],
-                                 "plan": str(getattr(model, "plan", ""))})
+                                 "plan": plan})
         if resume_from is not None:
             saved = state.load(resume_from)
             if info.is_main:
