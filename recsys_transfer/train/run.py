@@ -126,7 +126,8 @@ def _unique_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     seen, out = set(), []
     for t in tensors:
         key = (t.data_ptr(), t.shape)
-        if key not in seen and t.is_floating_point():
+        if key not in seen and t.is_floating_point() and t.numel():  # a rank holding no table of a lookup
+            # group has an empty weight there: nothing to average or checkpoint
             seen.add(key)
             out.append(t)
     return out

@@ -23,6 +23,7 @@ lost when the run is killed after it.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,6 +65,17 @@ class Scalars:
         pass
 
 
+def _after_earlier_files(log_dir: Path) -> None:
+    """Wait (at most a second) until this second is later than every earlier event file's: TensorBoard reads a
+    directory's files in name order, ``events.out.tfevents.<whole seconds>.<host>.<pid>...``, and a resumed run
+    started in the second its killed attempt started in sorted by pid, before it (seen in the tests: the resumed
+    steps came first and the purge hid nothing)."""
+    stamps = [int(p.name.split(".")[3]) for p in log_dir.glob("events.out.tfevents.*")
+              if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class TensorBoardScalars(Scalars):
     """The scalars of the module docstring in ``log_dir``. ``batches``: the batches of an epoch (its last step is
     always logged); ``transfer_stats``: ``RowPipeline.stats`` (``{table: {transfer_loss, mean_lambda, ...}}``);
@@ -75,6 +87,7 @@ class TensorBoardScalars(Scalars):
                  purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        _after_earlier_files(Path(log_dir))
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=30)
         self.every, self.batches = every_steps, batches
         self.transfer_stats, self.lambdas = transfer_stats, lambdas
