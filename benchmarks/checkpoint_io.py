@@ -18,7 +18,7 @@ Per configuration, one process group does one untimed warm-up save, then ``--rep
 * ``load``: ``TrainState.load`` of that checkpoint with its files in the page cache (just written), then again
   after evicting them from the page cache (``posix_fadvise(DONTNEED)``, so the bytes come from the disk);
 * the peer (1 process only): ``torch.save`` of the same tensors (the state dict's tensors, pickled values as
-  they are) to one file + fsync, and ``torch.load`` of it, page cache and evicted; interleaved with ours (the
+  they are) to a new file + fsync, the previous file then removed, and ``torch.load`` of it, page cache and evicted; interleaved with ours (the
   two saves take turns going first, each load follows ours).
 
 Memory: per rank, the peak RSS during the save (or load) minus the RSS just before it (VmHWM reset through
@@ -170,7 +170,7 @@ def worker(args) -> None:
     setup_s = time.perf_counter() - t0
     timers = Timers()
     store = CheckpointDir(args.dir / "checkpoints", keep=1)
-    peer = args.dir / "peer.pt"
+    peers = [args.dir / "peer.pt"]
 
     def save(step: int) -> dict:
         barrier()
@@ -198,24 +198,28 @@ def worker(args) -> None:
         barrier()
         return {"s": t1 - t0, "extra_mib": rss_mib("VmHWM") - rss0}
 
-    def peer_save(sd: dict) -> dict:
+    def peer_save(sd: dict, step: int) -> dict:
+        """A new file, then the previous one removed (as CheckpointDir writes a new directory and prunes)."""
         tensors = {k: (_local(v) if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
+        path = args.dir / f"peer-{step}.pt"
         rss0 = rss_mib()
         reset_peak()
         t0 = time.perf_counter()
-        with peer.open("wb") as fh:
+        with path.open("wb") as fh:
             torch.save(tensors, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        return {"save_s": time.perf_counter() - t0, "extra_mib": rss_mib("VmHWM") - rss0, "bytes": disk_bytes(peer)}
+        peers[0].unlink(missing_ok=True)
+        peers[0] = path
+        return {"save_s": time.perf_counter() - t0, "extra_mib": rss_mib("VmHWM") - rss0, "bytes": disk_bytes(path)}
 
     def peer_load(cold: bool) -> dict:
         if cold:
-            evict(peer)
+            evict(peers[0])
         rss0 = rss_mib()
         reset_peak()
         t0 = time.perf_counter()
-        loaded = torch.load(peer, weights_only=False)
+        loaded = torch.load(peers[0], weights_only=False)
         dt = time.perf_counter() - t0
         extra = rss_mib("VmHWM") - rss0
         del loaded
@@ -227,13 +231,13 @@ def worker(args) -> None:
         peer_first = world == 1 and r % 2 == 1  # ours and the peer take turns going first
         row = {}
         if peer_first:
-            row["peer_save"] = peer_save(state.state_dict())
+            row["peer_save"] = peer_save(state.state_dict(), 2 + r)
         s = save(2 + r)
         row.update({k: v for k, v in s.items() if k not in ("path", "sd")})
         row["bytes"] = disk_bytes(s["path"]) if rank == 0 else 0
         row["rank_bytes"] = (s["path"] / f"__{rank}_0.distcp").stat().st_size
         if world == 1 and not peer_first:
-            row["peer_save"] = peer_save(s["sd"])
+            row["peer_save"] = peer_save(s["sd"], 2 + r)
         row["load_warm"] = load(s["path"], cold=False)
         if world == 1:
             row["peer_load_warm"] = peer_load(cold=False)
