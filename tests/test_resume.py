@@ -153,6 +153,9 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_previous_one_used(ml100k_p
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
     assert warnings == [f"warning: {shard}: {problem}; falling back to the previous checkpoint"]
     assert "step-000000030 (epoch 1, batch 1, step 30" in r.stdout
+    assert f"note: {shard.parent} set aside as damaged-step-000000035" in r.stderr
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == [
+        "damaged-step-000000035", "step-000000055", "step-000000058"]
     _assert_same_run(whole, cut)  # exact from the older checkpoint too
 
 
@@ -287,6 +290,12 @@ def test_checkpoint_dir_is_atomic_keeps_the_newest_and_verifies(tmp_path, monkey
     assert torch.equal(loaded["w"], torch.full((100, 4), 15.0))
     store.save({"w": torch.ones(2)}, 25, {})
     assert not list((tmp_path / "checkpoints").glob(".step-*.tmp"))  # the next save removes the leftover
+    one = CheckpointDir(tmp_path / "one", keep=1)
+    for step in (30, 20, 25):  # a newer (damaged, not yet set aside) checkpoint never prunes the one just written
+        one.save({"w": torch.ones(2)}, step, {})
+    assert [p.name for p in one.complete()] == ["step-000000030", "step-000000025"]
+    assert [p.name for p in one.set_aside_newer(one.complete()[1])] == ["damaged-step-000000030"]
+    assert [p.name for p in one.complete()] == ["step-000000025"]
     (store.complete()[0] / ".metadata").unlink()
     lines = []
     assert store.latest(warn=lines.append).name == "step-000000015"

@@ -102,7 +102,25 @@ class CheckpointDir:
             return []
         found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith("step-")
                  and (p / MANIFEST).is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+        return sorted(found, key=self.step_of, reverse=True)
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        return int(path.name.split("-")[1])
+
+    def set_aside_newer(self, path: Path) -> list[Path]:
+        """Rename every complete checkpoint newer than ``path`` (the one a run resumes from, after falling back from
+        damaged newer ones) to ``damaged-step-N``: the resumed run writes those steps again, and they must neither
+        be loaded nor count among the newest ``keep``. Returns the new names."""
+        moved = []
+        for p in self.complete():
+            if self.step_of(p) > self.step_of(Path(path)):
+                target = p.with_name(f"damaged-{p.name}")
+                if target.exists():
+                    shutil.rmtree(target)
+                p.rename(target)
+                moved.append(target)
+        return moved
 
     @staticmethod
     def manifest(path: Path) -> dict:
@@ -161,7 +179,10 @@ class CheckpointDir:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            for old in self.complete()[self.keep:]:
+            # prune only checkpoints older than this one: a newer one can only be a damaged checkpoint the run fell
+            # back from (set aside by set_aside_newer at resume), never a reason to delete what was just written
+            older = [p for p in self.complete() if self.step_of(p) < step]
+            for old in older[self.keep - 1:]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final

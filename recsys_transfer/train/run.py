@@ -178,6 +178,8 @@ def open_or_resume(out: Path, cfg: RunConfig, store, *, overwrite: bool, resume:
         if differ:
             raise UserError(f"{out}: holds checkpoints of another config ({'; '.join(differ)}); use the same config, "
                             "another --output, or --overwrite")
+        for moved in store.set_aside_newer(path):
+            _warn(f"note: {moved.with_name(moved.name.removeprefix('damaged-'))} set aside as {moved.name}")
         return manifest["run_id"], str(path)
     if resume and not overwrite:
         raise UserError(f"{out}: no checkpoint to resume from (checkpoints/ holds none)")
