@@ -60,13 +60,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 MIB = 2 ** 20
 
-
-def rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(Path(__file__).parent))
+from barrier_overhead import rss_mib  # noqa: E402  (VmRSS / VmHWM of /proc/self/status in MiB)
 
 
 def reset_peak() -> None:
@@ -130,7 +125,6 @@ def build_state(big: int | None, rows: int, row_optimizer: str, train_steps: int
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from barrier_overhead import DIM, MLP_HIDDEN, make_batches, make_meta
 
     from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
