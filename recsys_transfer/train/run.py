@@ -201,12 +201,12 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
     from recsys_transfer.train.checkpoint import CheckpointDir, load_model, save_model
     from recsys_transfer.train.compose import compose_step
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
-    from recsys_transfer.train.sharding import sharded_plan_rows, write_plan
     from recsys_transfer.train.evaluate import evaluate
     from recsys_transfer.train.loop import EMA, FitResult, fit, resolve_monitor
     from recsys_transfer.train.progress import reporter
     from recsys_transfer.train.rundir import append_jsonl, dumps, write_json
     from recsys_transfer.train.scalars import Scalars, require_tensorboard, run_scalars
+    from recsys_transfer.train.sharding import sharded_plan_rows, write_plan
     from recsys_transfer.train.state import TrainState
 
     t_start = time.perf_counter()
@@ -289,10 +289,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
                 return
             scalars.flush()  # every scalar up to this step is on disk before the checkpoint a resume starts from
             t0 = time.perf_counter()
-            store.save(state.state_dict(), result.global_step,
-                       {"run_id": run["run_id"], "config": cfg.to_dict(), "world_size": info.world_size,
-                        "global_step": result.global_step, "epoch": result.epoch, "batch": result.progress.batches,
-                        "versions": run["versions"], "time": time.time()})
+            store.save(state.state_dict(), result.global_step, {**state.position(), "time": time.time()})
             scalars.checkpoint(time.perf_counter() - t0, result.global_step)
 
         def on_step(result: FitResult) -> None:

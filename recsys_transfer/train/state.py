@@ -180,6 +180,12 @@ class TrainState:
                 "global_step": loop.global_step, "stopped": loop.stopped}
 
     # -- saving ----------------------------------------------------------------------------------------------------
+    def position(self) -> dict:
+        """``meta`` (run id, config, versions, plan, format, world size) with where the run is: global step,
+        epoch and batch of the epoch (also the checkpoint's ``manifest.json``, read without loading it)."""
+        return {**self.meta, "global_step": self.loop.global_step, "epoch": self.loop.epoch,
+                "batch": self.loop.progress.batches}
+
     def state_dict(self) -> dict:
         """The flat DCP state dict of this rank (a collective-free build: every rank calls it at the same step)."""
         tensors = _ModelTensors(self.model)
@@ -218,8 +224,7 @@ class TrainState:
                 key = tensors.key(tensor)
                 out[f"ema.{key}"] = tensors.like(key, shadow, tuple(shadow.shape[1:]), shadow.dtype)
         out[f"rank{self.rank}"] = _pack(self._rank_blob())
-        out["meta"] = _pack({**self.meta, "global_step": self.loop.global_step, "epoch": self.loop.epoch,
-                             "batch": self.loop.progress.batches})
+        out["meta"] = _pack(self.position())
         return out
 
     # -- loading ---------------------------------------------------------------------------------------------------
