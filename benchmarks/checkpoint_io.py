@@ -96,23 +96,19 @@ class Timers:
         import recsys_transfer.train.checkpoint as ckpt
 
         self.crc = self.dcp = 0.0
-        crc32, save = ckpt._crc32, dcp.save
+        ckpt._crc32, dcp.save = self._timed(ckpt._crc32, "crc"), self._timed(dcp.save, "dcp")
 
-        def timed_crc(*a, **k):
+    def _timed(self, fn, total: str):
+        """``fn``, adding its wall time to ``self.<total>``."""
+
+        def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
-                return crc32(*a, **k)
+                return fn(*a, **k)
             finally:
-                self.crc += time.perf_counter() - t0
+                setattr(self, total, getattr(self, total) + time.perf_counter() - t0)
 
-        def timed_save(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return save(*a, **k)
-            finally:
-                self.dcp += time.perf_counter() - t0
-
-        ckpt._crc32, dcp.save = timed_crc, timed_save
+        return wrapper
 
     def reset(self) -> None:
         self.crc = self.dcp = 0.0

@@ -131,7 +131,7 @@ class CheckpointDir:
         with its recorded size and CRC-32."""
         try:
             files = self.manifest(path)["files"]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # ValueError: not JSON
             return f"{path / MANIFEST}: unreadable manifest ({exc})"
         for name, (size, crc) in sorted(files.items()):
             f = path / name
@@ -139,7 +139,7 @@ class CheckpointDir:
                 return f"{f}: missing"
             actual = f.stat().st_size
             if actual != size:
-                return f"{f}: {actual} bytes, {size} when saved (truncated)"
+                return f"{f}: {actual} bytes, {size} when saved ({'truncated' if actual < size else 'changed'})"
             if _crc32(f) != crc:
                 return f"{f}: CRC-32 differs from the one saved (corrupted)"
         return None

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from recsys_transfer.config import ROW_PIPELINE_SHARDINGS, ShardingConfig  # noqa: F401 (a re-export)
+from recsys_transfer.config import ShardingConfig
 from recsys_transfer.errors import UserError
 
 T = TypeVar("T")
@@ -165,8 +165,8 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
     ``batch_size``: the per-rank batch the planner's estimates assume unless ``sharding.batch_size`` is set. Or
     ``sharding_type``: one type for every table, so that tests and benchmarks can pin the layout (``table_wise``,
     ``row_wise``, ..., or any TorchRec type when the row pipeline is not attached: it is not checked against
-    :data:`ROW_PIPELINE_SHARDINGS` here, but :func:`recsys_transfer.rows.lookup.attach_rows` refuses the others on
-    every rank). ``fused_params`` go to the sharders (e.g. the fused optimizer of plain TorchRec training); with
+    :data:`recsys_transfer.config.ROW_PIPELINE_SHARDINGS` here, but :func:`recsys_transfer.rows.lookup.attach_rows`
+    refuses the others on every rank). ``fused_params`` go to the sharders (e.g. the fused optimizer of plain TorchRec training); with
     the row pipeline the lookup kernel is replaced after sharding and the fused optimizer is not used. The model's
     own initial weights are kept (:func:`copy_into_shards`).
     """

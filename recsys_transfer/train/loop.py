@@ -268,14 +268,13 @@ def fit(step: TrainStep, train, validate: Callable[[], dict[str, dict]], *, epoc
     while not result.stopped and result.epoch < epochs:
         epoch = result.epoch
         train.set_epoch(epoch, start_batch=result.progress.batches)
-        first = result.global_step
+        first, start = result.global_step, result.progress.batches
 
         def stepped(p: EpochProgress) -> None:
             result.global_step = first + p.batches - start
             if on_step is not None:
                 on_step(result)
 
-        start = result.progress.batches
         stats = train_epoch(step, train, epoch=epoch, device=device, progress=progress,
                             after_step=ema.update if ema is not None else None, state=result.progress,
                             on_step=stepped, first_step=first, rank=rank)

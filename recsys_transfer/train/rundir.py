@@ -20,7 +20,8 @@ from typing import Any
 
 from recsys_transfer.errors import UserError
 
-RUN_FILES = ("run.json", "metrics.json", "epochs.jsonl")
+PLAN_FILE = "plan.json"  # the sharding plan of a torchrun run (recsys_transfer.train.sharding.write_plan)
+RUN_FILES = ("run.json", "metrics.json", "epochs.jsonl", PLAN_FILE)
 RUN_DIRS = ("best", "checkpoints", "tensorboard")
 
 
@@ -59,14 +60,11 @@ def append_jsonl(path: Path, value: Any) -> None:
         fh.write(dumps(value) + "\n")
 
 
-PLAN_FILE = "plan.json"  # the sharding plan of a torchrun run (recsys_transfer.train.sharding.write_plan)
-
-
 def earlier_run(out: Path) -> list[str]:
     """The names of the files of an earlier run in ``out``."""
     if not out.is_dir():
         return []
-    return [n for n in (*RUN_FILES, PLAN_FILE, *RUN_DIRS) if (out / n).exists()]
+    return [n for n in (*RUN_FILES, *RUN_DIRS) if (out / n).exists()]
 
 
 def open_run_dir(out: Path, overwrite: bool) -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import pickle
 import random
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recsys_transfer.errors import UserError
-from recsys_transfer.train.loop import EMA, EpochProgress, FitResult
+from recsys_transfer.train.loop import EMA, FitResult
 from recsys_transfer.train.step import TrainStep
 from recsys_transfer.transfer.barrier import TransferTransform
 
@@ -89,12 +88,13 @@ class _ModelTensors:
             raise RuntimeError(f"a tensor of shape {tuple(tensor.shape)} is not in the model's state dict")
         return found
 
-    def like(self, key: str, local: torch.Tensor | None, rest: tuple[int, ...], dtype: torch.dtype):
-        """A tensor for per-row state of the table ``key``: a ShardedTensor with the table's row layout (``local``:
-        this rank's rows, None where the rank holds none) when the table is sharded, else ``local`` itself."""
+    def like(self, key: str, local: torch.Tensor):
+        """A tensor for per-row state of the table ``key`` (``local``: this rank's rows, ``[rows, *rest]``): a
+        ShardedTensor with the table's row layout when the table is sharded, else ``local`` itself."""
         weight = self.sharded.get(key)
         if weight is None:
             return local
+        rest, dtype = tuple(local.shape[1:]), local.dtype
         from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata
         from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
@@ -104,9 +104,9 @@ class _ModelTensors:
                        for m in meta.shards_metadata]
         local_shards = []
         for shard in weight.local_shards():
-            if local is None or local.shape[0] != shard.metadata.shard_sizes[0]:
-                raise RuntimeError(f"{key}: local state of {None if local is None else tuple(local.shape)} rows does "
-                                   f"not match the shard {shard.metadata.shard_sizes}")
+            if local.shape[0] != shard.metadata.shard_sizes[0]:
+                raise RuntimeError(f"{key}: local state of {tuple(local.shape)} rows does not match the shard "
+                                   f"{shard.metadata.shard_sizes}")
             local_shards.append(Shard(local, ShardMetadata([shard.metadata.shard_offsets[0], *pad], list(local.shape),
                                                            shard.metadata.placement)))
         global_meta = ShardedTensorMetadata(shards_meta, torch.Size([meta.size[0], *rest]),
@@ -162,22 +162,14 @@ class TrainState:
         return [t for t in rows.transforms if isinstance(t, TransferTransform)] if rows else []
 
     def _rank_blob(self) -> dict:
-        return {"rng": rng_state(), "loop": self._loop_view(), "progress": self.loop.progress,
+        return {"rng": rng_state(), "loop": self.loop,
                 "transfer": [stage.local_state() for stage in self._transfer_stages()]}
 
     def _restore_rank_blob(self, blob: dict) -> None:
         set_rng_state(blob["rng"])
-        for k, v in blob["loop"].items():
-            setattr(self.loop, k, v)
-        self.loop.progress = blob["progress"]
+        vars(self.loop).update(vars(blob["loop"]))  # the live FitResult that fit() advances
         for stage, saved in zip(self._transfer_stages(), blob["transfer"]):
             stage.load_local_state(saved)
-
-    def _loop_view(self) -> dict:
-        loop = self.loop
-        return {"history": loop.history, "best_epoch": loop.best_epoch, "best_value": loop.best_value,
-                "skipped_batches": loop.skipped_batches, "epoch": loop.epoch, "stale": loop.stale,
-                "global_step": loop.global_step, "stopped": loop.stopped}
 
     # -- saving ----------------------------------------------------------------------------------------------------
     def position(self) -> dict:
@@ -213,7 +205,7 @@ class TrainState:
                 hyper = {k: v for k, v in by_param[id(slot.weight)].items() if k != "params"}
                 out[f"rows.{key}.hyper"] = _pack(hyper)
                 for name, value in optimizer.state.get(slot.weight, {}).items():
-                    out[f"rows.{key}.{name}"] = tensors.like(key, value, tuple(value.shape[1:]), value.dtype)
+                    out[f"rows.{key}.{name}"] = tensors.like(key, value)
         for stage in self._transfer_stages():
             for name, rule in stage.rules.items():
                 key = tensors.key(rows.by_name[name].weight)
@@ -222,7 +214,7 @@ class TrainState:
         if self.ema is not None:
             for shadow, tensor in zip(self.ema.shadow, self.ema.tensors):
                 key = tensors.key(tensor)
-                out[f"ema.{key}"] = tensors.like(key, shadow, tuple(shadow.shape[1:]), shadow.dtype)
+                out[f"ema.{key}"] = tensors.like(key, shadow)
         out[f"rank{self.rank}"] = _pack(self._rank_blob())
         out["meta"] = _pack(self.position())
         return out
@@ -281,7 +273,7 @@ class TrainState:
                         local = torch.zeros((slot.weight.shape[0], *rest), dtype=md.properties.dtype,
                                             device=slot.weight.device)
                         entry[k[len(prefix):]] = local
-                        target[k] = tensors.like(key, local, rest, md.properties.dtype)
+                        target[k] = tensors.like(key, local)
         transfer_targets = []
         for stage in self._transfer_stages():
             for name, rule in stage.rules.items():
@@ -299,7 +291,7 @@ class TrainState:
                 key = tensors.key(tensor)
                 if f"ema.{key}" not in saved:
                     raise UserError(f"{path}: no EMA state for {key} (saved without train.ema_decay)")
-                target[f"ema.{key}"] = tensors.like(key, shadow, tuple(shadow.shape[1:]), shadow.dtype)
+                target[f"ema.{key}"] = tensors.like(key, shadow)
                 ema_targets.append(shadow)
         own = f"rank{self.rank}" if self.rank < saved_world else "rank0"
         target[own] = b""
@@ -332,10 +324,7 @@ class TrainState:
         """A mid-epoch position saved by ``saved_world`` ranks, in this world's batches (the same share of the
         epoch's rows, module docstring)."""
         progress = self.loop.progress
-        if progress.batches:
-            batches = progress.batches * saved_world // self.world_size
-            self.loop.progress = EpochProgress(batches=batches, total=progress.total, rows=progress.rows,
-                                               skipped=progress.skipped, seconds=progress.seconds, sums=progress.sums)
+        progress.batches = progress.batches * saved_world // self.world_size
 
     @staticmethod
     def _dcp_load(target: dict, path: Path) -> None:
@@ -345,9 +334,3 @@ class TrainState:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(target, checkpoint_id=str(path))
 
-
-def saved_keys(path: str | Path) -> Iterable[str]:
-    """The keys of a saved train state (for inspection and tests)."""
-    import torch.distributed.checkpoint as dcp
-
-    return dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
