@@ -12,6 +12,7 @@ from recsys_transfer.data.prepared import (
     ROW_COL,
     BuildReport,
     DatasetMeta,
+    DenseSpec,
     Schema,
     SparseSpec,
     build_prepared,
@@ -235,3 +236,81 @@ def test_integer_encoders_and_parallel_pass2_keep_ids_and_row_order(tmp_path: Pa
             np.testing.assert_array_equal(got[name].to_numpy(), want, err_msg=f"{split}/{name}")
     vocab = pl.read_parquet(tmp_path / "p" / "vocab" / "wide.parquet")
     assert vocab["wide"].dtype == pl.Int64 and 10**9 in vocab["wide"].to_list()
+
+
+def _lists_frame(n: int = 3000, seed: int = 1) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    items = [f"i{x}" for x in rng.zipf(1.6, n) % 200]
+    hist = [[f"i{x}" for x in rng.zipf(1.6, int(k)) % 250] for k in rng.integers(0, 5, n)]  # empty lists too
+    hist[3] = None  # a null list is an empty list
+    dense = rng.normal(3.0, 2.0, n)
+    dense[rng.random(n) < 0.1] = np.nan
+    return pl.DataFrame({
+        "item": items,
+        "hist": pl.Series(hist, dtype=pl.List(pl.String)),
+        "tags": pl.Series([[f"t{x}" for x in rng.integers(0, 6, int(k))] for k in rng.integers(0, 4, n)],
+                          dtype=pl.List(pl.String)),
+        "x": pl.Series(dense, dtype=pl.Float64).fill_nan(None),
+        "label": (rng.random(n) < 0.4).astype(np.float32),
+    })
+
+
+LIST_SCHEMA = Schema(
+    sparse=(SparseSpec("item", min_count=2), SparseSpec("hist", min_count=2, multi_valued=True, vocab="item"),
+            SparseSpec("tags", multi_valued=True, hash_size=5)),
+    dense=(DenseSpec("x", fill="mean", normalize="standard"),), group="item")
+
+
+def test_list_fields_shared_vocabulary_and_fitted_dense_against_a_reference(tmp_path: Path):
+    df = _lists_frame()
+    meta = build_prepared(chunked(df, 700), LIST_SCHEMA, tmp_path / "p", dataset="toy", split=SplitSpec(),
+                          head_tail=HeadTailSpec(), report=BuildReport(input_rows=len(df)), source={},
+                          progress=False)
+    train = SplitSpec().assign_random(np.arange(len(df), dtype=np.uint64)) == 0
+    items_py, hist_py, tags_py = df["item"].to_list(), df["hist"].to_list(), df["tags"].to_list()
+    # the shared vocabulary: training occurrences of item AND hist, min_count 2, ids by (count desc, value asc)
+    occ: dict[str, int] = {}
+    for k in np.flatnonzero(train):
+        for v in [items_py[k], *(hist_py[k] or [])]:
+            occ[v] = occ.get(v, 0) + 1
+    kept = sorted((v for v, c in occ.items() if c >= 2), key=lambda v: (-occ[v], v))
+    ids = {v: i + 1 for i, v in enumerate(kept)}
+    item, hist, tags = meta.field("item"), meta.field("hist"), meta.field("tags")
+    assert item.vocab_size == hist.vocab_size == len(kept) + 1 and hist.vocab_of == "item" and hist.multi_valued
+    assert hist.table_field == "item" and item.table_field == "item" and not item.multi_valued
+    assert tags.multi_valued and tags.hashed and tags.vocab_size == 5 and meta.group == "item"
+    own_item = np.zeros(item.vocab_size, np.int64)
+    own_hist = np.zeros(item.vocab_size, np.int64)
+    for k in np.flatnonzero(train):
+        own_item[ids.get(items_py[k], 0)] += 1
+        for v in hist_py[k] or []:
+            own_hist[ids.get(v, 0)] += 1
+    assert item.frequencies == own_item.tolist() and hist.frequencies == own_hist.tolist()
+    rows = pl.concat([pl.read_parquet(tmp_path / "p" / f) for s in ("train", "valid", "test")
+                      for f in meta.split_files[s]])
+    assert rows.schema["hist"] == pl.List(pl.Int64) and rows.schema["tags"] == pl.List(pl.Int64)
+    order = np.concatenate([np.flatnonzero(SplitSpec().assign_random(np.arange(len(df), dtype=np.uint64)) == c)
+                            for c in range(3)])
+    for out_row, k in zip(rows.iter_rows(named=True), order[:400]):
+        assert out_row["item"] == ids.get(items_py[k], 0)
+        assert out_row["hist"] == [ids.get(v, 0) for v in (hist_py[k] or [])]
+        assert len(out_row["tags"]) == len(tags_py[k])
+    assert sum(len(h or []) for h in hist_py) == rows["hist"].list.len().sum()
+    # dense: fill with the training mean of present values, then (x - mean) / std (float64 reference)
+    x = df["x"].to_numpy().astype(np.float64)
+    present = x[train & ~np.isnan(x)]
+    mean, std = present.mean(), present.std()
+    ref = (np.where(np.isnan(x), mean, x) - mean) / std
+    np.testing.assert_allclose(rows["x"].to_numpy(), ref[order].astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert meta.dense_stats["x"]["count"] == len(present)
+    again = DatasetMeta.load(tmp_path / "p")
+    assert again.field("hist").vocab_of == "item" and again.dense_stats == meta.dense_stats
+
+
+def test_schema_refuses_a_bad_shared_vocabulary():
+    with pytest.raises(ValueError, match="must name another sparse field"):
+        Schema(sparse=(SparseSpec("h", vocab="nope"),))
+    with pytest.raises(ValueError, match="takes its min_count"):
+        Schema(sparse=(SparseSpec("a", min_count=3), SparseSpec("h", vocab="a")))
+    with pytest.raises(ValueError, match="normalize must be"):
+        DenseSpec("x", normalize="zscore")

@@ -72,33 +72,92 @@ PASS2_WORKERS = 2  # threads of pass 2 (a constant, not the core count: it shape
 @dataclass(frozen=True)
 class SparseSpec:
     """One categorical field. ``min_count``: values seen fewer times in train map to OOV.
-    ``hash_size``: if set, hash into that many rows (row 0 stays OOV/missing) instead of a vocabulary."""
+    ``hash_size``: if set, hash into that many rows (row 0 stays OOV/missing) instead of a vocabulary.
+    ``multi_valued``: the chunk column is a list per row (polars ``List``); each element gets an id, the prepared
+    column is ``list<int64>`` (empty lists allowed; a null list is an empty list).
+    ``vocab``: share the vocabulary (and the embedding table) of that other field, e.g. a history list of the
+    ``item_id`` field's items; the shared vocabulary is fit on the occurrences of every field that uses it."""
 
     name: str
     min_count: int = 1
     hash_size: int | None = None
+    multi_valued: bool = False
+    vocab: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_count < 1:
             raise ValueError(f"{self.name}: min_count must be >= 1")
         if self.hash_size is not None and self.hash_size < 2:
             raise ValueError(f"{self.name}: hash_size must be >= 2")
+        if self.vocab == self.name:
+            object.__setattr__(self, "vocab", None)
+
+    @property
+    def vocab_owner(self) -> str:
+        return self.vocab or self.name
+
+
+DENSE_FILLS = ("zero", "mean")
+DENSE_NORMALIZATIONS = ("none", "standard", "minmax")
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """One dense field, fitted on the training rows (as FuxiCTR's feature processor): a missing value (null or
+    NaN) becomes ``fill`` (``zero``, or ``mean``: the training mean), then ``normalize``: ``none``, ``standard``
+    (``(x - mean) / std``, population std, 1 when std is 0) or ``minmax`` (``(x - min) / (max - min)``, 0 when
+    constant). Statistics are over the training rows' present values, in float64; they are recorded in
+    ``meta.json`` (``dense_stats``)."""
+
+    name: str
+    fill: str = "zero"
+    normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.fill not in DENSE_FILLS:
+            raise ValueError(f"{self.name}: fill must be one of {DENSE_FILLS}, got {self.fill!r}")
+        if self.normalize not in DENSE_NORMALIZATIONS:
+            raise ValueError(f"{self.name}: normalize must be one of {DENSE_NORMALIZATIONS}, got {self.normalize!r}")
+
+    @property
+    def fitted(self) -> bool:
+        return self.fill != "zero" or self.normalize != "none"
 
 
 @dataclass(frozen=True)
 class Schema:
     sparse: tuple[SparseSpec, ...]
-    dense: tuple[str, ...] = ()
+    dense: tuple[str | DenseSpec, ...] = ()  # names (no fill or normalization needed) or DenseSpecs
     labels: tuple[str, ...] = ("label",)
     tasks: tuple[TaskSpec, ...] = ()  # default: one binary task per label column
+    group: str | None = None  # a sparse field whose ids group rows (group AUC); recorded in meta.json
 
     def __post_init__(self) -> None:
-        names = [s.name for s in self.sparse] + list(self.dense) + list(self.labels)
+        object.__setattr__(self, "dense", tuple(d if isinstance(d, DenseSpec) else DenseSpec(d) for d in self.dense))
+        names = [s.name for s in self.sparse] + list(self.dense_names) + list(self.labels)
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate column names in schema: {names}")
+        by_name = {s.name: s for s in self.sparse}
+        for s in self.sparse:
+            if s.vocab is None:
+                continue
+            owner = by_name.get(s.vocab)
+            if owner is None or owner.vocab is not None:
+                raise ValueError(f"{s.name}: vocab {s.vocab!r} must name another sparse field that owns its vocabulary")
+            if (s.hash_size, s.min_count) != (owner.hash_size, owner.min_count):
+                raise ValueError(f"{s.name}: a field sharing {owner.name}'s vocabulary takes its min_count and "
+                                 "hash_size; set them on the owner only")
+        if self.group is not None and self.group not in by_name:
+            raise ValueError(f"group {self.group!r} is not a sparse field of the schema")
+        if self.group is not None and by_name[self.group].multi_valued:
+            raise ValueError(f"group {self.group!r}: a group id must be single-valued")
         if not self.tasks:
             object.__setattr__(self, "tasks", default_tasks(self.labels))
         check_tasks(self.tasks, list(self.labels), "schema")
+
+    @property
+    def dense_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dense)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,6 +173,13 @@ class SparseFieldMeta:
     min_count: int
     frequencies: list[int]  # training count per id, length vocab_size (OOV row counts OOV occurrences)
     head_ids: list[int]  # source domain S (sorted); tail = every other non-OOV id
+    multi_valued: bool = False  # a list of ids per row (parquet list<int64>; jagged lengths in the KJT)
+    vocab_of: str | None = None  # the field whose vocabulary and embedding table this one shares (None: its own)
+
+    @property
+    def table_field(self) -> str:
+        """The field naming the embedding table this field looks up (itself, or the vocabulary's owner)."""
+        return self.vocab_of or self.name
 
     @property
     def num_head(self) -> int:
@@ -158,6 +224,8 @@ class DatasetMeta:
     dataset_id: str = ""
     tasks: tuple[TaskSpec, ...] = ()  # what the labels mean; default (older datasets): one binary task per label
     label_counts: dict = field(default_factory=dict)  # split -> binary label -> {"0": n, "1": n}
+    group: str | None = None  # sparse field whose ids group rows for group AUC (the schema's ``group`` column)
+    dense_stats: dict = field(default_factory=dict)  # dense field -> fitted fill / normalization (DenseSpec)
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -198,13 +266,21 @@ class DatasetMeta:
         """Content id of the schema + data split (not of paths), so a model can refuse another dataset."""
         key = {
             "dataset": d["dataset"],
-            "sparse": [(f["name"], f["vocab_size"], f["hashed"]) for f in d["sparse"]],
+            # list fields and shared vocabularies add to a field's key; single-valued own-vocabulary fields keep
+            # the key they had before those existed (so earlier dataset ids stay valid)
+            "sparse": [(f["name"], f["vocab_size"], f["hashed"])
+                       + ((bool(f.get("multi_valued")), f.get("vocab_of"))
+                          if f.get("multi_valued") or f.get("vocab_of") else ())
+                       for f in d["sparse"]],
             "dense": d["dense"],
             "labels": d["labels"],
             "split": d["split"],
             "split_rows": d["split_rows"],
             "source": {k: v for k, v in d["source"].items() if k != "input"},
         }
+        for extra in ("group", "dense_stats"):
+            if d.get(extra):
+                key[extra] = d[extra]
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def write(self, directory: Path) -> None:
@@ -615,17 +691,22 @@ def check_label_counts(meta: "DatasetMeta") -> None:
                             "needs both (pass --allow-degenerate to prepare it anyway)")
 
 
+def _id_type(spec: SparseSpec, spill: bool) -> pa.DataType:
+    base = pa.uint32() if spill and spec.hash_size is None else pa.int64()
+    return pa.list_(base) if spec.multi_valued else base
+
+
 def _output_schema(schema: Schema) -> pa.Schema:
     return pa.schema(
-        [pa.field(s.name, pa.int64()) for s in schema.sparse]
-        + [pa.field(n, pa.float32()) for n in (*schema.dense, *schema.labels)]
+        [pa.field(s.name, _id_type(s, spill=False)) for s in schema.sparse]
+        + [pa.field(n, pa.float32()) for n in (*schema.dense_names, *schema.labels)]
     )
 
 
 def _spill_schema(schema: Schema) -> pa.Schema:
     return pa.schema(
-        [pa.field(s.name, pa.uint32() if s.hash_size is None else pa.int64()) for s in schema.sparse]
-        + [pa.field(n, pa.float32()) for n in (*schema.dense, *schema.labels)]
+        [pa.field(s.name, _id_type(s, spill=True)) for s in schema.sparse]
+        + [pa.field(n, pa.float32()) for n in (*schema.dense_names, *schema.labels)]
         + [pa.field(SPLIT_COL, pa.uint8())]
     )
 
@@ -633,6 +714,65 @@ def _spill_schema(schema: Schema) -> pa.Schema:
 def _float32(values: pl.Series) -> pa.Array:
     arr = values.cast(pl.Float32).to_arrow()
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _list_parts(values: pl.Series) -> tuple[pl.Series, np.ndarray]:
+    """(flattened elements, int64 offsets [n + 1]) of a list column; a null list is an empty list."""
+    arr = values.fill_null(pl.Series([[]], dtype=values.dtype)).to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if isinstance(arr, pa.LargeListArray):
+        offsets = np.asarray(arr.offsets, dtype=np.int64)
+    else:
+        offsets = np.asarray(arr.offsets).astype(np.int64)
+    flat = pl.Series(values.name, arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+    return flat, offsets - offsets[0]
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+class _DenseFit:
+    """Training statistics of one dense field (count, sum, sum of squares, min, max of present values, float64)."""
+
+    def __init__(self) -> None:
+        self.n, self.sum, self.sumsq, self.min, self.max = 0, 0.0, 0.0, np.inf, -np.inf
+
+    def add(self, values: np.ndarray) -> None:
+        v = values[~np.isnan(values)].astype(np.float64)
+        if len(v):
+            self.n += len(v)
+            self.sum += float(v.sum())
+            self.sumsq += float(np.dot(v, v))
+            self.min, self.max = min(self.min, float(v.min())), max(self.max, float(v.max()))
+
+    def stats(self, spec: DenseSpec) -> dict:
+        if self.n == 0:
+            raise UserError(f"dense field {spec.name!r}: no present value in the training rows to fit "
+                            f"fill={spec.fill!r} / normalize={spec.normalize!r}")
+        mean = self.sum / self.n
+        std = float(np.sqrt(max(self.sumsq / self.n - mean * mean, 0.0)))
+        fill = mean if spec.fill == "mean" else 0.0
+        if spec.normalize == "standard":
+            shift, scale = mean, (std if std > 0 else 1.0)
+        elif spec.normalize == "minmax":
+            shift, scale = self.min, (self.max - self.min if self.max > self.min else 1.0)
+        else:
+            shift, scale = 0.0, 1.0
+        return {"fill": spec.fill, "normalize": spec.normalize, "count": self.n, "mean": mean, "std": std,
+                "min": self.min, "max": self.max, "fill_value": fill, "shift": shift, "scale": scale}
+
+
+def _apply_dense(arr: pa.Array, stats: dict | None) -> pa.Array:
+    """Missing -> fill, then (x - shift) / scale (float64 arithmetic, float32 result); unfitted fields only get
+    their nulls filled with 0."""
+    if stats is None:
+        return arr if arr.null_count == 0 else pa.array(np.nan_to_num(arr.to_numpy(zero_copy_only=False), nan=0.0)
+                                                        .astype(np.float32))
+    x = arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    x[np.isnan(x)] = stats["fill_value"]
+    return pa.array(((x - stats["shift"]) / stats["scale"]).astype(np.float32))
 
 
 def _build(
@@ -651,36 +791,64 @@ def _build(
     row_group_size: int,
 ) -> DatasetMeta:
     # -- pass 1: read the source once; temporary ids + training counts; spill the int-coded rows -------------
+    # One encoder per vocabulary (a field sharing another's vocabulary uses the owner's encoder). Its counts are
+    # the vocabulary's (every sharing field's occurrences); per-field counts are kept separately for a shared one.
     tag = uuid.uuid4().hex
-    encoders = {s.name: _FieldEncoder(s.name, tag) for s in schema.sparse if s.hash_size is None}
+    encoders = {s.name: _FieldEncoder(s.name, tag) for s in schema.sparse if s.hash_size is None and s.vocab is None}
+    sharing = {s.vocab_owner for s in schema.sparse if s.vocab is not None}
+    own_counts = {s.name: np.zeros(1, dtype=np.int64) for s in schema.sparse
+                  if s.hash_size is None and s.vocab_owner in sharing}
     hashed_freq = {s.name: np.zeros(s.hash_size, dtype=np.int64) for s in schema.sparse if s.hash_size is not None}
+    dense_fits = {d.name: _DenseFit() for d in schema.dense if d.fitted}
     spill_schema = _spill_schema(schema)
     batches = 0
+
+    def add_own(name: str, tid: np.ndarray, train: np.ndarray) -> None:
+        if name in own_counts:
+            c = np.bincount(tid[train], minlength=len(own_counts[name]))
+            c[: len(own_counts[name])] += own_counts[name]
+            own_counts[name] = c
+
     with pa.OSFile(str(spill_path), "wb") as sink, pa.ipc.new_file(sink, spill_schema) as spill:
         # The source (parsing, validation, transforms: polars, GIL released) runs one chunk ahead in a thread.
         for chunk in _progress(read_ahead(chunks(), name="prepare-source"), "read", progress):
             codes = _split_codes(chunk, split)
             train = codes == 0
-            string_exprs = {}  # all string fields of the chunk in one multi-threaded select
-            for name, enc in encoders.items():
-                expr = enc.string_expr(chunk.schema[name])
-                if expr is not None:
-                    string_exprs[name] = expr
+            string_exprs = {}  # all single-valued string fields of the chunk in one multi-threaded select
+            for spec in schema.sparse:
+                if spec.hash_size is None and not spec.multi_valued and spec.vocab is None:
+                    expr = encoders[spec.name].string_expr(chunk.schema[spec.name])
+                    if expr is not None:
+                        string_exprs[spec.name] = expr
             string_ids = chunk.select(list(string_exprs.values())) if string_exprs else None
             cols: list[pa.Array] = []
             for spec in schema.sparse:
                 raw = chunk[spec.name]
+                offsets = None
+                rows_train = train
+                if spec.multi_valued:
+                    if not isinstance(raw.dtype, pl.List):
+                        raise ValueError(f"{spec.name}: a multi-valued field needs a list column, got {raw.dtype}")
+                    raw, offsets = _list_parts(raw)
+                    rows_train = np.repeat(train, np.diff(offsets))
                 if spec.name in string_exprs:
-                    tid = string_ids.get_column(spec.name).to_numpy()
-                    cols.append(pa.array(encoders[spec.name].count(tid, train)))
+                    tid = encoders[spec.name].count(string_ids.get_column(spec.name).to_numpy(), train)
+                    add_own(spec.name, tid, train)
+                    ids = tid
                 elif spec.hash_size is None:
-                    cols.append(pa.array(encoders[spec.name].encode(raw, train)))
+                    ids = encoders[spec.vocab_owner].encode(raw, rows_train)
+                    add_own(spec.name, ids, rows_train)
                 else:
                     ids = 1 + (stable_hash(raw) % np.uint64(spec.hash_size - 1)).astype(np.int64)
                     ids[raw.is_null().to_numpy()] = OOV_INDEX
-                    hashed_freq[spec.name] += np.bincount(ids[train], minlength=spec.hash_size)
-                    cols.append(pa.array(ids))
-            cols += [_float32(chunk[n]) for n in (*schema.dense, *schema.labels)]
+                    hashed_freq[spec.name] += np.bincount(ids[rows_train], minlength=spec.hash_size)
+                cols.append(pa.array(ids) if offsets is None else _list_array(offsets, ids))
+            for d in schema.dense:
+                arr = _float32(chunk[d.name])
+                if d.name in dense_fits:
+                    dense_fits[d.name].add(arr.to_numpy(zero_copy_only=False)[train])
+                cols.append(arr)
+            cols += [_float32(chunk[n]) for n in schema.labels]
             cols.append(pa.array(codes.astype(np.uint8, copy=False)))
             spill.write_batch(pa.RecordBatch.from_arrays(cols, schema=spill_schema))
             batches += 1
@@ -691,7 +859,10 @@ def _build(
     freqs: dict[str, np.ndarray] = {}
     (tmp / "vocab").mkdir()
     for spec in schema.sparse:
-        if spec.hash_size is None:
+        if spec.hash_size is not None:
+            freqs[spec.name] = hashed_freq[spec.name]
+            continue
+        if spec.vocab is None:
             vocab, lut, oov_count = encoders[spec.name].vocabulary(spec.min_count)
             vocab.write_parquet(tmp / "vocab" / f"{spec.name}.parquet")
             luts[spec.name] = lut
@@ -699,8 +870,12 @@ def _build(
             freq[vocab["id"].to_numpy()] = vocab["count"].to_numpy()
             freq[OOV_INDEX] = oov_count
             freqs[spec.name] = freq
-        else:
-            freqs[spec.name] = hashed_freq[spec.name]
+    for spec in schema.sparse:  # a shared vocabulary: each field's own training counts under the shared ids
+        if spec.name in own_counts:
+            lut = luts[spec.name] = luts[spec.vocab_owner]
+            mine = own_counts[spec.name]
+            freqs[spec.name] = np.bincount(lut[: len(mine)], weights=mine[: len(lut)],
+                                           minlength=len(freqs[spec.vocab_owner])).astype(np.int64)
     del encoders
 
     # -- pass 2: read the spill, map temporary ids by array lookup, write the shards --------------------------
@@ -719,6 +894,8 @@ def _build(
 
     binary_labels = sorted({t.label for t in schema.tasks if t.kind == "binary"})
     label_col = {name: n_sparse + len(schema.dense) + k for k, name in enumerate(schema.labels)}
+    dense_stats = {name: fit.stats(next(d for d in schema.dense if d.name == name))
+                   for name, fit in dense_fits.items()}
     counts = [{name: {lab: np.zeros(3, np.int64) for lab in binary_labels} for name in SPLITS} for _ in range(workers)]
 
     def count_labels(w: int, split_name: str, table: pa.Table) -> None:
@@ -727,10 +904,22 @@ def _build(
             n0, n1 = int(np.count_nonzero(y == 0)), int(np.count_nonzero(y == 1))
             counts[w][split_name][lab] += (n0, n1, len(y) - n0 - n1)
 
+    n_dense = len(schema.dense)
+
     def map_batch(batch: pa.RecordBatch) -> list[tuple[str, pa.Table]]:
         codes = batch.column(len(batch.schema) - 1).to_numpy()
-        sparse = [batch.column(i).to_numpy() for i in range(n_sparse)]
-        rest = [batch.column(i) for i in range(n_sparse, len(batch.schema) - 1)]
+        sparse: list[np.ndarray | pa.Array] = []
+        for i, spec in enumerate(schema.sparse):
+            col = batch.column(i)
+            if not spec.multi_valued:
+                sparse.append(col.to_numpy())
+                continue
+            values = col.values.to_numpy()  # the spill's lists start at offset 0 (written from whole chunks)
+            ids = luts[spec.name][values] if spec.hash_size is None else values.astype(np.int64, copy=False)
+            sparse.append(pa.ListArray.from_arrays(col.offsets, pa.array(ids, type=pa.int64())))
+        dense = [_apply_dense(batch.column(n_sparse + j), dense_stats.get(d.name))
+                 for j, d in enumerate(schema.dense)]
+        labels = [batch.column(i) for i in range(n_sparse + n_dense, len(batch.schema) - 1)]
         parts = []
         for code, name in enumerate(SPLITS):
             rows = np.flatnonzero(codes == code)
@@ -739,9 +928,12 @@ def _build(
             take = None if len(rows) == len(codes) else rows
             cols = []
             for spec, values in zip(schema.sparse, sparse):
+                if spec.multi_valued:
+                    cols.append(values if take is None else values.take(pa.array(take)))
+                    continue
                 values = values if take is None else values[take]
                 cols.append(pa.array(luts[spec.name][values] if spec.hash_size is None else values))
-            cols += [c if take is None else c.take(pa.array(take)) for c in rest]
+            cols += [c if take is None else c.take(pa.array(take)) for c in (*dense, *labels)]
             parts.append((name, pa.Table.from_arrays(cols, schema=out_schema)))
         return parts
 
@@ -777,6 +969,8 @@ def _build(
                 min_count=spec.min_count,
                 frequencies=np.asarray(freq, dtype=np.int64).tolist(),
                 head_ids=np.asarray(head_tail.head_ids(freq, OOV_INDEX), dtype=np.int64).tolist(),
+                multi_valued=spec.multi_valued,
+                vocab_of=spec.vocab,
             )
         )
     prepared_rows = sum(split_rows.values())
@@ -786,9 +980,12 @@ def _build(
         )
     d = dict(
         dataset=dataset,
-        sparse=[{"name": f.name, "vocab_size": f.vocab_size, "hashed": f.hashed} for f in sparse_meta],  # for the id
-        dense=list(schema.dense),
+        sparse=[{"name": f.name, "vocab_size": f.vocab_size, "hashed": f.hashed, "multi_valued": f.multi_valued,
+                 "vocab_of": f.vocab_of} for f in sparse_meta],  # for the id
+        dense=list(schema.dense_names),
         labels=list(schema.labels),
+        group=schema.group,
+        dense_stats=dense_stats,
         split=split.to_json(),
         head_tail=head_tail.to_json(),
         split_rows=split_rows,
@@ -839,6 +1036,7 @@ def human_summary(meta: DatasetMeta) -> str:
         lines.append(
             f"  {f.name:<16} vocab {f.vocab_size:>9,}  head {f.num_head:>8,}  "
             f"oov-count {f.frequencies[f.oov_index]:>8,}{'  (hashed)' if f.hashed else ''}"
+            f"{'  (list)' if f.multi_valued else ''}{f'  (table of {f.vocab_of})' if f.vocab_of else ''}"
         )
     if meta.dense:
         lines.append(f"  dense: {', '.join(meta.dense)}")
@@ -848,6 +1046,7 @@ def human_summary(meta: DatasetMeta) -> str:
 __all__ = [
     "BuildReport",
     "DatasetMeta",
+    "DenseSpec",
     "HeadTailSpec",
     "Schema",
     "SparseFieldMeta",
