@@ -1,6 +1,6 @@
 """The ``recsys-transfer`` command line.
 
-    recsys-transfer prepare --dataset {movielens,criteo,synthetic} --input PATH --output DIR [options]
+    recsys-transfer prepare {--dataset {movielens,criteo,synthetic} | --schema FILE.yaml} --input PATH... --output DIR
     recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite | --resume]
@@ -39,7 +39,8 @@ def _fractions(text: str) -> tuple[float, float, float]:
 def _add_split_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("split and head/tail")
     g.add_argument("--split", choices=("random", "temporal"), default="random",
-                   help="random (seeded, per record) or temporal (MovieLens: by rating time)")
+                   help="random (seeded, per record) or temporal (MovieLens: by rating time; --schema: by its "
+                        "timestamp column)")
     g.add_argument("--split-fractions", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VALID,TEST")
     g.add_argument("--seed", type=int, default=2022, help="split seed (and synthetic data seed)")
     g.add_argument("--head-rule", choices=("pareto", "threshold"), default="pareto",
@@ -55,13 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="raw data -> prepared parquet shards + meta.json")
-    p.add_argument("--dataset", required=True, choices=("movielens", "criteo", "synthetic"))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic"), help="a built-in source")
+    source.add_argument("--schema", type=Path, help="a schema file (pipelines/datasets/*.yaml) describing any "
+                        "CSV/TSV/parquet table, plain or gzip/bz2/xz")
     p.add_argument("--input", type=Path, nargs="*", default=[],
-                   help="MovieLens: the directory; Criteo: one or more TSV files read as one stream; synthetic: none")
+                   help="MovieLens: the directory; Criteo and --schema: one or more files read as one stream; "
+                        "synthetic: none")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--min-count", type=int, default=None,
                    help="values seen fewer times in train map to OOV (default: movielens 1, criteo 10)")
-    p.add_argument("--hash-size", type=int, default=None, help="criteo: hash each categorical field into this many rows")
+    p.add_argument("--hash-size", type=int, default=None, help="criteo, --schema: hash each categorical field (that sets no hash_size) into this many rows")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="stop at the first malformed row (default) or skip it and count it in meta.json")
     p.add_argument("--rows", type=int, default=None, help="synthetic: number of rows")
@@ -114,7 +119,7 @@ def prepare_config(args: argparse.Namespace):
     from recsys_transfer.config import PrepareConfig
 
     try:
-        return PrepareConfig(dataset=args.dataset, input=tuple(str(p) for p in args.input), rows=args.rows,
+        return PrepareConfig(dataset=args.dataset, schema=str(args.schema) if args.schema else None, input=tuple(str(p) for p in args.input), rows=args.rows,
                              min_count=args.min_count, hash_size=args.hash_size, split=args.split,
                              split_fractions=tuple(args.split_fractions), seed=args.seed, head_rule=args.head_rule,
                              head_fraction=args.head_fraction, head_min_count=args.head_min_count,

@@ -49,7 +49,8 @@ NONFINITE_POLICIES = ("error", "skip")
 class PrepareConfig:
     """How to build a prepared dataset (the options of ``recsys-transfer prepare``; :func:`recsys_transfer.data.prepare.prepare`)."""
 
-    dataset: str = "synthetic"
+    dataset: str | None = None  # a built-in source; default synthetic (when no schema is given)
+    schema: str | None = None  # or a schema file (data/schema.py) describing any CSV/TSV/parquet table
     input: tuple[str, ...] = ()
     rows: int | None = None
     min_count: int | None = None
@@ -64,7 +65,12 @@ class PrepareConfig:
     allow_degenerate: bool = False  # else a split with zero rows or a binary label with one class in train is an error
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
+        if self.schema is not None and self.dataset is not None:
+            raise ValueError("data.prepare: give either dataset (a built-in source) or schema (a schema file), "
+                             "not both")
+        if self.schema is None and self.dataset is None:
+            object.__setattr__(self, "dataset", "synthetic")
+        if self.schema is None and self.dataset not in DATASETS:
             raise ValueError(f"data.prepare.dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")

@@ -5,6 +5,8 @@ whose ``data.path`` does not exist yet) both call :func:`prepare` with a :class:
     from recsys_transfer.data.prepare import prepare
 
     meta = prepare(PrepareConfig(dataset="movielens", input=("../shared/data/movielens-100k",)), "runs/ml100k")
+    meta = prepare(PrepareConfig(schema="pipelines/datasets/adult-census.yaml",
+                                 input=("../shared/data/adult-census/adult.data",)), "runs/adult")
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
         raise UserError(str(exc)) from None
     common = dict(split=split, head_tail=head_tail, progress=progress, overwrite=overwrite,
                   allow_degenerate=config.allow_degenerate)
-    min_count = config.min_count if config.min_count is not None else DEFAULT_MIN_COUNT[config.dataset]
     inputs = [Path(p) for p in config.input]
+    if config.schema is not None:
+        from recsys_transfer.data.schema import load_schema
+        from recsys_transfer.data.tabular import prepare_tabular
+
+        if config.rows is not None:
+            raise UserError("rows: only the synthetic dataset is generated; a schema reads its input")
+        return prepare_tabular(load_schema(config.schema), inputs, output, min_count=config.min_count,
+                               hash_size=config.hash_size, on_bad_row=config.on_bad_row,
+                               schema_file=config.schema, **common)
+    min_count = config.min_count if config.min_count is not None else DEFAULT_MIN_COUNT[config.dataset]
     if config.dataset != "synthetic" and config.rows is not None:
         raise UserError(f"rows: only the synthetic dataset is generated; {config.dataset} reads its input")
     if config.dataset == "movielens":

@@ -276,7 +276,7 @@ class DatasetMeta:
             "labels": d["labels"],
             "split": d["split"],
             "split_rows": d["split_rows"],
-            "source": {k: v for k, v in d["source"].items() if k != "input"},
+            "source": {k: v for k, v in d["source"].items() if k not in ("input", "schema_file")},
         }
         for extra in ("group", "dense_stats"):
             if d.get(extra):
