@@ -8,6 +8,7 @@
     recsys-transfer demo [--output DIR]
     recsys-transfer env
     recsys-transfer launch [TORCHRUN OPTIONS] -- COMMAND ...       (torchrun, failures in one line per rank)
+    recsys-transfer download NAME [NAME ...] --dir DIR [--md5 HEX | --sha256 HEX] | download --list
 
 Every command is a thin layer over a library function (``prepare`` -> :func:`recsys_transfer.data.prepare.prepare`,
 ``train`` -> :func:`recsys_transfer.train.run.run_training`, ...). User mistakes (missing files, malformed rows,
@@ -107,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=2022)
+
+    p = sub.add_parser("download", help="fetch MovieLens-100K/1M or Criteo terabyte day files (resumable, checked)",
+                       epilog="RECSYS_DOWNLOAD_MIRROR=BASE_URL fetches every file from BASE_URL + its original path.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="e.g. movielens-100k, criteo-terabyte-day-0 (see --list)")
+    p.add_argument("--dir", type=Path, default=None, help="where the data goes (what RECSYS_DATA_DIR then names)")
+    p.add_argument("--list", action="store_true", help="print the datasets, their checksums and URLs")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--retries", type=int, default=3, help="resume this many times when the connection drops")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--md5", default=None, help="check this md5 instead of the recorded one (one NAME only)")
+    g.add_argument("--sha256", default=None, help="check this sha256 instead of the recorded one (one NAME only)")
 
     sub.add_parser("env", help="versions of torch, fbgemm and TorchRec, the fbgemm build, devices, world info")
     sub.add_parser("launch", help="torchrun a command on several processes: launch [TORCHRUN OPTIONS] -- COMMAND",
@@ -213,6 +225,22 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from recsys_transfer.data import download
+
+    if args.list:
+        print(download.table())
+        return 0
+    if not args.names or args.dir is None:
+        raise UserError("download needs NAME ... and --dir DIR (recsys-transfer download --list shows the names)")
+    if (args.md5 or args.sha256) and len(args.names) > 1:
+        raise UserError("--md5/--sha256 check one file: give one NAME with them")
+    for name in args.names:
+        download.download(name, args.dir, md5=args.md5, sha256=args.sha256, retries=args.retries,
+                          progress="none" if args.no_progress else "auto")
+    return 0
+
+
 def _error_line(text: str) -> None:
     """One line on stderr in ONE write, so the lines of several ranks sharing the stream never interleave."""
     sys.stderr.flush()
@@ -240,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_library_noise()
     handler = {"prepare": cmd_prepare, "info": cmd_info, "select": cmd_select, "train": cmd_train, "bench": cmd_bench,
-               "demo": cmd_demo, "env": cmd_env}[args.command]
+               "demo": cmd_demo, "env": cmd_env, "download": cmd_download}[args.command]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         code = handler(args)

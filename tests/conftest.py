@@ -1,7 +1,8 @@
 """Shared fixtures. Real data comes from $RECSYS_DATA_DIR (CI sets it to ../shared/data).
 
 Tests that need the real files FAIL when the variable is unset under CI (CI=true), and skip only on a developer
-machine without the data, so a misconfigured CI can never go green by skipping.
+machine without the data, so a misconfigured CI can never go green by skipping; the run then ends with one line
+saying how to get the data (:func:`pytest_terminal_summary`).
 """
 
 from __future__ import annotations
@@ -31,29 +32,60 @@ def _data_dir() -> Path | None:
     return Path(value)
 
 
+DATA_MISSING = "real data not found"
+
+
+def _missing(msg: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{DATA_MISSING}: {msg}")
+    pytest.skip(f"{DATA_MISSING}: {msg}")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = _data_dir()
     if d is None or not d.is_dir():
-        msg = f"real data not found: set RECSYS_DATA_DIR (got {os.environ.get('RECSYS_DATA_DIR')!r})"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing(f"set RECSYS_DATA_DIR (got {os.environ.get('RECSYS_DATA_DIR')!r})")
+    return d
+
+
+def _real(data_dir: Path, name: str, probe: str) -> Path:
+    """``data_dir/name``, which must hold ``probe``; a data directory with only some of the sets (e.g. what
+    ``recsys-transfer download`` fetched) skips the tests of the others (fails under CI)."""
+    d = data_dir / name
+    if not (d / probe).is_file():
+        _missing(f"{d / probe} missing")
     return d
 
 
 @pytest.fixture(scope="session")
 def ml100k_dir(data_dir: Path) -> Path:
-    d = data_dir / "movielens-100k"
-    assert (d / "u.data").is_file(), f"{d}/u.data missing"
-    return d
+    return _real(data_dir, "movielens-100k", "u.data")
 
 
 @pytest.fixture(scope="session")
 def criteo8k_dir(data_dir: Path) -> Path:
-    d = data_dir / "criteo-kaggle-8k"
-    assert (d / "train.tsv").is_file(), f"{d}/train.tsv missing"
-    return d
+    return _real(data_dir, "criteo-kaggle-8k", "train.tsv")
+
+
+@pytest.fixture(scope="session")
+def ml1m_partial_dir(data_dir: Path) -> Path:
+    return _real(data_dir, "movielens-1m-partial", "ratings_part1.tsv")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    """One line, when real-data tests were skipped, on how to get the data. Only MovieLens-100K among the sets the
+    tests read is downloadable; the 8k Criteo sample and the partial ML-1M files exist only in ../shared/data.
+    An outer wrapper, so the line comes after the short summary's SKIPPED lines, just before the counts."""
+    result = yield
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if DATA_MISSING in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"real data missing: {len(skipped)} tests skipped; get MovieLens-100K with `recsys-transfer download "
+            "movielens-100k --dir DIR` and set RECSYS_DATA_DIR=DIR (the criteo-kaggle-8k and movielens-1m-partial "
+            "sets are not downloadable: they come with ../shared/data, read by default from beside the clone)")
+    return result
 
 
 @pytest.fixture(scope="session")

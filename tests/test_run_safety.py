@@ -66,16 +66,16 @@ def test_an_earlier_run_is_refused_unless_overwrite(tmp_path, ml100k_prepared, c
 
 
 @pytest.fixture(scope="module")
-def ml1m_partial(data_dir, tmp_path_factory):
+def ml1m_partial(ml1m_partial_dir, tmp_path_factory):
     """The real ML-1M partial files under the CTR rule: every label is 1 (ratings 3-5 only)."""
     out = tmp_path_factory.mktemp("ml1m") / "prepared"
-    assert main(["prepare", "--dataset", "movielens", "--input", str(data_dir / "movielens-1m-partial"), "--output",
+    assert main(["prepare", "--dataset", "movielens", "--input", str(ml1m_partial_dir), "--output",
                  str(out), "--no-progress", "--allow-degenerate"]) == 0
     return out
 
 
-def test_a_single_class_label_is_refused_at_prepare(data_dir, tmp_path, capsys, ml1m_partial):
-    assert main(["prepare", "--dataset", "movielens", "--input", str(data_dir / "movielens-1m-partial"), "--output",
+def test_a_single_class_label_is_refused_at_prepare(ml1m_partial_dir, tmp_path, capsys, ml1m_partial):
+    assert main(["prepare", "--dataset", "movielens", "--input", str(ml1m_partial_dir), "--output",
                  str(tmp_path / "o"), "--no-progress"]) == 2
     # 299,418 ratings, 104,086 of them 3s (dropped): 195,332 positives, split 80/10/10 with the default seed
     meta = json.loads((ml1m_partial / "meta.json").read_text())
@@ -201,9 +201,9 @@ def test_a_truncated_shard_is_one_line_naming_it(tmp_path, ml100k_prepared, caps
     assert f"train {meta.split_rows['train']:,} rows" in capsys.readouterr().out
 
 
-def test_prepare_refuses_a_directory_holding_another_dataset(tmp_path, data_dir, capsys):
+def test_prepare_refuses_a_directory_holding_another_dataset(tmp_path, criteo8k_dir, capsys):
     out = tmp_path / "data"
-    crit = [str(data_dir / "criteo-kaggle-8k" / f) for f in ("train.tsv", "dev.tsv", "test.tsv")]
+    crit = [str(criteo8k_dir / f) for f in ("train.tsv", "dev.tsv", "test.tsv")]
     assert main(["prepare", "--dataset", "criteo", "--input", *crit, "--output", str(out), "--no-progress"]) == 0
     first = json.loads((out / "meta.json").read_text())["dataset_id"]
     assert main(["prepare", "--dataset", "criteo", "--input", *crit, "--output", str(out), "--no-progress"]) == 0
