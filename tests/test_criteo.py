@@ -391,3 +391,36 @@ def test_spill_dir_is_used_and_cleaned(criteo8k_dir: Path, tmp_path: Path, prepa
         v1 = pl.read_parquet(tmp_path / "s" / "vocab" / f"{name}.parquet")
         v2 = pl.read_parquet(ref_dir / "vocab" / f"{name}.parquet")
         assert v1.equals(v2), name
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bz2"])
+def test_compressed_day_files_read_like_plain_ones(criteo8k_dir: Path, prepared_min10, tmp_path: Path, codec: str) -> None:
+    """A terabyte-log ``day_N.gz`` (or bz2) is read through its magic bytes (the names here say nothing), in
+    blocks smaller than the file so lines straddle the decompressed blocks, and prepares exactly as the plain TSVs."""
+    import bz2
+    import gzip
+
+    opener = {"gzip": gzip.open, "bz2": bz2.open}[codec]
+    packed = []
+    for k, path in enumerate(_inputs(criteo8k_dir)):
+        packed.append(tmp_path / f"day_{k}")
+        with opener(packed[-1], "wb") as f:
+            f.write(path.read_bytes())
+    raw = pl.concat(list(read_criteo(packed, chunk_rows=333)))
+    assert raw.drop("__row").equals(pl.concat(list(read_criteo(_inputs(criteo8k_dir)))).drop("__row"))
+    out, meta = prepared_min10
+    again = prepare_criteo(packed, tmp_path / "out", split=SPLIT, head_tail=HT, progress=False)
+    assert again.dataset_id == meta.dataset_id and again.split_rows == meta.split_rows
+    for split in SPLITS:
+        a = pl.concat([pl.read_parquet(out / f) for f in meta.split_files[split]])
+        b = pl.concat([pl.read_parquet(tmp_path / "out" / f) for f in again.split_files[split]])
+        assert a.equals(b)
+
+
+def test_truncated_gzip_is_one_line_error(criteo8k_dir: Path, tmp_path: Path) -> None:
+    import gzip
+
+    data = gzip.compress((criteo8k_dir / "train.tsv").read_bytes())
+    (tmp_path / "day_0.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="day_0.gz: cannot decompress"):
+        list(read_criteo([tmp_path / "day_0.gz"]))

@@ -1,6 +1,7 @@
 """Criteo Display Advertising (Kaggle) TSV -> prepared dataset (see :mod:`recsys_transfer.data.prepared`).
 
-Input: raw Criteo Kaggle rows, no header, tab separated, 40 fields per line::
+Input: raw Criteo Kaggle rows (or the terabyte click logs' ``day_N`` files, same 40 columns), no header, tab
+separated, 40 fields per line, plain or compressed (gzip, bz2, xz: detected from the magic bytes)::
 
     label  I1 .. I13  C1 .. C26
 
@@ -185,26 +186,64 @@ def _blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
         raise DataError(path, "empty file; expected Criteo TSV rows (label, I1..I13, C1..C26)")
     bytes_per_row = _BYTES_PER_ROW_GUESS
     line = 1
-    with path.open("rb") as f:  # buffered: read(n) returns fewer than n bytes only at the end of the file
+    rest = b""  # the partial line after a block's last LF opens the next block (no seek: streams may be compressed)
+    with _open_stream(path) as f:  # buffered: read(n) returns fewer than n bytes only at the end of the stream
         while True:
             target = max(chunk_rows * bytes_per_row, 1 << 16)
-            buf = f.read(target)
+            more = f.read(target)
+            buf, eof = rest + more, len(more) < target
             if not buf:
                 return
-            eof = len(buf) < target
             while not eof and buf.rfind(b"\n") < 0:  # a line longer than the block: read on
                 more = f.read(target)
                 buf += more
                 eof = len(more) < target
-            if not eof:  # cut after the last LF; the partial line is read again with the next block
+            rest = b""
+            if not eof:  # cut after the last LF
                 cut = buf.rfind(b"\n") + 1
-                if cut < len(buf):
-                    f.seek(cut - len(buf), 1)
-                    buf = buf[:cut]
+                buf, rest = buf[:cut], buf[cut:]
             n = buf.count(b"\n") + (0 if buf.endswith(b"\n") else 1)
             bytes_per_row = max(16, len(buf) // n + 1)
             yield _Block(path, line, buf, n)
             line += n
+            if eof:
+                return
+
+
+def _open_stream(path: Path):
+    """The file's bytes, decompressed when its magic bytes say gzip, bz2 or xz (the terabyte logs ship as
+    ``day_N.gz``); a read error of a corrupt stream is a :class:`DataError` naming the file."""
+    import bz2
+    import gzip
+    import lzma
+
+    with path.open("rb") as f:
+        head = f.read(6)
+    for magic, opener in ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)):
+        if head.startswith(magic):
+            return _Checked(opener(path, "rb"), path)
+    return path.open("rb")
+
+
+class _Checked:
+    """A decompressing stream whose read errors (truncated or corrupt data) become one-line DataErrors."""
+
+    def __init__(self, f, path: Path) -> None:
+        self.f, self.path = f, path
+
+    def read(self, n: int) -> bytes:
+        import lzma
+
+        try:
+            return self.f.read(n)
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise DataError(self.path, f"cannot decompress: {exc}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
 
 
 _BAD = "__bad"

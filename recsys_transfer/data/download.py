@@ -3,7 +3,7 @@
 :data:`DATASETS` is the one table of what can be fetched: MovieLens-100K and -1M (GroupLens zips, extracted to
 ``DIR/movielens-100k/`` and ``DIR/movielens-1m/``, the layout ``prepare --dataset movielens`` reads) and the 24 day
 files of Criteo's terabyte click logs (``DIR/criteo-terabyte/day_N.gz``, kept gzipped as published, ~15 GB each;
-``prepare --dataset criteo`` reads plain TSV today, so ``gunzip -k`` one first). A download streams to ``FILE.part``; an interrupted one resumes with an HTTP ``Range`` request (the
+``prepare --dataset criteo`` reads them gzipped). A download streams to ``FILE.part``; an interrupted one resumes with an HTTP ``Range`` request (the
 same command again, and up to ``retries`` times on its own when the connection drops), is checked against the
 recorded md5 (or the ``md5``/``sha256`` a user passes), and only then gets its final name, so a file under its final
 name is a complete, checked one and is never fetched again.
