@@ -73,18 +73,25 @@ def ml1m_partial_dir(data_dir: Path) -> Path:
     return _real(data_dir, "movielens-1m-partial", "ratings_part1.tsv")
 
 
+@pytest.fixture(scope="session")
+def adult_dir(data_dir: Path) -> Path:
+    return _real(data_dir, "adult-census", "adult.data")
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_terminal_summary(terminalreporter):
     """One line, when real-data tests were skipped, on how to get the data. Only MovieLens-100K among the sets the
-    tests read is downloadable; the 8k Criteo sample and the partial ML-1M files exist only in ../shared/data.
+    tests read is downloadable; the 8k Criteo sample, the partial ML-1M files and Adult (with its added header
+    lines) exist only in ../shared/data.
     An outer wrapper, so the line comes after the short summary's SKIPPED lines, just before the counts."""
     result = yield
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if DATA_MISSING in str(r.longrepr)]
     if skipped:
         terminalreporter.write_line(
             f"real data missing: {len(skipped)} tests skipped; get MovieLens-100K with `recsys-transfer download "
-            "movielens-100k --dir DIR` and set RECSYS_DATA_DIR=DIR (the criteo-kaggle-8k and movielens-1m-partial "
-            "sets are not downloadable: they come with ../shared/data, read by default from beside the clone)")
+            "movielens-100k --dir DIR` and set RECSYS_DATA_DIR=DIR (the criteo-kaggle-8k, movielens-1m-partial and "
+            "adult-census sets are not downloadable: they come with ../shared/data, read by default from beside the "
+            "clone)")
     return result
 
 

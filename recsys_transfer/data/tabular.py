@@ -364,7 +364,10 @@ class _ChunkTransform:
                 raw = pl.col(s)
                 if stamp is not None and s == stamp.source:
                     if stamp.format:
-                        value = raw.str.strptime(pl.Datetime("us"), stamp.format, strict=False).dt.epoch("s")
+                        text, fmt = raw, stamp.format
+                        if "%H" in fmt and "%M" not in fmt:  # polars parses an hour only with its minutes
+                            text, fmt = raw + "00", fmt + "%M"
+                        value = text.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.epoch("s")
                         what = f"a time in the format {stamp.format!r}"
                     else:
                         value = raw.str.strip_chars().cast(pl.Int64, strict=False)
