@@ -335,7 +335,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default (one per core)
     nonfinite_loss: str = "error"  # error: stop naming epoch and step | skip: drop the batch, counted
-    group_field: str | None = None  # sparse field whose ids group the rows for group AUC (binary tasks)
+    group_field: str | None = None  # sparse field grouping rows for group AUC (binary tasks); default: the dataset's
+    # group column (a schema's ``kind: group``), if any
     aux_weights: dict = field(default_factory=dict)  # weight per auxiliary loss term of the model (default 1)
 
     def __post_init__(self) -> None:

@@ -236,8 +236,9 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         tasks = resolve_tasks(cfg, meta)
         monitor = resolve_monitor(cfg.train.monitor, tasks)
         field = report_field(cfg, meta)
-        if cfg.train.group_field is not None:
-            meta.field(cfg.train.group_field)
+        group_field = cfg.train.group_field if cfg.train.group_field is not None else meta.group
+        if group_field is not None:
+            meta.field(group_field)
         domains = select_domains(cfg, data, meta)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
@@ -260,7 +261,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
                if cfg.train.ema_decay > 0 else None)
 
         def validate() -> dict:
-            return evaluate(model, valid, tasks, meta, transfer_field=field, group_field=cfg.train.group_field,
+            return evaluate(model, valid, tasks, meta, transfer_field=field, group_field=group_field,
                             device=info.device)
 
         def on_epoch(record: dict) -> None:
@@ -308,7 +309,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
             values = [r["monitor_value"] for r in result.history]
             raise UserError(f"no epoch gave a finite {monitor.key} (per epoch: {values}); no model was saved")
         load_model(model, out / "best", run["run_id"])
-        test_metrics = evaluate(model, test, tasks, meta, transfer_field=field, group_field=cfg.train.group_field,
+        test_metrics = evaluate(model, test, tasks, meta, transfer_field=field, group_field=group_field,
                                 device=info.device)
         scalars.test(test_metrics, result.global_step)
         best = result.history[result.best_epoch]
