@@ -19,7 +19,8 @@ import pytest
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.schema import compile_expr, load_schema
 from recsys_transfer.data.splits import SPLITS, HeadTailSpec, SplitSpec
-from recsys_transfer.data.tabular import detect_compression, prepare_tabular, read_cells
+from recsys_transfer.data.compressed import detect_compression
+from recsys_transfer.data.tabular import prepare_tabular, read_cells
 from recsys_transfer.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -63,6 +63,7 @@ from recsys_transfer.data.prepared import (
     SparseSpec,
     build_prepared,
 )
+from recsys_transfer.data.compressed import open_stream
 from recsys_transfer.data.prefetch import read_ahead
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.errors import DataError, UserError
@@ -187,7 +188,7 @@ def _blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
     bytes_per_row = _BYTES_PER_ROW_GUESS
     line = 1
     rest = b""  # the partial line after a block's last LF opens the next block (no seek: streams may be compressed)
-    with _open_stream(path) as f:  # buffered: read(n) returns fewer than n bytes only at the end of the stream
+    with open_stream(path) as f:  # buffered: read(n) returns fewer than n bytes only at the end of the stream
         while True:
             target = max(chunk_rows * bytes_per_row, 1 << 16)
             more = f.read(target)
@@ -208,42 +209,6 @@ def _blocks(path: Path, chunk_rows: int) -> Iterator[_Block]:
             line += n
             if eof:
                 return
-
-
-def _open_stream(path: Path):
-    """The file's bytes, decompressed when its magic bytes say gzip, bz2 or xz (the terabyte logs ship as
-    ``day_N.gz``); a read error of a corrupt stream is a :class:`DataError` naming the file."""
-    import bz2
-    import gzip
-    import lzma
-
-    with path.open("rb") as f:
-        head = f.read(6)
-    for magic, opener in ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)):
-        if head.startswith(magic):
-            return _Checked(opener(path, "rb"), path)
-    return path.open("rb")
-
-
-class _Checked:
-    """A decompressing stream whose read errors (truncated or corrupt data) become one-line DataErrors."""
-
-    def __init__(self, f, path: Path) -> None:
-        self.f, self.path = f, path
-
-    def read(self, n: int) -> bytes:
-        import lzma
-
-        try:
-            return self.f.read(n)
-        except (OSError, EOFError, lzma.LZMAError) as exc:
-            raise DataError(self.path, f"cannot decompress: {exc}") from None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.f.close()
 
 
 _BAD = "__bad"

@@ -20,13 +20,10 @@ kept rows' timestamps (the split needs them all), then to build.
 
 from __future__ import annotations
 
-import bz2
 import csv
 import dataclasses
-import gzip
 import hashlib
 import json
-import lzma
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from recsys_transfer.data.compressed import detect_compression, open_stream
 from recsys_transfer.data.criteo import log_square_bucket
 from recsys_transfer.data.prefetch import read_ahead
 from recsys_transfer.data.prepared import (
@@ -57,22 +55,6 @@ LINE_COL = "__line"  # 1-based line (text) or row (parquet) of the record in its
 FILE_COL = "__file"  # index of the record's input file
 _BYTES_PER_ROW_GUESS = 256
 _SUBST = 0x1F  # a multi-character delimiter is replaced by this byte before parsing
-_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"PAR1": "parquet"}
-_OPENERS = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}
-
-
-def detect_compression(path: Path) -> str:
-    """``gzip``, ``bz2``, ``xz``, ``parquet`` or ``none``, from the file's first bytes (never its name)."""
-    with path.open("rb") as f:
-        head = f.read(8)
-    for magic, kind in _MAGIC.items():
-        if head.startswith(magic):
-            return kind
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        raise DataError(path, "zstd-compressed input is not supported; decompress it (zstd -d) or use gzip")
-    return "none"
-
-
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise DataError(path, "no such file" if not path.exists() else "not a regular file")
@@ -84,9 +66,7 @@ def _open(path: Path, fmt: FileFormat) -> tuple[BinaryIO, str]:
     kind = detect_compression(path)
     if fmt.compression not in ("auto", kind) and not (fmt.compression == "none" and kind == "parquet"):
         raise DataError(path, f"format.compression says {fmt.compression}, but the file's first bytes say {kind}")
-    if kind == "parquet":
-        return path.open("rb"), kind
-    return (_OPENERS[kind](path, "rb") if kind in _OPENERS else path.open("rb")), kind
+    return (path.open("rb") if kind == "parquet" else open_stream(path)), kind
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,8 +103,8 @@ def _blocks(f: BinaryIO, path: Path, first_line: int, chunk_rows: int) -> Iterat
             line += n
             if eof:
                 return
-    except (OSError, EOFError, lzma.LZMAError, ValueError) as exc:  # a truncated or corrupt compressed stream
-        raise DataError(path, f"cannot decompress after line {line - 1}: {exc}") from None
+    except DataError as exc:  # a truncated or corrupt compressed stream
+        raise DataError(path, f"{exc.message} (after line {line - 1})") from None
 
 
 def _split_line(text: str, fmt: FileFormat) -> list[str]:
@@ -671,4 +651,4 @@ def prepare_tabular(
     )
 
 
-__all__ = ["build_schema", "detect_compression", "prepare_tabular", "read_cells"]
+__all__ = ["build_schema", "prepare_tabular", "read_cells"]
