@@ -117,8 +117,9 @@ def resolve_tasks(cfg: RunConfig, meta) -> tuple:
 
 
 def report_field(cfg: RunConfig, meta) -> str | None:
-    """The field whose head/tail AUC every mode reports (B too, for comparison): the first transfer field."""
-    fields = cfg.transfer.candidate_fields(meta)
+    """The field whose head/tail AUC every mode reports (B too, for comparison): the first single-valued transfer
+    field (a row of a list field has no one item to call head or tail)."""
+    fields = [f for f in cfg.transfer.candidate_fields(meta) if not meta.field(f).multi_valued]
     return fields[0] if fields else None
 
 
