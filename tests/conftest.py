@@ -105,3 +105,13 @@ def lists_prepared(tmp_path_factory: pytest.TempPathFactory):
     meta = build_prepared(chunked(df, 600), schema, out, dataset="lists", split=SplitSpec(), head_tail=HeadTailSpec(),
                           report=BuildReport(input_rows=len(df)), source={}, progress=False, row_group_size=250)
     return out, meta
+
+
+@pytest.fixture(scope="session")
+def ml100k_lists_prepared(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """ML-100K prepared with the list fields: genres as a bag, a 5-item user history sharing item_id's table."""
+    from recsys_transfer.data.movielens import prepare_movielens
+
+    out = tmp_path_factory.mktemp("ml100k_lists") / "prepared"
+    meta = prepare_movielens(ml100k_dir, out, progress=False, genres="bag", history=5)
+    return out, meta
