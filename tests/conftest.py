@@ -66,10 +66,15 @@ def ml100k_prepared(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return out, meta
 
 
+#: lists_frame's dense x is the row number divided by this
+ROW_SCALE = 4096
+
+
 def lists_frame(n: int = 2400, seed: int = 5):
     """A small frame with list fields: ``user``, ``item`` (single-valued), ``hist`` (a list of items, 0-6 long,
     empty and null lists included, sharing ``item``'s vocabulary), ``tags`` (a list with its own vocabulary),
-    dense ``x`` = the row's number (identifies a row in a batch), ``label``."""
+    dense ``x`` = the row's number / 4096 (exact in float32: identifies a row in a batch, small enough to train on),
+    ``label``."""
     import numpy as np
     import polars as pl
 
@@ -86,7 +91,7 @@ def lists_frame(n: int = 2400, seed: int = 5):
         "hist": pl.Series(hist, dtype=pl.List(pl.String)),
         "tags": pl.Series([[f"t{x}" for x in rng.integers(0, 9, int(k))] for k in rng.integers(0, 4, n)],
                           dtype=pl.List(pl.String)),
-        "x": np.arange(n, dtype=np.float64),
+        "x": np.arange(n, dtype=np.float64) / ROW_SCALE,
         "label": (rng.random(n) < 0.4).astype(np.float32),
     })
 

@@ -237,11 +237,11 @@ def _deepfm_step(meta, domains, optimizer: str, barrier: str, max_ratio, lr: flo
     return model, step
 
 
-def _batches(out, n: int, size: int = 512, dense_scale: float = 1.0):
+def _batches(out, n: int, size: int = 512):
     for k, b in enumerate(BatchLoader(out, "train", size, shuffle=True, seed=1, prefetch=0)):
         if k == n:
             return
-        yield Batch(b.dense.double() * dense_scale, b.sparse, {name: v.double() for name, v in b.labels.items()})
+        yield Batch(b.dense.double(), b.sparse, {name: v.double() for name, v in b.labels.items()})
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad"])
@@ -301,8 +301,7 @@ def test_applied_update_on_real_batches(request, monkeypatch, dataset):
         seen.append((captured, b_update, applied, float(combine.main_loss)))
 
     monkeypatch.setattr(pipeline_mod.RowPipeline, "_run_split", spy)
-    # the list dataset's dense x (a row number) is zeroed: it is there to identify rows in the loader tests
-    for batch in _batches(out, 6, *((256, 0.0) if lists else ())):
+    for batch in _batches(out, 6, 256 if lists else 512):
         step(batch)
     assert len(seen) == 6
     for captured, b_update, applied, loss in seen:

@@ -156,7 +156,7 @@ def _make(meta, optimizer: str, mode: str, fields=FIELDS, pooling: dict | None =
         for name, p in model.named_parameters():
             if name.startswith("linear.tables"):
                 p[:, 1:] = 0
-        if model.linear.dense is not None:  # the list dataset's dense x (a row number) stays out of the logits
+        if model.linear.dense is not None:  # the list dataset's dense x: the reference has no dense term
             model.linear.dense.weight.zero_()
             model.linear.dense.weight.requires_grad_(False)
     mean = {f for f in meta.sparse_names if (pooling or {}).get(f) == "mean"}

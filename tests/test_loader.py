@@ -167,11 +167,11 @@ def test_shuffled_batches_follow_the_documented_order(ml100k_prepared, tmp_path,
 
 
 def _list_rows(out, meta, split="train") -> dict[int, dict]:
-    """Row number (dense ``x``) -> {field: list of ids} from the parquet files."""
+    """Row number (dense ``x`` * 4096) -> {field: list of ids} from the parquet files."""
     frame = _rows(out, meta, split)
     got = {}
     for row in frame.iter_rows(named=True):
-        got[int(row["x"])] = {k: (row[k] if meta.field(k).multi_valued else [row[k]]) for k in meta.sparse_names}
+        got[round(row["x"] * 4096)] = {k: (row[k] if meta.field(k).multi_valued else [row[k]]) for k in meta.sparse_names}
     return got
 
 
@@ -184,7 +184,7 @@ def _batch_rows(batch, keys) -> list[tuple[int, dict]]:
     for k in keys:
         jt = kjt[k]
         per_field[k] = [x.tolist() for x in torch.split(jt.values(), jt.lengths().tolist())]
-    xs = batch.dense[:, 0].long().tolist()
+    xs = (batch.dense[:, 0].double() * 4096).round().long().tolist()  # the row number (tests/conftest.py)
     return [(x, {k: per_field[k][b] for k in keys}) for b, x in enumerate(xs)]
 
 
