@@ -237,8 +237,9 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         tasks = resolve_tasks(cfg, meta)
         monitor = resolve_monitor(cfg.train.monitor, tasks)
         field = report_field(cfg, meta)
-        if cfg.train.group_field is not None:
-            meta.field(cfg.train.group_field)
+        if cfg.train.group_field is not None and meta.field(cfg.train.group_field).multi_valued:
+            raise UserError(f"train.group_field {cfg.train.group_field!r} is a list field; group AUC needs one group "
+                            "id per row")
         domains = select_domains(cfg, data, meta)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
