@@ -86,7 +86,8 @@ def test_sharded_equals_single_process(request, tmp_path, sharding, mode, loss, 
                 sl = tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape))
                 got[sl] = tensor
                 covered[sl] += 1
-                if key.startswith((f"embedding.embedding_bags.{case['table']}", f"embedding.embeddings.{case['table']}")):
+                table = case["table"]
+                if key.startswith((f"embedding.embedding_bags.{table}", f"embedding.embeddings.{table}")):
                     layouts.add((rank, tuple(offsets)))
         if "embedding_bags" in key or "embeddings" in key:
             assert bool((covered == 1).all()), f"{key}: shards overlap or miss rows"

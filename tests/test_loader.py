@@ -171,7 +171,8 @@ def _list_rows(out, meta, split="train") -> dict[int, dict]:
     frame = _rows(out, meta, split)
     got = {}
     for row in frame.iter_rows(named=True):
-        got[round(row["x"] * 4096)] = {k: (row[k] if meta.field(k).multi_valued else [row[k]]) for k in meta.sparse_names}
+        got[round(row["x"] * 4096)] = {k: (row[k] if meta.field(k).multi_valued else [row[k]])
+                                       for k in meta.sparse_names}
     return got
 
 

@@ -92,14 +92,6 @@ def check_shards(data_dir: str | Path, meta: DatasetMeta | None = None) -> dict[
     return report
 
 
-def _list_column(column: pa.ChunkedArray) -> _Lists:
-    """A parquet ``list<int64>`` column as :class:`_Lists` (a null list is an empty one)."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return _Lists.of_lengths(lengths, values)
-
-
 @dataclass(frozen=True)
 class _Piece:
     file: Path
@@ -146,6 +138,14 @@ class _Lists:
     @staticmethod
     def concat(parts: list["_Lists"]) -> "_Lists":
         return _Lists.of_lengths(np.concatenate([p.lengths for p in parts]), np.concatenate([p.values for p in parts]))
+
+
+def _list_column(column: pa.ChunkedArray) -> _Lists:
+    """A parquet ``list<int64>`` column as :class:`_Lists` (a null list is an empty one)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return _Lists.of_lengths(lengths, values)
 
 
 @dataclass
