@@ -52,7 +52,7 @@ def run(data: Path, meta, domains, model_name: str, barrier: str, epochs: int, s
                                                 seed=seed),
                         domains=domains, train=TrainConfig(optimizer="adam", lr=1e-3))
     pipeline = step.rows
-    slot = next(s for s in pipeline.slots if s.feature == FIELD and s.collection.endswith("embedding"))
+    slot = next(s for s in pipeline.slots if FIELD in s.features and s.collection.endswith("embedding"))
     shadow_w = torch.zeros_like(slot.weight.detach())
     shadow = make_row_optimizer("adam", [shadow_w], lr=1e-3)  # the main-gradient-only state
     source = torch.from_numpy(meta.field(FIELD).head_mask())

@@ -175,12 +175,25 @@ class TransferConfig:
 
     def candidate_fields(self, meta) -> list[str]:
         """The fields the transfer is about, whatever the mode (``fields``, checked against ``meta``; or every field
-        with more than ``min_vocab`` ids); B runs report head/tail AUC on the first of them, for comparison."""
+        with its own vocabulary and more than ``min_vocab`` ids); B runs report head/tail AUC on the first of them,
+        for comparison.
+
+        Transfer is on embedding TABLES, one per vocabulary: a field sharing another's vocabulary (``vocab_of`` in
+        meta.json, e.g. a ``history`` list of ``item_id``'s items, looked up in ``t_item_id``) names its owner's
+        table, so it stands for its owner here: ``fields: [history]`` is transfer on ``t_item_id`` with
+        ``item_id``'s domains (its head ids, its selective target domain). Naming two fields of one table
+        (``[item_id, history]``) is refused: the table has one source and one target domain."""
         if self.fields:
+            owners: dict[str, str] = {}
             for f in self.fields:
-                meta.field(f)  # raises a clear error for an unknown field
-            return list(self.fields)
-        return [f.name for f in meta.sparse if f.vocab_size > self.min_vocab]
+                owner = meta.field(f).table_field  # raises a clear error for an unknown field
+                if owner in owners:
+                    raise UserError(f"transfer.fields: {owners[owner]!r} and {f!r} both name the table t_{owner} "
+                                    f"(they share {owner!r}'s vocabulary, and a table has one source and one target "
+                                    f"domain: {owner!r}'s); name one of them")
+                owners[owner] = f
+            return list(owners)
+        return [f.name for f in meta.sparse if f.vocab_of is None and f.vocab_size > self.min_vocab]
 
     def transfer_fields(self, meta) -> list[str]:
         """The fields under transfer: :meth:`candidate_fields`, empty in mode B; a transfer mode with none is an
@@ -189,7 +202,7 @@ class TransferConfig:
             return []
         found = self.candidate_fields(meta)
         if not found:
-            sizes = {f.name: f.vocab_size for f in meta.sparse}
+            sizes = {f.name: f.vocab_size for f in meta.sparse if f.vocab_of is None}
             raise UserError(f"transfer mode {self.mode!r}: no field has more than transfer.min_vocab = "
                             f"{self.min_vocab} ids ({sizes}); name transfer.fields or lower min_vocab")
         return found

@@ -4,8 +4,11 @@ Shapes (B = batch size, F = number of sparse fields, D = number of dense fields)
 
 * ``dense``: ``float32[B, D]`` (``D`` may be 0).
 * ``sparse``: a TorchRec ``KeyedJaggedTensor`` with keys = sparse field names (in ``meta.json`` order),
-  ``lengths`` of shape ``[F * B]`` (field-major, as TorchRec expects) and ``values`` holding ids in
-  ``[0, vocab_size)`` of each field; single-valued fields have all lengths equal to 1.
+  ``lengths`` of shape ``[F * B]`` (field-major, as TorchRec expects; ``L[f][b]`` ids for field ``f`` of row
+  ``b``) and ``values`` of shape ``[sum_f,b L[f][b]]`` holding ids in ``[0, vocab_size)`` of each field.
+  Single-valued fields have ``L[f][b] = 1``; a list field (``multi_valued`` in ``meta.json``) has the length of
+  each row's list, 0 for an empty one. A field sharing another's vocabulary (``vocab_of``) holds ids of that
+  field's vocabulary.
 * ``labels``: ``{label column: float32[B]}`` so multi-task models fit the same contract.
 
 A model's ``forward(batch)`` returns ``{task name: output}`` (see :mod:`recsys_transfer.tasks` for each kind's

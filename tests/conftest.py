@@ -103,3 +103,59 @@ def ml100k_prepared(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("ml100k") / "prepared"
     meta = prepare_movielens(ml100k_dir, out, progress=False)
     return out, meta
+
+
+#: lists_frame's dense x is the row number divided by this
+ROW_SCALE = 4096
+
+
+def lists_frame(n: int = 2400, seed: int = 5):
+    """A small frame with list fields: ``user``, ``item`` (single-valued), ``hist`` (a list of items, 0-6 long,
+    empty and null lists included, sharing ``item``'s vocabulary), ``tags`` (a list with its own vocabulary),
+    dense ``x`` = the row's number / 4096 (exact in float32: identifies a row in a batch, small enough to train on),
+    ``label``."""
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    items = [f"i{x}" for x in rng.zipf(1.5, n) % 150]
+    hist = [[f"i{x}" for x in rng.zipf(1.5, int(k)) % 180] for k in rng.integers(0, 7, n)]
+    hist[2] = None  # a null list is an empty list
+    for k in range(0, n, 7):  # repeated ids within a bag
+        if hist[k]:
+            hist[k] = hist[k] + hist[k][:1]
+    return pl.DataFrame({
+        "user": [f"u{x}" for x in rng.integers(0, 60, n)],
+        "item": items,
+        "hist": pl.Series(hist, dtype=pl.List(pl.String)),
+        "tags": pl.Series([[f"t{x}" for x in rng.integers(0, 9, int(k))] for k in rng.integers(0, 4, n)],
+                          dtype=pl.List(pl.String)),
+        "x": np.arange(n, dtype=np.float64) / ROW_SCALE,
+        "label": (rng.random(n) < 0.4).astype(np.float32),
+    })
+
+
+@pytest.fixture(scope="session")
+def lists_prepared(tmp_path_factory: pytest.TempPathFactory):
+    """:func:`lists_frame` prepared (random 80/10/10 split), in row groups of 250 rows (many loader pieces)."""
+    from recsys_transfer.data.prepared import BuildReport, Schema, SparseSpec, build_prepared, chunked
+    from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+
+    df = lists_frame()
+    schema = Schema(sparse=(SparseSpec("user"), SparseSpec("item"),
+                            SparseSpec("hist", multi_valued=True, vocab="item"), SparseSpec("tags", multi_valued=True)),
+                    dense=("x",))
+    out = tmp_path_factory.mktemp("lists") / "prepared"
+    meta = build_prepared(chunked(df, 600), schema, out, dataset="lists", split=SplitSpec(), head_tail=HeadTailSpec(),
+                          report=BuildReport(input_rows=len(df)), source={}, progress=False, row_group_size=250)
+    return out, meta
+
+
+@pytest.fixture(scope="session")
+def ml100k_lists_prepared(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """ML-100K prepared with the list fields: genres as a bag, a 5-item user history sharing item_id's table."""
+    from recsys_transfer.data.movielens import prepare_movielens
+
+    out = tmp_path_factory.mktemp("ml100k_lists") / "prepared"
+    meta = prepare_movielens(ml100k_dir, out, progress=False, genres="bag", history=5)
+    return out, meta

@@ -209,22 +209,36 @@ def ml100k_selected(ml100k_prepared):
     return out, meta, load_domains(out / "selection_applied", ("zip", "user_id"), meta)
 
 
-def _deepfm_step(meta, domains, optimizer: str, barrier: str, max_ratio, lr: float, alpha: float | None = None):
-    """DeepFM in float64 with +Ours (MMD) on zip and user_id, the tables in one buffer per collection."""
+LIST_FIELDS = ("item", "tags")
+
+
+@pytest.fixture(scope="module")
+def lists_selected(lists_prepared):
+    """tests/conftest.py's list dataset with the selective target domains of item (whose table t_item also serves
+    the hist lists) and tags (a list field): the selection counts list fields' ids as co-occurrences."""
+    out, meta = lists_prepared
+    select_command(out, list(LIST_FIELDS), out / "selection_applied", top_k=50)
+    return out, meta, load_domains(out / "selection_applied", LIST_FIELDS, meta)
+
+
+def _deepfm_step(meta, domains, optimizer: str, barrier: str, max_ratio, lr: float, alpha: float | None = None,
+                 fields=("zip", "user_id"), pooling=None):
+    """DeepFM in float64 with +Ours (MMD) on ``fields`` (zip and user_id), the tables in one buffer per
+    collection."""
     torch.manual_seed(5)
-    model = DeepFM(meta, embedding_dim=8, hidden=(16,)).double()
+    model = DeepFM(meta, embedding_dim=8, hidden=(16,), pooling=pooling).double()
     for ebc in (model.embedding, model.linear.tables):  # .double() gave each table its own storage
         share_storage([bag.weight for bag in ebc.embedding_bags.values()])
     rows = attach_rows(model, RowsConfig(optimizer=optimizer, lr=lr))
     rows.add_transform(transfer_transform(rows, meta, TransferConfig(
-        mode="+Ours", loss="mmd", fields=("zip", "user_id"), barrier=barrier, max_ratio=max_ratio, alpha=alpha),
+        mode="+Ours", loss="mmd", fields=fields, barrier=barrier, max_ratio=max_ratio, alpha=alpha),
         domains))
     step = TrainStep(model, Objective(meta.tasks), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
     return model, step
 
 
-def _batches(out, n: int):
-    for k, b in enumerate(BatchLoader(out, "train", 512, shuffle=True, seed=1, prefetch=0)):
+def _batches(out, n: int, size: int = 512):
+    for k, b in enumerate(BatchLoader(out, "train", size, shuffle=True, seed=1, prefetch=0)):
         if k == n:
             return
         yield Batch(b.dense.double(), b.sparse, {name: v.double() for name, v in b.labels.items()})
@@ -249,12 +263,16 @@ def test_sgd_applied_equals_paper_and_adagrad_differs(ml100k_selected, optimizer
         assert max(diffs) > 1e-4
 
 
-def test_applied_update_on_real_batches(ml100k_selected, monkeypatch):
-    """Adam rows, DeepFM on ML-100K: for every touched row of the tables under transfer, (1) the main part ``u``
-    is exactly the update mode B's optimizer applies from the same state, (2) the row moved by exactly the
-    barrier's ``delta``, (3) ``<g_i, applied update> >= phi_i``."""
-    out, meta, domains = ml100k_selected
-    model, step = _deepfm_step(meta, domains, "adam", "applied", 0.3, 0.01)
+@pytest.mark.parametrize("dataset", ["ml100k", "lists"])
+def test_applied_update_on_real_batches(request, monkeypatch, dataset):
+    """Adam rows, DeepFM on ML-100K (and on the list dataset: t_item serving item and the mean-pooled hist lists,
+    tags a list field): for every touched row of the tables under transfer, (1) the main part ``u`` is exactly
+    the update mode B's optimizer applies from the same state, (2) the row moved by exactly the barrier's
+    ``delta``, (3) ``<g_i, applied update> >= phi_i``."""
+    out, meta, domains = request.getfixturevalue(f"{dataset}_selected")
+    lists = dataset == "lists"
+    model, step = _deepfm_step(meta, domains, "adam", "applied", 0.3, 0.01, **(
+        dict(fields=LIST_FIELDS, pooling={"hist": "mean"}) if lists else {}))
     seen = []
     run_split = pipeline_mod.RowPipeline._run_split
 
@@ -283,7 +301,7 @@ def test_applied_update_on_real_batches(ml100k_selected, monkeypatch):
         seen.append((captured, b_update, applied, float(combine.main_loss)))
 
     monkeypatch.setattr(pipeline_mod.RowPipeline, "_run_split", spy)
-    for batch in _batches(out, 6):
+    for batch in _batches(out, 6, 256 if lists else 512):
         step(batch)
     assert len(seen) == 6
     for captured, b_update, applied, loss in seen:
@@ -293,7 +311,7 @@ def test_applied_update_on_real_batches(ml100k_selected, monkeypatch):
         ru, gg = (g * u).sum(1), (g * g).sum(1)
         phi = torch.where(ru > 0, ru * torch.clamp(loss / gg, max=1.0), ru)
         assert bool(((g * applied).sum(1) >= phi - 1e-12 * (1 + phi.abs())).all())  # (3), alpha = 1
-        assert len(g) > 100
+        assert len(g) > (50 if lists else 100)
 
 
 # -- cost controls: transfer.max_rows, transfer.disc_every -------------------------------------------------------------

@@ -39,40 +39,57 @@ def ref_moment(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fm_logits(tables: dict[str, torch.Tensor], bias: torch.Tensor, ids: dict[str, torch.Tensor]) -> torch.Tensor:
-    v = torch.stack([tables[f"embedding.{f}"][ids[f]] for f in ids], dim=1)  # [B, F, k]
-    first = sum(tables[f"linear.{f}"][ids[f], 0] for f in ids)
+def pool(table: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, mean: bool) -> torch.Tensor:
+    """Each bag's rows summed (or averaged; an empty bag gives 0), written out with one index_add: ``[B, D]``."""
+    bag = torch.repeat_interleave(torch.arange(len(lengths)), lengths.long())
+    out = torch.zeros(len(lengths), table.shape[1], dtype=table.dtype).index_add(0, bag, table[ids])
+    return out / lengths.clamp_min(1).unsqueeze(1).to(table.dtype) if mean else out
+
+
+def fm_logits(tables: dict[str, torch.Tensor], bias: torch.Tensor, bags: dict, table_of: dict[str, str],
+              mean: set[str]) -> torch.Tensor:
+    """FM over bags: ``bags[f] = (ids, lengths)``; feature ``f`` reads the tables of its vocabulary owner
+    ``table_of[f]``."""
+    v = torch.stack([pool(tables[f"embedding.{table_of[f]}"], *bags[f], f in mean) for f in bags], dim=1)  # [B, F, k]
+    first = sum(pool(tables[f"linear.{table_of[f]}"], *bags[f], f in mean)[:, 0] for f in bags)
     return bias + first + 0.5 * (v.sum(1) ** 2 - (v ** 2).sum(1)).sum(1)
 
 
 class Reference:
-    def __init__(self, model: FM, meta, optimizer: str, mode: str) -> None:
+    """Dense float64 tables (one per vocabulary owner, as make_ebc's), full autograd, Algorithm 1 row by row."""
+
+    def __init__(self, model: FM, meta, optimizer: str, mode: str, fields=FIELDS, mean: set[str] = frozenset()) -> None:
         sd = model.state_dict()
-        self.fields = meta.sparse_names
+        self.table_of = {f: meta.field(f).table_field for f in meta.sparse_names}
+        self.owners = sorted(set(self.table_of.values()))
         self.tables = {}
-        for f in self.fields:
+        for f in self.owners:
             self.tables[f"embedding.{f}"] = sd[f"embedding.embedding_bags.t_{f}.weight"].double().clone()
             self.tables[f"linear.{f}"] = sd[f"linear.tables.embedding_bags.t_{f}.weight"].double().clone()
         self.bias = sd["bias"].double().clone()
         self.meta = meta
         self.optimizer = optimizer
         self.mode = mode
+        self.fields = fields
+        self.mean = set(mean)
         self.state = {k: {"m": torch.zeros_like(t), "v": torch.zeros_like(t), "n": torch.zeros(len(t))}
                       for k, t in self.tables.items()}
 
-    def step(self, ids: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+    def step(self, bags: dict, labels: torch.Tensor) -> None:
         leaves = {k: t.clone().requires_grad_(True) for k, t in self.tables.items()}
         bias = self.bias.clone().requires_grad_(True)
-        loss = F.binary_cross_entropy_with_logits(fm_logits(leaves, bias, ids), labels.double())
+        logits = fm_logits(leaves, bias, bags, self.table_of, self.mean)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.double())
         grads = torch.autograd.grad(loss, list(leaves.values()) + [bias])
         full = dict(zip(leaves, grads[:-1]))
         for key, table in self.tables.items():
-            field = key.split(".", 1)[1]
-            touched = torch.unique(ids[field])
+            owner = key.split(".", 1)[1]
+            # the touched rows: every id of every feature the table serves
+            touched = torch.unique(torch.cat([bags[f][0] for f in bags if self.table_of[f] == owner]))
             g = full[key][touched]
             mu = g
-            if key.startswith("embedding.") and field in FIELDS and self.mode != "B":
-                fm = self.meta.field(field)
+            if key.startswith("embedding.") and owner in self.fields and self.mode != "B":
+                fm = self.meta.field(owner)
                 head = torch.from_numpy(fm.head_mask())[touched]
                 tail = torch.from_numpy(fm.tail_mask())[touched]
                 leaf = table.clone().requires_grad_(True)
@@ -126,28 +143,46 @@ def _ids(batch) -> dict[str, torch.Tensor]:
     return {k: batch.sparse[k].values() for k in batch.sparse.keys()}
 
 
-def _make(meta, optimizer: str, mode: str):
+def _bags(batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {k: (batch.sparse[k].values(), batch.sparse[k].lengths()) for k in batch.sparse.keys()}
+
+
+def _make(meta, optimizer: str, mode: str, fields=FIELDS, pooling: dict | None = None):
     torch.manual_seed(1)
-    model = FM(meta, embedding_dim=DIM)
+    model = FM(meta, embedding_dim=DIM, pooling=pooling)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
         for name, p in model.named_parameters():
-            if name.startswith("linear."):
+            if name.startswith("linear.tables"):
                 p[:, 1:] = 0
-    ref = Reference(model, meta, optimizer, mode)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="moment", fields=FIELDS, lam=0.5, alpha=ALPHA,
+        if model.linear.dense is not None:  # the list dataset's dense x: the reference has no dense term
+            model.linear.dense.weight.zero_()
+            model.linear.dense.weight.requires_grad_(False)
+    mean = {f for f in meta.sparse_names if (pooling or {}).get(f) == "mean"}
+    mean |= {f for f in meta.sparse_names if meta.field(f).table_field in {meta.field(m).table_field for m in mean}}
+    ref = Reference(model, meta, optimizer, mode, fields, mean)
+    plugin = TransferPlugin(model, meta, TransferConfig(mode=mode, loss="moment", fields=fields, lam=0.5, alpha=ALPHA,
                                                         barrier="paper"),
                             RowsConfig(optimizer=optimizer, lr=LR))
     dense = torch.optim.SGD(plugin.dense_parameters(), lr=LR)
     return model, ref, plugin, dense
 
 
+#: the list dataset (tests/conftest.py): transfer on t_item, which serves item and the hist lists (empty bags,
+#: repeated ids), and on tags, a list field with its own table; hist mean-pooled with Adam (then t_item pools by
+#: mean, item is unchanged by it), sum with SGD (the shared-buffer path)
+LIST_FIELDS = ("item", "tags")
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("mode", ["lexico", "+T", "B"])
-def test_matches_dense_float64_reference(ml100k_prepared, optimizer, mode):
-    out, meta = ml100k_prepared
-    model, ref, plugin, dense = _make(meta, optimizer, mode)
+@pytest.mark.parametrize("dataset", ["ml100k", "lists"])
+def test_matches_dense_float64_reference(ml100k_prepared, lists_prepared, dataset, optimizer, mode):
+    out, meta = ml100k_prepared if dataset == "ml100k" else lists_prepared
+    fields = FIELDS if dataset == "ml100k" else LIST_FIELDS
+    pooling = {"hist": "mean"} if dataset == "lists" and optimizer == "adam" else None
+    model, ref, plugin, dense = _make(meta, optimizer, mode, fields, pooling)
     for step, batch in enumerate(BatchLoader(out, "train", 256, shuffle=True, seed=4)):
         if step == 5:
             break
@@ -155,25 +190,24 @@ def test_matches_dense_float64_reference(ml100k_prepared, optimizer, mode):
         dense.zero_grad()
         plugin.backward(loss)
         dense.step()
-        ref.step(_ids(batch), batch.labels["label"])
+        ref.step(_bags(batch), batch.labels["label"])
     sd = model.state_dict()
-    moved = 0.0
-    for f in meta.sparse_names:
+    for f in ref.owners:
         for kind in ("embedding", "linear.tables"):
             got = sd[f"{kind}.embedding_bags.t_{f}.weight"].double()
             want = ref.tables[f"{kind.split('.')[0]}.{f}"]
             torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{kind}.{f}")
-            moved = max(moved, float((want - got).abs().max()))
     torch.testing.assert_close(sd["bias"].double(), ref.bias, rtol=1e-4, atol=1e-6)
-    # the comparison is not vacuous: the transfer term changes the zip rows relative to plain training
+    # the comparison is not vacuous: the transfer term changes the transfer rows relative to plain training
     if mode != "B":
-        _, ref_b, _, _ = _make(meta, optimizer, "B")
+        _, ref_b, _, _ = _make(meta, optimizer, "B", fields, pooling)
         for step, batch in enumerate(BatchLoader(out, "train", 256, shuffle=True, seed=4)):
             if step == 5:
                 break
-            ref_b.step(_ids(batch), batch.labels["label"])
-        delta = (ref_b.tables["embedding.zip"] - ref.tables["embedding.zip"]).abs().max()
-        assert delta > 5e-5  # well above the comparison tolerance
+            ref_b.step(_bags(batch), batch.labels["label"])
+        for f in fields:
+            delta = (ref_b.tables[f"embedding.{f}"] - ref.tables[f"embedding.{f}"]).abs().max()
+            assert delta > 5e-5, f  # well above the comparison tolerance
 
 
 def test_untouched_rows_and_state_bitwise_unchanged(ml100k_prepared):
@@ -203,12 +237,16 @@ def test_untouched_rows_and_state_bitwise_unchanged(ml100k_prepared):
     assert checked > 1000
 
 
-def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, monkeypatch):
-    """<g_i, mu_i> >= phi_i for every touched zip row, on real batches, with a transfer loss that conflicts."""
-    out, meta = ml100k_prepared
+@pytest.mark.parametrize("dataset", ["ml100k", "lists"])
+def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, lists_prepared, monkeypatch, dataset):
+    """<g_i, mu_i> >= phi_i for every touched row, on real batches, with a transfer loss that conflicts: the zip
+    rows of ML-100K, and on the list dataset the rows of t_item (item and the hist lists: empty bags, repeated
+    ids) and of tags (a list field with its own table)."""
+    out, meta = ml100k_prepared if dataset == "ml100k" else lists_prepared
+    fields, steps, size, min_rows = (("zip",), 20, 512, 100) if dataset == "ml100k" else (LIST_FIELDS, 12, 128, 40)
     torch.manual_seed(0)
     model = FM(meta, embedding_dim=8)
-    plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=("zip",), barrier="paper"),
+    plugin = TransferPlugin(model, meta, TransferConfig(mode="lexico", loss="mmd", fields=fields, barrier="paper"),
                             RowsConfig(lr=1e-2))
     dense = torch.optim.Adam(plugin.dense_parameters(), lr=1e-2)
     seen = []
@@ -220,14 +258,14 @@ def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, monkeypatch):
         return mu, lam
 
     monkeypatch.setattr(barrier_mod, "barrier_direction", spy)
-    for step, batch in enumerate(BatchLoader(out, "train", 512, shuffle=True, seed=2)):
-        if step == 20:
+    for step, batch in enumerate(BatchLoader(out, "train", size, shuffle=True, seed=2)):
+        if step == steps:
             break
         loss = F.binary_cross_entropy_with_logits(model(batch)["label"], batch.labels["label"])
         dense.zero_grad()
         plugin.backward(loss)
         dense.step()
-    assert len(seen) == 20
+    assert len(seen) == steps
     rows = active = 0
     for g, mu, main in seen:
         gg = (g * g).sum(1)
@@ -236,8 +274,11 @@ def test_barrier_constraint_on_real_zip_batches(ml100k_prepared, monkeypatch):
         assert bool((inner >= phi - 1e-6 * (1 + phi.abs())).all())
         rows += len(g)
         active += int(((inner - phi).abs() <= 1e-6 * (1 + phi)).sum())  # constraint binding (lambda_i > 0)
-    assert rows > 20 * 100
+    assert rows > steps * min_rows
     assert active > 0  # the barrier was actually exercised, not only satisfied by the transfer gradient
+    if dataset == "lists":
+        stats = plugin.stats()
+        assert set(stats) == {"embedding.t_item", "embedding.t_tags"} and stats["embedding.t_item"]["rows"] > 0
 
 
 def test_barrier_direction_closed_form():
@@ -350,3 +391,31 @@ def test_flat_path_equals_general_path(ml100k_prepared, monkeypatch, mode, loss,
             assert sa[key]["mean_lambda"] == pytest.approx(sb[key]["mean_lambda"], rel=1e-4, abs=1e-7)
             moved += sa[key]["transfer_loss"] != 0
     assert moved > 0  # the transfer term was live
+
+
+def test_a_transfer_field_names_its_vocabularys_table(lists_prepared):
+    """hist shares item's vocabulary and table: naming it is transfer on t_item with item's domains; naming both is
+    refused; the default fields are vocabulary owners only; a table serving two vocabularies is refused."""
+    from torch import nn
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from recsys_transfer.errors import UserError
+    from recsys_transfer.rows.lookup import attach_rows
+    from recsys_transfer.transfer.barrier import transfer_transform
+
+    _, meta = lists_prepared
+    assert TransferConfig(mode="+T", fields=("hist",)).transfer_fields(meta) == ["item"]
+    assert TransferConfig(mode="+T", min_vocab=50).transfer_fields(meta) == ["user", "item"]  # not hist (179 ids)
+    with pytest.raises(UserError, match="'item' and 'hist' both name the table t_item"):
+        TransferConfig(mode="+T", fields=("item", "hist")).transfer_fields(meta)
+    model = FM(meta, embedding_dim=4)
+    plugin = TransferPlugin(model, meta, TransferConfig(mode="+T", loss="moment", fields=("hist",)))
+    rule = plugin.transfer.rules["embedding.t_item"]
+    assert list(plugin.transfer.rules) == ["embedding.t_item"] and rule.loss_index == meta.sparse_names.index("item")
+    assert torch.equal(rule.source_mask, torch.from_numpy(meta.field("item").head_mask()))
+    odd = nn.Module()
+    odd.embedding = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        name="t_mixed", embedding_dim=4, num_embeddings=200, feature_names=["user", "item"])])
+    with pytest.raises(UserError, match="t_mixed serves fields of different vocabularies"):
+        transfer_transform(attach_rows(odd), meta, TransferConfig(mode="+T", fields=("item",)))

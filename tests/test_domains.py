@@ -236,3 +236,29 @@ def test_select_command_defaults(ml100k_prepared, tmp_path):
     assert set(json.loads((tmp_path / "s" / "selection.json").read_text())["fields"]) == {s.field for s in sels}
     with pytest.raises(UserError):
         select_command(out_dir, ["nope"], tmp_path / "t")
+
+
+def test_cooccurrence_counts_each_id_of_a_list_field(lists_prepared):
+    """A list field counts each of its ids in a row, as the selected field (tags) and as a context field (hist,
+    sharing item's vocabulary; empty lists count nothing): against a loop over the training rows."""
+    from recsys_transfer.transfer.domains import coordinates, cooccurrence_matrix
+
+    out, meta = lists_prepared
+    rows = pl.concat([pl.read_parquet(out / f) for f in meta.split_files["train"]]).to_dicts()
+    for field, ctx in (("item", ["hist"]), ("tags", ["user", "hist"])):
+        m, used = cooccurrence_matrix(out, field, top_k=10_000, context_fields=ctx, meta=meta)
+        assert used == ctx
+        coord = {(name, int(i)): int(c) for name, ids, cs in coordinates(meta, ctx, 10_000) for i, c in zip(ids, cs)}
+        want = Counter()
+        for r in rows:
+            mine = r[field] if meta.field(field).multi_valued else [r[field]]
+            for x in mine:
+                if x == 0:
+                    continue
+                for name in ctx:
+                    for y in (r[name] if meta.field(name).multi_valued else [r[name]]):
+                        if (name, y) in coord:
+                            want[(x, coord[(name, y)])] += 1
+        got = m.tocoo()
+        assert dict(zip(zip(got.row.tolist(), got.col.tolist()), got.data.astype(int).tolist())) == dict(want)
+        assert sum(want.values()) > 500

@@ -160,3 +160,101 @@ def test_shuffled_batches_follow_the_documented_order(ml100k_prepared, tmp_path,
     full, rest = divmod(len(want), 700)
     assert [b.batch_size for b in batches] == [700] * full + ([rest] if rest else [])
     assert _batches_to_frame(batches, keys).equals(want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# list fields: jagged KJT features
+
+
+def _list_rows(out, meta, split="train") -> dict[int, dict]:
+    """Row number (dense ``x`` * 4096) -> {field: list of ids} from the parquet files."""
+    frame = _rows(out, meta, split)
+    got = {}
+    for row in frame.iter_rows(named=True):
+        got[round(row["x"] * 4096)] = {k: (row[k] if meta.field(k).multi_valued else [row[k]])
+                                       for k in meta.sparse_names}
+    return got
+
+
+def _batch_rows(batch, keys) -> list[tuple[int, dict]]:
+    """(row number, {field: ids}) of every row of a batch, read back from the KJT (lengths included)."""
+    kjt = batch.sparse
+    assert kjt.keys() == keys and kjt.stride() == batch.batch_size
+    assert len(kjt.lengths()) == len(keys) * batch.batch_size and kjt.lengths().dtype == torch.int32
+    per_field = {}
+    for k in keys:
+        jt = kjt[k]
+        per_field[k] = [x.tolist() for x in torch.split(jt.values(), jt.lengths().tolist())]
+    xs = (batch.dense[:, 0].double() * 4096).round().long().tolist()  # the row number (tests/conftest.py)
+    return [(x, {k: per_field[k][b] for k in keys}) for b, x in enumerate(xs)]
+
+
+def test_list_fields_are_jagged_in_order_with_empty_lists(lists_prepared):
+    out, meta = lists_prepared
+    keys = meta.sparse_names
+    want = _list_rows(out, meta)
+    batches = list(BatchLoader(out, "train", 97))
+    got = [r for b in batches for r in _batch_rows(b, keys)]
+    assert [x for x, _ in got] == list(want)  # file order
+    assert all(want[x] == ids for x, ids in got)
+    lengths = np.concatenate([b.sparse["hist"].lengths().numpy() for b in batches])
+    assert (lengths == 0).sum() > 50 and lengths.max() >= 6  # empty lists and repeated ids are there
+    assert all(torch.equal(b.sparse["item"].lengths(), torch.ones(b.batch_size, dtype=torch.int32)) for b in batches)
+    # values are field-major: user's ids, item's, then every hist list, then every tags list
+    b = batches[0]
+    expected = np.concatenate([b.sparse[k].values().numpy() for k in keys])
+    assert np.array_equal(b.sparse.values().numpy(), expected)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_list_fields_shuffled_resumed_and_sharded(lists_prepared, world_size):
+    """Shuffled over several buffers (batch size not dividing them): each row's lists stay with the row; a resumed
+    epoch (set_epoch(epoch, start_batch)) serves exactly the remaining batches; prefetch changes nothing; ranks'
+    rows are disjoint and complete."""
+    out, meta = lists_prepared
+    keys = meta.sparse_names
+    want = _list_rows(out, meta)
+    seen = []
+    for rank in range(world_size):
+        loader = BatchLoader(out, "train", 64, shuffle=True, seed=3, shuffle_buffer_rows=500, rank=rank,
+                             world_size=world_size, prefetch=0)
+        loader.set_epoch(1)
+        batches = list(loader)
+        rows = [r for b in batches for r in _batch_rows(b, keys)]
+        assert all(want[x] == ids for x, ids in rows)
+        assert [x for x, _ in rows] != sorted(x for x, _ in rows)  # shuffled
+        seen += [x for x, _ in rows]
+        loader.set_epoch(1, start_batch=5)
+        again = list(loader)
+        assert len(again) == len(batches) - 5
+        for a, b in zip(again, batches[5:]):
+            assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(),
+                                                                                     b.sparse.lengths())
+            assert torch.equal(a.dense, b.dense)
+        ahead = BatchLoader(out, "train", 64, shuffle=True, seed=3, shuffle_buffer_rows=500, rank=rank,
+                            world_size=world_size, prefetch=3)
+        ahead.set_epoch(1)
+        for a, b in zip(ahead, batches):
+            assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.dense, b.dense)
+    assert sorted(seen) == sorted(want)
+
+
+def test_check_shards_accepts_list_columns_and_refuses_a_wrong_type(lists_prepared, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_transfer.data.loader import check_shards
+
+    prepared, meta = lists_prepared
+    report = check_shards(prepared, meta)
+    assert report["train"]["rows"] == meta.split_rows["train"]
+    out = tmp_path / "p"
+    shutil.copytree(prepared, out)
+    rel = meta.split_files["train"][0]
+    table = pq.read_table(out / rel)
+    flat = pa.array([len(x) for x in table.column("hist").to_pylist()], type=pa.int64())
+    pq.write_table(table.set_column(table.schema.get_field_index("hist"), "hist", flat), out / rel)
+    with pytest.raises(UserError, match="column 'hist' is int64, meta.json says list<int64>"):
+        check_shards(out, meta)

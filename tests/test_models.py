@@ -346,3 +346,106 @@ def test_lookup_column_equals_full_lookup_sliced_float64(ml100k_prepared, poolin
         assert not bool(g_col[:, [c for c in range(4) if c != column]].any())
         torch.testing.assert_close(g_col, g_full, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_plain, g_full, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# list fields and a table shared by several features (tests/conftest.py's lists dataset)
+
+
+def test_tables_one_per_vocabulary_and_pooling_per_table(lists_prepared):
+    from recsys_transfer.modules.embedding import table_configs
+
+    _, meta = lists_prepared
+    configs = table_configs(meta, 8, pooling={"hist": "mean"})
+    assert [(c.name, c.feature_names, c.pooling.name) for c in configs] == [
+        ("t_user", ["user"], "SUM"), ("t_item", ["item", "hist"], "MEAN"), ("t_tags", ["tags"], "SUM")]
+    assert configs[1].num_embeddings == meta.field("item").vocab_size == meta.field("hist").vocab_size
+    assert [c.feature_names for c in table_configs(meta, 8, fields=["hist", "user"])] == [["hist"], ["user"]]
+    assert table_configs(meta, 8, fields=["hist"])[0].name == "t_item"
+    with pytest.raises(UserError, match=r"share the table t_item .* TorchRec pools per table"):
+        table_configs(meta, 8, pooling={"hist": "mean", "item": "sum"})
+    with pytest.raises(UserError, match="must be one of"):
+        table_configs(meta, 8, pooling={"hist": "max"})
+    with pytest.raises(UserError, match="not a sparse field"):
+        table_configs(meta, 8, pooling={"histo": "sum"})
+
+
+@pytest.mark.parametrize("pooling", [{}, {"hist": "mean", "tags": "mean"}])
+def test_make_ebc_on_list_batches_equals_torchrec_and_an_explicit_bag_sum(lists_prepared, pooling):
+    """make_ebc's grouped lookup on loader batches with list fields (empty bags, repeated ids, a table serving
+    item and hist) equals TorchRec's own EBC forward and table gradients, and each feature's output (keyed by its
+    name) is its bag of rows pooled by hand, in float64."""
+    import copy
+
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from recsys_transfer.modules.embedding import make_ebc, table_configs, use_grouped_lookup
+
+    data, meta = lists_prepared
+    batch = first_batch(data, meta, 128)
+    torch.manual_seed(0)
+    ref = EmbeddingBagCollection(tables=table_configs(meta, 8, pooling=pooling))
+    grouped = use_grouped_lookup(copy.deepcopy(ref))
+    assert [type(m) for m in (make_ebc(meta, 8, pooling=pooling),)] == [type(ref)]
+    coef = torch.randn(128, 8 * len(meta.sparse_names))
+    got = {}
+    for name, ebc in (("ref", ref), ("grouped", grouped)):
+        kt = ebc(batch.sparse)
+        (kt.values() * coef).sum().backward()
+        got[name] = (kt, [p.grad.clone() for p in ebc.parameters()])
+    assert got["ref"][0].keys() == got["grouped"][0].keys() == ["user", "item", "hist", "tags"]
+    torch.testing.assert_close(got["grouped"][0].values(), got["ref"][0].values(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(got["grouped"][1], got["ref"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    tables = {n: b.weight.detach().double() for n, b in ref.embedding_bags.items()}
+    pooled = got["grouped"][0].to_dict()
+    for f in meta.sparse_names:
+        table = tables[f"t_{meta.field(f).table_field}"]
+        jt = batch.sparse[f]
+        mean = pooling.get(f) == "mean" or (f == "item" and pooling.get("hist") == "mean")
+        rows = []
+        for ids in torch.split(jt.values(), jt.lengths().tolist()):
+            bag = table[ids].sum(0) if len(ids) else torch.zeros(8, dtype=torch.float64)
+            rows.append(bag / max(len(ids), 1) if mean else bag)
+        torch.testing.assert_close(pooled[f].double(), torch.stack(rows), rtol=1e-5, atol=1e-6)
+
+
+def test_make_ec_gives_each_features_rows_and_torchrec_gradients(lists_prepared):
+    """make_ec: TorchRec's EmbeddingCollection, one table per vocabulary (t_item serves item and hist); the lookup
+    is {feature: JaggedTensor} of the rows of the feature's ids with the KJT's lengths."""
+    from recsys_transfer.modules.embedding import make_ec
+
+    data, meta = lists_prepared
+    batch = first_batch(data, meta, 64)
+    torch.manual_seed(0)
+    ec = make_ec(meta, 8, ["item", "hist"])
+    assert [(c.name, c.feature_names) for c in ec.embedding_configs()] == [("t_item", ["item", "hist"])]
+    out = ec(batch.sparse)
+    assert sorted(out) == ["hist", "item"]
+    weight = ec.embeddings["t_item"].weight
+    for f in ("item", "hist"):
+        assert torch.equal(out[f].lengths(), batch.sparse[f].lengths())
+        assert torch.equal(out[f].values(), weight.detach()[batch.sparse[f].values()])
+    (out["item"].values().sum() + 2 * out["hist"].values().sum()).backward()
+    want = torch.zeros_like(weight)
+    want.index_add_(0, batch.sparse["item"].values(), torch.ones(64, 8))
+    hist = batch.sparse["hist"].values()
+    want.index_add_(0, hist, 2 * torch.ones(len(hist), 8))
+    torch.testing.assert_close(weight.grad, want)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_on_list_fields_and_a_shared_table(name, lists_prepared):
+    data, meta = lists_prepared
+    torch.manual_seed(0)
+    model = build_model(name, meta, pooling={"hist": "mean"})
+    batch = first_batch(data, meta, 200)
+    out = model(batch)["label"]
+    assert out.shape == (200,) and torch.isfinite(out).all()
+    out.sum().backward()
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        assert list(embedding.embedding_bags) == ["t_user", "t_item", "t_tags"]
+        grad = embedding.embedding_bags["t_item"].weight.grad
+        only_hist = set(batch.sparse["hist"].values().tolist()) - set(batch.sparse["item"].values().tolist())
+        assert only_hist and all(bool(grad[i].abs().sum() > 0) for i in only_hist)  # hist reaches t_item

@@ -235,3 +235,78 @@ def test_ml1m_layout(tmp_path: Path):
     genres = set(pl.read_parquet(tmp_path / "o" / "vocab" / "genres.parquet")["genres"])
     assert "Animation|Children's|Comedy" in genres
     assert DatasetMeta.load(tmp_path / "o").dataset_id == meta.dataset_id
+
+
+def test_history_and_genre_bag_against_the_raw_files(ml100k_dir: Path, ml100k_lists_prepared, ml100k_prepared):
+    """history=5: each rating's last 5 items rated strictly before it by the same user (neutral ratings included,
+    ties by line, same second not before), computed here with a sort and bisect over u.data; genres=bag: each
+    row's genres are its movie's u.item flags. Totals over every split, contents on the test split."""
+    from bisect import bisect_left
+
+    from recsys_transfer.data.movielens import GENRES_100K
+
+    out, meta = ml100k_lists_prepared
+    hist, genres = meta.field("history"), meta.field("genres")
+    assert hist.multi_valued and hist.vocab_of == "item_id" and hist.table_field == "item_id"
+    assert genres.multi_valued and genres.vocab_of is None and genres.vocab_size == 19 + 1
+    assert meta.total_rows == 72_855 and meta.dataset_id != ml100k_prepared[1].dataset_id
+    ratings = [line.split("\t") for line in (ml100k_dir / "u.data").read_text().splitlines()]
+    by_user: dict[str, list] = {}
+    for line, (u, i, _r, ts) in enumerate(ratings):
+        by_user.setdefault(u, []).append((int(ts), line, i))
+    for seq in by_user.values():
+        seq.sort()
+    times = {u: [t for t, _, _ in seq] for u, seq in by_user.items()}
+    expected = []  # (history, item) of every non-neutral rating, file order
+    neutral_in_history = 0
+    rating_of = {(u, i): r for u, i, r, _ in ratings}
+    for u, i, r, ts in ratings:
+        if r == "3":
+            continue
+        k = bisect_left(times[u], int(ts))  # ratings of u strictly before ts
+        h = [item for _, _, item in by_user[u][max(0, k - 5) : k]]
+        neutral_in_history += sum(rating_of[(u, x)] == "3" for x in h)
+        expected.append((h, i))
+    assert neutral_in_history > 1000
+    frames = {s: pl.concat([pl.read_parquet(out / f) for f in meta.split_files[s]]) for s in meta.split_files}
+    assert sum(int(f["history"].list.len().sum()) for f in frames.values()) == sum(len(h) for h, _ in expected)
+    total = sum(int(f["history"].list.len().sum()) for f in frames.values())
+    assert total == 350_257  # pinned: the count above, for the record
+    codes = SplitSpec().assign_random(np.arange(len(expected)))
+    want = [e for e, c in zip(expected, codes) if c == 2]
+    item_vocab = pl.read_parquet(out / "vocab" / "item_id.parquet")
+    item_of = dict(zip(item_vocab["id"].to_list(), item_vocab["item_id"].to_list()))
+    genre_vocab = pl.read_parquet(out / "vocab" / "genres.parquet")
+    genre_of = dict(zip(genre_vocab["id"].to_list(), genre_vocab["genres"].to_list()))
+    flags = {}
+    for line in (ml100k_dir / "u.item").read_text(encoding="latin-1").splitlines():
+        parts = line.split("|")
+        flags[parts[0]] = {GENRES_100K[k] for k, f in enumerate(parts[5:]) if f == "1"}
+    test = frames["test"]
+    assert len(test) == len(want)
+    oov = 0
+    for h_ids, g_ids, (h, item) in zip(test["history"].to_list(), test["genres"].to_list(), want):
+        got = [item_of.get(x, "<oov>") for x in h_ids]
+        assert len(got) == len(h) and all(a == b or a == "<oov>" for a, b in zip(got, h))
+        oov += got.count("<oov>")
+        assert sorted(genre_of[x] for x in g_ids) == sorted(flags[item])  # a multi-hot bag: each genre once
+    assert oov < 10
+
+
+def test_list_options_are_validated(ml100k_dir: Path, tmp_path: Path):
+    with pytest.raises(UserError, match="genres must be one of"):
+        prepare_movielens(ml100k_dir, tmp_path / "a", progress=False, genres="multi")
+    with pytest.raises(UserError, match="history must be an integer >= 0"):
+        prepare_movielens(ml100k_dir, tmp_path / "b", progress=False, history=-1)
+
+
+def test_history_lists_ties_and_order_by_hand():
+    """Oldest first; ties of earlier seconds by line; a rating of the same second is not before (either way)."""
+    from recsys_transfer.data.movielens import history_lists
+
+    user = np.array([1, 1, 2, 1, 1, 1, 2])
+    ts = np.array([5, 3, 9, 5, 1, 3, 1])
+    item = pl.Series(["p", "q", "x", "r", "s", "t", "y"])
+    got = history_lists(user, ts, item, 2).to_list()
+    assert got == [["q", "t"], ["s"], ["y"], ["q", "t"], [], ["s"], []]
+    assert history_lists(user, ts, item, 5).to_list()[0] == ["s", "q", "t"]

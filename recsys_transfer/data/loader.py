@@ -15,6 +15,13 @@ The hot path is columnar: one ``read_row_group`` per piece, decoded straight int
 gather per batch from the buffer in its permuted order (a permuted copy of the whole buffer is never made, so the
 first batch of an epoch waits only for the reads), a transpose of the batch's ids into the KJT's field-major
 layout, and one ``torch.from_numpy`` per batch tensor; no Python loop touches individual rows.
+
+List fields (``multi_valued`` in ``meta.json``, parquet ``list<int64>``) become jagged KJT features: the buffer
+keeps, per list field, the ids of its rows one after another and their offsets (:class:`_Lists`); a batch's
+lists are gathered with numpy index arithmetic (lengths from the offsets, one ``repeat`` and one ``take`` per
+field), and the KJT's lengths are the lists' lengths (an empty list: length 0; a null list is empty).
+Single-valued fields keep the row-major ``[n, F]`` path above; a dataset without list fields builds exactly the
+batches it always did (lengths all ones).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -46,7 +54,8 @@ def _open_shard(path: Path) -> pq.ParquetFile:
 
 def check_shards(data_dir: str | Path, meta: DatasetMeta | None = None) -> dict[str, dict]:
     """Read every row of every shard of every split (``recsys-transfer info --check``): per split the shards,
-    rows and whether they match ``meta.json``; a shard that cannot be read is a :class:`UserError` naming it."""
+    rows and whether they match ``meta.json`` (list fields must be ``list<int>`` columns, the other sparse fields
+    integer ones); a shard that cannot be read is a :class:`UserError` naming it."""
     data_dir = Path(data_dir)
     meta = meta or DatasetMeta.load(data_dir)
     columns = meta.sparse_names + meta.dense + meta.labels
@@ -61,6 +70,14 @@ def check_shards(data_dir: str | Path, meta: DatasetMeta | None = None) -> dict[
             missing = [c for c in columns if c not in pf.schema_arrow.names]
             if missing:
                 raise UserError(f"{path}: columns {missing} missing from the shard; prepare the data again")
+            for f in meta.sparse:  # a list field is list<int>, any other an integer column
+                kind = pf.schema_arrow.field(f.name).type
+                is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+                ids = kind.value_type if is_list else kind
+                if is_list != f.multi_valued or not pa.types.is_integer(ids):
+                    want = "list<int64>" if f.multi_valued else "int64"
+                    raise UserError(f"{path}: column {f.name!r} is {kind}, meta.json says {want}; prepare the data "
+                                    "again")
             for g in range(pf.metadata.num_row_groups):
                 try:
                     rows += pf.read_row_group(g, columns=columns).num_rows
@@ -87,26 +104,75 @@ class _Piece:
 
 
 @dataclass
+class _Lists:
+    """The lists of one list field for ``n`` rows: row ``k``'s ids are ``values[offsets[k]:offsets[k + 1]]``
+    (``offsets`` int64 ``[n + 1]``, starting at 0; ``values`` int64)."""
+
+    offsets: np.ndarray
+    values: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @staticmethod
+    def of_lengths(lengths: np.ndarray, values: np.ndarray) -> "_Lists":
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return _Lists(offsets, values)
+
+    def take(self, idx: np.ndarray | slice) -> "_Lists":
+        if isinstance(idx, slice):  # a contiguous run of rows (step 1): a view of the values
+            lo, hi, _ = idx.indices(len(self.offsets) - 1)
+            hi = max(hi, lo)
+            a, b = self.offsets[lo], self.offsets[hi]
+            return _Lists(self.offsets[lo : hi + 1] - a, self.values[a:b])
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
+        out = _Lists.of_lengths(lengths, self.values)
+        # element j of the gathered lists comes from values[starts[row] + (j - out.offsets[row])]
+        pos = np.arange(out.offsets[-1], dtype=np.int64) + np.repeat(starts - out.offsets[:-1], lengths)
+        out.values = self.values[pos]
+        return out
+
+    @staticmethod
+    def concat(parts: list["_Lists"]) -> "_Lists":
+        return _Lists.of_lengths(np.concatenate([p.lengths for p in parts]), np.concatenate([p.values for p in parts]))
+
+
+def _list_column(column: pa.ChunkedArray) -> _Lists:
+    """A parquet ``list<int64>`` column as :class:`_Lists` (a null list is an empty one)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    lengths = pc.fill_null(pc.list_value_length(array), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return _Lists.of_lengths(lengths, values)
+
+
+@dataclass
 class _Rows:
-    """Rows of a split: ``sparse`` int64 [n, F], ``dense`` float32 [n, D], ``labels`` float32 [n, L]. Row major, so
-    the gather of a shuffled batch reads each row's ids from one or two cache lines (a field-major buffer would
-    cost a cache miss per id)."""
+    """Rows of a split: ``sparse`` int64 [n, F_single] (the single-valued fields), ``dense`` float32 [n, D],
+    ``labels`` float32 [n, L], and ``lists``: one :class:`_Lists` per list field. Row major, so the gather of a
+    shuffled batch reads each row's ids from one or two cache lines (a field-major buffer would cost a cache miss
+    per id)."""
 
     sparse: np.ndarray
     dense: np.ndarray
     labels: np.ndarray
+    lists: list[_Lists]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, idx: np.ndarray | slice) -> "_Rows":
-        return _Rows(self.sparse[idx], self.dense[idx], self.labels[idx])
+        return _Rows(self.sparse[idx], self.dense[idx], self.labels[idx], [x.take(idx) for x in self.lists])
 
     @staticmethod
     def concat(parts: list["_Rows"]) -> "_Rows":
         if len(parts) == 1:
             return parts[0]
-        return _Rows(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("sparse", "dense", "labels")))
+        arrays = (np.concatenate([getattr(p, k) for p in parts]) for k in ("sparse", "dense", "labels"))
+        lists = [_Lists.concat([p.lists[j] for p in parts]) for j in range(len(parts[0].lists))]
+        return _Rows(*arrays, lists)
 
 
 class BatchLoader:
@@ -160,6 +226,9 @@ class BatchLoader:
         self.epoch = 0
         self.start_batch = 0  # batches of the epoch to pass over (a resumed run: set_epoch(epoch, start_batch=k))
         self.keys = self.meta.sparse_names
+        self._singles = [k for k in self.keys if not self.meta.field(k).multi_valued]  # columns of _Rows.sparse
+        self._lists = [k for k in self.keys if self.meta.field(k).multi_valued]  # _Rows.lists, in this order
+        self._list_set = frozenset(self._lists)
         self._columns = self.keys + self.meta.dense + self.meta.labels
         self._pieces, self.num_rows = self._plan()
         self._files: dict[Path, pq.ParquetFile] = {}
@@ -201,9 +270,9 @@ class BatchLoader:
         return full + (1 if rest and not self.drop_last else 0)
 
     # -- reading -----------------------------------------------------------------------------------------------
-    def _read_into(self, piece: _Piece, out: _Rows, lo: int) -> None:
+    def _read_into(self, piece: _Piece, out: _Rows, lo: int) -> list[_Lists]:
         """Decode one piece straight into rows ``lo:lo + len(piece)`` of ``out`` (no per-piece arrays to stack
-        and concatenate afterwards)."""
+        and concatenate afterwards); returns the piece's lists of each list field."""
         pf = self._files.get(piece.file)
         if pf is None:
             pf = self._files[piece.file] = _open_shard(piece.file)
@@ -213,18 +282,22 @@ class BatchLoader:
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise UserError(f"{piece.file}: unreadable parquet shard (row group {piece.row_group}: {exc}); "
                             "prepare the data again") from None
-        for names, array in ((self.keys, out.sparse), (self.meta.dense, out.dense), (self.meta.labels, out.labels)):
+        for names, array in ((self._singles, out.sparse), (self.meta.dense, out.dense), (self.meta.labels, out.labels)):
             for j, name in enumerate(names):
                 array[lo : lo + n, j] = table.column(name).to_numpy()
+        return [_list_column(table.column(name)) for name in self._lists]
 
     def _read_buffer(self, pieces: list[_Piece]) -> _Rows:
         n = sum(len(p) for p in pieces)
-        out = _Rows(np.empty((n, len(self.keys)), dtype=np.int64), np.empty((n, len(self.meta.dense)), np.float32),
-                    np.empty((n, len(self.meta.labels)), np.float32))
+        out = _Rows(np.empty((n, len(self._singles)), dtype=np.int64), np.empty((n, len(self.meta.dense)), np.float32),
+                    np.empty((n, len(self.meta.labels)), np.float32), [])
         lo = 0
+        lists: list[list[_Lists]] = []
         for piece in pieces:
-            self._read_into(piece, out, lo)
+            lists.append(self._read_into(piece, out, lo))
             lo += len(piece)
+        out.lists = [_Lists.concat([part[j] for part in lists]) if len(lists) != 1 else lists[0][j]
+                     for j in range(len(self._lists))]
         return out
 
     def _buffers(self) -> Iterator[tuple[int, Callable[[], _Rows], np.ndarray | None]]:
@@ -292,9 +365,26 @@ class BatchLoader:
 
     def _to_batch(self, rows: _Rows) -> Batch:
         n = len(rows)
-        # KJT values are field-major: all rows of field 0, then field 1, ...; lengths [F * B], all ones.
-        values = torch.from_numpy(np.ascontiguousarray(rows.sparse.T).reshape(-1))
-        lengths = torch.ones(len(self.keys) * n, dtype=torch.int32)
+        if not self._lists:
+            # KJT values are field-major: all rows of field 0, then field 1, ...; lengths [F * B], all ones.
+            values = torch.from_numpy(np.ascontiguousarray(rows.sparse.T).reshape(-1))
+            lengths = torch.ones(len(self.keys) * n, dtype=torch.int32)
+        else:  # field-major too; a list field contributes its rows' lists and their lengths
+            singles = np.ascontiguousarray(rows.sparse.T)  # [F_single, n]
+            ones = np.ones(n, dtype=np.int32)
+            parts, lens = [], []
+            s = k = 0
+            for name in self.keys:
+                if name in self._list_set:
+                    parts.append(rows.lists[k].values)
+                    lens.append(rows.lists[k].lengths.astype(np.int32))
+                    k += 1
+                else:
+                    parts.append(singles[s])
+                    lens.append(ones)
+                    s += 1
+            values = torch.from_numpy(np.concatenate(parts))
+            lengths = torch.from_numpy(np.concatenate(lens))
         sparse = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=n)
         labels = torch.from_numpy(np.ascontiguousarray(rows.labels))
         batch = Batch(

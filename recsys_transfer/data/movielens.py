@@ -14,10 +14,24 @@ Layouts, detected from the directory:
   name order as one table. Those files hold ratings 3-5 only, so under the CTR rule every label is 1 and
   ``prepare`` refuses it (a single-class label) unless ``--allow-degenerate``.
 
-Sparse fields (all single-valued): ``user_id``, ``item_id``, ``time`` (the rating's ISO year-week, ``2019-W07``),
-``age`` (ML-100K: years; ML-1M: the published age group code), ``gender``, ``occupation``, ``zip`` (the raw zip
-code string; the paper's long-tail transfer field), ``year`` (release year; missing -> OOV), ``genres`` (the
-combination of genres as one value, e.g. ``Action|Comedy``). No dense fields; one label, ``label``.
+Sparse fields (single-valued by default): ``user_id``, ``item_id``, ``time`` (the rating's ISO year-week,
+``2019-W07``), ``age`` (ML-100K: years; ML-1M: the published age group code), ``gender``, ``occupation``, ``zip``
+(the raw zip code string; the paper's long-tail transfer field), ``year`` (release year; missing -> OOV),
+``genres`` (the combination of genres as one value, e.g. ``Action|Comedy``). No dense fields; one label, ``label``.
+
+Options (keyword arguments of :func:`prepare_movielens`; the defaults give the datasets, and dataset ids, of
+before they existed):
+
+* ``genres="bag"``: ``genres`` is a list field, the movie's genres as a multi-hot bag (``["Action", "Comedy"]``,
+  one id per genre; ML-100K's ``unknown`` flag is a genre like the others; a movie without any flag has an empty
+  bag). ``"combination"`` (default) keeps one id per combination.
+* ``history=N`` (``N > 0``; default 0, off): a list field ``history``, the user's last ``N`` items rated strictly
+  before this rating, oldest first, sharing ``item_id``'s vocabulary (and so its embedding table). Order: by
+  timestamp, ties by line order in the ratings file(s); an item rated in the same second as this rating is not
+  before it (whatever its line), so every rating of one second gets the same history. The history counts every
+  rating of the file, the neutral ones (rating 3) included, although those are dropped as examples: they are
+  real interactions (the user watched the movie), and whether a past rating was neutral does not depend on this
+  rating's label. Ratings skipped as bad rows (``on_bad_row="skip"``) or of unknown users/items are not in it.
 
 Everything fits in memory (ML-1M is 1,000,209 ratings), so the whole table is one chunk; the builder still fits
 vocabularies on the training split only.
@@ -29,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from recsys_transfer.data.prepared import (
     ROW_COL,
@@ -151,6 +166,37 @@ def _join(ratings: pl.DataFrame, users: pl.DataFrame, items: pl.DataFrame, path:
     return df
 
 
+GENRES_OPTIONS = ("combination", "bag")
+
+
+def history_lists(user: np.ndarray, ts: np.ndarray, item: pl.Series, n: int) -> pl.Series:
+    """Per rating (rows in file order), the user's last ``n`` items rated strictly before it, oldest first (module
+    docstring: ties by line order, same-second ratings not before each other). Vectorized: the ratings sorted by
+    (user, timestamp, line); in that order the history of position ``p`` is positions ``[max(u, s - n), s)``,
+    ``u`` the user's first position and ``s`` the first position of ``p``'s (user, second); one gather builds
+    every list."""
+    m = len(user)
+    order = np.lexsort((np.arange(m), ts, user))  # by user, then timestamp, then line
+    u, t = user[order], ts[order]
+    pos = np.arange(m, dtype=np.int64)
+    new_user = np.ones(m, dtype=bool)
+    new_user[1:] = u[1:] != u[:-1]
+    new_second = new_user.copy()
+    new_second[1:] |= t[1:] != t[:-1]
+    first_of_user = np.maximum.accumulate(np.where(new_user, pos, 0))
+    first_of_second = np.maximum.accumulate(np.where(new_second, pos, 0))
+    lo = np.maximum(first_of_user, first_of_second - n)
+    lengths = first_of_second - lo
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    take = np.arange(offsets[-1], dtype=np.int64) + np.repeat(lo - offsets[:-1], lengths)  # sorted positions
+    values = item.gather(order[take]).to_arrow()
+    lists = pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), values))
+    inverse = np.empty(m, dtype=np.int64)
+    inverse[order] = pos
+    return lists.gather(inverse)  # back to file order
+
+
 def prepare_movielens(
     input_dir: str | Path,
     output: str | Path,
@@ -162,14 +208,27 @@ def prepare_movielens(
     progress: bool = True,
     overwrite: bool = False,
     allow_degenerate: bool = False,
+    genres: str = "combination",
+    history: int = 0,
 ) -> DatasetMeta:
-    """Raw MovieLens directory -> prepared dataset in ``output`` (see module docstring)."""
+    """Raw MovieLens directory -> prepared dataset in ``output`` (see module docstring; ``genres``:
+    ``"combination"`` or ``"bag"``; ``history``: the length of the user-history list field, 0 for none)."""
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if genres not in GENRES_OPTIONS:
+        raise UserError(f"genres must be one of {GENRES_OPTIONS}, got {genres!r}")
+    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+        raise UserError(f"history must be an integer >= 0 (0: no history field), got {history!r}")
     d = Path(input_dir)
     layout = detect_layout(d)
     skipped: dict[str, int] = {}
     df, n_input = (_load_100k if layout == "ml-100k" else _load_1m)(d, on_bad_row, skipped)
+    if history:  # over every rating, the neutral ones included (module docstring)
+        items = df["item"].cast(pl.Utf8)
+        df = df.with_columns(history_lists(df["user"].to_numpy(), df["ts"].to_numpy(), items, history)
+                             .alias("history"))
+    if genres == "bag":  # "Action|Comedy" -> ["Action", "Comedy"]; no genre -> []
+        df = df.with_columns(pl.col("genres").str.split("|").list.eval(pl.element().filter(pl.element() != "")))
 
     neutral = df["rating"] == 3
     skipped["rating == 3 (neutral)"] = int(neutral.sum())
@@ -185,6 +244,7 @@ def prepare_movielens(
         pl.col("zip").str.strip_chars(),
         pl.col("year"),
         pl.col("genres"),
+        *([pl.col("history")] if history else []),
         (pl.col("rating") > 3).cast(pl.Float32).alias("label"),
         pl.col("ts"),
     )
@@ -196,7 +256,13 @@ def prepare_movielens(
     report = BuildReport(input_rows=n_input)
     for reason, n in skipped.items():
         report.skip(reason, n)
-    schema = Schema(sparse=tuple(SparseSpec(f, min_count=min_count) for f in FIELDS), dense=(), labels=("label",))
+    sparse = [SparseSpec(f, min_count=min_count, multi_valued=f == "genres" and genres == "bag") for f in FIELDS]
+    if history:
+        sparse.append(SparseSpec("history", min_count=min_count, multi_valued=True, vocab="item_id"))
+    schema = Schema(sparse=tuple(sparse), dense=(), labels=("label",))
+    options = {"genres": genres} if genres != "combination" else {}  # defaults: the source (and id) of before
+    if history:
+        options["history"] = history
     return build_prepared(
         chunked(df, max(len(df), 1)),
         schema,
@@ -206,7 +272,7 @@ def prepare_movielens(
         head_tail=head_tail,
         report=report,
         source={"kind": "movielens", "layout": layout, "input": str(d), "min_count": min_count,
-                "on_bad_row": on_bad_row, "task": "drop rating 3; label = rating > 3"},
+                "on_bad_row": on_bad_row, "task": "drop rating 3; label = rating > 3", **options},
         progress=progress,
         overwrite=overwrite,
         allow_degenerate=allow_degenerate,

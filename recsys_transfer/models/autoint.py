@@ -22,6 +22,8 @@ Departures and options:
 * ``first_order=True`` adds the FM first-order term (FirstOrder, 4-wide TorchRec tables, see
   :data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). Neither the paper (Eq. 9) nor the learnable-embed-sizes
   AutoInt uses it (its ``forward`` never calls the linear part), so the default is ``False``.
+* List fields (an extension): ``e_f`` is the field's bag pooled by ``pooling`` (``{field: 'sum' | 'mean'}``,
+  default sum), one attention field per feature; a field sharing another's vocabulary reads that field's table.
 * ``hidden`` non-empty adds a DNN on the flattened input embeddings (AutoInt+; the learnable-embed-sizes run uses
   ``full_part=True`` with an MLP of 100-100); default ``()`` is plain AutoInt.
 
@@ -50,7 +52,8 @@ class AutoInt(nn.Module):
     def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, num_layers: int = 3, heads: int = 2,
                  att_dim: int = 32, residual: bool = True, dropout: float = 0.0, scaled: bool = False,
                  first_order: bool = False, hidden: tuple[int, ...] = (), dnn_dropout: float = 0.0,
-                 batch_norm: bool = False, init_std: float = 1e-2, tasks: tuple[TaskSpec, ...] | None = None) -> None:
+                 batch_norm: bool = False, init_std: float = 1e-2, pooling: dict[str, str] | None = None,
+                 tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         if embedding_dim < 1 or num_layers < 1 or heads < 1 or att_dim < 1:
             raise UserError(f"autoint: embedding_dim, num_layers, heads, att_dim must be >= 1, got "
@@ -61,14 +64,14 @@ class AutoInt(nn.Module):
         self.columns = TaskColumns(tuple(tasks or meta.tasks), "autoint")
         self.num_sparse = len(meta.sparse_names)
         self.num_fields = self.num_sparse + len(meta.dense)
-        self.embedding = make_ebc(meta, embedding_dim)
+        self.embedding = make_ebc(meta, embedding_dim, pooling=pooling)
         # One learnable vector v_d per dense field (Eq. 4); None when the dataset has no dense fields.
         self.dense_embedding = nn.Parameter(torch.empty(len(meta.dense), embedding_dim)) if meta.dense else None
         dims = [embedding_dim] + [heads * att_dim] * num_layers
         self.layers = nn.ModuleList(
             InteractingLayer(dims[i], heads, att_dim, residual, dropout, scaled) for i in range(num_layers))
         self.out = nn.Linear(self.num_fields * heads * att_dim, self.columns.width)
-        self.linear = FirstOrder(meta) if first_order else None
+        self.linear = FirstOrder(meta, pooling) if first_order else None
         self.dnn = MLP(self.num_fields * embedding_dim, hidden, self.columns.width, dnn_dropout, batch_norm) if hidden else None
         for p in self.embedding.parameters():
             nn.init.normal_(p, std=init_std)

@@ -9,6 +9,10 @@ the DNN). Departure for TorchRec: first-order weights live in 4-wide tables (see
 :data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). Output: raw logits ``{task: [B]}`` (``[B, C]`` for a
 multiclass task). With several tasks (an extension; the paper has one), the FM part is shared and each task has its
 own bias and its own output units of the DNN's last layer: ``logit_k = b_k + FM(x) + DNN_k(...)``.
+
+List fields (an extension): ``v_f`` is the field's bag of rows pooled by ``pooling`` (``{field: 'sum' | 'mean'}``,
+default sum; an empty list gives ``v_f = 0``), and ``FM_first`` adds the bag's pooled first-order weights; a field
+sharing another's vocabulary (a history of items) reads that field's table, a feature of its own in ``v``.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from recsys_transfer.types import Batch
 class DeepFM(nn.Module):
     def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, hidden: tuple[int, ...] = (100, 100),
                  dropout: float = 0.0, batch_norm: bool = False, init_std: float = 1e-2,
-                 tasks: tuple[TaskSpec, ...] | None = None) -> None:
+                 pooling: dict[str, str] | None = None, tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         self.dataset_id = meta.dataset_id
         self.columns = TaskColumns(tuple(tasks or meta.tasks), "deepfm")
         self.num_fields = len(meta.sparse_names)
-        self.embedding = make_ebc(meta, embedding_dim)
-        self.linear = FirstOrder(meta)
+        self.embedding = make_ebc(meta, embedding_dim, pooling=pooling)
+        self.linear = FirstOrder(meta, pooling)
         self.dnn = MLP(self.num_fields * embedding_dim + len(meta.dense), hidden, self.columns.width, dropout,
                        batch_norm)
         self.bias = nn.Parameter(torch.zeros(self.columns.width))

@@ -4,7 +4,10 @@
 
 where ``v_f = E_f[x_f]`` (dim ``k``) is the field's embedding row. Departure for TorchRec: first-order weights
 live in 4-wide tables (see :data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). ``forward(batch)`` returns
-raw logits ``{task: float32[B]}`` (one binary or regression task); no sigmoid or loss here.
+raw logits ``{task: float32[B]}`` (one binary or regression task); no sigmoid or loss here. A list field's ``v_f``
+and ``w_f`` are its bag pooled by ``pooling`` (``{field: 'sum' | 'mean'}``, default sum; with sum pooling
+and all x = 1 this is Rendle's FM over every id of the row, except that two ids of one bag do not interact: the
+bag is one field, and Eq. 5 subtracts ``v_f^2`` of the whole bag).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ __all__ = ["FM", "FIRST_ORDER_WIDTH"]
 
 
 class FM(nn.Module):
-    def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, tasks: tuple[TaskSpec, ...] | None = None) -> None:
+    def __init__(self, meta: DatasetMeta, embedding_dim: int = 16, pooling: dict[str, str] | None = None,
+                 tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         self.dataset_id = meta.dataset_id
         self.task = single_score_task(tuple(tasks or meta.tasks), "fm").name
         self.num_fields = len(meta.sparse_names)
-        self.embedding = make_ebc(meta, embedding_dim)
-        self.linear = FirstOrder(meta)
+        self.embedding = make_ebc(meta, embedding_dim, pooling=pooling)
+        self.linear = FirstOrder(meta, pooling)
         self.bias = nn.Parameter(torch.zeros(1))
         for p in self.embedding.parameters():
             nn.init.normal_(p, std=0.01)

@@ -5,7 +5,8 @@
 First-order weights live in 4-wide TorchRec tables of which only column 0 is read (see
 :data:`recsys_transfer.modules.fm.FIRST_ORDER_WIDTH`). LR has no embedding vectors, hence no ``self.embedding``:
 embedding transfer does not apply to it (it is the reference point for models that have them). Output: raw
-logits ``{task: [B]}`` (one binary or regression task); no sigmoid or loss here.
+logits ``{task: [B]}`` (one binary or regression task); no sigmoid or loss here. A list field's ``w_f`` is its bag's
+weights pooled by ``pooling`` (``{field: 'sum' | 'mean'}``, default sum).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from recsys_transfer.types import Batch
 
 
 class LR(nn.Module):
-    def __init__(self, meta: DatasetMeta, tasks: tuple[TaskSpec, ...] | None = None) -> None:
+    def __init__(self, meta: DatasetMeta, pooling: dict[str, str] | None = None,
+                 tasks: tuple[TaskSpec, ...] | None = None) -> None:
         super().__init__()
         self.dataset_id = meta.dataset_id
         self.task = single_score_task(tuple(tasks or meta.tasks), "lr").name
-        self.linear = FirstOrder(meta)
+        self.linear = FirstOrder(meta, pooling)
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -1,8 +1,20 @@
 """TorchRec embedding tables built from a prepared dataset's schema, and the grouped lookup kernel.
 
-One table per sparse field, named ``t_<field>`` (the name the transfer plug-in and sharders use to reach it),
-``num_embeddings = vocab_size`` from ``meta.json`` and sum pooling (fields are single-valued, so the pooled
-value is the row itself; multi-valued fields would pool by sum).
+One table per vocabulary: a field with its own vocabulary gets the table ``t_<field>`` (the name the transfer
+plug-in and sharders use to reach it) with ``num_embeddings = vocab_size`` from ``meta.json``; a field that shares
+another's vocabulary (``vocab_of``, e.g. a ``history`` list of ``item_id``'s items) is one more feature of that
+owner's table (``t_item_id`` serves ``item_id`` and ``history``): its ids are the owner's ids, so they look up the
+owner's rows, and the table's gradient sums the occurrences of all its features. The collection's output is
+TorchRec's: a ``KeyedTensor`` keyed by feature name, in table order, each table's features in their meta.json order
+(so not always meta.json's field order: models that stack every field's embedding do not depend on it).
+
+Pooling (list fields; a single-valued bag pools to its row either way): ``sum`` unless ``pooling`` maps a field
+to ``mean``. TorchRec pools per TABLE (``EmbeddingBagConfig.pooling``, and the sharded kernels group tables by
+it), so the fields of one shared table pool alike: a value given for any of them sets the table's pooling, and
+two different values for fields of one table are refused (:class:`UserError`) rather than silently ignored.
+A single-valued field (``item_id``) is unchanged by its table's ``mean`` (a bag of one id), so
+``pooling: {history: mean}`` is the way to mean-pool a history sharing the item table. A field that must pool
+differently from its vocabulary owner needs its own table: give it its own vocabulary when preparing.
 
 Grouped lookup. TorchRec's unsharded ``EmbeddingBagCollection.forward`` splits the KeyedJaggedTensor per table
 and runs one ``nn.EmbeddingBag`` (and one autograd node) per table; on CPU with small batches that per-table
@@ -26,35 +38,91 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.errors import UserError
 from recsys_transfer.flat import LayoutCache, rows_of_one_buffer, share_storage
+
+
+#: pooling of list fields' bags (``pooling: {field: mode}``)
+POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def table_name(field: str) -> str:
     return f"t_{field}"
 
 
-def table_configs(meta: DatasetMeta, dim: int, fields: list[str] | None = None) -> list[EmbeddingBagConfig]:
-    names = fields or meta.sparse_names
+def tables_of(meta: DatasetMeta, fields: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """``{vocabulary owner: [its features among fields]}``, owners in order of their first feature in ``fields``
+    (default: every sparse field, in meta.json order)."""
+    out: dict[str, list[str]] = {}
+    for f in fields or meta.sparse_names:
+        out.setdefault(meta.field(f).table_field, []).append(f)
+    return out
+
+
+def table_poolings(meta: DatasetMeta, pooling: dict[str, str] | None, fields: Sequence[str] | None = None,
+                   ) -> dict[str, PoolingType]:
+    """``{vocabulary owner: TorchRec pooling of its table}`` from ``pooling`` (``{field: 'sum' | 'mean'}``,
+    default sum; see the module docstring). Unknown fields or modes, and two modes for one table: :class:`UserError`."""
+    tables = tables_of(meta, fields)
+    pooling = dict(pooling or {})
+    owner_of = {f: owner for owner, fs in tables.items() for f in fs}
+    for f, mode in pooling.items():
+        if f not in owner_of:
+            raise UserError(f"pooling: {f!r} is not a sparse field of this collection ({sorted(owner_of)})")
+        if mode not in POOLINGS:
+            raise UserError(f"pooling of {f!r} must be one of {sorted(POOLINGS)}, got {mode!r}")
+    out = {}
+    for owner, fs in tables.items():
+        modes = {f: pooling[f] for f in fs if f in pooling}
+        if len(set(modes.values())) > 1:
+            raise UserError(f"pooling: fields {sorted(modes)} share the table {table_name(owner)} (one vocabulary), "
+                            f"and TorchRec pools per table; got {modes}. Give them one mode (a single-valued field "
+                            "pools to its row under either)")
+        out[owner] = POOLINGS[next(iter(modes.values()), "sum")]
+    return out
+
+
+def table_configs(meta: DatasetMeta, dim: int, fields: Sequence[str] | None = None,
+                  pooling: dict[str, str] | None = None) -> list[EmbeddingBagConfig]:
+    """One ``dim``-wide table per vocabulary owner of ``fields`` (default every sparse field), serving every one of
+    those fields that uses its vocabulary (module docstring)."""
+    poolings = table_poolings(meta, pooling, fields)
     return [
         EmbeddingBagConfig(
-            name=table_name(f),
+            name=table_name(owner),
             embedding_dim=dim,
-            num_embeddings=meta.field(f).vocab_size,
-            feature_names=[f],
-            pooling=PoolingType.SUM,
+            num_embeddings=meta.field(owner).vocab_size,
+            feature_names=list(features),
+            pooling=poolings[owner],
         )
-        for f in names
+        for owner, features in tables_of(meta, fields).items()
     ]
 
 
-def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu") -> EmbeddingBagCollection:
-    """An EmbeddingBagCollection with one ``dim``-wide table per sparse field (``device='meta'`` for DMP), with
-    the grouped lookup (see the module docstring)."""
-    return use_grouped_lookup(EmbeddingBagCollection(tables=table_configs(meta, dim), device=torch.device(device)))
+def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu",
+             pooling: dict[str, str] | None = None) -> EmbeddingBagCollection:
+    """An EmbeddingBagCollection with one ``dim``-wide table per vocabulary (``device='meta'`` for DMP), pooling
+    list fields by ``pooling`` (``{field: 'sum' | 'mean'}``, default sum), with the grouped lookup (see the module
+    docstring)."""
+    return use_grouped_lookup(EmbeddingBagCollection(tables=table_configs(meta, dim, pooling=pooling),
+                                                     device=torch.device(device)))
+
+
+def make_ec(meta: DatasetMeta, dim: int, fields: Sequence[str] | None = None,
+            device: str = "cpu") -> EmbeddingCollection:
+    """An EmbeddingCollection (unpooled lookups, for sequence models) with one ``dim``-wide table per vocabulary
+    owner of ``fields`` (default every sparse field), named and shared as :func:`table_configs`' tables. Its
+    ``forward(kjt)`` is TorchRec's: ``{feature name: JaggedTensor}``, the ``[L, dim]`` rows of each feature's ids
+    with the KJT's lengths (keys of ``kjt`` outside ``fields`` are ignored). The row pipeline records its tables
+    like an EBC's (:func:`recsys_transfer.rows.lookup.attach_ec`)."""
+    configs = [EmbeddingConfig(name=table_name(owner), embedding_dim=dim, num_embeddings=meta.field(owner).vocab_size,
+                               feature_names=list(features))
+               for owner, features in tables_of(meta, fields).items()]
+    return EmbeddingCollection(tables=configs, device=torch.device(device))
 
 
 # ----------------------------------------------------------------------------------------------------------

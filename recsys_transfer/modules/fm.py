@@ -52,11 +52,13 @@ def fm_second_order(v: torch.Tensor) -> torch.Tensor:
 
 
 class FirstOrder(nn.Module):
-    """``sum_f w_f[x_f] + <w_d, dense>`` -> ``[B]``, with one (4-wide, column 0 used) table per sparse field."""
+    """``sum_f w_f[x_f] + <w_d, dense>`` -> ``[B]``, with one (4-wide, column 0 used) table per vocabulary (a
+    field sharing another's vocabulary shares its weights; a list field's term is its bag pooled by ``pooling``,
+    :func:`~recsys_transfer.modules.embedding.make_ebc`)."""
 
-    def __init__(self, meta: DatasetMeta) -> None:
+    def __init__(self, meta: DatasetMeta, pooling: dict[str, str] | None = None) -> None:
         super().__init__()
-        self.tables = make_ebc(meta, FIRST_ORDER_WIDTH)
+        self.tables = make_ebc(meta, FIRST_ORDER_WIDTH, pooling=pooling)
         for p in self.tables.parameters():
             nn.init.zeros_(p)
         self.dense = nn.Linear(len(meta.dense), 1, bias=False) if meta.dense else None

@@ -5,8 +5,10 @@ TorchRec internals).
 All lookups of a collection's tables go through :class:`RecordingLookup`, a custom autograd function over the
 whole collection (every table and feature in one call, like a TBE). Its forward is the ordinary pooled (or, for an
 EmbeddingCollection, sequence) lookup on the detached tables. Its backward receives the gradient of the output
-``[B, sum D]`` and, instead of returning table gradients, sums it per *unique* touched row of each table:
-``g_i = dl_main/de_i`` for the touched rows only (``[U, D]``; no ``[num_embeddings, D]`` gradient is ever
+``[B, sum D]`` and, instead of returning table gradients, sums it per *unique* touched row of each table -- over
+every occurrence of the row in every feature the table serves (a history list and the target item on one item
+table; repeated ids in a bag; an occurrence's gradient is its bag's, divided by the bag's length under mean
+pooling): ``g_i = dl_main/de_i`` for the touched rows only (``[U, D]``; no ``[num_embeddings, D]`` gradient is ever
 allocated), and hands the record (:class:`~recsys_transfer.rows.pipeline.CallRows`) to the
 :class:`~recsys_transfer.rows.pipeline.RowPipeline`. When the call's tables are row blocks of one buffer (the
 unsharded EBC built by :func:`recsys_transfer.modules.embedding.make_ebc`), every occurrence is summed at once (one
@@ -319,19 +321,19 @@ class RecordingTBE(nn.Module):
 # attaching to a model
 
 
-def _feature_of(config) -> str:
-    names = list(config.feature_names)
-    if len(names) != 1:
-        raise UserError(f"table {config.name} serves {len(names)} features; the row pipeline needs one feature per "
-                        "table")
-    return names[0]
+def _features_of(config) -> tuple[str, ...]:
+    """The features a table serves (a table may serve several: their occurrences sum into its rows' gradients)."""
+    names = tuple(config.feature_names)
+    if not names:
+        raise UserError(f"table {config.name} serves no feature")
+    return names
 
 
 def _unsharded_slots(path: str, module: nn.Module, pooled: bool) -> list[TableSlot]:
     configs = module.embedding_bag_configs() if pooled else module.embedding_configs()
     tables = module.embedding_bags if pooled else module.embeddings
     collection = collection_name(path)
-    return [TableSlot(f"{collection}.{cfg.name}", collection, cfg.name, _feature_of(cfg), tables[cfg.name].weight)
+    return [TableSlot(f"{collection}.{cfg.name}", collection, cfg.name, _features_of(cfg), tables[cfg.name].weight)
             for cfg in configs]
 
 
@@ -362,7 +364,7 @@ def _attach_sharded(path: str, sharded: nn.Module, pipeline: RowPipeline, slots:
                                     "needs whole rows (use table-wise or row-wise sharding)")
                 offset = int(t.local_metadata.shard_offsets[0]) if t.local_metadata is not None else 0
                 group = emb._pg if t.local_rows != t.num_embeddings else None
-                group_slots.append(TableSlot(f"{collection}.{t.name}", collection, t.name, _feature_of(t), weight,
+                group_slots.append(TableSlot(f"{collection}.{t.name}", collection, t.name, _features_of(t), weight,
                                              offset, group))
             pooling = getattr(emb, "_pooling", PoolingMode.NONE)  # sequence (EC) lookups have no pooling
             mode = {PoolingMode.SUM: "sum", PoolingMode.MEAN: "mean"}.get(pooling, "none")

@@ -50,14 +50,16 @@ DMP_PREFIX = "_dmp_wrapped_module."
 
 @dataclass(eq=False)
 class TableSlot:
-    """One embedding table the pipeline updates (static). ``weight``: the table (or, for a sharded table, this
-    rank's shard); ``row_offset``: the global id of local row 0 (row-wise shards); ``group``: the process group of
-    a row-wise sharded table (None otherwise); ``dim``: the row width."""
+    """One embedding table the pipeline updates (static). ``features``: the features it serves (several for a
+    table shared by fields of one vocabulary, e.g. ``item_id`` and a ``history`` list: the occurrences of all of
+    them sum into one gradient per touched row, the table's gradient); ``weight``: the table (or, for a sharded
+    table, this rank's shard); ``row_offset``: the global id of local row 0 (row-wise shards); ``group``: the
+    process group of a row-wise sharded table (None otherwise); ``dim``: the row width."""
 
     name: str
     collection: str
     table: str
-    feature: str
+    features: tuple[str, ...]
     weight: torch.Tensor
     row_offset: int = 0
     group: object = None

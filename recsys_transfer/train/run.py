@@ -117,8 +117,9 @@ def resolve_tasks(cfg: RunConfig, meta) -> tuple:
 
 
 def report_field(cfg: RunConfig, meta) -> str | None:
-    """The field whose head/tail AUC every mode reports (B too, for comparison): the first transfer field."""
-    fields = cfg.transfer.candidate_fields(meta)
+    """The field whose head/tail AUC every mode reports (B too, for comparison): the first single-valued transfer
+    field (a row of a list field has no one item to call head or tail)."""
+    fields = [f for f in cfg.transfer.candidate_fields(meta) if not meta.field(f).multi_valued]
     return fields[0] if fields else None
 
 
@@ -237,8 +238,8 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         monitor = resolve_monitor(cfg.train.monitor, tasks)
         field = report_field(cfg, meta)
         group_field = cfg.train.group_field if cfg.train.group_field is not None else meta.group
-        if group_field is not None:
-            meta.field(group_field)
+        if group_field is not None and meta.field(group_field).multi_valued:
+            raise UserError(f"train.group_field {group_field!r} is a list field; group AUC needs one group id per row")
         domains = select_domains(cfg, data, meta)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)

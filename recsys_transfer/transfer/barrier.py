@@ -592,7 +592,10 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
                        domains: dict[str, np.ndarray] | None = None) -> TransferTransform | None:
     """The transfer stage for ``config`` over the tables of ``pipeline`` (a
     :class:`~recsys_transfer.rows.pipeline.RowPipeline`) in the collection ``config.embedding_module`` whose
-    feature is under transfer (None in mode B). Source = the field's head ids from ``meta.json``; target = its
+    field is under transfer (None in mode B). A table's field is the vocabulary owner of the features it serves
+    (``t_item_id`` serving ``item_id`` and ``history`` is ``item_id``'s table; transfer fields name owners:
+    :meth:`~recsys_transfer.config.TransferConfig.candidate_fields`); its rows' gradients sum every feature's
+    occurrences, and the barrier (per row) is unchanged. Source = the field's head ids from ``meta.json``; target = its
     tail ids, or for ``+Ours`` / ``select`` the selective target domain T'_eta (``domains[field]``, a bool array
     over ids: :func:`recsys_transfer.transfer.domains.load_domains`). Under sharding, the rules cover this rank's
     tables."""
@@ -612,8 +615,10 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
     eligible = [s for s in slots if _in_collection(s.collection, config.embedding_module)]
     losses: dict[int, TransferLoss] = {}
     rules: dict[str, TransferRule] = {}
+    owner_of = {s.name: _table_field(s, meta) for s in eligible}
     for slot in eligible:
-        if slot.feature not in fields:
+        field = owner_of[slot.name]
+        if field not in fields:
             continue
         if slot.dim not in losses:
             kwargs = dict(config.loss_kwargs)
@@ -621,19 +626,19 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
             if config.disc_every != 1:
                 kwargs["update_every"] = config.disc_every
             losses[slot.dim] = make_transfer_loss(config.loss, len(meta.sparse_names), slot.dim, **kwargs)
-        f = meta.field(slot.feature)
+        f = meta.field(field)
         source = torch.from_numpy(f.head_mask())
-        target = (torch.from_numpy(np.asarray(domains[slot.feature], dtype=bool)) if config.mode in SELECTIVE_MODES
+        target = (torch.from_numpy(np.asarray(domains[field], dtype=bool)) if config.mode in SELECTIVE_MODES
                   else torch.from_numpy(f.tail_mask()))
         if len(target) != f.vocab_size:
-            raise UserError(f"target domain of {slot.feature!r} has {len(target)} entries, the field has "
+            raise UserError(f"target domain of {field!r} has {len(target)} entries, the field has "
                             f"{f.vocab_size} ids")
         rules[slot.name] = TransferRule(slot.name, config.mode, loss=losses[slot.dim],
-                                        loss_index=meta.sparse_names.index(slot.feature), source_mask=source,
+                                        loss_index=meta.sparse_names.index(field), source_mask=source,
                                         target_mask=target & ~source, lam=config.lam,
                                         alpha=config.barrier_alpha, barrier=config.barrier,
                                         max_ratio=config.max_ratio if config.barrier == "applied" else None)
-    absent = sorted(set(fields) - {s.feature for s in eligible})
+    absent = sorted(set(fields) - set(owner_of.values()))
     if absent and not any(pipeline.collections[c] for c in named):  # a shard may hold only some of the tables
         raise UserError(f"transfer fields {absent} have no table in the collection {config.embedding_module!r}")
     transform = TransferTransform(rules, losses, max_rows=config.max_rows, seed=config.seed)
@@ -648,6 +653,18 @@ def transfer_transform(pipeline, meta, config: TransferConfig,
             if layout is not None:
                 transform.buffer_masks(layout[0], list(layout[1]), group)
     return transform
+
+
+def _table_field(slot: TableSlot, meta) -> str | None:
+    """The vocabulary owner of the fields ``slot``'s table serves (``item_id`` for a table serving ``item_id`` and
+    a ``history`` list of its items); None for a table serving no field of ``meta``. A table serving fields of
+    different vocabularies has no one domain: :class:`UserError`."""
+    known = set(meta.sparse_names)
+    owners = sorted({meta.field(f).table_field for f in slot.features if f in known})
+    if len(owners) > 1:
+        raise UserError(f"table {slot.name} serves fields of different vocabularies ({owners}): the transfer "
+                        "domains are per vocabulary; give each vocabulary its own table")
+    return owners[0] if owners else None
 
 
 def _in_collection(path: str, name: str) -> bool:

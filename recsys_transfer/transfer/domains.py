@@ -179,7 +179,8 @@ def coordinates(meta: DatasetMeta, context_fields: list[str], top_k: int) -> lis
 def cooccurrence_matrix(data_dir: str | Path, field_name: str, *, top_k: int = DEFAULT_TOP_K,
                         context_fields=None, meta: DatasetMeta | None = None) -> tuple[sp.csr_matrix, list[str]]:
     """CSR ``[vocab_size, K]`` (float64) of co-occurrence counts of ``field_name``'s ids with the top-``top_k``
-    context values on the training split (see the module docstring), and the context fields used."""
+    context values on the training split (see the module docstring), and the context fields used. A list field
+    counts each of its ids in a row (an empty list: none), as the selected field or as a context field."""
     data_dir = Path(data_dir)
     meta = meta or DatasetMeta.load(data_dir)
     f = meta.field(field_name)
@@ -193,8 +194,12 @@ def cooccurrence_matrix(data_dir: str | Path, field_name: str, *, top_k: int = D
     queries = []
     for name, ids, cidx in coords:
         cmap = pl.LazyFrame({name: ids, "__coord": cidx}, schema={name: pl.Int64, "__coord": pl.Int64})
+        q = scan.select(field_name, name)
+        for col in (field_name, name):  # a list field: each of a row's ids co-occurs with the row's other values
+            if meta.field(col).multi_valued:
+                q = q.explode(col)
         q = (
-            scan.select(pl.col(field_name).cast(pl.Int64), pl.col(name).cast(pl.Int64))
+            q.select(pl.col(field_name).cast(pl.Int64), pl.col(name).cast(pl.Int64))
             .filter(pl.col(field_name) != f.oov_index)
             .join(cmap, on=name, how="inner")
             .group_by(field_name, "__coord")

@@ -28,12 +28,15 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
 def local_rows(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows [start, stop) of a batch of single-valued fields."""
+    """Rows [start, stop) of a batch (list fields: those rows' lists)."""
     keys = batch.sparse.keys()
-    n = batch.batch_size
-    values = batch.sparse.values().view(len(keys), n)[:, start:stop].reshape(-1)
-    m = stop - start
-    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=torch.ones(len(keys) * m, dtype=torch.int32), stride=m)
+    values, lengths = [], []
+    for k in keys:
+        jt = batch.sparse[k]
+        offsets = jt.offsets()
+        values.append(jt.values()[int(offsets[start]) : int(offsets[stop])])
+        lengths.append(jt.lengths()[start:stop])
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=stop - start)
     return Batch(batch.dense[start:stop], kjt, {k: v[start:stop] for k, v in batch.labels.items()})
 
 
@@ -53,6 +56,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--model", choices=("fm", "seq"), default="fm")
+    p.add_argument("--pooling", default="", help="list fields' pooling: field=sum|mean,...")
     args = p.parse_args()
 
     info = init_distributed()
@@ -64,7 +68,7 @@ def main() -> int:
 
         model = SeqModel(meta, dim=8)
     else:
-        model = FM(meta, embedding_dim=8)
+        model = FM(meta, embedding_dim=8, pooling=dict(item.split("=") for item in args.pooling.split(",") if item))
     model.load_state_dict(torch.load(args.init))
     if args.sharding is None:
         tables = dict(item.split("=") for item in args.tables.split(",") if item)
