@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="stop at the first malformed row (default) or skip it and count it in meta.json")
     p.add_argument("--rows", type=int, default=None, help="synthetic: number of rows")
+    p.add_argument("--genres", choices=("combination", "bag"), default="combination",
+                   help="movielens: a movie's genres as one value (default) or as a list field (multi-hot bag)")
+    p.add_argument("--history", type=int, default=0, metavar="N",
+                   help="movielens: add a list field of the user's last N items rated before each rating")
     p.add_argument("--overwrite", action="store_true", help="replace another prepared dataset in --output")
     p.add_argument("--allow-degenerate", action="store_true",
                    help="prepare even if a split has zero rows or a binary label has one class in train")
@@ -135,7 +139,8 @@ def prepare_config(args: argparse.Namespace):
                              min_count=args.min_count, hash_size=args.hash_size, split=args.split,
                              split_fractions=tuple(args.split_fractions), seed=args.seed, head_rule=args.head_rule,
                              head_fraction=args.head_fraction, head_min_count=args.head_min_count,
-                             on_bad_row=args.on_bad_row, allow_degenerate=args.allow_degenerate)
+                             on_bad_row=args.on_bad_row, allow_degenerate=args.allow_degenerate,
+                             genres=args.genres, history=args.history)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

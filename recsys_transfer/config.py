@@ -63,6 +63,8 @@ class PrepareConfig:
     head_min_count: int = 10
     on_bad_row: str = "error"
     allow_degenerate: bool = False  # else a split with zero rows or a binary label with one class in train is an error
+    genres: str = "combination"  # movielens: the genres of a movie as one value (combination) or a list (bag)
+    history: int = 0  # movielens: a list field of the user's last N items rated before this rating (0 = none)
 
     def __post_init__(self) -> None:
         if self.schema is not None and self.dataset is not None:
@@ -74,6 +76,12 @@ class PrepareConfig:
             raise ValueError(f"data.prepare.dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.genres not in ("combination", "bag"):
+            raise ValueError(f"genres must be 'combination' or 'bag', got {self.genres!r}")
+        if self.history < 0:
+            raise ValueError(f"history must be >= 0, got {self.history}")
+        if (self.genres, self.history) != ("combination", 0) and self.dataset != "movielens":
+            raise ValueError("genres, history: MovieLens options (data.prepare.dataset: movielens)")
 
 
 @dataclass(frozen=True)

@@ -366,3 +366,17 @@ def test_adult_pipeline_prepares_and_trains_two_tasks(adult_dir: Path, tmp_path:
     test = metrics["test"]
     assert test["income"]["auc"] > 0.85 and test["never_married"]["auc"] > 0.9, test
     assert "gauc" not in test["income"]  # adult has no group column
+
+
+def test_movielens_list_options_reach_prepare_from_a_config(ml100k_dir: Path, tmp_path: Path):
+    from recsys_transfer.config import PrepareConfig
+    from recsys_transfer.data.prepare import prepare
+
+    meta = prepare(PrepareConfig(dataset="movielens", input=(str(ml100k_dir),), genres="bag", history=3),
+                   tmp_path / "p", progress=False)
+    assert meta.field("genres").multi_valued and meta.field("history").vocab_of == "item_id"
+    assert meta.field("history").vocab_size == meta.field("item_id").vocab_size
+    with pytest.raises(ValueError, match="MovieLens options"):
+        PrepareConfig(dataset="criteo", history=3)
+    with pytest.raises(ValueError, match="either dataset"):
+        PrepareConfig(dataset="movielens", schema="x.yaml")

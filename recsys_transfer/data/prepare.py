@@ -54,7 +54,8 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
             raise UserError("input: movielens takes exactly one directory")
         if config.hash_size is not None:
             raise UserError("hash_size: movielens fields are vocabularies, not hashed")
-        return prepare_movielens(inputs[0], output, min_count=min_count, on_bad_row=config.on_bad_row, **common)
+        return prepare_movielens(inputs[0], output, min_count=min_count, on_bad_row=config.on_bad_row,
+                                 genres=config.genres, history=config.history, **common)
     if config.dataset == "criteo":
         from recsys_transfer.data.criteo import prepare_criteo
 
