@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -364,7 +365,10 @@ class _ChunkTransform:
                 raw = pl.col(s)
                 if stamp is not None and s == stamp.source:
                     if stamp.format:
-                        value = raw.str.strptime(pl.Datetime("us"), stamp.format, strict=False).dt.epoch("s")
+                        text, fmt = raw, stamp.format
+                        if re.search(r"(?<!%)%[HI]", fmt) and not re.search(r"(?<!%)%M", fmt):
+                            text, fmt = raw + "00", fmt + "%M"  # polars parses an hour only with its minute
+                        value = text.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.epoch("s")
                         what = f"a time in the format {stamp.format!r}"
                     else:
                         value = raw.str.strip_chars().cast(pl.Int64, strict=False)
