@@ -305,27 +305,30 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             gzip_file(data, data_gz)
             print(f"gzipped to {data_gz.stat().st_size / 2**20:,.0f} MiB in {time.perf_counter() - t0:.1f}s", flush=True)
-        for impl in impls:
-            out = args.workdir / f"out_{impl}_{rows}"
-            shutil.rmtree(out, ignore_errors=True)
-            inp = data_gz if impl == "schema-gz" else data
-            cmd = [sys.executable, __file__, "--worker", impl, "--input", str(inp), "--output", str(out),
-                   "--chunk-rows", str(args.chunk_rows)]
-            runs = []
-            load_before = os.getloadavg()[0]
-            for _ in range(args.repeat):  # best wall time of N fresh processes (the machine may be shared)
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        load_before: dict[str, float] = {}
+        for _ in range(args.repeat):  # best wall time of N fresh processes (the machine may be shared); the
+            for impl in impls:        # rounds interleave the implementations, so a burst of load hits all alike
+                out = args.workdir / f"out_{impl}_{rows}"
+                shutil.rmtree(out, ignore_errors=True)
+                inp = data_gz if impl == "schema-gz" else data
+                cmd = [sys.executable, __file__, "--worker", impl, "--input", str(inp), "--output", str(out),
+                       "--chunk-rows", str(args.chunk_rows)]
+                load_before.setdefault(impl, os.getloadavg()[0])
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if proc.returncode != 0:
                     sys.stderr.write(proc.stderr)
                     raise SystemExit(f"{impl} worker failed on {rows} rows")
-                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 shutil.rmtree(out, ignore_errors=True)
-            res = dict(min(runs, key=lambda r: r["seconds"]))
-            res["all_seconds"] = [r["seconds"] for r in runs]
-            res["all_cpu_seconds"] = [r["cpu_seconds"] for r in runs]
-            res["min_cpu_seconds"] = min(r["cpu_seconds"] for r in runs)
-            res["load_average_1m_before_runs"] = load_before
-            res["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+        for impl in impls:
+            inp = data_gz if impl == "schema-gz" else data
+            res = dict(min(runs[impl], key=lambda r: r["seconds"]))
+            res["all_seconds"] = [r["seconds"] for r in runs[impl]]
+            res["all_cpu_seconds"] = [r["cpu_seconds"] for r in runs[impl]]
+            res["min_cpu_seconds"] = min(r["cpu_seconds"] for r in runs[impl])
+            res["load_average_1m_before_runs"] = load_before[impl]
+            res["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs[impl])
             res["input_rows"] = rows
             res["input_mib"] = data.stat().st_size / 2**20  # the TSV's size, also for schema-gz
             res["input_file"] = inp.name
@@ -334,7 +337,6 @@ def main(argv: list[str] | None = None) -> None:
             results.append(res)
             print(f"{impl:<9} {rows:>10,} rows {res['seconds']:8.2f}s (cpu {res['cpu_seconds']:.1f}s) "
                   f"{res['rows_per_s']:>12,.0f} rows/s peak RSS {res['peak_rss_mib']:8.0f} MiB", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
         checks.append(_check_same_output(rows, {r["impl"]: r for r in results if r["input_rows"] == rows}))
         print(checks[-1], flush=True)
         if not args.keep_data:
@@ -386,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Commit: `{record['git_commit']}`  ",
         f"Machine: {record['machine']['cpu_count']} CPUs, {record['machine']['platform']}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "  ",
-        f"chunk_rows {args.chunk_rows:,}, min_count {MIN_COUNT}, best of {args.repeat} run(s); each run is a fresh "
-        "subprocess, peak RSS is that process's ru_maxrss (max over runs). The machine may be shared with other "
+        f"chunk_rows {args.chunk_rows:,}, min_count {MIN_COUNT}, best of {args.repeat} run(s) (rounds interleave the "
+        "implementations); each run is a fresh subprocess, peak RSS is that process's ru_maxrss (max over runs). The machine may be shared with other "
         "jobs: wall times are noisy, CPU seconds less so. CPU seconds: user + system time of all threads of the "
         "worker during the run (imports excluded).  ",
         f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load_at_start)}, at end "
