@@ -222,8 +222,8 @@ def _check_same_output(rows: int, by: dict[str, dict]) -> str:
         b = by[name]
         if a["rows"] != b["rows"] or a["split_rows"] != b["split_rows"]:
             problems.append(f"rows differ: {names[0]} {a['split_rows']} vs {name} {b['split_rows']}")
-        diff = {k: (a["vocab_sizes"].get(k), b["vocab_sizes"].get(k))
-                for k in set(a["vocab_sizes"]) | set(b["vocab_sizes"]) if a["vocab_sizes"].get(k) != b["vocab_sizes"].get(k)}
+        va, vb = a["vocab_sizes"], b["vocab_sizes"]
+        diff = {k: (va.get(k), vb.get(k)) for k in set(va) | set(vb) if va.get(k) != vb.get(k)}
         if diff:
             problems.append(f"vocab sizes differ ({names[0]}, {name}): {diff}")
     if problems:
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         if "schema-gz" in impls and not data_gz.exists():
             t0 = time.perf_counter()
             gzip_file(data, data_gz)
-            print(f"gzipped to {data_gz.stat().st_size / 2**20:,.0f} MiB in {time.perf_counter() - t0:.1f}s", flush=True)
+            print(f"gzipped to {data_gz.stat().st_size / 2**20:,.0f} MiB in {time.perf_counter() - t0:.1f}s",
+                  flush=True)
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         load_before: dict[str, float] = {}
         for _ in range(args.repeat):  # best wall time of N fresh processes (the machine may be shared); the
