@@ -1,8 +1,10 @@
-"""The logic of benchmarks/checkpoint_io.py and benchmarks/scaling.py that decides what they report (no timing)."""
+"""The logic of benchmarks/checkpoint_io.py, scaling.py and prepare_throughput.py that decides what they report (no
+timing claims; prepare_throughput runs its implementations on tiny sizes)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,32 @@ def test_scaling_steps_per_epoch_is_the_loaders(ml100k_prepared, world, batch):
         loader = BatchLoader(data, "train", batch, shuffle=True, seed=1, drop_last=world > 1, rank=rank,
                              world_size=world, meta=meta)
         assert len(loader) == steps, rank
+
+
+def test_prepare_throughput_schema_impls_run_and_agree(tmp_path):
+    """prepare_throughput with tiny sizes: the schema path on the TSV and on its gzip runs beside prepare_criteo,
+    the outputs are checked equal, and the schema ratios are recorded."""
+    bench = _script("prepare_throughput")
+    bench.main(["--sizes", "3000,6000", "--impls", "ours,schema,schema-gz", "--workdir", str(tmp_path / "w"),
+                "--results-dir", str(tmp_path / "r"), "--tag", "t", "--chunk-rows", "1000"])
+    record = json.loads((tmp_path / "r" / "prepare_throughput_t.json").read_text())
+    assert [(r["impl"], r["rows"]) for r in record["results"]] == [
+        (impl, rows) for rows in (3000, 6000) for impl in ("ours", "schema", "schema-gz")]
+    gz = [r for r in record["results"] if r["impl"] == "schema-gz"]
+    assert all(r["input_file"].endswith(".tsv.gz") and r["input_file_mib"] < r["input_mib"] for r in gz)
+    assert all(line.startswith("equal at") and "(ours, schema, schema-gz)" in line for line in record["output_check"])
+    assert set(record["schema_ratio"]["6000"]) == {"schema/ours", "schema-gz/schema"}
+    md = (tmp_path / "r" / "prepare_throughput_t.md").read_text()
+    assert "schema / ours rows/s" in md and "peak RSS of schema:" in md
+    assert not list((tmp_path / "w").glob("criteo_synth_*"))  # the generated files are removed
+
+
+def test_prepare_throughput_refuses_disagreeing_outputs_and_unknown_impls():
+    bench = _script("prepare_throughput")
+    a = {"rows": 10, "split_rows": {"train": 8, "valid": 1, "test": 1}, "vocab_sizes": {"C1": 3, "I1": 2}}
+    b = {**a, "vocab_sizes": {"C1": 4, "I1": 2}}
+    with pytest.raises(SystemExit, match=r"vocab sizes differ \(ours, schema\): \{'C1': \(3, 4\)\}"):
+        bench._check_same_output(10, {"ours": a, "schema": b})
+    assert bench._check_same_output(10, {"ours": a}).startswith("not compared")
+    with pytest.raises(SystemExit):
+        bench.main(["--impls", "ours,polars"])

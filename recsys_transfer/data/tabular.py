@@ -3,10 +3,13 @@ for the schema file and its column kinds).
 
 Reading streams with bounded memory, as the Criteo reader does: each input (gzip, bz2 and xz detected from the
 magic bytes and decompressed in the read-ahead thread) is cut into byte blocks of about ``chunk_rows`` whole lines.
-Per block, numpy finds the line ends and counts the delimiters of every line at once; a line with the wrong
-count, a blank line, or (with a quote character) a line holding a quote is settled exactly (Python's ``csv`` for
-quoted lines), and only then does polars' multi-threaded CSV reader parse the block, every cell as text. So every
-bad line is found with its file and 1-based line number, and no Python runs per row unless a line holds a quote.
+A block whose delimiter count is exactly (columns - 1) per line, with no blank line and no quote character, goes
+straight to polars' multi-threaded CSV reader (every cell as text; a line with too many fields makes it fail, and a
+line with too few would need one with too many to keep the count). Any other block is checked per line: numpy
+finds the line ends and counts the delimiters of every line at once; a line with the wrong count, a blank line,
+or (with a quote character) a line holding a quote is settled exactly (Python's ``csv`` for quoted lines), and
+only then does polars parse the block. So every bad line is found with its file and 1-based line number, and no
+Python runs per row unless a line holds a quote.
 A delimiter of several characters (``::``) is replaced by the byte 0x1f first (a block holding that byte is an
 error). Side tables (``joins``) are read whole with the same reader. Cells are then typed, validated, filtered,
 labelled and turned into features by one polars select per chunk
@@ -24,6 +27,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +130,9 @@ class _TextReader:
         self.multi = len(fmt.delimiter.encode(fmt.encoding)) > 1
         self.sep = _SUBST if self.multi else fmt.delimiter.encode(fmt.encoding)[0]
         self.quote = fmt.quote.encode(fmt.encoding)[0] if fmt.quote else None
+        # missing cells become null in the parser (quoted ones too); with ``strip`` read_cells compares the stripped
+        # cells instead
+        self.null_values = None if fmt.strip else ["", *fmt.na_values]
 
     def _header(self, f: BinaryIO, path: Path) -> list[str]:
         raw = f.readline()
@@ -179,6 +186,9 @@ class _TextReader:
                 raise DataError(block.path, "byte 0x1f in the data (used to parse the multi-character delimiter "
                                 f"{self.fmt.delimiter!r})", block.first_line + i)
             data = data.replace(self.fmt.delimiter.encode(self.fmt.encoding), bytes([_SUBST]))
+        fast = self._parse_regular(block, data)
+        if fast is not None:
+            return fast
         arr = np.frombuffer(data, dtype=np.uint8)
         ends = np.flatnonzero(arr == 10)
         if not data.endswith(b"\n"):
@@ -228,6 +238,31 @@ class _TextReader:
         frame = self._read(block, data, line_no)
         return frame.with_columns(pl.Series(LINE_COL, line_no, dtype=pl.Int64)), skipped, n_lines
 
+    def _parse_regular(self, block: _Block, data: bytes) -> tuple[pl.DataFrame, dict[str, int], int] | None:
+        """The fast path of :meth:`_parse` for a block with nothing to settle line by line, or None. The block's
+        delimiter count must be exactly (columns - 1) per line, with no blank line and no quote character; then
+        no line has too few delimiters unless another has too many, which polars refuses (the exact path then
+        finds it). Counting bytes runs at memchr speed and needs no per-line arrays."""
+        utf8 = self.fmt.encoding.lower().replace("_", "-") in ("utf-8", "utf8", "ascii")
+        if not utf8 or (self.quote is not None and data.find(self.quote) >= 0):
+            return None
+        n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+        seps = int(np.count_nonzero(np.frombuffer(data, dtype=np.uint8) == self.sep))  # ~7x bytes.count's speed
+        if seps != (len(self.names) - 1) * n_lines:
+            return None
+        if len(self.names) == 1 and (data.startswith(b"\n") or data.find(b"\n\n") >= 0):
+            return None  # with more columns a blank line has too few delimiters, so the count above is off
+        try:
+            frame = pl.read_csv(data, has_header=False, separator=chr(self.sep), quote_char=None,
+                                schema={name: pl.String for name in self.names}, null_values=self.null_values,
+                                raise_if_empty=False)
+        except pl.exceptions.PolarsError:  # a line with too many fields, invalid UTF-8: the exact path says which
+            return None
+        if len(frame) != n_lines:
+            return None
+        line_no = pl.int_range(block.first_line, block.first_line + n_lines, dtype=pl.Int64, eager=True)
+        return frame.with_columns(line_no.alias(LINE_COL)), {}, n_lines
+
     def _read(self, block: _Block, data: bytes, line_no: np.ndarray) -> pl.DataFrame:
         schema = {name: pl.String for name in self.names}
         if not data:
@@ -241,7 +276,7 @@ class _TextReader:
                 raise DataError(block.path, f"bytes that are not valid {self.fmt.encoding}", int(line_no[i])) from None
         try:
             frame = pl.read_csv(data, has_header=False, separator=chr(self.sep), quote_char=self.fmt.quote,
-                                schema=schema, raise_if_empty=False)
+                                schema=schema, null_values=self.null_values, raise_if_empty=False)
         except pl.exceptions.PolarsError as exc:
             bad = _first_undecodable(data)
             if bad is not None:
@@ -301,10 +336,14 @@ def read_cells(inputs: Sequence[Path], fmt: FileFormat, *, chunk_rows: int = 125
             if kind == "parquet" and reader.names is None:
                 reader.names = pq.ParquetFile(path).schema_arrow.names
             for frame in frames:
+                file_col = pl.lit(k, dtype=pl.UInt16).alias(FILE_COL)
+                if kind != "parquet" and not fmt.strip:  # the text reader made the missing cells null
+                    yield frame.with_columns(file_col)
+                    continue
                 cells = [c for c in frame.columns if c != LINE_COL]
                 exprs = [pl.col(c).str.strip_chars(" ") if fmt.strip else pl.col(c) for c in cells]
                 exprs = [pl.when(e.is_in(na)).then(None).otherwise(e).alias(c) for e, c in zip(exprs, cells)]
-                yield frame.select(*exprs, pl.col(LINE_COL), pl.lit(k, dtype=pl.UInt16).alias(FILE_COL))
+                yield frame.select(*exprs, pl.col(LINE_COL), file_col)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -336,6 +375,8 @@ class _ChunkTransform:
                 or (c.kind == "timestamp" and not c.format)}
         stamp = schema.timestamp
         self.values: dict[str, pl.Expr] = {}  # raw column -> its typed value (expressions, features)
+        self.typed: dict[str, pl.Expr] = {}  # typed columns computed once per chunk (see _typed_col)
+        self.unstripped: dict[str, pl.Expr] = {}  # their first try, without stripping the text
         self.checks: list[tuple[str, str, pl.Expr, str]] = []  # (reason, column, bad-row mask, what it should be)
         for c in schema.columns:
             for s in c.sources:
@@ -345,20 +386,22 @@ class _ChunkTransform:
                 if stamp is not None and s == stamp.source:
                     if stamp.format:
                         text, fmt = raw, stamp.format
-                        if "%H" in fmt and "%M" not in fmt:  # polars parses an hour only with its minutes
-                            text, fmt = raw + "00", fmt + "%M"
-                        value = text.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.epoch("s")
+                        if re.search(r"(?<!%)%[HI]", fmt) and not re.search(r"(?<!%)%M", fmt):
+                            text, fmt = raw + "00", fmt + "%M"  # polars parses an hour only with its minute
+                        value = self._typed_col(text.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.epoch("s"))
                         what = f"a time in the format {stamp.format!r}"
                     else:
-                        value = raw.str.strip_chars().cast(pl.Int64, strict=False)
-                        value = value // 1000 if stamp.unit == "ms" else value
+                        stripped, unstripped = self._number(raw, pl.Int64)
+                        if stamp.unit == "ms":
+                            stripped, unstripped = stripped // 1000, unstripped // 1000
+                        value = self._typed_col(stripped, unstripped)
                         what = "an integer time"
                     self.checks.append((f"{s}: bad time", s, value.is_null(), what))
                 elif c.kind == "label" and s == c.source:
                     continue  # labels are typed below (their map)
                 else:
                     dtype = pl.Int64 if s in ints else pl.Float64
-                    value = raw.str.strip_chars().cast(dtype, strict=False)
+                    value = self._typed_col(*self._number(raw, dtype))
                     what = "an integer" if dtype == pl.Int64 else "a number"
                     self.checks.append((f"{s}: not {what}", s, raw.is_not_null() & value.is_null(), what))
                 self.values[s] = value
@@ -368,6 +411,7 @@ class _ChunkTransform:
                 continue
             raw = pl.col(c.source)
             self.checks.append((f"{c.name}: missing label", c.source, raw.is_null(), "a label"))
+            unstripped = None
             if c.map:
                 value = raw.replace_strict(list(c.map), list(c.map.values()), default=None, return_dtype=pl.Float64)
                 what = f"one of {sorted(c.map)}"
@@ -376,8 +420,9 @@ class _ChunkTransform:
                                            return_dtype=pl.Float64)
                 what = f"one of the classes {list(c.classes)}"
             else:
-                value = raw.str.strip_chars().cast(pl.Float64, strict=False)
+                value, unstripped = self._number(raw, pl.Float64)
                 what = "a number"
+            value = self._typed_col(value, unstripped)
             bad = raw.is_not_null() & value.is_null()
             if c.task == "binary":
                 bad = bad | (value.is_not_null() & ~value.is_in([0.0, 1.0]))
@@ -388,6 +433,22 @@ class _ChunkTransform:
                 self.values.setdefault(c.source, value)
         self.filters = [(f.reason, compile_expr(f.expr, self.types, self._expr_columns())) for f in schema.filters]
         self.derived = {d.name: compile_expr(d.expr, self.types, self._expr_columns()) for d in schema.labels}
+
+    @staticmethod
+    def _number(raw: pl.Expr, dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr]:
+        """(the number in the stripped text, the number in the text as it is): polars' cast refuses spaces, so
+        where the second is null and the first is not, the cell had spaces around it."""
+        return raw.str.strip_chars().cast(dtype, strict=False), raw.cast(dtype, strict=False)
+
+    def _typed_col(self, value: pl.Expr, unstripped: pl.Expr | None = None) -> pl.Expr:
+        """A reference to ``value`` computed once per chunk as a column of its own, so the checks, features,
+        labels and expressions that read it do not each parse the text again (an eager select shares nothing).
+        ``unstripped``: the same without stripping the text first, tried first (see :meth:`__call__`)."""
+        name = f"__typed{len(self.typed)}"
+        self.typed[name] = value
+        if unstripped is not None:
+            self.unstripped[name] = unstripped
+        return pl.col(name)
 
     def _expr_columns(self) -> dict[str, pl.Expr]:
         return {name: self.values.get(name, pl.col(name)) for name in self.types}
@@ -437,9 +498,17 @@ class _ChunkTransform:
         return frame.filter(pl.Series(~mask))
 
     def __call__(self, cells: pl.DataFrame, report: BuildReport | None) -> pl.DataFrame:
-        frame = cells
+        # The typed columns are first made from the text as it is (stripping every cell costs as much as the
+        # cast); only a chunk where a check fails is typed again from the stripped text, which gives the same
+        # values where the first try succeeded (a cell that casts has no spaces around it).
+        typed = {n: self.unstripped.get(n, v) for n, v in self.typed.items()}
+        frame = cells.with_columns([v.alias(n) for n, v in typed.items()]) if typed else cells
         if self.checks:
-            masks = cells.select([m.fill_null(False).alias(f"m{k}") for k, (_, _, m, _) in enumerate(self.checks)])
+            check_masks = [m.fill_null(False).alias(f"m{k}") for k, (_, _, m, _) in enumerate(self.checks)]
+            masks = frame.select(check_masks)
+            if self.unstripped and any(masks[c].any() for c in masks.columns):
+                frame = cells.with_columns([v.alias(n) for n, v in self.typed.items()])
+                masks = frame.select(check_masks)
             for k, (reason, column, _, what) in enumerate(self.checks):
                 mask = masks[f"m{k}"].to_numpy()
                 if mask.any():
