@@ -5,7 +5,9 @@ and #P), columns = model x mode, cells = mean ± std of test AUC over seeds. The
 method vs B: the negative-transfer gap NTG = AUC(B) - AUC(method) (positive = the method hurt), mean ± std over
 seeds paired by seed, and a paired bootstrap 95% CI of AUC(method) - AUC(B) on the same test rows (rows resampled
 once per replicate and shared by every seed, so it measures test-set sampling noise of the seed-averaged
-difference), plus how many seeds' own CIs lie entirely above / below 0.
+difference), plus how many seeds' own CIs lie entirely above / below 0. A multi-task grid adds per-task test AUC
+and the negative-transfer gap of each task against the same model trained on that task alone
+(:func:`task_stats`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_transfer.bench.plots import make_plots
+from recsys_transfer.bench.runner import ALL_TASKS
 from recsys_transfer.bench.spec import GridSpec, modes_in
 from recsys_transfer.metrics.bootstrap import paired_bootstrap_auc_diff, paired_bootstrap_auc_diff_multi
 
@@ -80,6 +83,76 @@ def paired_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _task_predictions(out: Path, run_id: str, task: str) -> tuple[np.ndarray, np.ndarray] | None:
+    f = out / "runs" / run_id / "test_predictions.npz"
+    if not f.is_file():
+        return None
+    z = np.load(f)
+    if f"labels/{task}" not in z.files:
+        return None
+    return z[f"labels/{task}"], z[f"scores/{task}"]
+
+
+def task_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
+    """Multi-task grids: one row per (dataset, extra, model, dim, mode, task) of the multi-task runs with that
+    task's single-task reference (same dataset, model, dim; paired by seed): test AUC of both, the per-task
+    negative-transfer gap NTG = AUC(single-task) - AUC(multi-task) (thesis Eq. 3.4; positive = multi-task
+    training hurt the task), and a paired row-bootstrap 95% CI of Δ = AUC(multi) - AUC(single) over the
+    seed-averaged difference, on the same test rows."""
+    if "tasks" not in df.columns:
+        return pd.DataFrame()
+    single = df[df["tasks"] != ALL_TASKS]
+    multi = df[df["tasks"] == ALL_TASKS]
+    rows = []
+    for key, g in multi.groupby(["dataset", "extra", "model", "dim", "mode"], sort=False):
+        for task in dict.fromkeys(single["tasks"]):
+            col = f"test/{task}/auc"
+            ref = single[(single["dataset"] == key[0]) & (single["model"] == key[2]) & (single["dim"] == key[3])
+                         & (single["tasks"] == task)].set_index("seed")
+            if col not in g.columns or not len(ref):
+                continue
+            mine = g.set_index("seed")
+            seeds = sorted(set(ref.index) & set(mine.index))
+            if not seeds:
+                continue
+            a_multi = np.array([mine.loc[s, col] for s in seeds], dtype=float)
+            a_single = np.array([ref.loc[s, col] for s in seeds], dtype=float)
+            ntg = a_single - a_multi
+            sd = (lambda x: float(x.std(ddof=1)) if len(x) > 1 else float("nan"))
+            row = dict(dataset=key[0], extra=key[1], model=key[2], dim=key[3], mode=key[4], task=task,
+                       seeds=len(seeds), auc_multi=float(a_multi.mean()), auc_multi_std=sd(a_multi),
+                       auc_single=float(a_single.mean()), auc_single_std=sd(a_single), ntg_mean=float(ntg.mean()),
+                       ntg_std=sd(ntg))
+            pairs = [(_task_predictions(out, mine.loc[s, "run_id"], task),
+                      _task_predictions(out, ref.loc[s, "run_id"], task)) for s in seeds]
+            if all(a is not None and b is not None and np.array_equal(a[0], b[0]) for a, b in pairs):
+                ys = pairs[0][0][0]
+                if all(np.array_equal(a[0], ys) for a, _ in pairs):
+                    d, lo, hi = paired_bootstrap_auc_diff_multi(ys, np.stack([a[1] for a, _ in pairs]),
+                                                                np.stack([b[1] for _, b in pairs]), n_boot=n_boot,
+                                                                seed=0)
+                    row.update(diff=d, ci_lo=lo, ci_hi=hi, test_rows=int(len(ys)))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _task_section(stats: pd.DataFrame, n_boot: int) -> list[str]:
+    md = ["## Multi-task: per-task test AUC and the negative-transfer gap vs single-task", "",
+          "Each multi-task run against the same model trained on that task alone (extra `single-task`), paired by "
+          "seed. NTG = AUC(single-task) − AUC(multi-task), positive = multi-task training hurt the task (thesis "
+          f"Eq. 3.4). Δ = AUC(multi) − AUC(single) averaged over seeds, paired row-bootstrap 95% CI ({n_boot} "
+          "resamples). AUC ×100.", "",
+          "| dataset | extra | model | dim | mode | task | multi-task AUC | single-task AUC | NTG | 95% CI of Δ | seeds |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in stats.iterrows():
+        ci = (f"[{r['ci_lo'] * 100:+.3f}, {r['ci_hi'] * 100:+.3f}]" if "ci_lo" in r and np.isfinite(r["ci_lo"])
+              else "no predictions")
+        md.append(f"| {r['dataset']} | {r['extra']} | {r['model']} | {r['dim']} | {r['mode']} | {r['task']} | "
+                  f"{_fmt(r['auc_multi'], r['auc_multi_std'])} | {_fmt(r['auc_single'], r['auc_single_std'])} | "
+                  f"{_fmt(r['ntg_mean'], r['ntg_std'])} | {ci} | {int(r['seeds'])} |")
+    return md + [""]
+
+
 def _table(df: pd.DataFrame, value: str, models: list[str], modes: list[str], head2: str = "") -> list[str]:
     cols = [(m, mo) for m in models for mo in modes]
     lines = ["| dim (#P) | " + " | ".join(f"{m} {mo}{head2}" for m, mo in cols) + " |",
@@ -101,6 +174,9 @@ def write_report(out: str | Path, spec: GridSpec | None = None, command: str = "
     lam_main = spec.lam_main if spec and spec.lam_main is not None else None
     if lam_main is None and "+T" in set(df["mode"]) and len(df):
         lam_main = _base_lam(df)
+    per_task = task_stats(out, df, n_boot) if len(df) else pd.DataFrame()
+    if "tasks" in df.columns:  # the single-task references have their own section
+        df = df[df["tasks"].fillna(ALL_TASKS) == ALL_TASKS]
     main = main_rows(df, lam_main)
     stats = paired_stats(out, main, n_boot) if len(main) else pd.DataFrame()
     md = [f"# Benchmark results{': ' + spec.name if spec else ''}", ""]
@@ -135,6 +211,8 @@ def write_report(out: str | Path, spec: GridSpec | None = None, command: str = "
                 md.append(f"| {r['model']} | {r['dim']} | {r['method']} | {_fmt(r['ntg_mean'], r['ntg_std'])} | {d} | "
                           f"{ci} | {ab} | {rows_n} |")
             md.append("")
+    if len(per_task):
+        md += _task_section(per_task, n_boot)
     sweep = df[df["mode"] == "+T"]
     if len(sweep) and sweep["lam"].nunique() > 1:
         md += ["## λ sweep (+T)", "", "NTG vs B paired by seed (positive = +T hurt); the transfer loss is the value at "
@@ -158,6 +236,8 @@ def write_report(out: str | Path, spec: GridSpec | None = None, command: str = "
     path.write_text("\n".join(md))
     if len(stats):
         stats.to_csv(out / "paired_stats.csv", index=False)
+    if len(per_task):
+        per_task.to_csv(out / "task_stats.csv", index=False)
     return path
 
 

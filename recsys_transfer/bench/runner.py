@@ -8,8 +8,11 @@ last), so a run interrupted midway (or failed) is redone from scratch. After tra
 * ``bench.json``  — the cell (dataset, model, mode, dim, seed, extra, lam), overrides and ``params`` (#P:
   every parameter of the built model, embedding tables included);
 * ``test_predictions.npz`` — labels, scores and row index of the test split for the run's report task (the
-  monitor's task), recomputed from ``best/`` with the test loader in file order (the same forward path as the
+  monitor's task), and ``labels/<task>``, ``scores/<task>`` of every binary task, recomputed from ``best/`` with the test loader in file order (the same forward path as the
   trainer, :func:`recsys_transfer.train.evaluate.predict`), for the paired bootstrap.
+
+A multi-task grid (``single_task:`` in the spec) also trains each model on each listed task alone: mode B, extra
+``single-task``, ``tasks`` = the task's name (every other run: ``all``); they are the per-task NTG's reference.
 
 ``results.csv`` has one row per finished run: the cell, the report task's headline metrics (``test_auc``,
 ``head_auc``, ...) and, for every task, every test metric as ``test/<task>/<metric>`` columns.
@@ -27,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys_transfer.bench.spec import GridSpec
+from recsys_transfer.bench.spec import SINGLE_TASK, GridSpec
 from recsys_transfer.config import RunConfig, load_config
 
-CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "task", "test_auc",
+ALL_TASKS = "all"
+CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "tasks", "task",
+               "test_auc",
                "test_logloss", "head_auc", "tail_auc", "best_epoch", "epochs_run", "best_valid_auc",
                "transfer_loss", "wall_seconds", "run_id", "commit"]
 
@@ -48,10 +53,12 @@ class Run:
     overrides: list[str]
     cfg: RunConfig = field(repr=False)
     run_id: str = ""
+    tasks: str = ALL_TASKS  # the tasks trained: every task of the dataset, or one (a single-task reference run)
 
     def cell(self) -> dict:
         return {"dataset": self.dataset, "model": self.model, "mode": self.mode, "dim": self.dim, "seed": self.seed,
-                "extra": self.extra, "lam": self.lam, "pipeline": self.pipeline, "overrides": self.overrides}
+                "extra": self.extra, "lam": self.lam, "pipeline": self.pipeline, "overrides": self.overrides,
+                "tasks": self.tasks}
 
 
 def _slug(text: str) -> str:
@@ -98,6 +105,22 @@ def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) ->
                                 seen.add(rid)
                                 runs.append(Run(ds.name, m.name, column, dim, seed, ex.name, cfg.transfer.lam,
                                                 pipeline, ov, cfg, rid))
+        for m in spec.models:  # multi-task grids: the single-task references (mode B, no extra's overrides)
+            for dim in spec.dims:
+                for task in spec.single_task:
+                    for seed in spec.seeds:
+                        ov = [*spec.overrides, *ds.overrides, f"model.name={m.name}"]
+                        if m.params is not None:
+                            ov.append("model.params=" + json.dumps(m.params))
+                        ov += [*m.overrides, f"model.params.embedding_dim={dim}", "transfer.mode=B",
+                               "tasks=" + json.dumps([task.to_json()]), f"train.seed={seed}", f"transfer.seed={seed}",
+                               *extra_overrides]
+                        cfg = load_config(pipeline, ov)
+                        rid = run_id_of(cfg, f"{ds.name}-{m.name}-d{dim}-single-{task.name}-s{seed}")
+                        if rid not in seen:
+                            seen.add(rid)
+                            runs.append(Run(ds.name, m.name, "B", dim, seed, SINGLE_TASK, cfg.transfer.lam, pipeline,
+                                            ov, cfg, rid, tasks=task.name))
     return runs
 
 
@@ -142,9 +165,16 @@ def save_predictions(cfg: RunConfig, run_dir: Path) -> dict:
     params = count_parameters(model)
     load_model(model, run_dir / "best", metrics["run_id"])
     test = BatchLoader(Path(cfg.data.path), "test", cfg.train.eval_batch_size, rank=0, world_size=1, meta=meta)
-    pred = predict(model, test, [task]).tasks[task.name]
+    binary = [t for t in tasks if t.kind == "binary" and t.name != task.name]
+    preds = predict(model, test, [task, *binary]).tasks
+    pred = preds[task.name]
+    per_task = {}  # every binary task's predictions too (the per-task NTG of a multi-task grid pairs them)
+    for t in (task, *binary) if task.kind == "binary" else binary:
+        per_task[f"labels/{t.name}"] = preds[t.name].labels.astype(np.int8)
+        per_task[f"scores/{t.name}"] = preds[t.name].values.astype(np.float64)
     np.savez_compressed(run_dir / "test_predictions.npz", labels=pred.labels.astype(np.int8),
-                        scores=pred.values.astype(np.float64), row=np.arange(len(pred.labels), dtype=np.int64))
+                        scores=pred.values.astype(np.float64), row=np.arange(len(pred.labels), dtype=np.int64),
+                        **per_task)
     return {"params": params, "pred_auc": auc(pred.labels, pred.values) if task.kind == "binary" else None}
 
 
@@ -163,7 +193,8 @@ def row_of(run_dir: Path) -> dict | None:
     t = m["test"][task]
     row = {"dataset": b["dataset"], "model": b["model"], "mode": b["mode"], "dim": b["dim"],
            "params": b.get("params"), "seed": b["seed"], "extra": b["extra"], "lam": b["lam"],
-           "overrides": " ".join(b["overrides"]), "task": task, "test_auc": t.get("auc"),
+           "overrides": " ".join(b["overrides"]), "tasks": b.get("tasks", ALL_TASKS), "task": task,
+           "test_auc": t.get("auc"),
            "test_logloss": t.get("logloss"), "head_auc": t.get("head_auc"), "tail_auc": t.get("tail_auc"),
            "best_epoch": m["best_epoch"], "epochs_run": m.get("epochs_run"),
            "best_valid_auc": m.get("valid_best", {}).get(task, {}).get("auc"),

@@ -19,6 +19,9 @@ Example (``benchmarks/grids/ml100k.yaml``)::
       - {name: adam}
       - {name: sgd_m09, overrides: [rows.optimizer=momentum, rows.lr=0.1]}
     lambdas: [0.001, 0.01, 0.1, 1.0]       # optional lambda sweep for +T (extra +T runs)
+    single_task: [{name: income}, {name: never_married}]   # multi-task grids: each model also trained on each of
+                                           # these tasks alone (mode B, extra "single-task"), the reference of the
+                                           # per-task negative-transfer gap (thesis Eq. 3.4)
     lam_main: 0.01                         # the lambda of the +T column in the tables (default: the base config's)
     n_boot: 1000                           # paired bootstrap resamples in the report
 """
@@ -33,6 +36,10 @@ import yaml
 from recsys_transfer.config import TRAINING_MODES as MODES
 from recsys_transfer.config import build
 from recsys_transfer.errors import UserError
+from recsys_transfer.tasks import TaskSpec
+
+#: the extra (column group) of the single-task reference runs of a multi-task grid
+SINGLE_TASK = "single-task"
 
 #: the order of training modes in tables and plots
 MODE_ORDER = ["B", "+T", "select", "lexico", "+Ours"]
@@ -90,6 +97,7 @@ class GridSpec:
     n_boot: int = 1000
     allow_few_seeds: bool = False
     threads: int = 1
+    single_task: tuple[TaskSpec, ...] = ()
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -113,6 +121,11 @@ class GridSpec:
                 raise ValueError(f"{label}: need at least one, with unique names; got {names}")
         if not self.dims or any(d < 1 for d in self.dims):
             raise ValueError(f"dims: need positive embedding dims, got {list(self.dims)}")
+        names = [t.name for t in self.single_task]
+        if len(set(names)) != len(names):
+            raise ValueError(f"single_task: task names must be unique, got {names}")
+        if any(e.name == SINGLE_TASK for e in self.extras):
+            raise ValueError(f"extras: {SINGLE_TASK!r} names the single-task reference runs; pick another name")
         if self.lambdas and "+T" not in self.modes:
             raise ValueError("lambdas: a lambda sweep needs +T in modes")
 
