@@ -60,3 +60,38 @@ def build_model(name: str, meta: DatasetMeta, tasks=None, **kwargs) -> nn.Module
                             f"it accepts {allowed}")
     return MODELS[name](meta, tasks=tuple(tasks) if tasks else None, **kwargs)
 
+
+def parameter_counts(model: nn.Module) -> dict:
+    """``{"dense": n, "tables": n, "table_rows": n, "embedding_dims": [..]}``: trainable parameters outside the
+    embedding collections (what the dense optimizer updates), parameters of the embedding tables (rows x width, what
+    the row pipeline updates), their rows, and the distinct table widths. Each parameter is counted once (shared
+    storage or shared modules included). The FDN paper's Table 2 ``#params`` counts both."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    table_ids: set[int] = set()
+    rows, dims = 0, set()
+    for module in model.modules():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            for p in module.parameters():
+                if id(p) not in table_ids:
+                    table_ids.add(id(p))
+                    rows += p.shape[0]
+                    dims.add(int(p.shape[1]))
+    seen: set[int] = set()
+    dense = tables = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in table_ids:
+            tables += p.numel()
+        elif p.requires_grad:
+            dense += p.numel()
+    return {"dense": dense, "tables": tables, "table_rows": rows, "embedding_dims": sorted(dims)}
+
+
+def parameter_line(name: str, counts: dict) -> str:
+    """``model mmoe: 77,826 dense parameters, 113 embedding rows x 16 (1,808 table parameters)``."""
+    dims = "/".join(str(d) for d in counts["embedding_dims"]) or "-"
+    return (f"model {name}: {counts['dense']:,} dense parameters, {counts['table_rows']:,} embedding rows x {dims} "
+            f"({counts['tables']:,} table parameters)")
