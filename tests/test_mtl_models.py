@@ -342,3 +342,18 @@ def test_dense_only_regression(name, dense_only):
     after = evaluate(model, test, meta.tasks)
     for task in ("y1", "y2"):
         assert after[task]["mse"] < 0.5 * before[task]["mse"], (name, task, before[task], after[task])
+
+
+@pytest.mark.parametrize("name", sorted(set(MULTITASK_MODELS) - {"esmm"}))
+def test_multiclass_and_regression_tasks_get_their_widths(name, adult):
+    data, meta = adult
+    batch = first_batch(data, meta, 32)
+    tasks = (TaskSpec("income", kind="multiclass", num_classes=2), TaskSpec("never_married", kind="regression"))
+    model = build_model(name, meta, tasks=tasks).train()
+    out, aux = split_output(model(batch))
+    assert out["income"].shape == (32, 2) and out["never_married"].shape == (32,)
+    objective = Objective(tasks)
+    losses = objective.losses(out, aux, batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    if name == "fdn":
+        assert [h.shape for h in aux["heads/aux"]["income"]] == [(32, 2), (32, 2)]

@@ -2,8 +2,8 @@
 
     pCTR    = sigmoid(a),  a = CTR_tower(x)              x: the shared input (the paper's shared embeddings)
     pCVR    = sigmoid(b),  b = CVR_tower(x)              p(conversion | click, x), never supervised directly
-    pCTCVR  = pCTR * pCVR                                (Eq. 2)
-    L       = BCE(pCTR, click) + BCE(pCTCVR, click & conversion), over ALL impressions   (Eq. 3)
+    pCTCVR  = pCTR * pCVR
+    L       = BCE(pCTR, click) + BCE(pCTCVR, click & conversion), over ALL impressions
 
 Tasks: exactly two binary tasks, the CTR task and the CTCVR task (``ctr_task`` / ``ctcvr_task``; default the
 first and the second of the run's tasks). On Ali-CCP's layout (pipelines/datasets/ali-ccp.yaml) they are ``click``

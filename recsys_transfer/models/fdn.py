@@ -1,5 +1,6 @@
-"""FDN: Feature Decomposition Network (Zhou, Yu, Luo, Zhang; "Feature Decomposition for Reducing Negative Transfer:
-A Novel Multi-task Learning Method for Recommender System", AAAI 2023 student abstract / arXiv 2302.05031).
+"""FDN: Feature Decomposition Network (Zhou, Yu, Luo, Zhang, Beihang University: "Feature Decomposition for Reducing
+Negative Transfer: A Novel Multi-task Learning Method for Recommender System"; equations and tables numbered as in
+that paper).
 
 Each task k has M decomposition pairs (DCPs); pair (k, m) is a task-specific expert ``f^p_km`` and a task-shared
 expert ``f^s_km``, both feed-forward experts like MMoE's ("the expert of DCP is designed to be feed-forward network

@@ -1,13 +1,13 @@
 """MMoE: Multi-gate Mixture-of-Experts (Ma, Zhao, Yi, Chen, Hong, Chi; KDD 2018).
 
     f_e(x)   e = 1..E feed-forward experts on the shared input x (models/multitask.py)
-    g^k(x)   = softmax(W_gk x)                                    (Eq. 5: one gate per task)
-    f^k(x)   = sum_e g^k(x)_e f_e(x)                              (Eq. 4)
-    logit_k  = h^k(f^k(x))                                        (Eq. 6: per-task tower, before the sigmoid)
+    g^k(x)   = softmax(W_gk x)                                    one gate per task
+    f^k(x)   = sum_e g^k(x)_e f_e(x)
+    logit_k  = h^k(f^k(x))                                        per-task tower, before the sigmoid
 
-Defaults: ``num_experts 8`` (the paper's census-income setting and FuxiCTR's default), experts ``(128, 64)`` (the
-FDN paper's experts: "two fully-connected layers (128 units and 64 units)"; FuxiCTR's default [512, 256, 128] is
-~25x the dense parameters), linear gates (``gate_hidden ()``, the paper's Eq. 5; FuxiCTR uses [128, 64]), towers
+Defaults: ``num_experts 8`` (FuxiCTR's default; the FDN paper's MMoE), experts ``(128, 64)`` (the FDN paper's
+experts: "two fully-connected layers (128 units and 64 units)"; FuxiCTR's default [512, 256, 128] is ~25x the dense
+parameters), linear gates (``gate_hidden ()``, the paper's gate; FuxiCTR uses [128, 64]), towers
 ``(64,)`` (FuxiCTR [128, 64]), ``embedding_dim 16``. Output: ``{task: logit [B]}``.
 """
 

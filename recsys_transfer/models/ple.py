@@ -1,13 +1,13 @@
 """PLE: Progressive Layered Extraction, and CGC: Customized Gate Control (Tang, Liu, Zhao, Gong; RecSys 2020).
 
-CGC (Sec. 4.3), one block of :class:`recsys_transfer.modules.experts.CGC`::
+CGC, one block of :class:`recsys_transfer.modules.experts.CGC`::
 
-    g^k(x)   = softmax(W_gk x)  over [E_k ; E_s]                          (Eq. 3: task k's and the shared experts)
-    f^k(x)   = sum_e g^k(x)_e [E_k ; E_s](x)_e                            (Eq. 2, 4)
+    g^k(x)   = softmax(W_gk x)  over [E_k ; E_s]                          task k's and the shared experts
+    f^k(x)   = sum_e g^k(x)_e [E_k ; E_s](x)_e
     logit_k  = t^k(f^k(x))                                                (per-task tower)
 
-PLE (Sec. 4.4) stacks ``num_levels`` extraction levels: level j's task-k experts read task k's output of level j-1,
-its shared experts read the shared output of level j-1 (the gate over ALL experts of that level, Eq. 5), and the
+PLE stacks ``num_levels`` extraction levels: level j's task-k experts read task k's output of level j-1,
+its shared experts read the shared output of level j-1 (the gate over ALL experts of that level), and the
 towers read the last level's task outputs (the last level has no shared gate). ``cgc`` is PLE with one level.
 
 Defaults (modest; the paper's Ali-CCP comparison in the FDN paper uses 8 experts for CGC, 2 levels and 16 experts

@@ -1,4 +1,4 @@
-"""Shared-Bottom (Caruana 1997; the hard-parameter-sharing baseline of Ma et al. 2018, Sec. 3 / Fig. 1a).
+"""Shared-Bottom (Caruana 1997; the hard-parameter-sharing baseline of Ma et al. 2018, Fig. 1a).
 
     h       = bottom(x)                  one MLP shared by all tasks, x: the shared input (models/multitask.py)
     logit_k = tower_k(h)                 a per-task MLP ending in the task's output layer

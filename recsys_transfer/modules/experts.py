@@ -2,12 +2,11 @@
 
 Shape symbols: B rows, E experts, d an expert's output width, T tasks.
 
-* :class:`Expert` -- a feed-forward expert as in MMoE (Ma et al. 2018, Sec. 4): an :class:`MLP` whose every layer
+* :class:`Expert` -- a feed-forward expert as in MMoE (Ma et al. 2018): an :class:`MLP` whose every layer
   is ``Linear -> [BatchNorm] -> ReLU -> [Dropout]``, ending with its last hidden layer (``out_dim`` = that width).
-* :class:`Gate` -- ``softmax(W x)`` over E experts (MMoE Eq. 5; ``hidden`` non-empty puts an MLP before the softmax
+* :class:`Gate` -- ``softmax(W x)`` over E experts (MMoE's gate; ``hidden`` non-empty puts an MLP before the softmax
   layer, as FuxiCTR's gates with ``gate_hidden_units`` do). :func:`mix` is the gated sum ``sum_e g_e f_e``.
-* :class:`CGC` -- Customized Gate Control (Tang et al. 2020, Sec. 4.3, Eq. 2-4) and one extraction level of PLE
-  (Sec. 4.4, Eq. 5): per task ``specific`` experts, ``shared`` experts common to all tasks, and per task a gate over
+* :class:`CGC` -- Customized Gate Control (Tang et al. 2020) and one extraction level of PLE: per task ``specific`` experts, ``shared`` experts common to all tasks, and per task a gate over
   its own and the shared experts; with ``shared_gate`` (every PLE level but the last) one more gate over ALL experts
   gives the shared output the next level's shared experts read.
 
@@ -70,7 +69,7 @@ class CGC(nn.Module):
     ``forward(task_inputs, shared_input)``: ``task_inputs`` one ``[B, in_dim]`` per task (the same tensor at the
     first level; task k's previous output above it), ``shared_input [B, in_dim]``. Returns ``(task outputs, shared
     output)``: ``T`` tensors ``[B, d]`` and ``[B, d]`` (None without ``shared_gate``). Task k's gate reads task k's
-    input (PLE Eq. 3); the shared gate reads the shared input (Eq. 5's shared branch). :meth:`gate_weights` gives the
+    input; the shared gate reads the shared input. :meth:`gate_weights` gives the
     weights the gates computed."""
 
     def __init__(self, in_dim: int, num_tasks: int, specific: int, shared: int, hidden: tuple[int, ...] | list[int],
