@@ -17,17 +17,30 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.models.autoint import AutoInt
 from recsys_transfer.models.deepfm import DeepFM
+from recsys_transfer.models.esmm import ESMM
+from recsys_transfer.models.fdn import FDN
 from recsys_transfer.models.fm import FM
 from recsys_transfer.models.lr import LR
+from recsys_transfer.models.mmoe import MMoE
+from recsys_transfer.models.ple import CGC, PLE
+from recsys_transfer.models.shared_bottom import SharedBottom
+from recsys_transfer.models.single_task import SingleTask
 
-MODELS: dict[str, type[nn.Module]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, "autoint": AutoInt}
+#: CTR models (one network, per-task output units)
+CTR_MODELS: dict[str, type[nn.Module]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, "autoint": AutoInt}
+#: multi-task models (models/multitask.py: one shared embedding collection, one output per task)
+MULTITASK_MODELS: dict[str, type[nn.Module]] = {
+    "single_task": SingleTask, "shared_bottom": SharedBottom, "mmoe": MMoE, "cgc": CGC, "ple": PLE, "esmm": ESMM,
+    "fdn": FDN}
+MODELS: dict[str, type[nn.Module]] = {**CTR_MODELS, **MULTITASK_MODELS}
 
 
 def model_arguments(name: str) -> list[str]:
     """The keyword arguments model ``name`` accepts in ``model.params`` (its constructor's parameters after
-    ``meta``, without ``tasks``: those come from the run's task specs)."""
+    ``meta``, without ``tasks``: those come from the run's task specs, nor private ``_`` ones)."""
     params = list(inspect.signature(MODELS[name].__init__).parameters.values())[2:]  # drop self, meta
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "tasks"]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "tasks"
+            and not p.name.startswith("_")]
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -46,3 +59,39 @@ def build_model(name: str, meta: DatasetMeta, tasks=None, **kwargs) -> nn.Module
             raise UserError(f"model {name!r}: unknown argument {key!r}{_suggest(key, allowed)}; "
                             f"it accepts {allowed}")
     return MODELS[name](meta, tasks=tuple(tasks) if tasks else None, **kwargs)
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """``{"dense": n, "tables": n, "table_rows": n, "embedding_dims": [..]}``: trainable parameters outside the
+    embedding collections (what the dense optimizer updates), parameters of the embedding tables (rows x width, what
+    the row pipeline updates), their rows, and the distinct table widths. Each parameter is counted once (shared
+    storage or shared modules included). The FDN paper's Table 2 ``#params`` counts both."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    table_ids: set[int] = set()
+    rows, dims = 0, set()
+    for module in model.modules():
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
+            for p in module.parameters():
+                if id(p) not in table_ids:
+                    table_ids.add(id(p))
+                    rows += p.shape[0]
+                    dims.add(int(p.shape[1]))
+    seen: set[int] = set()
+    dense = tables = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in table_ids:
+            tables += p.numel()
+        elif p.requires_grad:
+            dense += p.numel()
+    return {"dense": dense, "tables": tables, "table_rows": rows, "embedding_dims": sorted(dims)}
+
+
+def parameter_line(name: str, counts: dict) -> str:
+    """``model mmoe: 77,826 dense parameters, 113 embedding rows x 16 (1,808 table parameters)``."""
+    dims = "/".join(str(d) for d in counts["embedding_dims"]) or "-"
+    return (f"model {name}: {counts['dense']:,} dense parameters, {counts['table_rows']:,} embedding rows x {dims} "
+            f"({counts['tables']:,} table parameters)")

@@ -6,6 +6,9 @@
 3. the tasks (the run config's, or the dataset's ``meta.json``) and the monitor;
 4. the model from the registry, on ``train.device``, sharded with DistributedModelParallel when ``WORLD_SIZE > 1``
    by the ``sharding`` section's plan (:mod:`recsys_transfer.train.sharding`; rank 0 prints it, saves ``plan.json``);
+   rank 0 prints its parameter counts (``model mmoe: N dense parameters, R embedding rows x k``; with
+   ``train.progress``), recorded as ``parameters`` in ``run.json`` and ``metrics.json``
+   (:func:`recsys_transfer.models.registry.parameter_counts`);
 5. the training step (:func:`recsys_transfer.train.compose.compose_step`): the row pipeline over the model's
    tables (row optimizer, freeze, clip) with the transfer stage of ``transfer.mode`` (none in mode B), the
    objective of the tasks and the dense optimizer, composed by :class:`~recsys_transfer.train.step.TrainStep`;
@@ -198,7 +201,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
     mistakes raise :class:`UserError` (the run's ``run.json`` and ``metrics.json`` then say ``failed``)."""
     from recsys_transfer.data.loader import BatchLoader
     from recsys_transfer.data.prepared import DatasetMeta
-    from recsys_transfer.models.registry import build_model
+    from recsys_transfer.models.registry import build_model, parameter_counts, parameter_line
     from recsys_transfer.train.checkpoint import CheckpointDir, load_model, save_model
     from recsys_transfer.train.compose import compose_step
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
@@ -243,6 +246,9 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         domains = select_domains(cfg, data, meta)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
+        run["parameters"] = parameter_counts(model)  # before sharding: the whole model's
+        if info.is_main and cfg.train.progress:
+            print(parameter_line(cfg.model.name, run["parameters"]), flush=True)
         model = (shard_model(model, info.device, sharding=cfg.sharding, batch_size=cfg.train.batch_size)
                  if info.world_size > 1 else model.to(info.device))
         plan = sharded_plan_rows(model, cfg.sharding) if info.world_size > 1 else []
@@ -325,7 +331,8 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
                    "transfer_field": field, "wall_seconds": time.perf_counter() - t_start,
                    "train_rows_per_s": train_rows / max(train_seconds, 1e-9), "world_size": info.world_size,
                    "device": str(info.device), "transfer": rows.stats(), "config": cfg.to_dict(),
-                   "dataset_id": meta.dataset_id, "commit": run["commit"], "versions": run["versions"]}
+                   "dataset_id": meta.dataset_id, "parameters": run["parameters"], "commit": run["commit"],
+                   "versions": run["versions"]}
         if info.is_main:
             write_json(out / "metrics.json", metrics)
             write_json(out / "run.json", {**run, "status": "completed"})
