@@ -98,12 +98,12 @@ def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) ->
                                     ov.append(f"transfer.lam={lam}")
                                 ov += [f"train.seed={seed}", f"transfer.seed={seed}", *extra_overrides]
                                 cfg = load_config(pipeline, ov)
-                                slug = f"{ds.name}-{m.name}-d{dim}-{column}-{ex.name}-lam{cfg.transfer.lam:g}-s{seed}"
+                                slug = f"{ds.name}-{m.column}-d{dim}-{column}-{ex.name}-lam{cfg.transfer.lam:g}-s{seed}"
                                 rid = run_id_of(cfg, slug)
                                 if rid in seen:
                                     continue
                                 seen.add(rid)
-                                runs.append(Run(ds.name, m.name, column, dim, seed, ex.name, cfg.transfer.lam,
+                                runs.append(Run(ds.name, m.column, column, dim, seed, ex.name, cfg.transfer.lam,
                                                 pipeline, ov, cfg, rid))
         for m in spec.models:  # multi-task grids: the single-task references (mode B, no extra's overrides)
             for dim in spec.dims:
@@ -116,10 +116,10 @@ def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) ->
                                "tasks=" + json.dumps([task.to_json()]), f"train.seed={seed}", f"transfer.seed={seed}",
                                *extra_overrides]
                         cfg = load_config(pipeline, ov)
-                        rid = run_id_of(cfg, f"{ds.name}-{m.name}-d{dim}-single-{task.name}-s{seed}")
+                        rid = run_id_of(cfg, f"{ds.name}-{m.column}-d{dim}-single-{task.name}-s{seed}")
                         if rid not in seen:
                             seen.add(rid)
-                            runs.append(Run(ds.name, m.name, "B", dim, seed, SINGLE_TASK, cfg.transfer.lam, pipeline,
+                            runs.append(Run(ds.name, m.column, "B", dim, seed, SINGLE_TASK, cfg.transfer.lam, pipeline,
                                             ov, cfg, rid, tasks=task.name))
     return runs
 

@@ -10,6 +10,7 @@ Example (``benchmarks/grids/ml100k.yaml``)::
     models:                                # names, or {name, params (replaces model.params), overrides}
       - deepfm
       - {name: autoint, params: {num_layers: 3}}
+      - {name: autoint, label: autoint-l1, params: {num_layers: 1}}   # label: its name in the tables
     modes: [B, +T, +Ours]                  # subset of B, +T, +Ours, select, lexico
     methods:                               # optional further columns: a mode with overrides of its own
       - {name: "+Ours applied", mode: +Ours, overrides: [transfer.barrier=applied]}
@@ -60,9 +61,14 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str
+    name: str  # the registry name (model.name)
     params: dict | None = None  # replaces model.params of the pipeline when given
     overrides: tuple[str, ...] = ()
+    label: str = ""  # the model's name in tables (default: name), so one model can appear with other params
+
+    @property
+    def column(self) -> str:
+        return self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ class GridSpec:
         if not self.seeds or (len(self.seeds) < 3 and not self.allow_few_seeds):
             raise ValueError(f"seeds: need at least 3, got {list(self.seeds)} (set allow_few_seeds: true for smoke grids)")
         for label, items in (("datasets", self.datasets), ("models", self.models), ("extras", self.extras)):
-            names = [i.name for i in items]
+            names = [i.column if isinstance(i, ModelSpec) else i.name for i in items]
             if not names or len(set(names)) != len(names):
                 raise ValueError(f"{label}: need at least one, with unique names; got {names}")
         if not self.dims or any(d < 1 for d in self.dims):
