@@ -167,11 +167,13 @@ def _map_rows(xs: Sequence[torch.Tensor], fn: Callable[[torch.Tensor], torch.Ten
 class CallRows:
     """What one fused lookup call's backward recorded: its tables' touched rows (tables without touched rows are
     absent), the shared-buffer view when they share one, and, with per-task recording, each task's gradients
-    (``task_grads[task]``: one ``[U, D]`` per table, in ``tables`` order)."""
+    (``task_grads[task]``: one ``[U, D]`` per table, in ``tables`` order; ``task_whole[task]``: the ``[U, D]``
+    array over the shared rows, when the tables share a buffer)."""
 
     tables: list[TableRows]
     shared: SharedRows | None = None
     task_grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    task_whole: dict[str, torch.Tensor] = field(default_factory=dict)
     split: SplitUpdate | None = None
 
     def whole(self) -> bool:
@@ -200,6 +202,7 @@ class CallRows:
                 self.split = None
         self.tables = [t for t, k in zip(self.tables, keep) if k]
         self.task_grads = {task: [g for g, k in zip(gs, keep) if k] for task, gs in self.task_grads.items()}
+        self.task_whole = {}
         self.shared = None
 
 
@@ -456,6 +459,7 @@ class RowPipeline:
         call = calls[0]
         call.task_grads = {task: [t.grad for t in c.tables] for task, c in by_task.items()}
         if call.shared is not None:
+            call.task_whole = {task: c.shared.grad for task, c in by_task.items()}
             call.shared.grad = torch.stack([c.shared.grad for c in calls]).sum(0) if len(calls) > 1 else call.shared.grad
             for t in call.tables:
                 t.grad = call.shared.grad[t.span[0] : t.span[1]]
