@@ -9,6 +9,7 @@ A pipeline file (``pipelines/*.yaml``) has these sections::
     sharding: {row_wise_min_rows: 1000000, tables: {t_zip: table_wise}}  # torchrun runs: the tables' layout
     rows:     {optimizer: adam, lr: 1.0e-3}      # how embedding rows are updated (every mode)
     transfer: {mode: "+Ours", loss: adversarial, fields: [zip]}
+    multitask: {weighting: equal, surgery: gradvac, groups: layer, row_groups: table, beta: 0.01}
     train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, monitor: valid/label/auc, device: auto, ...}
     checkpoint: {every_steps: 500, keep: 2}     # train-state checkpoints (resume); default: each epoch end
     log:      {tensorboard: true, every_steps: 50}  # TensorBoard scalars (rank 0); plain progress lines off a terminal
@@ -380,6 +381,61 @@ class TrainConfig:
                              f"got {self.monitor!r}")
 
 
+WEIGHTINGS = ("equal", "fixed", "uncertainty")
+SURGERIES = ("none", "pcgrad", "gradvac")
+DENSE_GROUPS = ("model", "layer", "parameter")
+ROW_GROUPS = ("table", "tables")
+
+
+@dataclass(frozen=True)
+class MultitaskConfig:
+    """Loss weighting and gradient surgery (:mod:`recsys_transfer.multitask`), pieces of the one training step.
+
+    ``weighting``: ``equal`` (each task's own ``tasks[].weight``: the plain sum), ``fixed`` (``weights: {task: w}``;
+    tasks not named keep their own weight) or ``uncertainty`` (Kendall et al. 2018: learnable log-variances).
+    ``surgery``: ``none``, ``pcgrad`` or ``gradvac`` over the shared dense parameters (grouped by ``groups``:
+    ``model`` / ``layer`` (per module) / ``parameter``) and the touched embedding rows (``row_groups``: ``table``
+    (one group per table) / ``tables`` (the tables of one lookup call together)); ``beta``: GradVac's EMA rate
+    (Eq. 6.3); ``tasks``: the tasks whose gradients are altered (the thesis's G; the others stay as they are and
+    serve as references; empty: all); ``seed``: the random task order. Surgery turns on one backward per task
+    (``rows.per_task``) by itself."""
+
+    weighting: str = "equal"
+    weights: dict = field(default_factory=dict)
+    surgery: str = "none"
+    groups: str = "layer"
+    row_groups: str = "table"
+    beta: float = 1e-2
+    tasks: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"multitask.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.weights and self.weighting != "fixed":
+            raise ValueError("multitask.weights is for weighting: fixed")
+        for name, w in self.weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+                raise ValueError(f"multitask.weights.{name} must be a number >= 0, got {w!r}")
+        if self.surgery not in SURGERIES:
+            raise ValueError(f"multitask.surgery must be one of {SURGERIES}, got {self.surgery!r}")
+        if self.groups not in DENSE_GROUPS:
+            raise ValueError(f"multitask.groups must be one of {DENSE_GROUPS}, got {self.groups!r}")
+        if self.row_groups not in ROW_GROUPS:
+            raise ValueError(f"multitask.row_groups must be one of {ROW_GROUPS}, got {self.row_groups!r}")
+        if not 0.0 < self.beta <= 1.0:
+            raise ValueError(f"multitask.beta must be in (0, 1], got {self.beta}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"multitask.tasks lists a task twice: {list(self.tasks)}")
+        if self.tasks and self.surgery == "none":
+            raise ValueError("multitask.tasks chooses the tasks of gradient surgery: set multitask.surgery")
+
+    @property
+    def enabled(self) -> bool:
+        """Anything other than the plain weighted sum."""
+        return self.weighting != "equal" or self.surgery != "none"
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     """Train-state checkpoints (:mod:`recsys_transfer.train.state`) under ``<output>/checkpoints/``: one at the
@@ -442,6 +498,9 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         if path in RESUMABLE_CHANGES:
             continue
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        default = dataclasses.asdict(MultitaskConfig())
+        if path == "multitask" and a == "<absent>" and b in (default, {**default, "tasks": []}):
+            continue  # a checkpoint from before the section existed: the default is what it ran
         if isinstance(a, dict) and isinstance(b, dict) and a and b:
             out.extend(config_differences(a, b, path + "."))
         elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
@@ -457,6 +516,7 @@ class RunConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     rows: RowsConfig = field(default_factory=RowsConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)

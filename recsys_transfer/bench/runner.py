@@ -21,6 +21,7 @@ A multi-task grid (``single_task:`` in the spec) also trains each model on each 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import re
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys_transfer.bench.spec import SINGLE_TASK, GridSpec
-from recsys_transfer.config import RunConfig, load_config
+from recsys_transfer.config import MultitaskConfig, RunConfig, load_config
 
 ALL_TASKS = "all"
 CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "tasks", "task",
@@ -69,6 +70,8 @@ def run_id_of(cfg: RunConfig, slug: str) -> str:
     tree = cfg.to_dict()
     tree["train"].pop("progress", None)
     tree.pop("log", None)  # how a run is watched, not what it computes
+    if not cfg.multitask.enabled and tree.get("multitask") == dataclasses.asdict(MultitaskConfig()):
+        tree.pop("multitask")  # runs from before the section existed keep their ids
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{_slug(slug)}-{digest}"
 
