@@ -255,7 +255,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         if plan and info.is_main:
             write_plan(out, plan)
         step = compose_step(model, meta, tasks=tasks, rows=cfg.rows, transfer=cfg.transfer, domains=domains,
-                            train=cfg.train)
+                            train=cfg.train, multitask=cfg.multitask)
         rows = step.rows
         pin = info.device.type == "cuda"
         common = dict(rank=info.rank, world_size=info.world_size, meta=meta, pin_memory=pin)

@@ -12,11 +12,14 @@ What it holds (flat keys; every rank saves its part, DCP writes each once):
 * ``transfer.<table key>.<state>``: the transfer loss's learned state of each table under transfer (the adversarial
   discriminator and its lazy-Adam state), by table, so it follows the table to whichever rank holds it;
 * ``ema.<key>``: the EMA shadow of every parameter (tables sharded like the tables);
+* ``multitask.<name>``: a loss weighting's learned parameters (uncertainty weighting's log-variances; their dense
+  optimizer state is under ``dense.multitask.<name>.<state>`` like any dense parameter's);
 * ``rank<r>``: what differs per rank, under a rank-unique key (DCP keeps ONE copy of same-key values, pytorch
   issue 120356): the loop (epoch, global step, history, best value and epoch, early-stopping count: the same on
   every rank except the per-task train losses, which are each rank's own), the sums of the epoch in progress, the
   RNG states (torch CPU/CUDA, numpy, random), the transfer stage's subsample generators, the discriminators'
-  call counters and last-step statistics;
+  call counters and last-step statistics, gradient surgery's state (GradVac's EMA targets per task pair and
+  group, the generator of the task orders: :class:`recsys_transfer.multitask.surgery.Surgery`);
 * ``meta``: format, run id, config, world size, library versions and the sharding plan.
 
 The data position is the epoch and the number of batches trained in it (never an iterator position: the loader's
@@ -43,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recsys_transfer.errors import UserError
+from recsys_transfer.multitask.surgery import RowSurgery, Surgery
 from recsys_transfer.train.loop import EMA, FitResult
 from recsys_transfer.train.step import TrainStep
 from recsys_transfer.transfer.barrier import TransferTransform
@@ -155,21 +159,45 @@ class TrainState:
 
     # -- the pieces ------------------------------------------------------------------------------------------------
     def _param_names(self) -> dict[int, str]:
-        return {id(p): name for name, p in self.model.named_parameters()}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        names.update({id(p): name for name, p in self._weighting_params().items()})
+        return names
+
+    def _weighting_params(self) -> dict[str, nn.Parameter]:
+        weighting = getattr(self.step, "weighting", None)
+        return weighting.parameters() if weighting is not None else {}
+
+    def _surgery(self) -> Surgery | None:
+        if getattr(self.step, "surgery", None) is not None:
+            return self.step.surgery.surgery
+        rows = self.step.rows
+        found = [t.surgery for t in rows.transforms if isinstance(t, RowSurgery)] if rows else []
+        return found[0] if found else None
 
     def _transfer_stages(self) -> list[TransferTransform]:
         rows = self.step.rows
         return [t for t in rows.transforms if isinstance(t, TransferTransform)] if rows else []
 
     def _rank_blob(self) -> dict:
+        surgery = self._surgery()
         return {"rng": rng_state(), "loop": self.loop,
-                "transfer": [stage.local_state() for stage in self._transfer_stages()]}
+                "transfer": [stage.local_state() for stage in self._transfer_stages()],
+                "surgery": surgery.state_dict() if surgery is not None else None}
 
     def _restore_rank_blob(self, blob: dict) -> None:
         set_rng_state(blob["rng"])
         vars(self.loop).update(vars(blob["loop"]))  # the live FitResult that fit() advances
         for stage, saved in zip(self._transfer_stages(), blob["transfer"]):
             stage.load_local_state(saved)
+        surgery, saved = self._surgery(), blob.get("surgery")
+        if (surgery is None) != (saved is None):
+            raise UserError("the checkpoint was saved " + ("without" if saved is None else "with") + " gradient "
+                            "surgery, this run is configured " + ("with" if saved is None else "without") + " it")
+        if surgery is not None:
+            try:
+                surgery.load_state_dict(saved)
+            except ValueError as exc:
+                raise UserError(f"gradient surgery: {exc}") from None
 
     # -- saving ----------------------------------------------------------------------------------------------------
     def position(self) -> dict:
@@ -215,6 +243,8 @@ class TrainState:
             for shadow, tensor in zip(self.ema.shadow, self.ema.tensors):
                 key = tensors.key(tensor)
                 out[f"ema.{key}"] = tensors.like(key, shadow)
+        for name, param in self._weighting_params().items():
+            out[name] = param.detach()
         out[f"rank{self.rank}"] = _pack(self._rank_blob())
         out["meta"] = _pack(self.position())
         return out
@@ -293,9 +323,17 @@ class TrainState:
                     raise UserError(f"{path}: no EMA state for {key} (saved without train.ema_decay)")
                 target[f"ema.{key}"] = tensors.like(key, shadow)
                 ema_targets.append(shadow)
+        weighting = self._weighting_params()
+        for name, param in weighting.items():
+            if name not in saved:
+                raise UserError(f"{path}: no {name} (saved with another multitask.weighting)")
+            target[name] = torch.empty_like(param.detach())
         own = f"rank{self.rank}" if self.rank < saved_world else "rank0"
         target[own] = b""
         self._dcp_load(target, path)
+        with torch.no_grad():
+            for name, param in weighting.items():
+                param.copy_(target[name])
 
         # install
         self.model.load_state_dict({k[len("model."):]: v for k, v in target.items() if k.startswith("model.")})

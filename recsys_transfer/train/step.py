@@ -2,12 +2,16 @@
 
 1. forward: ``model(batch)`` -> ``{task: output}`` (+ auxiliary outputs);
 2. per-task losses by task kind and the model's own terms (:class:`recsys_transfer.objectives.Objective`);
-   ``l_main = sum_k w_k l_k + terms``; a non-finite ``l_main`` stops the run (or skips the batch, counted);
+   ``l_main = sum_k w_k l_k + terms`` -- or the terms of a loss weighting (``weighting``:
+   :mod:`recsys_transfer.multitask.weighting`); a non-finite ``l_main`` stops the run (or skips the batch, counted);
 3. backward phase: dense gradients as usual, while every fused lookup RECORDS its touched rows and their
    gradient (never a dense table gradient) -- with ``per_task`` one backward per task, each into its own slot;
+   with gradient surgery (``surgery``) each task's dense gradients are also taken aside after its backward;
 4. row transforms, in the pipeline's stage order (surgery -> transfer barrier -> freeze -> clip), then the row
-   optimizer applies the directions to the touched rows (:mod:`recsys_transfer.rows`);
-5. the dense optimizer step.
+   optimizer applies the directions to the touched rows (:mod:`recsys_transfer.rows`): surgery first turns the
+   per-task row gradients into one ``g_main``, the barrier then works on that ``g_main``;
+5. dense: surgery per parameter group (:class:`recsys_transfer.multitask.surgery.DenseSurgery`), then the dense
+   optimizer step.
 
 With one task and no surgery this is exactly the arithmetic of the fused row update it replaced (tested against
 weights recorded before the change, ``tests/test_reference_updates.py``).
@@ -15,6 +19,7 @@ weights recorded before the change, ``tests/test_reference_updates.py``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,6 +27,8 @@ import torch
 from torch import nn
 
 from recsys_transfer.config import TrainConfig
+from recsys_transfer.multitask.surgery import DenseSurgery
+from recsys_transfer.multitask.weighting import Weighting
 from recsys_transfer.objectives import Objective
 from recsys_transfer.rows.pipeline import RowPipeline, mean_over_ranks
 from recsys_transfer.types import split_output
@@ -63,22 +70,31 @@ class TrainStep:
     ``dense_optimizer``, e.g. with dense table gradients); ``per_task``: one backward per task (each task's row
     gradients recorded in its own slot, for gradient surgery; without surgery the result equals one backward of
     the weighted sum); ``skip_nonfinite``: a batch with a non-finite loss is dropped (``StepResult.skipped``)
-    instead of raising :class:`NonFiniteLoss`."""
+    instead of raising :class:`NonFiniteLoss`. ``weighting``: a loss weighting (None: the objective's weights);
+    ``surgery``: gradient surgery of the dense parameters (its :class:`~recsys_transfer.multitask.surgery.Surgery`
+    state is shared with the row pipeline's ``surgery`` stage; needs ``per_task``)."""
 
     def __init__(self, model: nn.Module, objective: Objective, dense: torch.optim.Optimizer,
-                 rows: RowPipeline | None = None, *, per_task: bool = False, skip_nonfinite: bool = False) -> None:
+                 rows: RowPipeline | None = None, *, per_task: bool = False, skip_nonfinite: bool = False,
+                 weighting: Weighting | None = None, surgery: DenseSurgery | None = None) -> None:
+        if surgery is not None and not per_task:
+            raise ValueError("gradient surgery needs one backward per task (per_task=True)")
         self.model = model
         self.objective = objective
         self.dense = dense
         self.rows = rows
         self.per_task = per_task
         self.skip_nonfinite = skip_nonfinite
+        self.weighting = weighting
+        self.surgery = surgery
 
     def __call__(self, batch) -> StepResult:
         # 1. forward
         outputs, aux = split_output(self.model(batch))
         # 2. per-task losses and model terms; l_main
         losses = self.objective.losses(outputs, aux, batch)
+        if self.weighting is not None or self.surgery is not None:
+            return self._multitask(losses)
         loss = self.objective.total(losses)
         # l_main averaged over ranks (every rank then agrees on whether it is finite, and the barrier's phi_i uses
         # the global-batch loss); the step's one host sync: nothing has moved yet if it is not finite
@@ -103,5 +119,49 @@ class TrainStep:
         if self.rows is not None:
             self.rows.apply()
         # 5. dense update
+        self.dense.step()
+        return StepResult(value, {k: v.detach() for k, v in losses.items()})
+
+    def _multitask(self, losses: dict[str, torch.Tensor]) -> StepResult:
+        """Steps 2-5 with a loss weighting and/or gradient surgery (the class docstring's order)."""
+        weighting = self.weighting or Weighting(self.objective)
+        terms, regularizer = weighting.terms(losses)
+        data = None
+        for term in terms.values():
+            data = term if data is None else data + term
+        # l_main: the weighted task terms, whose row gradient is g_main (the barrier's phi_i reads it); the
+        # weighting's regularizer (uncertainty's 1/2 s_k) reaches only its own parameters
+        main = mean_over_ranks(data)
+        value = float(main if regularizer is None else main + regularizer.detach().to(main.dtype))
+        if not math.isfinite(value):
+            if self.skip_nonfinite:
+                return StepResult(value, {k: v.detach() for k, v in losses.items()}, skipped=True)
+            raise NonFiniteLoss(value, {k: float(v.detach()) for k, v in losses.items()})
+        self.dense.zero_grad(set_to_none=True)
+        if self.rows is not None:
+            self.rows.begin(main, averaged=True)
+        if self.per_task and len(terms) > 1:
+            surgery = self.surgery
+            tasks = surgery.surgery.tasks if surgery is not None else ()
+            if surgery is not None:
+                surgery.surgery.new_step()
+            # the surgery's tasks first: each one's dense gradients are taken aside after its backward, and what
+            # the other terms add afterwards stays in .grad (DenseSurgery.apply adds it)
+            items = [(n, terms[n]) for n in tasks if n in terms] + [(n, t) for n, t in terms.items() if n not in tasks]
+            for k, (name, term) in enumerate(items):
+                with self.rows.task(name) if self.rows is not None else contextlib.nullcontext():
+                    term.backward(retain_graph=k + 1 < len(items))
+                if surgery is not None and name in tasks:
+                    surgery.collect(name)
+            if regularizer is not None:
+                regularizer.backward()
+        else:
+            (data if regularizer is None else data + regularizer).backward()
+        # 4. row transforms (surgery -> transfer -> freeze -> clip) and the row optimizer, touched rows only
+        if self.rows is not None:
+            self.rows.apply()
+        # 5. dense: surgery per group, then the update
+        if self.surgery is not None:
+            self.surgery.apply()
         self.dense.step()
         return StepResult(value, {k: v.detach() for k, v in losses.items()})
