@@ -260,15 +260,14 @@ class RowSurgery(RowTransform):
         if call.shared is not None and call.task_whole:
             self._shared(call, names, rest)
             return
+        # every table's rows as one flat vector per task; groups: each table's span, or all of them
+        per_task = [torch.cat([g.reshape(-1) for g in call.task_grads[n]]) for n in names]
+        sizes = [t.grad.numel() for t in call.tables]
         if self.row_groups == "tables":
-            per_task = [torch.cat([g.reshape(-1) for g in call.task_grads[n]]) for n in names]
-            sizes = [t.grad.numel() for t in call.tables]
             out = self.surgery.combine(names, per_task, [self._call_group(call)])
-            parts = out.split(sizes)
         else:
-            parts = []
-            for k, t in enumerate(call.tables):
-                parts.append(self.surgery.combine(names, [call.task_grads[n][k] for n in names], [t.slot.name]))
+            out = self.surgery.combine(names, per_task, [t.slot.name for t in call.tables], sizes)
+        parts = out.split(sizes)
         for k, (t, part) in enumerate(zip(call.tables, parts)):
             g = part.view(t.grad.shape)
             for n in rest:
@@ -344,15 +343,15 @@ class DenseSurgery:
         for name, tasks in reached.items():  # one task (or none): its gradient as it is
             if len(tasks) == 1:
                 out[name] = collected[tasks[0]][name]
-        for group, members in shared.items():  # groups in the order their first parameter comes
-            per_task = []
-            present = names
-            for n in present:
-                per_task.append(torch.cat([collected[n][m].reshape(-1) if m in collected[n] else
-                                           torch.zeros(self.params[m].numel(), dtype=self.params[m].dtype,
-                                                       device=self.params[m].device) for m in members]))
-            combined = self.surgery.combine(present, per_task, [group])
-            for m, part in zip(members, combined.split([self.params[m].numel() for m in members])):
+        if shared:  # every group at once: one flat vector per task, groups consecutive
+            members = [m for group in shared.values() for m in group]
+            sizes = [self.params[m].numel() for m in members]
+            per_task = [torch.cat([collected[n][m].reshape(-1) if m in collected[n] else
+                                   torch.zeros(self.params[m].numel(), dtype=self.params[m].dtype,
+                                               device=self.params[m].device) for m in members]) for n in names]
+            lengths = [sum(self.params[m].numel() for m in group) for group in shared.values()]
+            combined = self.surgery.combine(names, per_task, list(shared), lengths)
+            for m, part in zip(members, combined.split(sizes)):
                 out[m] = part.view(self.params[m].shape)
         for name, g in out.items():
             p = self.params[name]
