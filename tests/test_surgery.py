@@ -426,9 +426,14 @@ def test_train_state_round_trips_surgery_and_weighting(adult, tmp_path):
         step(b)
     model2, step2 = _step(meta, **cfg)
     TrainState(model2, step2, None, FitResult(), meta={"run_id": "t"}).load(tmp_path / "ck")
-    assert torch.equal(step2.weighting.log_vars, step.weighting.log_vars) is False  # step went on 3 more steps
+    model4, step4 = _step(meta, **cfg)  # the control: the same checkpoint without GradVac's targets
+    TrainState(model4, step4, None, FitResult(), meta={"run_id": "t"}).load(tmp_path / "ck")
+    assert step4.surgery.surgery.targets
+    step4.surgery.surgery.targets.clear()
     for b in batches[3:]:
         step2(b)
+        step4(b)
+    assert not all(torch.equal(v, v4) for v, v4 in zip(model.state_dict().values(), model4.state_dict().values()))
     for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(v, v2), k
     assert torch.equal(step.weighting.log_vars, step2.weighting.log_vars)
@@ -439,3 +444,57 @@ def test_train_state_round_trips_surgery_and_weighting(adult, tmp_path):
     model3, step3 = _step(meta, weighting="uncertainty")
     with pytest.raises(UserError, match="surgery"):
         TrainState(model3, step3, None, FitResult(), meta={"run_id": "t"}).load(tmp_path / "ck")
+
+
+@pytest.mark.slow
+def test_killed_run_with_gradvac_resumes_bitwise(adult, tmp_path):
+    """`recsys-transfer train` with GradVac and uncertainty weighting, killed after a mid-epoch checkpoint and
+    resumed, ends with every checkpointed tensor, the epoch records and the surgery state equal to an uninterrupted
+    run's."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    out, _, _ = adult
+    cfg = tmp_path / "mt.yaml"
+    cfg.write_text(f"""data: {{path: {out}}}
+model: {{name: deepfm, params: {{embedding_dim: 8, hidden: [32]}}}}
+rows: {{optimizer: adam, lr: 1.0e-2}}
+multitask: {{weighting: uncertainty, surgery: gradvac, beta: 0.1, groups: layer}}
+train: {{epochs: 2, batch_size: 4096, lr: 1.0e-3, progress: false}}
+checkpoint: {{every_steps: 4, keep: 2}}
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def train(run: Path, fault: int | None = None) -> subprocess.CompletedProcess:
+        e = dict(env, **({"RECSYS_TRANSFER_FAULT_STEP": str(fault), "RECSYS_TRANSFER_FAULT_RANK": "0"} if fault else {}))
+        return subprocess.run([sys.executable, "-m", "recsys_transfer", "train", "--config", str(cfg), "--output",
+                               str(run)], capture_output=True, text=True, timeout=600, env=e)
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train(whole).returncode == 0
+    killed = train(cut, fault=14)  # 10 batches per epoch: epoch 1, 2 steps after the checkpoint of step 12
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = train(cut)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+
+    def final(run: Path):
+        path = sorted((run / "checkpoints").glob("step-*"))[-1]
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items()
+                   if hasattr(m, "size")}
+        blob = {"rank0": b""}
+        dcp.load(tensors, checkpoint_id=str(path))
+        dcp.load(blob, checkpoint_id=str(path))
+        return tensors, pickle.loads(blob["rank0"])["surgery"]
+
+    (ta, sa), (tb, sb) = final(whole), final(cut)
+    assert ta.keys() == tb.keys() and "multitask.log_vars" in ta and "dense.multitask.log_vars.exp_avg" in ta
+    assert not [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert sa["targets"].keys() == sb["targets"].keys() and len(sa["targets"]) > 2
+    assert all(torch.equal(sa["targets"][g], sb["targets"][g]) for g in sa["targets"])
+    assert torch.equal(sa["generator"], sb["generator"])
+    timing = ("train/seconds", "train/rows_per_s")
+    records = [[{k: v for k, v in json.loads(x).items() if k not in timing}
+                for x in (r / "epochs.jsonl").read_text().splitlines()] for r in (whole, cut)]
+    assert records[0] == records[1] and len(records[0]) == 2
