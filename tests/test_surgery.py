@@ -498,3 +498,24 @@ checkpoint: {{every_steps: 4, keep: 2}}
     records = [[{k: v for k, v in json.loads(x).items() if k not in timing}
                 for x in (r / "epochs.jsonl").read_text().splitlines()] for r in (whole, cut)]
     assert records[0] == records[1] and len(records[0]) == 2
+
+
+def test_the_readme_example_loads_and_trains(adult, tmp_path):
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if b.startswith("multitask:")]
+    assert len(blocks) == 1
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {path: runs/x}\n" + blocks[0])
+    mt = load_config(path).multitask
+    assert (mt.weighting, mt.surgery, mt.groups, mt.row_groups, mt.beta, mt.tasks) == (
+        "uncertainty", "gradvac", "layer", "table", 0.01, ("never_married",))
+    out, meta, _ = adult
+    model, step = _step(meta, **{k: getattr(mt, k) for k in ("weighting", "surgery", "groups", "row_groups", "beta",
+                                                              "tasks", "seed")})
+    assert step.per_task
+    for batch in _batches(out, 3):
+        assert math.isfinite(step(batch).loss)
+    targets = step.surgery.surgery.targets
+    assert targets and all(bool((t[0] == 0).all()) for t in targets.values())  # income (not chosen) has no EMA
