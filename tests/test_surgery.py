@@ -467,7 +467,8 @@ checkpoint: {{every_steps: 4, keep: 2}}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
     def train(run: Path, fault: int | None = None) -> subprocess.CompletedProcess:
-        e = dict(env, **({"RECSYS_TRANSFER_FAULT_STEP": str(fault), "RECSYS_TRANSFER_FAULT_RANK": "0"} if fault else {}))
+        fault_env = {"RECSYS_TRANSFER_FAULT_STEP": str(fault), "RECSYS_TRANSFER_FAULT_RANK": "0"} if fault else {}
+        e = {**env, **fault_env}
         return subprocess.run([sys.executable, "-m", "recsys_transfer", "train", "--config", str(cfg), "--output",
                                str(run)], capture_output=True, text=True, timeout=600, env=e)
 

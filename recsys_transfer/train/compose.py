@@ -24,8 +24,24 @@ from recsys_transfer.multitask.surgery import DenseSurgery, RowSurgery, Surgery
 from recsys_transfer.multitask.weighting import make_weighting
 from recsys_transfer.objectives import Objective
 from recsys_transfer.rows.lookup import attach_rows
+from recsys_transfer.rows.pipeline import collection_name
 from recsys_transfer.train.step import TrainStep, dense_optimizer
 from recsys_transfer.transfer.barrier import transfer_transform
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    """Parameter names as in the unwrapped model (DistributedModelParallel's and DDP's prefixes dropped), so the
+    surgery's group names -- keys of its checkpointed targets -- are the same in every world size."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    wrapped = isinstance(model, DistributedModelParallel)
+    out = {}
+    for name, p in model.named_parameters():
+        name = collection_name(name)
+        if wrapped and name.startswith("module."):
+            name = name[len("module."):]
+        out[id(p)] = name
+    return out
 
 
 def compose_step(model: nn.Module, meta, *, tasks=None, rows: RowsConfig = RowsConfig(),
@@ -45,7 +61,7 @@ def compose_step(model: nn.Module, meta, *, tasks=None, rows: RowsConfig = RowsC
         except ValueError as exc:
             raise UserError(str(exc)) from None
         pipeline.add_transform(RowSurgery(state, multitask.row_groups))
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = _parameter_names(model)
         surgery = DenseSurgery(state, {names[id(p)]: p for p in dense_params}, multitask.groups)
     stage = transfer_transform(pipeline, meta, transfer, domains)
     if stage is not None:

@@ -45,8 +45,9 @@ def dense_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 @dataclass
 class StepResult:
-    """``loss``: ``l_main`` (a float, NaN/inf for a skipped batch); ``losses``: each task's (and term's) unweighted
-    loss, detached; ``skipped``: the batch was not trained on (non-finite loss under ``nonfinite_loss: skip``)."""
+    """``loss``: ``l_main`` (a float, NaN/inf for a skipped batch; with a weighting that learns, the whole objective,
+    its regularizer included); ``losses``: each task's (and term's) unweighted loss, detached; ``skipped``: the
+    batch was not trained on (non-finite loss under ``nonfinite_loss: skip``)."""
 
     loss: float
     losses: dict[str, torch.Tensor]
