@@ -238,6 +238,13 @@ class Surgery:
         self.orders = {}
 
 
+def _check_cover(tables, n_rows: int) -> None:
+    """The spans of a shared call's tables (sorted) are consecutive and cover its rows (as the lookup records them)."""
+    if not (tables[0].span[0] == 0 and tables[-1].span[1] == n_rows
+            and all(a.span[1] == b.span[0] for a, b in zip(tables, tables[1:]))):
+        raise RuntimeError("the tables of a shared lookup call do not cover its rows")
+
+
 class RowSurgery(RowTransform):
     """Stage ``surgery`` of the row pipeline: each lookup call's per-task row gradients (``CallRows.task_grads``,
     recorded one backward per task) -> one ``g_main`` per touched row (module docstring). ``row_groups``: ``table``
@@ -273,6 +280,12 @@ class RowSurgery(RowTransform):
             for n in rest:
                 g = g + call.task_grads[n][k]
             t.grad = g
+        if call.shared is not None:  # the later stages and the optimizer read the whole array
+            tables = sorted(call.tables, key=lambda t: t.span[0])
+            _check_cover(tables, len(call.shared.rows))
+            call.shared.grad = torch.cat([t.grad for t in tables])
+            for t in call.tables:
+                t.grad = call.shared.grad[t.span[0] : t.span[1]]
 
     @staticmethod
     def _call_group(call: CallRows) -> str:
@@ -287,10 +300,7 @@ class RowSurgery(RowTransform):
         else:
             groups = [t.slot.name for t in tables]
             lengths = [(t.span[1] - t.span[0]) * width for t in tables]
-            covered = tables[0].span[0] == 0 and tables[-1].span[1] == len(shared.rows) and all(
-                a.span[1] == b.span[0] for a, b in zip(tables, tables[1:]))
-            if not covered:
-                raise RuntimeError("the tables of a shared lookup call do not cover its rows")
+            _check_cover(tables, len(shared.rows))
         g = self.surgery.combine(names, [call.task_whole[n] for n in names], groups, lengths)
         for n in rest:
             g = g + call.task_whole[n]

@@ -15,7 +15,8 @@ transformed and applied as soon as its backward has run, as the fused update alw
 
 Stages, in this order (:data:`STAGES`); each registered :class:`RowTransform` declares its stage:
 
-1. ``surgery`` -- per-task row gradients -> ``g_main`` (gradient surgery: issue 13);
+1. ``surgery`` -- per-task row gradients -> ``g_main`` (:class:`recsys_transfer.multitask.surgery.RowSurgery`:
+   PCGrad or GradVac per table; it rewrites ``grad``, which the later stages read as ``g_main``);
 2. ``transfer`` -- the transfer term and the item-wise barrier (:class:`recsys_transfer.transfer.barrier.TransferTransform`):
    ``mu_i = t_i + lambda_i g_main_i``;
 3. ``freeze`` -- chosen tables are dropped from the update (their rows and optimizer state never change);
