@@ -553,3 +553,23 @@ def test_row_surgery_whole_array_path_equals_per_table_path(adult, monkeypatch, 
         assert ta.keys() == tb.keys()
         for g in ta:
             torch.testing.assert_close(ta[g], tb[g], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple", "fdn"])
+def test_surgery_trains_the_multi_task_models(adult, name):
+    """GradVac with uncertainty weighting on the multi-task models (FDN's model terms are not surgery tasks: their
+    gradients are added unchanged): finite losses, targets for the shared experts and the rows, none for the task
+    towers (one task reaches each)."""
+    from recsys_transfer.models.registry import build_model
+    from recsys_transfer.train.compose import compose_step
+
+    out, meta, _ = adult
+    torch.manual_seed(0)
+    model = build_model(name, meta)
+    step = compose_step(model, meta, rows=RowsConfig(optimizer="adam", lr=1e-3),
+                        multitask=MultitaskConfig(surgery="gradvac", weighting="uncertainty"))
+    losses = [step(batch).loss for batch in _batches(out, 3, 256)]
+    assert all(math.isfinite(x) for x in losses)
+    groups = step.surgery.surgery.targets
+    assert any(g.startswith("embedding.") for g in groups) and any(g.startswith("dense:") for g in groups)
+    assert not any("tower" in g for g in groups)
