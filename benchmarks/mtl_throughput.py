@@ -30,6 +30,10 @@ pieces of whole batches; for piece k every implementation trains on its next pie
 piece to piece, so background load on a shared machine hits all alike. Only training is timed (ours includes the
 parquet reading; torch-rechub includes its per-row ``TorchDataset`` + default collation and its trainer's tqdm).
 
+Where the time goes (``--parts-rounds``, after the test scores): ms per step of each model's forward + backward
+alone and of its whole optimizer step, on batches already in memory (ours: BatchLoader batches; torch-rechub:
+tensors sliced from the arrays, without its DataLoader), interleaved; the rows/s above add the data path.
+
 Surgery (``--surgery none,gradvac``): when ``recsys_transfer.multitask`` is importable (gradient surgery), our MMoE
 step is composed once per choice (``compose_step(..., multitask=MultitaskConfig(surgery=S))``; ``per-task``: no
 surgery but one backward per task, ``rows.per_task``, which surgery turns on by itself) and timed in ms per step on
@@ -132,6 +136,26 @@ class Ours:
         st = train_epoch(self.step, _Slice(self.loader, self._it, n_batches))
         return st.rows, time.perf_counter() - t0, st.loss
 
+    def parts(self, n: int) -> dict:
+        """Callables timing pieces of a step on ``n`` batches read beforehand: the model's forward + backward (BCE
+        with logits per task, summed) and the whole trainer step."""
+        import torch.nn.functional as F
+
+        self.loader.set_epoch(10_000)
+        batches = [b for _, b in zip(range(n), self.loader)]
+
+        def fwd_bwd():
+            for b in batches:
+                out = self.model(b)
+                sum(F.binary_cross_entropy_with_logits(v, b.labels[t].float()) for t, v in out.items()).backward()
+            self.model.zero_grad(set_to_none=True)
+
+        def step():
+            for b in batches:
+                self.step(b)
+
+        return {"fwd+bwd": fwd_bwd, "step": step}
+
     def test_scores(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Per task, the labels and the predicted probabilities of the test rows, in the split's row order."""
         from recsys_transfer.train.evaluate import predict
@@ -188,6 +212,36 @@ class RecHub:
             dt = time.perf_counter() - t0
         return len(idx), dt, float(sum(losses))
 
+    def parts(self, n: int) -> dict:
+        """As ``Ours.parts``, on ``n`` batches of tensors cut beforehand (no DataLoader): forward + backward of its
+        loss (BCELoss per task, averaged), and that plus its Adam step (the step its trainer runs)."""
+        import torch
+        import torch.nn.functional as F
+
+        rows = n * self.batch_size
+        x = {k: torch.from_numpy(np.ascontiguousarray(v[:rows])) for k, v in self.train_x.items()}
+        y = torch.from_numpy(np.ascontiguousarray(self.train_y[:rows]))
+        batches = [({k: v[i:i + self.batch_size] for k, v in x.items()}, y[i:i + self.batch_size])
+                   for i in range(0, rows, self.batch_size)]
+        self.model.train()
+
+        def loss(xb, yb):
+            p = self.model(xb)  # [B, T] probabilities
+            return sum(F.binary_cross_entropy(p[:, k], yb[:, k]) for k in range(p.shape[1])) / p.shape[1]
+
+        def fwd_bwd():
+            for xb, yb in batches:
+                loss(xb, yb).backward()
+            self.model.zero_grad(set_to_none=True)
+
+        def step():
+            for xb, yb in batches:
+                self.model.zero_grad()
+                loss(xb, yb).backward()
+                self.trainer.optimizer.step()
+
+        return {"fwd+bwd": fwd_bwd, "step": step}
+
     def test_scores(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         import torch
 
@@ -196,6 +250,28 @@ class RecHub:
             p = self.model({n: torch.from_numpy(v) for n, v in self.test_x.items()}).numpy().astype(np.float64)
         return ({t: self.test_y[:, k] for k, t in enumerate(self.tasks)},
                 {t: p[:, k] for k, t in enumerate(self.tasks)})
+
+
+# -- where the time goes ---------------------------------------------------------------------------------------
+
+
+def time_parts(impls: dict, args) -> dict:
+    """ms per step of each implementation's ``parts`` (after training and the test scores, so the recorded AUCs
+    are untouched), on ``--parts-steps`` batches in memory, in ``--parts-rounds`` interleaved rounds after one
+    untimed round; the median round."""
+    fns = {f"{k} {part}": f for k, impl in impls.items() for part, f in impl.parts(args.parts_steps).items()}
+    for f in fns.values():
+        f()
+    rounds = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(args.parts_rounds):
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            rounds[k].append(1e3 * (time.perf_counter() - t0) / args.parts_steps)
+    out = {k: statistics.median(v) for k, v in rounds.items()}
+    log("parts: " + ", ".join(f"{k} {v:.2f} ms" for k, v in out.items()))
+    return out
 
 
 # -- surgery ---------------------------------------------------------------------------------------------------
@@ -278,11 +354,12 @@ def run(args) -> dict:
         stats[k]["test_auc"] = {t: float(auc(test[1][:, j], scores[k][t])) for j, t in enumerate(tasks)}
         stats[k]["parameters"] = sum(p.numel() for p in impl.model.parameters())
         log(f"{k}: test AUC " + ", ".join(f"{t} {v:.4f}" for t, v in stats[k]["test_auc"].items()))
+    parts = time_parts(impls, args) if args.parts_rounds else {}
     out = {"dataset": "Adult", "data_dir": str(data_dir), "dataset_id": meta.dataset_id, "tasks": list(tasks),
            "train_rows": n_train, "test_rows": int(len(test[1])), "sparse_fields": len(meta.sparse_names),
            "dense_fields": len(meta.dense), "epochs": args.epochs, "pieces_per_epoch": len(pieces),
            "load_avg_during": {"min": min(loads), "max": max(loads), "mean": float(np.mean(loads))},
-           "impls": stats, "comparison": {}}
+           "impls": stats, "parts_ms_per_step": parts, "comparison": {}}
     for model in args.models:
         a, b = stats.get(f"ours-{model}"), stats.get(f"rechub-{model}")
         if a and b:
@@ -330,6 +407,18 @@ def render_md(rec: dict) -> str:
                      f"{k} " + ", ".join(f"{v:,.0f}" for v in s["epoch_rows_per_s"]) for k, s in d["impls"].items()))
     lines.append("- per-piece rows/s (interleaved, in time order): " + "; ".join(
         f"{k} " + ", ".join(f"{v:,}" for v in s["piece_rows_per_s"]) for k, s in d["impls"].items()))
+    if d.get("parts_ms_per_step"):
+        lines += ["", "## Where the time goes: ms per step on batches in memory", "",
+                  f"{c['parts_steps']} batches read beforehand (ours: BatchLoader batches; torch-rechub: tensors "
+                  f"sliced from the arrays, no DataLoader), one untimed round, {c['parts_rounds']} interleaved "
+                  "rounds, the median; `fwd+bwd`: the model and its loss only; `step`: ours the trainer's step "
+                  "(row-wise Adam on touched rows + fused Adam), torch-rechub that plus its Adam over all "
+                  "parameters. The train rows/s above also hold the data path (BatchLoader / its DataLoader).", "",
+                  "| impl | fwd+bwd ms | step ms | train ms per batch (from rows/s) |", "|---|---:|---:|---:|"]
+        for k, s in d["impls"].items():
+            pm = d["parts_ms_per_step"]
+            lines.append(f"| {k} | {pm.get(f'{k} fwd+bwd', float('nan')):.2f} | {pm.get(f'{k} step', float('nan')):.2f}"
+                         f" | {1e3 * c['batch_size'] / s['rows_per_s']:.2f} |")
     lines += ["", "## Gradient surgery: our MMoE step, ms per step", ""]
     sg = rec["surgery"]
     if "ms_per_step" not in sg:
@@ -337,7 +426,8 @@ def render_md(rec: dict) -> str:
     else:
         lines += [f"MMoE as above, {sg['steps_per_round']} pre-loaded batches of {c['batch_size']} per round, "
                   f"one untimed round, then {sg['rounds']} interleaved rounds; the median round. `per-task`: one "
-                  "backward per task without surgery (what GradVac turns on).", "", "| surgery | ms/step | vs none |", "|---|---:|---:|"]
+                  "backward per task without surgery (what GradVac turns on).", "",
+                  "| surgery | ms/step | vs none |", "|---|---:|---:|"]
         for s_, ms in sg["ms_per_step"].items():
             ratio = sg.get("ratio_vs_none", {}).get(s_)
             lines.append(f"| {s_} | {ms:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
@@ -384,6 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunks", type=int, default=4, help="interleaving pieces per epoch")
     ap.add_argument("--surgery-steps", type=int, default=40, help="batches per surgery timing round")
     ap.add_argument("--surgery-rounds", type=int, default=5)
+    ap.add_argument("--parts-steps", type=int, default=20, help="batches per round of the time breakdown")
+    ap.add_argument("--parts-rounds", type=int, default=5, help="rounds of the time breakdown; 0: skip it")
     ap.add_argument("--auc-tol", type=float, default=0.005,
                     help="equal AUC: |ours - rechub| <= this on every task, or the paired 95%% CI holds 0")
     ap.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples of the test rows")

@@ -85,7 +85,7 @@ def test_prepare_throughput_refuses_disagreeing_outputs_and_unknown_impls():
 
 MTL_TINY = ["--epochs", "1", "--chunks", "2", "--batch-size", "1024", "--lr", "0.01", "--dim", "4", "--experts",
             "2", "--expert-hidden", "8", "--tower-hidden", "4", "--specific", "1", "--shared", "1", "--n-boot", "50",
-            "--surgery-steps", "2", "--surgery-rounds", "2"]
+            "--surgery-steps", "2", "--surgery-rounds", "2", "--parts-steps", "2", "--parts-rounds", "2"]
 
 
 def test_mtl_throughput_ours_and_surgery_on_adult(adult_dir, tmp_path):
@@ -99,10 +99,12 @@ def test_mtl_throughput_ours_and_surgery_on_adult(adult_dir, tmp_path):
     for s in result["impls"].values():
         assert s["rows"] == result["train_rows"] and s["rows_per_s"] > 0
         assert set(s["test_auc"]) == {"income", "never_married"} and min(s["test_auc"].values()) > 0.6
+    assert set(result["parts_ms_per_step"]) == {f"ours-{m} {part}" for m in ("mmoe", "ple")
+                                                for part in ("fwd+bwd", "step")}
     assert set(rec["surgery"]["ms_per_step"]) == {"none", "per-task", "gradvac"}
     assert rec["surgery"]["ratio_vs_none"]["none"] == 1.0
     md = (tmp_path / "r" / "mtl_throughput_t.md").read_text()
-    assert "| ours-mmoe |" in md and "| gradvac |" in md
+    assert "| ours-mmoe |" in md and "| gradvac |" in md and "## Where the time goes" in md
     assert json.loads((tmp_path / "r" / "mtl_throughput_t.json").read_text())["config"]["sides"] == ["ours"]
     with pytest.raises(SystemExit):
         bench.main(["--surgery", "gradvec"])
@@ -125,5 +127,6 @@ def test_mtl_throughput_against_torch_rechub_same_dimensions(adult_dir, tmp_path
         assert impls[f"rechub-{model}"]["parameters"] - impls[f"ours-{model}"]["parameters"] == extra
         cmp = rec["result"]["comparison"][model]
         assert cmp["ratio"] > 0 and set(cmp["auc_diff_ci95"]) == {"income", "never_married"}
+    assert len(rec["result"]["parts_ms_per_step"]) == 8
     assert "not run" in rec["surgery"]["status"]
     assert "ratio ours/rechub" in (tmp_path / "r" / "mtl_throughput.md").read_text()
