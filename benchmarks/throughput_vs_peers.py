@@ -271,14 +271,15 @@ def interleave(name: str, impls: dict, epochs: int, pieces: list[int]) -> tuple[
 
 
 def machine_record() -> dict:
-    """The git commit of this checkout and the machine, for a results file's header."""
+    """The git commit of this checkout and the machine, for a results file's header (``git_dirty``: tracked files
+    other than recorded results differ from the commit)."""
     import torch
 
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")),
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads()}
