@@ -185,9 +185,9 @@ class RecHub:
             self.model = MMOE(features, types, args.experts, experts, towers)
         else:
             self.model = PLE(features, types, args.levels, args.specific, args.shared, experts, towers)
-        self._model_dir = tempfile.mkdtemp(prefix="rechub_")  # MTLTrainer wants a path; train_one_epoch saves nothing
+        # model_path: only fit() saves there; train_one_epoch, all we call, writes nothing
         self.trainer = MTLTrainer(self.model, types, optimizer_params={"lr": args.lr, "weight_decay": 0.0},
-                                  n_epoch=1, device="cpu", model_path=self._model_dir)
+                                  n_epoch=1, device="cpu", model_path=tempfile.gettempdir())
         self.batch_size, self.seed = args.batch_size, args.seed
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
