@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="stop at the first malformed row (default) or skip it and count it in meta.json")
     p.add_argument("--rows", type=int, default=None, help="synthetic: number of rows")
+    p.add_argument("--conversion", action="store_true",
+                   help="synthetic: add a post-click conversion label `purchase` (ESMM's CTR / CVR / CTCVR setting)")
     p.add_argument("--genres", choices=("combination", "bag"), default="combination",
                    help="movielens: a movie's genres as one value (default) or as a list field (multi-hot bag)")
     p.add_argument("--history", type=int, default=0, metavar="N",
@@ -140,7 +142,7 @@ def prepare_config(args: argparse.Namespace):
                              split_fractions=tuple(args.split_fractions), seed=args.seed, head_rule=args.head_rule,
                              head_fraction=args.head_fraction, head_min_count=args.head_min_count,
                              on_bad_row=args.on_bad_row, allow_degenerate=args.allow_degenerate,
-                             genres=args.genres, history=args.history)
+                             genres=args.genres, history=args.history, conversion=args.conversion)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

@@ -66,6 +66,7 @@ class PrepareConfig:
     allow_degenerate: bool = False  # else a split with zero rows or a binary label with one class in train is an error
     genres: str = "combination"  # movielens: the genres of a movie as one value (combination) or a list (bag)
     history: int = 0  # movielens: a list field of the user's last N items rated before this rating (0 = none)
+    conversion: bool = False  # synthetic: add a post-click conversion label `purchase` (CTR / CVR / CTCVR)
 
     def __post_init__(self) -> None:
         if self.schema is not None and self.dataset is not None:
@@ -83,6 +84,8 @@ class PrepareConfig:
             raise ValueError(f"history must be >= 0, got {self.history}")
         if (self.genres, self.history) != ("combination", 0) and self.dataset != "movielens":
             raise ValueError("genres, history: MovieLens options (data.prepare.dataset: movielens)")
+        if self.conversion and self.dataset != "synthetic":
+            raise ValueError("conversion: a synthetic-data option (data.prepare.dataset: synthetic)")
 
 
 @dataclass(frozen=True)

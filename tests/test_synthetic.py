@@ -279,3 +279,29 @@ def test_write_criteo_tsv(tmp_path):
 def test_write_criteo_tsv_empty(tmp_path):
     p = tmp_path / "e.tsv"
     assert write_criteo_tsv(p, 0) == 0 and p.read_bytes() == b""
+
+
+def test_conversion_label_exists_only_after_a_click_and_leaves_the_other_columns(tmp_path):
+    """ESMM's setting: purchase <= click on every row; the other columns are the rows generated without it (its
+    randomness has its own stream), and a dataset without it keeps its id."""
+    from recsys_transfer.data.synthetic import SyntheticConfig, generate_chunks
+
+    plain = pl.concat(list(generate_chunks(SyntheticConfig(rows=70_000, seed=3))))
+    conv = pl.concat(list(generate_chunks(SyntheticConfig(rows=70_000, seed=3, conversion=True))))
+    assert conv.drop("purchase").equals(plain)
+    click, buy = conv["label"].to_numpy(), conv["purchase"].to_numpy()
+    assert (buy <= click).all() and set(np.unique(buy)) == {0.0, 1.0}
+    cvr = buy[click == 1].mean()
+    assert 0.2 < cvr < 0.6 and abs(cvr - click.mean()) > 0.02  # a task of its own, learnable on clicked rows
+    assert "conversion" not in SyntheticConfig().to_json() and SyntheticConfig(conversion=True).to_json()["conversion"]
+
+
+def test_esmm_trains_on_the_conversion_pipeline(tmp_path):
+    from recsys_transfer.config import load_config
+    from recsys_transfer.train.run import run_training
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "pipelines" / "synthetic-conversion.yaml", [
+        f"data.path={tmp_path / 'data'}", "data.prepare.rows=40000", "train.epochs=2", "train.progress=false"])
+    test = run_training(cfg, tmp_path / "run")["test"]
+    assert test["label"]["auc"] > 0.6 and test["purchase"]["auc"] > 0.6, test

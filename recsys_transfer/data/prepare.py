@@ -73,7 +73,7 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
         raise UserError("min_count, hash_size: the synthetic dataset's vocabularies take no such option")
     if split.kind != "random":
         raise UserError("split temporal: synthetic rows carry no timestamp; use a random split")
-    kwargs = {"seed": config.seed}
+    kwargs = {"seed": config.seed, "conversion": config.conversion}
     if config.rows is not None:
         kwargs["rows"] = config.rows
     try:

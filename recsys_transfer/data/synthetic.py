@@ -61,7 +61,9 @@ orphan centre; twin: ``parent latent + cfg.twin_noise * N(0, σ²I)``. Context-f
 Label. ``logit = cfg.label_bias + cfg.interaction_scale * Σ_{a<b} <v_a, v_b> / sqrt(#pairs)
 + Σ_k w_k dense_k + cfg.noise * N(0,1)`` over all field pairs, with ``w_k = 0.6, -0.4, 0.6, ...``;
 ``label ~ Bernoulli(sigmoid(logit))`` (positive rate 0.24-0.28 at defaults, depending on the seed). Dense
-features ``dense_k ~ N(0,1)`` (float32), correlated with the label through ``w``.
+features ``dense_k ~ N(0,1)`` (float32), correlated with the label through ``w``. With ``conversion`` a second
+label ``purchase`` exists only after a click (ESMM's setting: CTR = label, CTCVR = purchase over all impressions,
+CVR = purchase on the clicked rows); see :meth:`_Model.conversions`.
 
 Ground truth (:func:`prepare_synthetic` writes ``DIR/ground_truth/<field>.parquet``; read with
 :func:`load_ground_truth`): ``raw`` (the raw id in the generated rows), ``id`` (the prepared id from
@@ -102,6 +104,7 @@ from recsys_transfer.errors import UserError
 
 BLOCK_ROWS = 65_536  # generation unit; fixed, so rows do not depend on cfg.chunk_rows
 LABEL = "label"
+CONVERSION = "purchase"  # the post-click conversion label (SyntheticConfig.conversion)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ class SyntheticConfig:
     interaction_scale: float = 1.0
     noise: float = 0.5
     chunk_rows: int = 500_000
+    conversion: bool = False  # add a post-click conversion label ``purchase`` (ESMM's CTR / CVR / CTCVR setting)
+    conversion_bias: float = -1.0
+    conversion_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # tolerate lists (e.g. from YAML/JSON) by normalising to tuples
@@ -146,7 +152,7 @@ class SyntheticConfig:
             bad("need at least 2 sparse fields (a target field and a context field)")
         if len(set(self.fields)) != len(self.fields) or any(not f or f.startswith("__") for f in self.fields):
             bad(f"field names must be unique, non-empty and not start with '__': {self.fields}")
-        reserved = {LABEL, *self.dense_names}
+        reserved = {LABEL, CONVERSION, *self.dense_names}
         if reserved & set(self.fields):
             bad(f"field names clash with {sorted(reserved)}")
         if len(self.vocab_sizes) != len(self.fields):
@@ -202,11 +208,18 @@ class SyntheticConfig:
         """Exact number of planted orphans: round(orphan_fraction * number of rare target items)."""
         return int(round(self.orphan_fraction * (self.vocab_sizes[0] - self.num_frequent)))
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return (LABEL, CONVERSION) if self.conversion else (LABEL,)
+
     def schema(self) -> Schema:
-        return Schema(sparse=tuple(SparseSpec(f) for f in self.fields), dense=self.dense_names, labels=(LABEL,))
+        return Schema(sparse=tuple(SparseSpec(f) for f in self.fields), dense=self.dense_names, labels=self.labels)
 
     def to_json(self) -> dict:
         d = asdict(self)
+        if not self.conversion:  # datasets without the conversion label keep the ids they had before it existed
+            for key in ("conversion", "conversion_bias", "conversion_scale"):
+                d.pop(key)
         d["fields"] = list(self.fields)
         d["vocab_sizes"] = list(self.vocab_sizes)
         return d
@@ -377,8 +390,26 @@ class _Model:
         for k, name in enumerate(cfg.dense_names):
             cols[name] = pl.Series(name, dense[:, k].astype(np.float32))
         cols[LABEL] = pl.Series(LABEL, label)
+        if cfg.conversion:
+            cols[CONVERSION] = pl.Series(CONVERSION, self.conversions(b, n, lat, dense, label))
         cols[ROW_COL] = pl.Series(ROW_COL, np.arange(start, start + n, dtype=np.uint64))
         return pl.DataFrame(cols)
+
+    def conversions(self, b: int, n: int, lat: list[np.ndarray], dense: np.ndarray, click: np.ndarray) -> np.ndarray:
+        """``purchase`` of one block: 0 without a click; after a click ``~ Bernoulli(sigmoid(cvr_logit))`` with
+        ``cvr_logit = conversion_bias + conversion_scale * Σ_{b>0} <v_item, v_b> / sqrt(F - 1) - dense @ w +
+        noise * N(0, 1)``: the item's affinity with each context value alone (CTR uses every pair), and the dense
+        features pull the other way, so CVR is related to CTR but not the same task. Drawn from its own stream
+        ``default_rng([seed, 4, b])``, so the other columns are the rows without the conversion label."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, 4, b])
+        noise, coin = rng.standard_normal(n), rng.random(n)
+        item = np.zeros(n, dtype=np.float64)
+        for other in lat[1:]:
+            item += np.einsum("ij,ij->i", lat[0], other, dtype=np.float64)
+        logit = (cfg.conversion_bias + cfg.conversion_scale * item / math.sqrt(len(lat) - 1) - dense @ self.dense_w
+                 + cfg.noise * noise)
+        return (click * (coin < 1.0 / (1.0 + np.exp(-logit)))).astype(np.float32)
 
     # -- ground truth --------------------------------------------------------------------------------------
     def truth(self, f: _Field) -> pl.DataFrame:
@@ -438,7 +469,7 @@ def generate_chunks(cfg: SyntheticConfig) -> Iterator[pl.DataFrame]:
 def _raw_polars_schema(cfg: SyntheticConfig) -> dict:
     d: dict = {name: pl.Int64 for name in cfg.fields}
     d.update({name: pl.Float32 for name in cfg.dense_names})
-    d[LABEL] = pl.Float32
+    d.update({name: pl.Float32 for name in cfg.labels})
     d[ROW_COL] = pl.UInt64
     return d
 
