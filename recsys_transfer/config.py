@@ -33,7 +33,8 @@ import yaml
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
 
-DATASETS = ("movielens", "criteo", "synthetic")
+DATASETS = ("movielens", "criteo", "synthetic", "fdn-synthetic")
+FDN_VARIANTS = ("A", "B", "I")  # fdn-synthetic: Dataset-A, Dataset-B (single-task oracles), Dataset-I (multi-task)
 TRAINING_MODES = ("B", "+T", "+Ours", "select", "lexico")  # paper Sec. 5 notation; not a pooling mode
 SELECTIVE_MODES = ("+Ours", "select")  # modes that need the selective target domain T'_eta
 BARRIER_MODES = ("+Ours", "lexico")  # modes that combine the gradients by Algorithm 1
@@ -66,6 +67,7 @@ class PrepareConfig:
     allow_degenerate: bool = False  # else a split with zero rows or a binary label with one class in train is an error
     genres: str = "combination"  # movielens: the genres of a movie as one value (combination) or a list (bag)
     history: int = 0  # movielens: a list field of the user's last N items rated before this rating (0 = none)
+    variant: str | None = None  # fdn-synthetic: A | B | I (default I); no other dataset takes it
 
     def __post_init__(self) -> None:
         if self.schema is not None and self.dataset is not None:
@@ -83,6 +85,13 @@ class PrepareConfig:
             raise ValueError(f"history must be >= 0, got {self.history}")
         if (self.genres, self.history) != ("combination", 0) and self.dataset != "movielens":
             raise ValueError("genres, history: MovieLens options (data.prepare.dataset: movielens)")
+        if self.dataset == "fdn-synthetic":
+            if self.variant is None:
+                object.__setattr__(self, "variant", "I")
+            if self.variant not in FDN_VARIANTS:
+                raise ValueError(f"variant must be one of {FDN_VARIANTS}, got {self.variant!r}")
+        elif self.variant is not None:
+            raise ValueError("variant: an fdn-synthetic option (data.prepare.dataset: fdn-synthetic)")
 
 
 @dataclass(frozen=True)
