@@ -65,11 +65,13 @@ Its embedding enters a model as a constant input, i.e. one more bias of the firs
 Features are continuous (Eq. 9-11), so they are stored as ``d`` dense float32 fields ``x_000 .. x_{d-1}``, raw (no
 fill or normalization: ``|X_i| <= sqrt(2) + noise``). Values are computed in float64 and stored as float32.
 
-Determinism. Parameters: ``default_rng([seed, 0])`` (above). Rows come in fixed blocks of ``BLOCK_ROWS``; block
-``b``'s latents from ``default_rng([seed, 1, b])`` drawn in the order ``x_1 [n, d]``, ``x_2 [n, d]``, ``x_s [n, d]``,
-``eps_1 [n]``, ``eps_2 [n]`` (``rng.normal(mean, sqrt(var), shape)``); the feature noise of variant ``k`` (A 0, B 1,
-I 2) from ``default_rng([seed, 2, k, b])`` as one ``[n, d]`` draw. So the rows do not depend on ``chunk_rows``, and
-A, B and I share their latents exactly. Same config -> the same rows and the same prepared bytes.
+Determinism. Parameters: ``default_rng([seed, 0])`` (above). Rows come in fixed blocks of ``BLOCK_ROWS``; in block
+``b`` (``n`` rows) each latent has its own stream, ``default_rng([seed, 1, b, q])`` with ``q`` = 0 for ``x_1 [n, d]``,
+1 ``x_2 [n, d]``, 2 ``x_s [n, d]``, 3 ``eps_1 [n]``, 4 ``eps_2 [n]`` (one ``rng.normal(mean, sqrt(var), shape)``
+each); the feature noise of variant ``k`` (A 0, B 1, I 2) from ``default_rng([seed, 2, k, b])`` as one ``[n, d]``
+draw. So the rows do not depend on ``chunk_rows``, the first N rows of a longer run are the N rows of a shorter one
+(a quick run is a prefix of the full one), and A, B and I share their latents exactly. Same config -> the same rows
+and the same prepared bytes.
 """
 
 from __future__ import annotations
@@ -213,12 +215,15 @@ def generate_block(cfg: FdnSyntheticConfig, p: Parameters, b: int) -> dict[str, 
     """Block ``b`` of the row stream, float64: ``X [n, d]`` (the variant's features) and its labels ``[n]``."""
     n = min(BLOCK_ROWS, cfg.rows - b * BLOCK_ROWS)
     d = cfg.dim
-    rng = np.random.default_rng([cfg.seed, 1, b])
-    x1 = rng.normal(X1_MEAN, math.sqrt(cfg.x_task_var), (n, d))  # step 3
-    x2 = rng.normal(X2_MEAN, math.sqrt(cfg.x_task_var), (n, d))
-    xs = rng.normal(XS_MEAN, math.sqrt(cfg.x_shared_var), (n, d))
-    eps1 = rng.normal(0.0, math.sqrt(cfg.label_noise_var), n)
-    eps2 = rng.normal(0.0, math.sqrt(cfg.label_noise_var), n)
+
+    def draw(q: int, mean: float, var: float, shape) -> np.ndarray:
+        return np.random.default_rng([cfg.seed, 1, b, q]).normal(mean, math.sqrt(var), shape)
+
+    x1 = draw(0, X1_MEAN, cfg.x_task_var, (n, d))  # step 3
+    x2 = draw(1, X2_MEAN, cfg.x_task_var, (n, d))
+    xs = draw(2, XS_MEAN, cfg.x_shared_var, (n, d))
+    eps1 = draw(3, 0.0, cfg.label_noise_var, n)
+    eps2 = draw(4, 0.0, cfg.label_noise_var, n)
     out: dict[str, np.ndarray] = {}
     ts = xs @ p.ws  # w_s^T x_s  [n]
     s = ts + _sines(ts, p)  # shared component of Eq. 7-8
