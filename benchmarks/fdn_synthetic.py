@@ -80,14 +80,42 @@ def check_models(names: list[str], base: dict) -> None:
                              f"{model_arguments(name)} (edit MODEL_PARAMS in {Path(__file__).name})")
 
 
-def prepare_seed(workdir: Path, seed: int, rows: int) -> dict[str, Path]:
-    from recsys_transfer.config import PrepareConfig
-    from recsys_transfer.data.prepare import prepare
+def generator_overrides(assignments: list[str]) -> dict:
+    """``--gen key=value`` -> ``{key: value}`` (values parsed as YAML) for :class:`FdnSyntheticConfig` fields."""
+    from dataclasses import fields
 
+    from recsys_transfer.data.fdn_synthetic import FdnSyntheticConfig
+
+    known = {f.name for f in fields(FdnSyntheticConfig)} - {"variant", "rows", "seed", "chunk_rows"}
+    out = {}
+    for a in assignments:
+        key, sep, text = a.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--gen {a!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        value = yaml.safe_load(text)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def prepare_seed(workdir: Path, seed: int, rows: int, gen: dict) -> dict[str, Path]:
+    """Dataset-A, -B and -I of ``seed`` (the prepare command's split options; ``gen``: generator constants)."""
+    from recsys_transfer.config import PrepareConfig
+    from recsys_transfer.data.fdn_synthetic import FdnSyntheticConfig, prepare_fdn_synthetic
+    from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
+
+    options = PrepareConfig(dataset="fdn-synthetic", rows=rows, seed=seed)
+    split = SplitSpec(options.split, tuple(options.split_fractions), options.seed)
+    head_tail = HeadTailSpec(options.head_rule, options.head_fraction, options.head_min_count)
     paths = {}
     for variant in ("A", "B", "I"):
         path = paths[variant] = workdir / f"seed{seed}" / f"data_{variant}"
-        prepare(PrepareConfig(dataset="fdn-synthetic", variant=variant, rows=rows, seed=seed), path, progress=False)
+        cfg = FdnSyntheticConfig(variant=variant, rows=rows, seed=seed, **gen)
+        prepare_fdn_synthetic(cfg, path, split=split, head_tail=head_tail, progress=False)
     return paths
 
 
@@ -108,6 +136,16 @@ def train_one(base: dict, data: Path, model: str, seed: int, out: Path, threads:
     res = {t: {"test": metrics["test"][t]["mse"], "valid": metrics["valid_best"][t]["mse"]} for t in metrics["test"]}
     return {"mse": res, "seconds": metrics["wall_seconds"], "best_epoch": metrics["best_epoch"],
             "device": metrics["device"]}
+
+
+def generator_config(gen: dict) -> dict:
+    """The generator constants of the run (variant, rows and seed vary per dataset)."""
+    from recsys_transfer.data.fdn_synthetic import FdnSyntheticConfig
+
+    d = FdnSyntheticConfig(**gen).to_json()
+    for key in ("variant", "rows", "seed", "chunk_rows"):
+        d.pop(key)
+    return d
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -189,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                    "and task the one with the lowest validation MSE is the oracle (default deepfm)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--rows", type=int, default=100_000, help="rows per dataset (the paper does not say)")
+    p.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator constant (FdnSyntheticConfig field), e.g. --gen feature_noise_var=1e-4")
     p.add_argument("--epochs", type=int, default=None, help="override the pipeline's 5 epochs (quick runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     p.add_argument("--workdir", type=Path, default=None, help="prepared data and runs (default: a temporary "
@@ -200,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     oracles = [m for m in args.oracles.split(",") if m]
     base = _pipeline()
     check_models(sorted(set(models + oracles)), base)
+    gen = generator_overrides(args.gen)
 
     t0 = time.perf_counter()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fdn_synthetic_"))
     runs: dict = {}
     try:
         for seed in args.seeds:
-            data = prepare_seed(workdir, seed, args.rows)
+            data = prepare_seed(workdir, seed, args.rows, gen)
             r = runs[seed] = {}
             for task in TASKS:
                 for o in oracles:
@@ -236,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(args.seeds)} seed(s) {args.seeds}, {args.rows:,} rows per dataset; device {device}; "
               f"{seconds:.0f} s on {platform.machine()}.",
               f"Models on Dataset-I: {', '.join(models)}; oracles on Dataset-A/-B: {', '.join(oracles)}; "
-              f"pipeline {PIPELINE.relative_to(ROOT)}" + (f", epochs {args.epochs}" if args.epochs else "") + "."]
+              f"pipeline {PIPELINE.relative_to(ROOT)}" + (f", epochs {args.epochs}" if args.epochs else "") + "; "
+              f"generator {'defaults' if not gen else 'defaults but ' + json.dumps(gen)}."]
     lines = render(summary, models, header)
     tag = f"_{args.tag}" if args.tag else ""
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     record = {"command": command.rstrip(), "commit": commit, "dirty": dirty, "seeds": args.seeds, "rows": args.rows,
               "models": models, "oracles": oracles, "epochs": args.epochs, "device": device, "seconds": seconds,
-              "pipeline": _pipeline(), "model_params": {m: params_of(m, base) for m in models + oracles},
+              "pipeline": _pipeline(), "generator": generator_config(gen), "model_params": {m: params_of(m, base) for m in models + oracles},
               "runs": {str(s): {"/".join(k): v for k, v in r.items()} for s, r in runs.items()},
               **{k: v for k, v in summary.items() if k != "per_seed"},
               "per_seed": {str(s): v for s, v in summary["per_seed"].items()}}

@@ -43,10 +43,13 @@ def _reference(cfg: FdnSyntheticConfig, n_rows: int) -> dict[str, list]:
         norm = math.sqrt(sum(float(v) ** 2 for v in g))
         u.append([float(v) / norm for v in g])
     u1, u2, us = u
-    alpha = rng.normal(0.0, math.sqrt(cfg.alpha_var), m).tolist()
-    beta = rng.normal(0.0, math.sqrt(cfg.beta_var), m).tolist()
+    alpha = rng.normal(0.0, cfg.alpha_std, m).tolist()
+    beta = rng.normal(0.0, cfg.beta_std, m).tolist()
     delta = rng.uniform(*cfg.delta_range, d).tolist()
-    gamma = rng.uniform(*cfg.gamma_range, d).tolist()
+    if cfg.phase == "steepest":
+        gamma = [-math.pi / 4 + math.pi * int(b) for b in rng.integers(0, 2, d)]
+    else:
+        gamma = rng.uniform(0.0, 2 * math.pi, d).tolist()
     w1, w2, ws = ([c * v for v in vec] for c, vec in ((cfg.c1, u1), (cfg.c2, u2), (cfg.cs, us)))  # Eq. 6
 
     n = min(BLOCK_ROWS, cfg.rows)
@@ -54,13 +57,13 @@ def _reference(cfg: FdnSyntheticConfig, n_rows: int) -> dict[str, list]:
     def lat(q):
         return np.random.default_rng([cfg.seed, 1, 0, q])
 
-    x1 = lat(0).normal(-1.0, math.sqrt(cfg.x_task_var), (n, d))  # step 3
-    x2 = lat(1).normal(1.0, math.sqrt(cfg.x_task_var), (n, d))
-    xs = lat(2).normal(0.0, math.sqrt(cfg.x_shared_var), (n, d))
-    eps1 = lat(3).normal(0.0, math.sqrt(cfg.label_noise_var), n)
-    eps2 = lat(4).normal(0.0, math.sqrt(cfg.label_noise_var), n)
+    x1 = lat(0).normal(-1.0, cfg.x_task_std, (n, d))  # step 3
+    x2 = lat(1).normal(1.0, cfg.x_task_std, (n, d))
+    xs = lat(2).normal(0.0, cfg.x_shared_std, (n, d))
+    eps1 = lat(3).normal(0.0, cfg.label_noise_std, n)
+    eps2 = lat(4).normal(0.0, cfg.label_noise_std, n)
     k = "ABI".index(cfg.variant)
-    eps = np.random.default_rng([cfg.seed, 2, k, 0]).normal(0.0, math.sqrt(cfg.feature_noise_var), (n, d))
+    eps = np.random.default_rng([cfg.seed, 2, k, 0]).normal(0.0, cfg.feature_noise_std, (n, d))
 
     def dot(w, x) -> float:
         return sum(wi * float(xi) for wi, xi in zip(w, x))
@@ -90,9 +93,9 @@ def _reference(cfg: FdnSyntheticConfig, n_rows: int) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("variant", ["A", "B", "I"])
-@pytest.mark.parametrize("dim, sines", [(6, 3), (100, 10)])
-def test_rows_match_a_float64_reference_of_the_equations(variant, dim, sines):
-    cfg = replace(SMALL, variant=variant, dim=dim, num_sines=sines)
+@pytest.mark.parametrize("dim, sines, phase", [(6, 3, "uniform"), (100, 10, "steepest")])
+def test_rows_match_a_float64_reference_of_the_equations(variant, dim, sines, phase):
+    cfg = replace(SMALL, variant=variant, dim=dim, num_sines=sines, phase=phase)
     ref = _reference(cfg, 5)
     p = parameters(cfg)
     block = generate_block(cfg, p, 0)
@@ -141,7 +144,7 @@ def test_variants_share_the_draws():
     assert not np.allclose(xa, xi)
     # with no feature noise and a constant task-B latent (variance 0), Dataset-I's features are Dataset-A's with
     # u_2^i x_2^i = u_2^i added inside F_i: Eq. 11 vs Eq. 9
-    quiet = replace(cfg, x_task_var=0.0, feature_noise_var=0.0)
+    quiet = replace(cfg, x_task_std=0.0, feature_noise_std=0.0)
     p = parameters(quiet)
     za = generate_block(replace(quiet, variant="A"), p, 0)["X"]
     zi = generate_block(replace(quiet, variant="I"), p, 0)["X"]
@@ -169,17 +172,17 @@ def test_label_statistics_follow_from_the_shared_component():
     assert np.cov(y1, y2)[0, 1] == pytest.approx(s.var(ddof=1), rel=0.05)
     corr = np.corrcoef(y1, y2)[0, 1]
     assert corr == pytest.approx(s.var() / math.sqrt(y1.var() * y2.var()), abs=0.02)
-    assert corr > 0.5  # the shared component dominates at the default c_s = c_1 = c_2 (x_s has 10x the variance)
+    assert corr > 0.9  # the shared component dominates at the default c_s = c_1 = c_2 (x_s has 10x the std)
     a = generate_block(replace(cfg, variant="A"), p, 0)["y1"]
     b = generate_block(replace(cfg, variant="B"), p, 0)["y2"]
     assert np.corrcoef(a, b)[0, 1] == pytest.approx(corr, abs=1e-12)
     # without the sines (m = 0): y_1 - y_2 = w_1^T x_1 - w_2^T x_2 + eps_1 - eps_2, whose mean is
-    # -c_1 sum(u_1) - c_2 sum(u_2) and variance (c_1^2 + c_2^2) x_task_var + 2 label_noise_var (the shared s cancels)
-    linear = replace(cfg, num_sines=0, c1=2.0, c2=0.5)
+    # -c_1 sum(u_1) - c_2 sum(u_2) and variance (c_1^2 + c_2^2) x_task_std^2 + 2 label_noise_std^2 (s cancels)
+    linear = replace(cfg, num_sines=0, c1=2.0, c2=0.5, x_task_std=0.3, label_noise_std=0.1)
     q, k = parameters(linear), generate_block(linear, parameters(linear), 0)
     diff = k["y1"] - k["y2"]
     assert diff.mean() == pytest.approx(-2.0 * q.u1.sum() - 0.5 * q.u2.sum(), abs=0.02)
-    assert diff.var() == pytest.approx((4.0 + 0.25) * 0.1 + 2 * 0.01, rel=0.05)
+    assert diff.var() == pytest.approx((4.0 + 0.25) * 0.09 + 2 * 0.01, rel=0.05)
     no_shared = replace(cfg, cs=0.0)
     j = generate_block(no_shared, parameters(no_shared), 0)
     assert abs(np.corrcoef(j["y1"], j["y2"])[0, 1]) < 0.05
@@ -188,8 +191,10 @@ def test_label_statistics_follow_from_the_shared_component():
 def test_config_is_validated():
     with pytest.raises(UserError, match="variant must be one of"):
         FdnSyntheticConfig(variant="C")
-    with pytest.raises(UserError, match="x_task_var must be >= 0"):
-        FdnSyntheticConfig(x_task_var=-1.0)
+    with pytest.raises(UserError, match="x_task_std must be >= 0"):
+        FdnSyntheticConfig(x_task_std=-1.0)
+    with pytest.raises(UserError, match="phase must be one of"):
+        FdnSyntheticConfig(phase="random")
     with pytest.raises(UserError, match="delta_range"):
         FdnSyntheticConfig(delta_range=(2.0, 1.0))
     assert PrepareConfig(dataset="fdn-synthetic").variant == "I"
@@ -230,3 +235,21 @@ def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert "fdn-synthetic" in capsys.readouterr().out
     assert main(["prepare", "--dataset", "synthetic", "--variant", "A", "--rows", "100", "--output",
                  str(tmp_path / "s"), "--no-progress"]) == 2
+
+
+def test_steepest_phases_keep_the_features_monotone_in_their_latent():
+    """phase 'steepest': gamma_i in {-pi/4, 3pi/4}, so F_i(z) = +-sqrt(2) sin(delta_i z); at the defaults (d = 100,
+    delta_i in [1, 3]) the argument of almost every feature of Dataset-I stays in (-pi/2, pi/2), where F_i is monotone
+    (the module docstring's claim)."""
+    cfg = FdnSyntheticConfig(rows=2000, seed=4)
+    p = parameters(cfg)
+    assert set(np.round(p.gamma, 12)) <= {round(-math.pi / 4, 12), round(3 * math.pi / 4, 12)}
+    z = np.linspace(-0.5, 0.5, 11)[:, None]
+    np.testing.assert_allclose(np.sin(z * p.delta + p.gamma) + np.cos(z * p.delta + p.gamma),
+                               np.sign(np.cos(p.gamma + math.pi / 4)) * math.sqrt(2) * np.sin(z * p.delta), atol=1e-12)
+    lat = [np.random.default_rng([cfg.seed, 1, 0, q]).normal(mu, sd, (2000, cfg.dim))
+           for q, mu, sd in ((0, -1.0, 0.1), (1, 1.0, 0.1), (2, 0.0, 1.0))]
+    arg = (lat[0] * p.u1 + lat[1] * p.u2 + lat[2] * p.us) * p.delta
+    assert np.mean(np.abs(arg) < math.pi / 2) > 0.99
+    uniform = parameters(replace(cfg, phase="uniform"))
+    assert not np.allclose(uniform.gamma % (math.pi / 2), math.pi / 4 % (math.pi / 2))
