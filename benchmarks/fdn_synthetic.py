@@ -119,6 +119,17 @@ def prepare_seed(workdir: Path, seed: int, rows: int, gen: dict) -> dict[str, Pa
     return paths
 
 
+def label_variance(data_i: Path) -> dict[str, float]:
+    """Variance of y1 and y2 over Dataset-I's test rows (the rows every MSE here is measured on)."""
+    import polars as pl
+
+    from recsys_transfer.data.prepared import DatasetMeta
+
+    meta = DatasetMeta.load(data_i)
+    test = pl.concat([pl.read_parquet(data_i / f, columns=list(TASKS)) for f in meta.split_files["test"]])
+    return {t: float(test[t].cast(pl.Float64).var(ddof=0)) for t in TASKS}
+
+
 def train_one(base: dict, data: Path, model: str, seed: int, out: Path, threads: int, epochs: int | None) -> dict:
     """``{task: {"test": mse, "valid": mse}}`` of one run, plus its wall time and epochs."""
     from recsys_transfer.config import RunConfig, build
@@ -158,7 +169,8 @@ def summarize(runs: dict, seeds: list[int], models: list[str], oracles: list[str
     per_seed: dict = {}
     for seed in seeds:
         r = runs[seed]
-        entry = per_seed[seed] = {"oracle": {}, "gap": {m: {} for m in models}, "mse": {m: {} for m in models}}
+        entry = per_seed[seed] = {"oracle": {}, "gap": {m: {} for m in models}, "mse": {m: {} for m in models},
+                                  "label_variance": r.get(("label_variance",))}
         for task in TASKS:
             best = min(oracles, key=lambda o: r[("oracle", o, task)]["mse"][task]["valid"])
             mse_o = r[("oracle", best, task)]["mse"][task]["test"]
@@ -178,6 +190,10 @@ def summarize(runs: dict, seeds: list[int], models: list[str], oracles: list[str
     oracle = {task: {"mse_mean": _mean_std([per_seed[s]["oracle"][task]["mse"] for s in seeds])[0],
                      "mse_std": _mean_std([per_seed[s]["oracle"][task]["mse"] for s in seeds])[1],
                      "models": [per_seed[s]["oracle"][task]["model"] for s in seeds]} for task in TASKS}
+    if all(per_seed[s]["label_variance"] for s in seeds):
+        oracle["label_variance"] = {t: _mean_std([per_seed[s]["label_variance"][t] for s in seeds]) for t in TASKS}
+        oracle["mse_over_variance"] = {t: _mean_std([per_seed[s]["oracle"][t]["mse"] / per_seed[s]["label_variance"][t]
+                                                     for s in seeds]) for t in TASKS}
     claim = None
     if all(m in models for m in CLAIM):
         pairs = {}
@@ -203,6 +219,12 @@ def render(summary: dict, models: list[str], header: list[str]) -> list[str]:
     lines.append(f"| oracle ({', '.join(sorted(set(o['y1']['models'] + o['y2']['models'])))}) | 0 | 0 | "
                  f"{o['y1']['mse_mean']:.4f} ± {o['y1']['mse_std']:.4f} | {o['y2']['mse_mean']:.4f} ± "
                  f"{o['y2']['mse_std']:.4f} |")
+    if "label_variance" in o:
+        v, q = o["label_variance"], o["mse_over_variance"]
+        lines.append("| Var(y) of the test rows | | | " + " | ".join(f"{v[t][0]:.4f} ± {v[t][1]:.4f}" for t in TASKS)
+                     + " |")
+        lines.append("| oracle MSE / Var(y) | | | " + " | ".join(f"{q[t][0]:.4f} ± {q[t][1]:.4f}" for t in TASKS)
+                     + " |")
     for m in models:
         t = summary["table"][m]
         lines.append(f"| {m} | " + " | ".join(f"{100 * t[k]['gap_mean']:+.3f}% ± {100 * t[k]['gap_std']:.3f}%"
@@ -248,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in args.seeds:
             data = prepare_seed(workdir, seed, args.rows, gen)
-            r = runs[seed] = {}
+            r = runs[seed] = {("label_variance",): label_variance(data["I"])}
             for task in TASKS:
                 for o in oracles:
                     v = VARIANT_OF_TASK[task]
@@ -270,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                 text=True, cwd=ROOT).stdout.strip())
     command = "python benchmarks/fdn_synthetic.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    device = next(iter(runs[args.seeds[0]].values()))["device"]
+    device = next(v["device"] for v in runs[args.seeds[0]].values() if "device" in v)
     seconds = time.perf_counter() - t0
     header = [f"# FDN synthetic benchmark, Table 1 protocol (`benchmarks/fdn_synthetic.py`)", "",
               f"Command: `{command.rstrip()}`; commit {commit}{' (uncommitted changes)' if dirty else ''}; "

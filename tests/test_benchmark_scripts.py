@@ -105,6 +105,8 @@ def test_fdn_synthetic_runs_the_table1_protocol_on_tiny_data(tmp_path):
     gaps = [record["per_seed"][s]["gap"]["deepfm"]["y2"] for s in ("0", "1")]
     assert record["table"]["deepfm"]["y2"]["gap_mean"] == pytest.approx(sum(gaps) / 2)
     assert record["claim"] is None  # fdn, ple, cgc and mmoe were not all run
+    assert all(v > 0 for v in record["per_seed"]["0"]["label_variance"].values())
+    assert set(record["oracle"]["mse_over_variance"]) == {"y1", "y2"}
     md = (tmp_path / "r" / "fdn_synthetic_t.md").read_text()
     assert "| deepfm |" in md and "gap = (MSE_oracle - MSE_model) / MSE_oracle" in md
 
