@@ -159,6 +159,23 @@ def generator_config(gen: dict) -> dict:
     return d
 
 
+def train_repeated(base: dict, data: Path, model: str, seed: int, out: Path, threads: int, epochs: int | None,
+                   repeats: int) -> dict:
+    """:func:`train_one` ``repeats`` times with ``train.seed = seed + 1000 k`` (k = 0: the seed itself); the MSEs are
+    the means over the repeats, ``repeats`` keeps each run's, ``test_rel_std`` the spread of the test MSE (the
+    training noise a gap has to exceed)."""
+    each = [train_one(base, data, model, seed + 1000 * k, out.with_name(f"{out.name}_r{k}"), threads, epochs)
+            for k in range(repeats)]
+    tasks = list(each[0]["mse"])
+    res = {"mse": {t: {w: statistics.mean(e["mse"][t][w] for e in each) for w in ("test", "valid")} for t in tasks},
+           "seconds": sum(e["seconds"] for e in each), "device": each[0]["device"]}
+    if repeats > 1:
+        res["repeats"] = each
+        res["test_rel_std"] = {t: statistics.stdev(e["mse"][t]["test"] for e in each) / res["mse"][t]["test"]
+                               for t in tasks}
+    return res
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -208,7 +225,10 @@ def summarize(runs: dict, seeds: list[int], models: list[str], oracles: list[str
                               for a, b in zip(CLAIM, CLAIM[1:]) for t in TASKS) for s in seeds)
         claim = {"order": list(CLAIM), "holds_on_means": holds_mean, "seeds_where_it_holds": holds_seeds,
                  "pairs": pairs}
-    return {"per_seed": per_seed, "table": table, "oracle": oracle, "claim": claim}
+    spreads = {t: [v["test_rel_std"][t] for s in seeds for k, v in runs[s].items()
+                   if k[0] in ("oracle", "model") and t in v.get("test_rel_std", {})] for t in TASKS}
+    noise = {t: statistics.mean(v) for t, v in spreads.items() if v}
+    return {"per_seed": per_seed, "table": table, "oracle": oracle, "claim": claim, "training_noise": noise}
 
 
 def render(summary: dict, models: list[str], header: list[str]) -> list[str]:
@@ -230,6 +250,11 @@ def render(summary: dict, models: list[str], header: list[str]) -> list[str]:
         lines.append(f"| {m} | " + " | ".join(f"{100 * t[k]['gap_mean']:+.3f}% ± {100 * t[k]['gap_std']:.3f}%"
                                               for k in TASKS)
                      + " | " + " | ".join(f"{t[k]['mse_mean']:.4f} ± {t[k]['mse_std']:.4f}" for k in TASKS) + " |")
+    noise = summary.get("training_noise")
+    if noise:
+        lines += ["", "Training noise (same data, other train seeds): relative std of one run's test MSE, mean over "
+                  "seeds and models: " + ", ".join(f"{t} {100 * noise[t]:.2f}%" for t in TASKS)
+                  + f" (the std of a mean of K runs is that / sqrt(K))."]
     claim = summary["claim"]
     if claim is not None:
         lines += ["", f"Claim (Table 1): gap {' > '.join(claim['order'])} on both tasks. On the means: "
@@ -250,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--rows", type=int, default=100_000, help="rows per dataset (the paper does not say)")
     p.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
-                   help="a generator constant (FdnSyntheticConfig field), e.g. --gen feature_noise_var=1e-4")
+                   help="a generator constant (FdnSyntheticConfig field), e.g. --gen feature_noise_std=0.1")
     p.add_argument("--epochs", type=int, default=None, help="override the pipeline's 5 epochs (quick runs)")
+    p.add_argument("--train-repeats", type=int, default=1, metavar="K",
+                   help="train every model K times per seed (train.seed = seed + 1000 k) and use the mean MSE; "
+                        "also reports the training noise (relative std of the test MSE over the K runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     p.add_argument("--workdir", type=Path, default=None, help="prepared data and runs (default: a temporary "
                    "directory, removed at the end)")
@@ -274,13 +302,14 @@ def main(argv: list[str] | None = None) -> int:
             for task in TASKS:
                 for o in oracles:
                     v = VARIANT_OF_TASK[task]
-                    r[("oracle", o, task)] = res = train_one(base, data[v], o, seed, workdir / f"seed{seed}" /
-                                                             f"oracle_{o}_{v}", args.threads, args.epochs)
+                    r[("oracle", o, task)] = res = train_repeated(base, data[v], o, seed, workdir / f"seed{seed}" /
+                                                                  f"oracle_{o}_{v}", args.threads, args.epochs,
+                                                                  args.train_repeats)
                     print(f"seed {seed} oracle {o} on {v}: test mse {task} {res['mse'][task]['test']:.4f} "
                           f"({res['seconds']:.0f} s)", flush=True)
             for m in models:
-                r[("model", m)] = res = train_one(base, data["I"], m, seed, workdir / f"seed{seed}" / f"model_{m}",
-                                                  args.threads, args.epochs)
+                r[("model", m)] = res = train_repeated(base, data["I"], m, seed, workdir / f"seed{seed}" /
+                                                       f"model_{m}", args.threads, args.epochs, args.train_repeats)
                 print(f"seed {seed} {m} on I: test mse " + " ".join(f"{t} {res['mse'][t]['test']:.4f}" for t in TASKS)
                       + f" ({res['seconds']:.0f} s)", flush=True)
     finally:
@@ -299,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(args.seeds)} seed(s) {args.seeds}, {args.rows:,} rows per dataset; device {device}; "
               f"{seconds:.0f} s on {platform.machine()}.",
               f"Models on Dataset-I: {', '.join(models)}; oracles on Dataset-A/-B: {', '.join(oracles)}; "
-              f"pipeline {PIPELINE.relative_to(ROOT)}" + (f", epochs {args.epochs}" if args.epochs else "") + "; "
+              f"pipeline {PIPELINE.relative_to(ROOT)}" + (f", epochs {args.epochs}" if args.epochs else "")
+              + (f", each model trained {args.train_repeats} times per seed (mean MSE)" if args.train_repeats > 1 else "")
+              + "; "
               f"generator {'defaults' if not gen else 'defaults but ' + json.dumps(gen)}."]
     lines = render(summary, models, header)
     tag = f"_{args.tag}" if args.tag else ""
@@ -307,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.results_dir / f"fdn_synthetic{tag}"
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     record = {"command": command.rstrip(), "commit": commit, "dirty": dirty, "seeds": args.seeds, "rows": args.rows,
-              "models": models, "oracles": oracles, "epochs": args.epochs, "device": device, "seconds": seconds,
+              "models": models, "oracles": oracles, "epochs": args.epochs,
+              "train_repeats": args.train_repeats, "device": device, "seconds": seconds,
               "pipeline": _pipeline(), "generator": generator_config(gen), "model_params": {m: params_of(m, base) for m in models + oracles},
               "runs": {str(s): {"/".join(k): v for k, v in r.items()} for s, r in runs.items()},
               **{k: v for k, v in summary.items() if k != "per_seed"},

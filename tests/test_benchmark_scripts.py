@@ -88,7 +88,7 @@ def test_fdn_synthetic_runs_the_table1_protocol_on_tiny_data(tmp_path):
     model on Dataset-I, the gap per seed and task against the oracle of lower validation MSE, mean over seeds."""
     bench = _script("fdn_synthetic")
     assert bench.main(["--models", "deepfm", "--oracles", "deepfm,lr", "--seeds", "0", "1", "--rows", "600",
-                       "--epochs", "1", "--results-dir", str(tmp_path / "r"), "--tag", "t",
+                       "--epochs", "1", "--results-dir", str(tmp_path / "r"), "--tag", "t", "--train-repeats", "2",
                        "--workdir", str(tmp_path / "w")]) == 0
     record = json.loads((tmp_path / "r" / "fdn_synthetic_t.json").read_text())
     assert record["models"] == ["deepfm"] and record["oracles"] == ["deepfm", "lr"] and record["seeds"] == [0, 1]
@@ -106,6 +106,10 @@ def test_fdn_synthetic_runs_the_table1_protocol_on_tiny_data(tmp_path):
     assert record["table"]["deepfm"]["y2"]["gap_mean"] == pytest.approx(sum(gaps) / 2)
     assert record["claim"] is None  # fdn, ple, cgc and mmoe were not all run
     assert all(v > 0 for v in record["per_seed"]["0"]["label_variance"].values())
+    repeats = record["runs"]["1"]["model/deepfm"]["repeats"]  # train seeds 1 and 1001, the mean MSE used
+    assert record["runs"]["1"]["model/deepfm"]["mse"]["y1"]["test"] == pytest.approx(
+        (repeats[0]["mse"]["y1"]["test"] + repeats[1]["mse"]["y1"]["test"]) / 2)
+    assert set(record["training_noise"]) == {"y1", "y2"} and record["train_repeats"] == 2
     assert set(record["oracle"]["mse_over_variance"]) == {"y1", "y2"}
     md = (tmp_path / "r" / "fdn_synthetic_t.md").read_text()
     assert "| deepfm |" in md and "gap = (MSE_oracle - MSE_model) / MSE_oracle" in md
