@@ -84,35 +84,36 @@ def test_prepare_throughput_refuses_disagreeing_outputs_and_unknown_impls():
 
 
 def test_fdn_synthetic_runs_the_table1_protocol_on_tiny_data(tmp_path):
-    """benchmarks/fdn_synthetic.py with tiny sizes and the models that exist: oracles on Dataset-A/-B, a multi-task
-    model on Dataset-I, the gap per seed and task against the oracle of lower validation MSE, mean over seeds."""
+    """benchmarks/fdn_synthetic.py with tiny sizes: oracles on Dataset-A/-B, a multi-task model on Dataset-I, the gap
+    per seed and task against the oracle of lower validation MSE, mean over seeds (lr needs the constant field)."""
     bench = _script("fdn_synthetic")
-    assert bench.main(["--models", "deepfm", "--oracles", "deepfm,lr", "--seeds", "0", "1", "--rows", "600",
+    assert bench.main(["--models", "mmoe", "--oracles", "single_task,lr", "--seeds", "0", "1", "--rows", "600",
                        "--epochs", "1", "--results-dir", str(tmp_path / "r"), "--tag", "t", "--train-repeats", "2",
-                       "--workdir", str(tmp_path / "w")]) == 0
+                       "--gen", "constant_field=true", "--workdir", str(tmp_path / "w")]) == 0
     record = json.loads((tmp_path / "r" / "fdn_synthetic_t.json").read_text())
-    assert record["models"] == ["deepfm"] and record["oracles"] == ["deepfm", "lr"] and record["seeds"] == [0, 1]
-    assert record["commit"] and record["command"].startswith("python benchmarks/fdn_synthetic.py --models deepfm")
+    assert record["models"] == ["mmoe"] and record["oracles"] == ["single_task", "lr"] and record["seeds"] == [0, 1]
+    assert record["commit"] and record["command"].startswith("python benchmarks/fdn_synthetic.py --models mmoe")
     for seed in ("0", "1"):
         runs, entry = record["runs"][seed], record["per_seed"][seed]
         for task, variant_run in (("y1", "oracle/{}/y1"), ("y2", "oracle/{}/y2")):
-            best = min(("deepfm", "lr"), key=lambda o: runs[variant_run.format(o)]["mse"][task]["valid"])
+            best = min(("single_task", "lr"), key=lambda o: runs[variant_run.format(o)]["mse"][task]["valid"])
             oracle = runs[variant_run.format(best)]["mse"][task]["test"]
-            model = runs["model/deepfm"]["mse"][task]["test"]
+            model = runs["model/mmoe"]["mse"][task]["test"]
             assert entry["oracle"][task] == {"model": best, "mse": oracle}
-            assert entry["gap"]["deepfm"][task] == pytest.approx((oracle - model) / oracle)
-        assert set(runs["oracle/deepfm/y1"]["mse"]) == {"y1"} and set(runs["model/deepfm"]["mse"]) == {"y1", "y2"}
-    gaps = [record["per_seed"][s]["gap"]["deepfm"]["y2"] for s in ("0", "1")]
-    assert record["table"]["deepfm"]["y2"]["gap_mean"] == pytest.approx(sum(gaps) / 2)
+            assert entry["gap"]["mmoe"][task] == pytest.approx((oracle - model) / oracle)
+        assert set(runs["oracle/single_task/y1"]["mse"]) == {"y1"} and set(runs["model/mmoe"]["mse"]) == {"y1", "y2"}
+    gaps = [record["per_seed"][s]["gap"]["mmoe"]["y2"] for s in ("0", "1")]
+    assert record["table"]["mmoe"]["y2"]["gap_mean"] == pytest.approx(sum(gaps) / 2)
     assert record["claim"] is None  # fdn, ple, cgc and mmoe were not all run
     assert all(v > 0 for v in record["per_seed"]["0"]["label_variance"].values())
-    repeats = record["runs"]["1"]["model/deepfm"]["repeats"]  # train seeds 1 and 1001, the mean MSE used
-    assert record["runs"]["1"]["model/deepfm"]["mse"]["y1"]["test"] == pytest.approx(
+    repeats = record["runs"]["1"]["model/mmoe"]["repeats"]  # train seeds 1 and 1001, the mean MSE used
+    assert record["runs"]["1"]["model/mmoe"]["mse"]["y1"]["test"] == pytest.approx(
         (repeats[0]["mse"]["y1"]["test"] + repeats[1]["mse"]["y1"]["test"]) / 2)
     assert set(record["training_noise"]) == {"y1", "y2"} and record["train_repeats"] == 2
+    assert record["generator"]["constant_field"] is True and record["generator"]["dim"] == 100
     assert set(record["oracle"]["mse_over_variance"]) == {"y1", "y2"}
     md = (tmp_path / "r" / "fdn_synthetic_t.md").read_text()
-    assert "| deepfm |" in md and "gap = (MSE_oracle - MSE_model) / MSE_oracle" in md
+    assert "| mmoe |" in md and "gap = (MSE_oracle - MSE_model) / MSE_oracle" in md
 
 
 def test_fdn_synthetic_claim_check_and_model_params_check():

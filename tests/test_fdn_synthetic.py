@@ -106,7 +106,10 @@ def test_rows_match_a_float64_reference_of_the_equations(variant, dim, sines, ph
     for vec in (p.u1, p.u2, p.us):  # Eq. 5
         assert np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-12)
     rows = _rows(cfg)  # the stored frame: float32 of the same values
-    assert rows.columns == ["const", *cfg.dense_names, *cfg.labels, "__row"]
+    assert rows.columns == [*cfg.dense_names, *cfg.labels, "__row"]
+    with_const = _rows(replace(cfg, constant_field=True))
+    assert with_const.columns[0] == "const" and with_const["const"].unique().to_list() == [0]
+    assert with_const.drop("const").equals(rows)
     stored = rows.select(cfg.dense_names).to_numpy()
     assert stored.dtype == np.float32
     np.testing.assert_allclose(stored[:5], np.array(ref["X"]), rtol=1e-6, atol=1e-6)
@@ -213,7 +216,7 @@ def test_prepared_meta_and_splits(tmp_path: Path):
         assert meta.labels == labels
         assert [(t.name, t.label, t.kind) for t in meta.tasks] == [(y, y, "regression") for y in labels]
         assert meta.dense == list(FdnSyntheticConfig().dense_names) and len(meta.dense) == 100
-        assert meta.sparse_names == ["const"] and meta.sparse[0].vocab_size == 2  # the OOV row + the one value
+        assert meta.sparse_names == []  # continuous features only (Eq. 9-11)
         assert meta.total_rows == meta.input_rows == 400 and meta.skipped_rows == 0
         assert meta.source["config"]["variant"] == v and meta.source["config"]["seed"] == 5
         assert DatasetMeta.load(tmp_path / v).dataset_id == meta.dataset_id

@@ -49,7 +49,7 @@ second argument as the STANDARD DEVIATION, numpy's ``normal(loc, scale)`` (the n
 ``N(0, 1)`` is the same either way): ``x_task_std = 0.1``, ``label_noise_std = feature_noise_std = 0.01``. The usual
 ``N(mu, sigma^2)`` reading is ``--gen x_task_std=0.3162 --gen label_noise_std=0.1 --gen feature_noise_std=0.1``
 (``benchmarks/fdn_synthetic.py``). Why this reading and the phases below (measured with DeepFM as oracle on A/B and
-as the multi-task model on I, 100k rows, 5 epochs, seeds 0-1; ``benchmarks/results/fdn_synthetic_constants.md``):
+as the multi-task model on I, 100k rows, 5 epochs, seeds 0-2; ``benchmarks/results/fdn_synthetic_constants.md``):
 with the variance reading and uniform phases the oracle on Dataset-A is no better than the multi-task model on
 Dataset-I (gap +4 % and +13 %: the features lose more than the other task's interference costs, so the benchmark
 does not measure negative transfer), and the oracles' MSE is ~half the labels' variance. Two losses cause it:
@@ -67,13 +67,16 @@ extremum of ``F_i`` folds (loses the sign of its latent).
   ``sqrt(2) delta_i`` keeps the signal well above the feature noise.
 * rows: the paper does not say; 100,000 by default (split 0.8 / 0.1 / 0.1 by the prepare options).
 
-Departure (framework, not paper): with ``constant_field`` (default) the prepared data also has one sparse field
-``const`` whose value is the same in every row. It carries no information; it exists because this framework's
-models and row pipeline read at least one embedding table (they have no path for a dataset of dense fields only).
-Its embedding enters a model as a constant input, i.e. one more bias of the first layers.
+Option (framework, not paper): with ``constant_field`` (default off) the prepared data also has one sparse field
+``const`` whose value is the same in every row. It carries no information; it is for this framework's CTR models
+(lr, fm, deepfm, autoint), which read at least one embedding table (they have no path for a dataset of dense
+fields only; the multi-task models in ``models/multitask.py`` and ``single_task`` do). Its embedding enters a model
+as a constant input, i.e. one more bias of the first layers.
 
 Features are continuous (Eq. 9-11), so they are stored as ``d`` dense float32 fields ``x_000 .. x_{d-1}``, raw (no
-fill or normalization: ``|X_i| <= sqrt(2) + noise``). Values are computed in float64 and stored as float32.
+fill or normalization: ``|X_i| <= sqrt(2) + noise``), and the prepared dataset has no sparse field: nothing to embed,
+so the paper's "embedding size 32" has no object here (the multi-task models feed the dense features to their
+experts directly). Values are computed in float64 and stored as float32.
 
 Determinism. Parameters: ``default_rng([seed, 0])`` (above). Rows come in fixed blocks of ``BLOCK_ROWS``; in block
 ``b`` (``n`` rows) each latent has its own stream, ``default_rng([seed, 1, b, q])`` with ``q`` = 0 for ``x_1 [n, d]``,
@@ -129,7 +132,7 @@ class FdnSyntheticConfig:
     beta_std: float = 1.0
     delta_range: tuple[float, float] = (1.0, 3.0)
     phase: str = "steepest"  # gamma_i: steepest (-pi/4 + pi Bernoulli(1/2)) | uniform (U(0, 2 pi))
-    constant_field: bool = True
+    constant_field: bool = False  # a constant sparse field for the CTR models (module docstring)
     chunk_rows: int = BLOCK_ROWS
 
     def __post_init__(self) -> None:
