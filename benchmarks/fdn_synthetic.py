@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{seconds:.0f} s on {platform.machine()}.",
               f"Models on Dataset-I: {', '.join(models)}; oracles on Dataset-A/-B: {', '.join(oracles)}; "
               f"pipeline {PIPELINE.relative_to(ROOT)}" + (f", epochs {args.epochs}" if args.epochs else "")
-              + (f", each model trained {args.train_repeats} times per seed (mean MSE)" if args.train_repeats > 1 else "")
+              + (f", each model trained {args.train_repeats} times per seed (mean MSE)"
+                 if args.train_repeats > 1 else "")
               + "; "
               f"generator {'defaults' if not gen else 'defaults but ' + json.dumps(gen)}."]
     lines = render(summary, models, header)
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": command.rstrip(), "commit": commit, "dirty": dirty, "seeds": args.seeds, "rows": args.rows,
               "models": models, "oracles": oracles, "epochs": args.epochs,
               "train_repeats": args.train_repeats, "device": device, "seconds": seconds,
-              "pipeline": _pipeline(), "generator": generator_config(gen), "model_params": {m: params_of(m, base) for m in models + oracles},
+              "pipeline": _pipeline(), "generator": generator_config(gen),
+              "model_params": {m: params_of(m, base) for m in models + oracles},
               "runs": {str(s): {"/".join(k): v for k, v in r.items()} for s, r in runs.items()},
               **{k: v for k, v in summary.items() if k != "per_seed"},
               "per_seed": {str(s): v for s, v in summary["per_seed"].items()}}
