@@ -91,15 +91,19 @@ def prepare_criteo_synth(work: Path, rows: int, seed: int) -> Path:
     return out
 
 
-def load_split(data_dir: Path, meta, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def load_split(data_dir: Path, meta, split: str, labels: tuple[str, ...] | None = None,
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One split in memory for a peer: ``{column: [N]}`` (ids int64, dense float32) and the labels, float32:
+    ``[N]`` of the first label column, or ``[N, T]`` of the ``labels`` named."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(data_dir / rel) for rel in meta.split_files[split]])
     x = {n: table.column(n).to_numpy().astype(np.int64) for n in meta.sparse_names}
     x |= {n: table.column(n).to_numpy().astype(np.float32) for n in meta.dense}
-    y = table.column(meta.labels[0]).to_numpy().astype(np.float32)
-    return x, y
+    if labels is None:
+        return x, table.column(meta.labels[0]).to_numpy().astype(np.float32)
+    return x, np.stack([table.column(n).to_numpy().astype(np.float32) for n in labels], axis=1)
 
 
 # -- implementations -------------------------------------------------------------------------------------------
@@ -222,26 +226,20 @@ def loader_pass(data_dir: Path, meta, batch_size: int, seed: int) -> tuple[int, 
     return rows, time.perf_counter() - t0
 
 
-def run_dataset(name: str, data_dir: Path, epochs: int, args) -> dict:
-    from recsys_transfer.data.prepared import DatasetMeta
+def piece_rows(n_train: int, batch_size: int, chunks: int) -> list[int]:
+    """Rows of each of the ``chunks`` interleaving pieces of one epoch, cut at whole batches so every
+    implementation sees the same batch count per piece."""
+    n_batches = -(-n_train // batch_size)
+    per = -(-n_batches // chunks)
+    pieces = [min(per * batch_size, n_train - k * per * batch_size) for k in range(chunks)]
+    return [p for p in pieces if p > 0]
 
-    meta = DatasetMeta.load(data_dir)
-    t0 = time.perf_counter()
-    train, test = load_split(data_dir, meta, "train"), load_split(data_dir, meta, "test")
-    n_train = len(train[1])
-    log(f"{name}: {n_train} train / {len(test[1])} test rows, {len(meta.sparse_names)} sparse fields "
-        f"(total vocab {sum(meta.field(f).vocab_size for f in meta.sparse_names)}), {len(meta.dense)} dense; "
-        f"in-memory load for deepctr {time.perf_counter() - t0:.1f}s (untimed)")
-    impls = {"ours-trainer-B": Ours("ours-trainer-B", data_dir, meta, args),
-             "ours-dense": Ours("ours-dense", data_dir, meta, args),
-             "deepctr": DeepCTR(data_dir, meta, args, train, test)}
-    impls = {k: v for k, v in impls.items() if k in args.impls}
-    lrows, lsec = loader_pass(data_dir, meta, args.batch_size, args.seed)
-    # piece boundaries in whole batches, so every implementation sees the same batch count per piece
-    n_batches = -(-n_train // args.batch_size)
-    per = -(-n_batches // args.chunks)
-    pieces = [min(per * args.batch_size, n_train - k * per * args.batch_size) for k in range(args.chunks)]
-    pieces = [p for p in pieces if p > 0]
+
+def interleave(name: str, impls: dict, epochs: int, pieces: list[int]) -> tuple[dict, list[float]]:
+    """Train every implementation ``epochs`` epochs, piece by piece, in an order rotating from piece to piece.
+    An implementation has ``begin_epoch(epoch)`` and ``train_piece(rows) -> (rows, seconds, mean loss)``.
+    Returns per implementation its rows, seconds, per-epoch and per-piece rows/s and mean losses, and the 1-minute
+    load average after every piece."""
     stats = {k: {"rows": 0, "seconds": 0.0, "epoch_rows_per_s": [], "piece_rows_per_s": [], "losses": []}
              for k in impls}
     loads = []
@@ -267,6 +265,43 @@ def run_dataset(name: str, data_dir: Path, epochs: int, args) -> dict:
             stats[k]["epoch_rows_per_s"].append(r / dt)
             stats[k]["losses"].append(lsum / max(r, 1))
         log(f"{name} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {ep[k][0] / ep[k][1]:,.0f} rows/s" for k in ep))
+    for s in stats.values():
+        s["rows_per_s"] = s["rows"] / s["seconds"]
+    return stats, loads
+
+
+def machine_record() -> dict:
+    """The git commit of this checkout and the machine, for a results file's header (``git_dirty``: tracked files
+    other than recorded results differ from the commit)."""
+    import torch
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads()}
+
+
+def run_dataset(name: str, data_dir: Path, epochs: int, args) -> dict:
+    from recsys_transfer.data.prepared import DatasetMeta
+
+    meta = DatasetMeta.load(data_dir)
+    t0 = time.perf_counter()
+    train, test = load_split(data_dir, meta, "train"), load_split(data_dir, meta, "test")
+    n_train = len(train[1])
+    log(f"{name}: {n_train} train / {len(test[1])} test rows, {len(meta.sparse_names)} sparse fields "
+        f"(total vocab {sum(meta.field(f).vocab_size for f in meta.sparse_names)}), {len(meta.dense)} dense; "
+        f"in-memory load for deepctr {time.perf_counter() - t0:.1f}s (untimed)")
+    impls = {"ours-trainer-B": Ours("ours-trainer-B", data_dir, meta, args),
+             "ours-dense": Ours("ours-dense", data_dir, meta, args),
+             "deepctr": DeepCTR(data_dir, meta, args, train, test)}
+    impls = {k: v for k, v in impls.items() if k in args.impls}
+    lrows, lsec = loader_pass(data_dir, meta, args.batch_size, args.seed)
+    pieces = piece_rows(n_train, args.batch_size, args.chunks)
+    stats, loads = interleave(name, impls, epochs, pieces)
     out = {"dataset": name, "data_dir": str(data_dir), "dataset_id": meta.dataset_id, "train_rows": n_train,
            "test_rows": int(len(test[1])), "sparse_fields": len(meta.sparse_names), "dense_fields": len(meta.dense),
            "total_vocab": int(sum(meta.field(f).vocab_size for f in meta.sparse_names)), "epochs": epochs,
@@ -274,7 +309,6 @@ def run_dataset(name: str, data_dir: Path, epochs: int, args) -> dict:
            "load_avg_during": {"min": min(loads), "max": max(loads), "mean": float(np.mean(loads))}, "impls": {}}
     for k, impl in impls.items():
         s = stats[k]
-        s["rows_per_s"] = s["rows"] / s["seconds"]
         t0 = time.perf_counter()
         s["test_auc"] = impl.test_auc()
         log(f"{name} {k}: test AUC {s['test_auc']:.4f} (eval {time.perf_counter() - t0:.1f}s)")
@@ -356,16 +390,9 @@ def main() -> None:
         else:
             sys.exit(f"unknown dataset {ds!r}")
 
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
     rec = {
         "command": " ".join([".venv/bin/python", *sys.argv]),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(), "deepctr_torch": deepctr_torch.__version__,
+        **machine_record(), "deepctr_torch": deepctr_torch.__version__,
         "load_avg_start": load_start, "load_avg_end": [round(v, 2) for v in os.getloadavg()],
         "config": {k: v for k, v in vars(args).items()},
         "datasets": results,

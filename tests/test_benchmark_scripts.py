@@ -1,5 +1,6 @@
-"""The logic of benchmarks/checkpoint_io.py, scaling.py and prepare_throughput.py that decides what they report (no
-timing claims; prepare_throughput runs its implementations on tiny sizes)."""
+"""The logic of benchmarks/checkpoint_io.py, scaling.py, prepare_throughput.py, mtl_throughput.py and fdn_synthetic.py
+that decides what they report (no timing claims; prepare_throughput, mtl_throughput and fdn_synthetic run on tiny
+sizes)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,54 @@ def test_prepare_throughput_refuses_disagreeing_outputs_and_unknown_impls():
     with pytest.raises(SystemExit):
         bench.main(["--impls", "ours,polars"])
 
+
+MTL_TINY = ["--epochs", "1", "--chunks", "2", "--batch-size", "1024", "--lr", "0.01", "--dim", "4", "--experts",
+            "2", "--expert-hidden", "8", "--tower-hidden", "4", "--specific", "1", "--shared", "1", "--n-boot", "50",
+            "--surgery-steps", "2", "--surgery-rounds", "2", "--parts-steps", "2", "--parts-rounds", "2"]
+
+
+def test_mtl_throughput_ours_and_surgery_on_adult(adult_dir, tmp_path):
+    """mtl_throughput with tiny widths, our side only (CI has no bench extra): both models train through the
+    trainer's step, every task gets a test AUC, and GradVac's step is timed beside the plain one."""
+    bench = _script("mtl_throughput")
+    rec = bench.main([*MTL_TINY, "--sides", "ours", "--surgery", "none,per-task,gradvac", "--raw", str(adult_dir),
+                      "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r"), "--tag", "t"])
+    result = rec["result"]
+    assert list(result["impls"]) == ["ours-mmoe", "ours-ple"] and result["comparison"] == {}
+    for s in result["impls"].values():
+        assert s["rows"] == result["train_rows"] and s["rows_per_s"] > 0
+        assert set(s["test_auc"]) == {"income", "never_married"} and min(s["test_auc"].values()) > 0.6
+    assert set(result["parts_ms_per_step"]) == {f"ours-{m} {part}" for m in ("mmoe", "ple")
+                                                for part in ("fwd+bwd", "step")}
+    assert set(rec["surgery"]["ms_per_step"]) == {"none", "per-task", "gradvac"}
+    assert rec["surgery"]["ratio_vs_none"]["none"] == 1.0
+    md = (tmp_path / "r" / "mtl_throughput_t.md").read_text()
+    assert "| ours-mmoe |" in md and "| gradvac |" in md and "## Where the time goes" in md
+    assert json.loads((tmp_path / "r" / "mtl_throughput_t.json").read_text())["config"]["sides"] == ["ours"]
+    with pytest.raises(SystemExit):
+        bench.main(["--surgery", "gradvec"])
+
+
+def test_mtl_throughput_against_torch_rechub_same_dimensions(adult_dir, tmp_path):
+    """With torch-rechub installed (the bench extra): both sides train the same rows, and the models have the same
+    parameters but for torch-rechub's BatchNorm in each gate (2 per gate output) -- the widths match."""
+    pytest.importorskip("torch_rechub")
+    bench = _script("mtl_throughput")
+    rec = bench.main([*MTL_TINY, "--surgery", "", "--raw", str(adult_dir), "--work-dir", str(tmp_path / "w"),
+                      "--results-dir", str(tmp_path / "r")])
+    impls, tasks = rec["result"]["impls"], 2
+    assert list(impls) == ["ours-mmoe", "rechub-mmoe", "ours-ple", "rechub-ple"]
+    assert all(s["rows"] == rec["result"]["train_rows"] for s in impls.values())
+    experts, levels, specific, shared = 2, 2, 1, 1
+    gate_bn = {"mmoe": 2 * tasks * experts,
+               "ple": 2 * (levels * tasks * (specific + shared) + (levels - 1) * (tasks * specific + shared))}
+    for model, extra in gate_bn.items():
+        assert impls[f"rechub-{model}"]["parameters"] - impls[f"ours-{model}"]["parameters"] == extra
+        cmp = rec["result"]["comparison"][model]
+        assert cmp["ratio"] > 0 and set(cmp["auc_diff_ci95"]) == {"income", "never_married"}
+    assert len(rec["result"]["parts_ms_per_step"]) == 8
+    assert "not run" in rec["surgery"]["status"]
+    assert "ratio ours/rechub" in (tmp_path / "r" / "mtl_throughput.md").read_text()
 
 def test_fdn_synthetic_runs_the_table1_protocol_on_tiny_data(tmp_path):
     """benchmarks/fdn_synthetic.py with tiny sizes: oracles on Dataset-A/-B, a multi-task model on Dataset-I, the gap
