@@ -1,6 +1,7 @@
 """The ``recsys-transfer`` command line.
 
-    recsys-transfer prepare {--dataset {movielens,criteo,synthetic} | --schema FILE.yaml} --input PATH... --output DIR
+    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic} | --schema FILE.yaml} --input PATH...
+        --output DIR [--variant A|B|I]
     recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite | --resume]
@@ -43,7 +44,7 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
                    help="random (seeded, per record) or temporal (MovieLens: by rating time; --schema: by its "
                         "timestamp column)")
     g.add_argument("--split-fractions", type=_fractions, default=(0.8, 0.1, 0.1), metavar="TRAIN,VALID,TEST")
-    g.add_argument("--seed", type=int, default=2022, help="split seed (and synthetic data seed)")
+    g.add_argument("--seed", type=int, default=2022, help="split seed (and the synthetic data seed)")
     g.add_argument("--head-rule", choices=("pareto", "threshold"), default="pareto",
                    help="source domain: top fraction of items (pareto) or items with count >= --head-min-count")
     g.add_argument("--head-fraction", type=float, default=0.2)
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="raw data -> prepared parquet shards + meta.json")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic"), help="a built-in source")
+    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic", "fdn-synthetic"),
+                        help="a built-in source")
     source.add_argument("--schema", type=Path, help="a schema file (pipelines/datasets/*.yaml) describing any "
                         "CSV/TSV/parquet table, plain or gzip/bz2/xz")
     p.add_argument("--input", type=Path, nargs="*", default=[],
@@ -70,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hash-size", type=int, default=None, help="criteo, --schema: hash each categorical field (that sets no hash_size) into this many rows")
     p.add_argument("--on-bad-row", choices=("error", "skip"), default="error",
                    help="stop at the first malformed row (default) or skip it and count it in meta.json")
-    p.add_argument("--rows", type=int, default=None, help="synthetic: number of rows")
+    p.add_argument("--rows", type=int, default=None, help="synthetic, fdn-synthetic: number of rows")
     p.add_argument("--conversion", action="store_true",
                    help="synthetic: add a post-click conversion label `purchase` (ESMM's CTR / CVR / CTCVR setting)")
+    p.add_argument("--variant", choices=("A", "B", "I"), default=None,
+                   help="fdn-synthetic: Dataset-A or -B (one task, the single-task oracle's data) or -I (both tasks; "
+                        "default)")
     p.add_argument("--genres", choices=("combination", "bag"), default="combination",
                    help="movielens: a movie's genres as one value (default) or as a list field (multi-hot bag)")
     p.add_argument("--history", type=int, default=0, metavar="N",
@@ -142,7 +147,8 @@ def prepare_config(args: argparse.Namespace):
                              split_fractions=tuple(args.split_fractions), seed=args.seed, head_rule=args.head_rule,
                              head_fraction=args.head_fraction, head_min_count=args.head_min_count,
                              on_bad_row=args.on_bad_row, allow_degenerate=args.allow_degenerate,
-                             genres=args.genres, history=args.history, conversion=args.conversion)
+                             genres=args.genres, history=args.history, conversion=args.conversion,
+                             variant=args.variant)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

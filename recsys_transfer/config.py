@@ -33,7 +33,8 @@ import yaml
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
 
-DATASETS = ("movielens", "criteo", "synthetic")
+DATASETS = ("movielens", "criteo", "synthetic", "fdn-synthetic")
+FDN_VARIANTS = ("A", "B", "I")  # fdn-synthetic: Dataset-A, Dataset-B (single-task oracles), Dataset-I (multi-task)
 TRAINING_MODES = ("B", "+T", "+Ours", "select", "lexico")  # paper Sec. 5 notation; not a pooling mode
 SELECTIVE_MODES = ("+Ours", "select")  # modes that need the selective target domain T'_eta
 BARRIER_MODES = ("+Ours", "lexico")  # modes that combine the gradients by Algorithm 1
@@ -67,6 +68,7 @@ class PrepareConfig:
     genres: str = "combination"  # movielens: the genres of a movie as one value (combination) or a list (bag)
     history: int = 0  # movielens: a list field of the user's last N items rated before this rating (0 = none)
     conversion: bool = False  # synthetic: add a post-click conversion label `purchase` (CTR / CVR / CTCVR)
+    variant: str | None = None  # fdn-synthetic: A | B | I (default I); no other dataset takes it
 
     def __post_init__(self) -> None:
         if self.schema is not None and self.dataset is not None:
@@ -86,6 +88,13 @@ class PrepareConfig:
             raise ValueError("genres, history: MovieLens options (data.prepare.dataset: movielens)")
         if self.conversion and self.dataset != "synthetic":
             raise ValueError("conversion: a synthetic-data option (data.prepare.dataset: synthetic)")
+        if self.dataset == "fdn-synthetic":
+            if self.variant is None:
+                object.__setattr__(self, "variant", "I")
+            if self.variant not in FDN_VARIANTS:
+                raise ValueError(f"variant must be one of {FDN_VARIANTS}, got {self.variant!r}")
+        elif self.variant is not None:
+            raise ValueError("variant: an fdn-synthetic option (data.prepare.dataset: fdn-synthetic)")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The logic of benchmarks/checkpoint_io.py, scaling.py, prepare_throughput.py and mtl_throughput.py that decides what
-they report (no timing claims; prepare_throughput and mtl_throughput run their implementations on tiny sizes)."""
+"""The logic of benchmarks/checkpoint_io.py, scaling.py, prepare_throughput.py, mtl_throughput.py and fdn_synthetic.py
+that decides what they report (no timing claims; prepare_throughput, mtl_throughput and fdn_synthetic run on tiny
+sizes)."""
 
 from __future__ import annotations
 
@@ -130,3 +131,59 @@ def test_mtl_throughput_against_torch_rechub_same_dimensions(adult_dir, tmp_path
     assert len(rec["result"]["parts_ms_per_step"]) == 8
     assert "not run" in rec["surgery"]["status"]
     assert "ratio ours/rechub" in (tmp_path / "r" / "mtl_throughput.md").read_text()
+
+def test_fdn_synthetic_runs_the_table1_protocol_on_tiny_data(tmp_path):
+    """benchmarks/fdn_synthetic.py with tiny sizes: oracles on Dataset-A/-B, a multi-task model on Dataset-I, the gap
+    per seed and task against the oracle of lower validation MSE, mean over seeds (lr needs the constant field)."""
+    bench = _script("fdn_synthetic")
+    assert bench.main(["--models", "mmoe", "--oracles", "single_task,lr", "--seeds", "0", "1", "--rows", "600",
+                       "--epochs", "1", "--results-dir", str(tmp_path / "r"), "--tag", "t", "--train-repeats", "2",
+                       "--gen", "constant_field=true", "--workdir", str(tmp_path / "w")]) == 0
+    record = json.loads((tmp_path / "r" / "fdn_synthetic_t.json").read_text())
+    assert record["models"] == ["mmoe"] and record["oracles"] == ["single_task", "lr"] and record["seeds"] == [0, 1]
+    assert record["commit"] and record["command"].startswith("python benchmarks/fdn_synthetic.py --models mmoe")
+    for seed in ("0", "1"):
+        runs, entry = record["runs"][seed], record["per_seed"][seed]
+        for task, variant_run in (("y1", "oracle/{}/y1"), ("y2", "oracle/{}/y2")):
+            best = min(("single_task", "lr"), key=lambda o: runs[variant_run.format(o)]["mse"][task]["valid"])
+            oracle = runs[variant_run.format(best)]["mse"][task]["test"]
+            model = runs["model/mmoe"]["mse"][task]["test"]
+            assert entry["oracle"][task] == {"model": best, "mse": oracle}
+            assert entry["gap"]["mmoe"][task] == pytest.approx((oracle - model) / oracle)
+        assert set(runs["oracle/single_task/y1"]["mse"]) == {"y1"} and set(runs["model/mmoe"]["mse"]) == {"y1", "y2"}
+    gaps = [record["per_seed"][s]["gap"]["mmoe"]["y2"] for s in ("0", "1")]
+    assert record["table"]["mmoe"]["y2"]["gap_mean"] == pytest.approx(sum(gaps) / 2)
+    assert record["claim"] is None  # fdn, ple, cgc and mmoe were not all run
+    assert all(v > 0 for v in record["per_seed"]["0"]["label_variance"].values())
+    repeats = record["runs"]["1"]["model/mmoe"]["repeats"]  # train seeds 1 and 1001, the mean MSE used
+    assert record["runs"]["1"]["model/mmoe"]["mse"]["y1"]["test"] == pytest.approx(
+        (repeats[0]["mse"]["y1"]["test"] + repeats[1]["mse"]["y1"]["test"]) / 2)
+    assert set(record["training_noise"]) == {"y1", "y2"} and record["train_repeats"] == 2
+    assert record["generator"]["constant_field"] is True and record["generator"]["dim"] == 100
+    assert set(record["oracle"]["mse_over_variance"]) == {"y1", "y2"}
+    md = (tmp_path / "r" / "fdn_synthetic_t.md").read_text()
+    assert "| mmoe |" in md and "gap = (MSE_oracle - MSE_model) / MSE_oracle" in md
+
+
+def test_fdn_synthetic_claim_check_and_model_params_check():
+    bench = _script("fdn_synthetic")
+    seeds = [0, 1]
+    mse = {"fdn": 1.0, "ple": 1.1, "cgc": 1.2, "mmoe": 1.3}
+
+    def run(y1: float, y2: float) -> dict:
+        return {"mse": {"y1": {"test": y1, "valid": y1}, "y2": {"test": y2, "valid": y2}}}
+
+    runs = {s: {("oracle", "o", "y1"): run(0.9, 0.9), ("oracle", "o", "y2"): run(0.9, 0.9),
+                **{("model", m): run(v + 0.01 * s, v) for m, v in mse.items()}} for s in seeds}
+    runs[1][("model", "cgc")] = run(1.35, 1.2)  # seed 1: CGC worse than MMoE on y1
+    out = bench.summarize(runs, seeds, list(mse), ["o"])
+    assert out["table"]["fdn"]["y1"]["gap_mean"] == pytest.approx(((0.9 - 1.0) + (0.9 - 1.01)) / 2 / 0.9)
+    assert out["claim"]["holds_on_means"] is True and out["claim"]["seeds_where_it_holds"] == 1
+    assert out["claim"]["pairs"]["cgc-mmoe/y1"]["seeds_positive"] == 1
+    with pytest.raises(SystemExit, match=r"MODEL_PARAMS\['deepfm'\] has \['num_experts'\]"):
+        saved = bench.MODEL_PARAMS["deepfm"]
+        bench.MODEL_PARAMS["deepfm"] = {"num_experts": 8}
+        try:
+            bench.check_models(["deepfm"], bench._pipeline())
+        finally:
+            bench.MODEL_PARAMS["deepfm"] = saved

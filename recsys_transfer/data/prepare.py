@@ -18,7 +18,8 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.errors import UserError
 
-DEFAULT_MIN_COUNT = {"movielens": 1, "criteo": 10, "synthetic": 1}
+DEFAULT_MIN_COUNT = {"movielens": 1, "criteo": 10, "synthetic": 1, "fdn-synthetic": 1}
+GENERATED = ("synthetic", "fdn-synthetic")  # built-in sources that generate their rows (take rows, no input)
 
 
 def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = False,
@@ -45,8 +46,8 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
                                hash_size=config.hash_size, on_bad_row=config.on_bad_row,
                                schema_file=config.schema, **common)
     min_count = config.min_count if config.min_count is not None else DEFAULT_MIN_COUNT[config.dataset]
-    if config.dataset != "synthetic" and config.rows is not None:
-        raise UserError(f"rows: only the synthetic dataset is generated; {config.dataset} reads its input")
+    if config.dataset not in GENERATED and config.rows is not None:
+        raise UserError(f"rows: only the synthetic datasets are generated; {config.dataset} reads its input")
     if config.dataset == "movielens":
         from recsys_transfer.data.movielens import prepare_movielens
 
@@ -65,19 +66,23 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
             raise UserError("split temporal: Criteo rows carry no timestamp; use a random split")
         return prepare_criteo(inputs, output, min_count=min_count, hash_size=config.hash_size,
                               on_bad_row=config.on_bad_row, **common)
-    from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
-
     if inputs:
-        raise UserError("input: the synthetic dataset is generated, it takes no input")
+        raise UserError(f"input: the {config.dataset} dataset is generated, it takes no input")
     if config.min_count is not None or config.hash_size is not None:
-        raise UserError("min_count, hash_size: the synthetic dataset's vocabularies take no such option")
+        raise UserError(f"min_count, hash_size: the {config.dataset} dataset's vocabularies take no such option")
     if split.kind != "random":
-        raise UserError("split temporal: synthetic rows carry no timestamp; use a random split")
-    kwargs = {"seed": config.seed, "conversion": config.conversion}
+        raise UserError(f"split temporal: {config.dataset} rows carry no timestamp; use a random split")
+    kwargs = {"seed": config.seed}
     if config.rows is not None:
         kwargs["rows"] = config.rows
+    if config.dataset == "fdn-synthetic":
+        from recsys_transfer.data.fdn_synthetic import FdnSyntheticConfig, prepare_fdn_synthetic
+
+        return prepare_fdn_synthetic(FdnSyntheticConfig(variant=config.variant, **kwargs), output, **common)
+    from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
+
     try:
-        synthetic = SyntheticConfig(**kwargs)
+        synthetic = SyntheticConfig(conversion=config.conversion, **kwargs)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return prepare_synthetic(synthetic, output, **common)
