@@ -65,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput_vs_peers import (  # noqa: E402  (shared with the DeepFM comparison)
-    _Slice, interleave, load_split, log, machine_record, piece_rows)
+    TrainerPieces, interleave, load_split, log, machine_record, piece_rows)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -106,7 +106,7 @@ def model_params(model: str, args) -> dict:
 # -- implementations -------------------------------------------------------------------------------------------
 
 
-class Ours:
+class Ours(TrainerPieces):
     def __init__(self, model: str, data_dir: Path, meta, args) -> None:
         import torch
 
@@ -123,18 +123,6 @@ class Ours:
         self.step = compose_step(self.model, meta, rows=RowsConfig(optimizer="adam", lr=args.lr),
                                  transfer=TransferConfig(mode="B"), train=TrainConfig(optimizer="adam", lr=args.lr))
         self._it = None
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-        self._it = iter(self.loader)
-
-    def train_piece(self, rows: int) -> tuple[int, float, float]:
-        from recsys_transfer.train.loop import train_epoch
-
-        n_batches = -(-rows // self.loader.batch_size)
-        t0 = time.perf_counter()
-        st = train_epoch(self.step, _Slice(self.loader, self._it, n_batches))
-        return st.rows, time.perf_counter() - t0, st.loss
 
     def parts(self, n: int) -> dict:
         """Callables timing pieces of a step on ``n`` batches read beforehand: the model's forward + backward (BCE

@@ -126,7 +126,28 @@ class _Slice:
                 return
 
 
-class Ours:
+class TrainerPieces:
+    """Our side of an interleaved comparison: ``self.loader`` (a shuffled train BatchLoader) and ``self.step`` (a
+    TrainStep) trained one piece of an epoch at a time (subclasses set both)."""
+
+    loader = None
+    step = None
+    _it = None
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+        self._it = iter(self.loader)
+
+    def train_piece(self, rows: int) -> tuple[int, float, float]:
+        from recsys_transfer.train.loop import train_epoch
+
+        n_batches = -(-rows // self.loader.batch_size)
+        t0 = time.perf_counter()
+        st = train_epoch(self.step, _Slice(self.loader, self._it, n_batches))
+        return st.rows, time.perf_counter() - t0, st.loss
+
+
+class Ours(TrainerPieces):
     def __init__(self, name: str, data_dir: Path, meta, args) -> None:
         import torch
 
@@ -149,18 +170,6 @@ class Ours:
             self.step = TrainStep(self.model, Objective(meta.tasks),
                                   torch.optim.Adam(self.model.parameters(), lr=args.lr, fused=True))
         self._it = None
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-        self._it = iter(self.loader)
-
-    def train_piece(self, rows: int) -> tuple[int, float, float]:
-        from recsys_transfer.train.loop import train_epoch
-
-        n_batches = -(-rows // self.loader.batch_size)
-        t0 = time.perf_counter()
-        st = train_epoch(self.step, _Slice(self.loader, self._it, n_batches))
-        return st.rows, time.perf_counter() - t0, st.loss
 
     def test_auc(self) -> float:
         from recsys_transfer.train.evaluate import evaluate

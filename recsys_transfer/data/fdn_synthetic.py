@@ -99,7 +99,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys_transfer.data.prepared import ROW_COL, BuildReport, DatasetMeta, Schema, SparseSpec, build_prepared
+from recsys_transfer.data.prepared import (ROW_COL, BuildReport, DatasetMeta, Schema, SparseSpec, build_prepared,
+                                           rechunked)
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
@@ -280,21 +281,9 @@ def generate_chunks(cfg: FdnSyntheticConfig) -> Iterator[pl.DataFrame]:
     """Raw rows in frames of ``cfg.chunk_rows``: ``const`` (Int64 0, with ``constant_field``), ``x_000..`` float32,
     the variant's labels float32 and ``__row`` (UInt64). The rows do not depend on ``chunk_rows``."""
     p = parameters(cfg)
-    pending: list[pl.DataFrame] = []
-    have = 0
-    for b in range(-(-cfg.rows // BLOCK_ROWS)):
-        blk = _frame(cfg, generate_block(cfg, p, b), b * BLOCK_ROWS)
-        pending.append(blk)
-        have += len(blk)
-        while have >= cfg.chunk_rows:
-            buf = pl.concat(pending, rechunk=False) if len(pending) > 1 else pending[0]
-            out, rest = buf.slice(0, cfg.chunk_rows), buf.slice(cfg.chunk_rows)
-            yield out.rechunk()
-            pending, have = ([rest] if len(rest) else []), len(rest)
-    if have:
-        yield pl.concat(pending).rechunk()
-    elif cfg.rows == 0:  # one empty frame so consumers see the columns
-        yield _frame(cfg, {"X": np.zeros((0, cfg.dim)), **{y: np.zeros(0) for y in cfg.labels}}, 0)
+    blocks = (_frame(cfg, generate_block(cfg, p, b), b * BLOCK_ROWS) for b in range(-(-cfg.rows // BLOCK_ROWS)))
+    yield from rechunked(blocks, cfg.chunk_rows, empty=lambda: _frame(
+        cfg, {"X": np.zeros((0, cfg.dim)), **{y: np.zeros(0) for y in cfg.labels}}, 0))
 
 
 def prepare_fdn_synthetic(

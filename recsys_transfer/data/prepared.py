@@ -1025,6 +1025,28 @@ def chunked(df: pl.DataFrame, chunk_rows: int) -> Callable[[], Iterator[pl.DataF
     return factory
 
 
+def rechunked(blocks: Iterable[pl.DataFrame], chunk_rows: int,
+              empty: Callable[[], pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    """Generated blocks re-sliced into frames of ``chunk_rows`` rows (the last one shorter), so the rows do not
+    depend on the frame size; ``empty()`` (a frame with the columns) when there are no rows at all."""
+    pending: list[pl.DataFrame] = []
+    have = 0
+    seen = False
+    for blk in blocks:
+        seen = seen or len(blk) > 0
+        pending.append(blk)
+        have += len(blk)
+        while have >= chunk_rows:
+            buf = pl.concat(pending, rechunk=False) if len(pending) > 1 else pending[0]
+            out, rest = buf.slice(0, chunk_rows), buf.slice(chunk_rows)
+            yield out.rechunk()
+            pending, have = ([rest] if len(rest) else []), len(rest)
+    if have:
+        yield pl.concat(pending).rechunk()
+    elif not seen:  # one empty frame so consumers see the columns
+        yield empty()
+
+
 def human_summary(meta: DatasetMeta) -> str:
     lines = [
         f"dataset {meta.dataset} (id {meta.dataset_id}): {meta.total_rows:,} rows "
@@ -1054,6 +1076,7 @@ __all__ = [
     "SplitSpec",
     "build_prepared",
     "chunked",
+    "rechunked",
     "human_summary",
     "stable_hash",
     "ROW_COL",

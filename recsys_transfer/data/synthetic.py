@@ -98,6 +98,7 @@ from recsys_transfer.data.prepared import (
     Schema,
     SparseSpec,
     build_prepared,
+    rechunked,
 )
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec, splitmix64
 from recsys_transfer.errors import UserError
@@ -448,22 +449,8 @@ def generate_chunks(cfg: SyntheticConfig) -> Iterator[pl.DataFrame]:
     """Raw rows in frames of ``cfg.chunk_rows``: one Int64 raw-id column per field, ``dense_k`` float32,
     ``label`` float32 (0/1) and ``__row`` (UInt64). The rows do not depend on ``chunk_rows``."""
     model = _Model(cfg)
-    n_blocks = -(-cfg.rows // BLOCK_ROWS)
-    pending: list[pl.DataFrame] = []
-    have = 0
-    for b in range(n_blocks):
-        blk = model.block(b)
-        pending.append(blk)
-        have += len(blk)
-        while have >= cfg.chunk_rows:
-            buf = pl.concat(pending, rechunk=False) if len(pending) > 1 else pending[0]
-            out, rest = buf.slice(0, cfg.chunk_rows), buf.slice(cfg.chunk_rows)
-            yield out.rechunk()
-            pending, have = ([rest] if len(rest) else []), len(rest)
-    if have:
-        yield pl.concat(pending).rechunk()
-    elif cfg.rows == 0:  # one empty frame so consumers see the columns
-        yield pl.DataFrame(schema=_raw_polars_schema(cfg))
+    blocks = (model.block(b) for b in range(-(-cfg.rows // BLOCK_ROWS)))
+    yield from rechunked(blocks, cfg.chunk_rows, empty=lambda: pl.DataFrame(schema=_raw_polars_schema(cfg)))
 
 
 def _raw_polars_schema(cfg: SyntheticConfig) -> dict:

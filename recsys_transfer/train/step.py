@@ -102,9 +102,7 @@ class TrainStep:
         main = mean_over_ranks(loss)
         value = float(main)
         if not math.isfinite(value):
-            if self.skip_nonfinite:
-                return StepResult(value, {k: v.detach() for k, v in losses.items()}, skipped=True)
-            raise NonFiniteLoss(value, {k: float(v.detach()) for k, v in losses.items()})
+            return self._nonfinite(value, losses)
         self.dense.zero_grad(set_to_none=True)
         # 3. backward phase: dense grads; the fused lookups record the touched rows and their gradients
         if self.rows is not None:
@@ -123,6 +121,12 @@ class TrainStep:
         self.dense.step()
         return StepResult(value, {k: v.detach() for k, v in losses.items()})
 
+    def _nonfinite(self, value: float, losses: dict[str, torch.Tensor]) -> StepResult:
+        """A batch whose loss is NaN or infinite, before anything moved: skipped (counted) or NonFiniteLoss."""
+        if self.skip_nonfinite:
+            return StepResult(value, {k: v.detach() for k, v in losses.items()}, skipped=True)
+        raise NonFiniteLoss(value, {k: float(v.detach()) for k, v in losses.items()})
+
     def _multitask(self, losses: dict[str, torch.Tensor]) -> StepResult:
         """Steps 2-5 with a loss weighting and/or gradient surgery (the class docstring's order)."""
         weighting = self.weighting or Weighting(self.objective)
@@ -135,9 +139,7 @@ class TrainStep:
         main = mean_over_ranks(data)
         value = float(main if regularizer is None else main + regularizer.detach().to(main.dtype))
         if not math.isfinite(value):
-            if self.skip_nonfinite:
-                return StepResult(value, {k: v.detach() for k, v in losses.items()}, skipped=True)
-            raise NonFiniteLoss(value, {k: float(v.detach()) for k, v in losses.items()})
+            return self._nonfinite(value, losses)
         self.dense.zero_grad(set_to_none=True)
         if self.rows is not None:
             self.rows.begin(main, averaged=True)
