@@ -123,6 +123,12 @@ def task_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
                        seeds=len(seeds), auc_multi=float(a_multi.mean()), auc_multi_std=sd(a_multi),
                        auc_single=float(a_single.mean()), auc_single_std=sd(a_single), ntg_mean=float(ntg.mean()),
                        ntg_std=sd(ntg))
+            loss = f"test/{task}/logloss"
+            if loss in g.columns and loss in ref.columns:
+                l_multi = np.array([mine.loc[s, loss] for s in seeds], dtype=float)
+                l_single = np.array([ref.loc[s, loss] for s in seeds], dtype=float)
+                row.update(logloss_multi=float(l_multi.mean()), logloss_multi_std=sd(l_multi),
+                           logloss_single=float(l_single.mean()), logloss_single_std=sd(l_single))
             pairs = [(_task_predictions(out, mine.loc[s, "run_id"], task),
                       _task_predictions(out, ref.loc[s, "run_id"], task)) for s in seeds]
             if all(a is not None and b is not None and np.array_equal(a[0], b[0]) for a, b in pairs):
@@ -136,20 +142,27 @@ def task_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _loss(r) -> str:
+    if "logloss_multi" not in r or not np.isfinite(r["logloss_multi"]):
+        return "–"
+    return f"{_fmt(r['logloss_multi'], r['logloss_multi_std'])} / {_fmt(r['logloss_single'], r['logloss_single_std'])}"
+
+
 def _task_section(stats: pd.DataFrame, n_boot: int) -> list[str]:
     md = ["## Multi-task: per-task test AUC and the negative-transfer gap vs single-task", "",
           "Each multi-task run against the same model trained on that task alone (extra `single-task`), paired by "
           "seed. NTG = AUC(single-task) − AUC(multi-task), positive = multi-task training hurt the task (thesis "
           f"Eq. 3.4). Δ = AUC(multi) − AUC(single) averaged over seeds, paired row-bootstrap 95% CI ({n_boot} "
           "resamples). AUC ×100.", "",
-          "| dataset | extra | model | dim | mode | task | multi-task AUC | single-task AUC | NTG | 95% CI of Δ | seeds |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| dataset | extra | model | dim | mode | task | multi-task AUC | single-task AUC | NTG | 95% CI of Δ | "
+          "log loss multi / single (×100) | seeds |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in stats.iterrows():
         ci = (f"[{r['ci_lo'] * 100:+.3f}, {r['ci_hi'] * 100:+.3f}]" if "ci_lo" in r and np.isfinite(r["ci_lo"])
               else "no predictions")
         md.append(f"| {r['dataset']} | {r['extra']} | {r['model']} | {r['dim']} | {r['mode']} | {r['task']} | "
                   f"{_fmt(r['auc_multi'], r['auc_multi_std'])} | {_fmt(r['auc_single'], r['auc_single_std'])} | "
-                  f"{_fmt(r['ntg_mean'], r['ntg_std'])} | {ci} | {int(r['seeds'])} |")
+                  f"{_fmt(r['ntg_mean'], r['ntg_std'])} | {ci} | {_loss(r)} | {int(r['seeds'])} |")
     return md + [""]
 
 
