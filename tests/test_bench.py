@@ -246,3 +246,25 @@ n_boot: 100
         assert row["ci_lo"] <= -row["ntg_mean"] <= row["ci_hi"] and row["test_rows"] == 4_915
     md = (out / "results.md").read_text()
     assert "negative-transfer gap vs single-task" in md and "| adult | default | deepfm | 8 | B | income |" in md
+
+
+def test_a_model_that_cannot_train_one_task_takes_another_models_references(tmp_path):
+    g = tmp_path / "g.yaml"
+    body = f"""
+name: conv
+base: {ROOT / 'pipelines' / 'synthetic-conversion.yaml'}
+datasets: [syn]
+models: [{{name: esmm, params: {{}}, reference: REF}}, {{name: shared_bottom, params: {{}}}}]
+modes: [B]
+dims: [8]
+seeds: [0]
+allow_few_seeds: true
+single_task: [{{name: label}}, {{name: purchase}}]
+"""
+    g.write_text(body.replace("REF", "shared_bottom"))
+    runs = expand(load_grid(g))
+    assert sorted((r.model, r.tasks) for r in runs) == [("esmm", "all"), ("shared_bottom", "all"),
+                                                        ("shared_bottom", "label"), ("shared_bottom", "purchase")]
+    g.write_text(body.replace("REF", "mmoe"))
+    with pytest.raises(UserError, match="takes its reference from 'mmoe'"):
+        load_grid(g)

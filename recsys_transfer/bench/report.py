@@ -93,7 +93,7 @@ def _task_predictions(out: Path, run_id: str, task: str) -> tuple[np.ndarray, np
     return z[f"labels/{task}"], z[f"scores/{task}"]
 
 
-def task_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
+def task_stats(out: Path, df: pd.DataFrame, n_boot: int, references: dict[str, str] | None = None) -> pd.DataFrame:
     """Multi-task grids: one row per (dataset, extra, model, dim, mode, task) of the multi-task runs with that
     task's single-task reference (same dataset, model, dim; paired by seed): test AUC of both, the per-task
     negative-transfer gap NTG = AUC(single-task) - AUC(multi-task) (thesis Eq. 3.4; positive = multi-task
@@ -107,7 +107,8 @@ def task_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
     for key, g in multi.groupby(["dataset", "extra", "model", "dim", "mode"], sort=False):
         for task in dict.fromkeys(single["tasks"]):
             col = f"test/{task}/auc"
-            ref = single[(single["dataset"] == key[0]) & (single["model"] == key[2]) & (single["dim"] == key[3])
+            ref_model = (references or {}).get(key[2]) or key[2]
+            ref = single[(single["dataset"] == key[0]) & (single["model"] == ref_model) & (single["dim"] == key[3])
                          & (single["tasks"] == task)].set_index("seed")
             if col not in g.columns or not len(ref):
                 continue
@@ -120,7 +121,7 @@ def task_stats(out: Path, df: pd.DataFrame, n_boot: int) -> pd.DataFrame:
             ntg = a_single - a_multi
             sd = (lambda x: float(x.std(ddof=1)) if len(x) > 1 else float("nan"))
             row = dict(dataset=key[0], extra=key[1], model=key[2], dim=key[3], mode=key[4], task=task,
-                       seeds=len(seeds), auc_multi=float(a_multi.mean()), auc_multi_std=sd(a_multi),
+                       reference=ref_model, seeds=len(seeds), auc_multi=float(a_multi.mean()), auc_multi_std=sd(a_multi),
                        auc_single=float(a_single.mean()), auc_single_std=sd(a_single), ntg_mean=float(ntg.mean()),
                        ntg_std=sd(ntg))
             loss = f"test/{task}/logloss"
@@ -150,8 +151,9 @@ def _loss(r) -> str:
 
 def _task_section(stats: pd.DataFrame, n_boot: int) -> list[str]:
     md = ["## Multi-task: per-task test AUC and the negative-transfer gap vs single-task", "",
-          "Each multi-task run against the same model trained on that task alone (extra `single-task`), paired by "
-          "seed. NTG = AUC(single-task) − AUC(multi-task), positive = multi-task training hurt the task (thesis "
+          "Each multi-task run against the same model trained on that task alone (extra `single-task`; a model "
+          "that cannot train one task alone, e.g. ESMM, against the grid's `reference` model, named in the row), "
+          "paired by seed. NTG = AUC(single-task) − AUC(multi-task), positive = multi-task training hurt the task (thesis "
           f"Eq. 3.4). Δ = AUC(multi) − AUC(single) averaged over seeds, paired row-bootstrap 95% CI ({n_boot} "
           "resamples). AUC ×100.", "",
           "| dataset | extra | model | dim | mode | task | multi-task AUC | single-task AUC | NTG | 95% CI of Δ | "
@@ -160,7 +162,8 @@ def _task_section(stats: pd.DataFrame, n_boot: int) -> list[str]:
     for _, r in stats.iterrows():
         ci = (f"[{r['ci_lo'] * 100:+.3f}, {r['ci_hi'] * 100:+.3f}]" if "ci_lo" in r and np.isfinite(r["ci_lo"])
               else "no predictions")
-        md.append(f"| {r['dataset']} | {r['extra']} | {r['model']} | {r['dim']} | {r['mode']} | {r['task']} | "
+        model = r["model"] if r.get("reference", r["model"]) == r["model"] else f"{r['model']} (vs {r['reference']})"
+        md.append(f"| {r['dataset']} | {r['extra']} | {model} | {r['dim']} | {r['mode']} | {r['task']} | "
                   f"{_fmt(r['auc_multi'], r['auc_multi_std'])} | {_fmt(r['auc_single'], r['auc_single_std'])} | "
                   f"{_fmt(r['ntg_mean'], r['ntg_std'])} | {ci} | {_loss(r)} | {int(r['seeds'])} |")
     return md + [""]
@@ -187,7 +190,8 @@ def write_report(out: str | Path, spec: GridSpec | None = None, command: str = "
     lam_main = spec.lam_main if spec and spec.lam_main is not None else None
     if lam_main is None and "+T" in set(df["mode"]) and len(df):
         lam_main = _base_lam(df)
-    per_task = task_stats(out, df, n_boot) if len(df) else pd.DataFrame()
+    references = {m.column: m.reference for m in spec.models if m.reference} if spec else {}
+    per_task = task_stats(out, df, n_boot, references) if len(df) else pd.DataFrame()
     if "tasks" in df.columns:  # the single-task references have their own section
         df = df[df["tasks"].fillna(ALL_TASKS) == ALL_TASKS]
     main = main_rows(df, lam_main)

@@ -109,6 +109,8 @@ def expand(spec: GridSpec, extra_overrides: list[str] | tuple[str, ...] = ()) ->
                                 runs.append(Run(ds.name, m.column, column, dim, seed, ex.name, cfg.transfer.lam,
                                                 pipeline, ov, cfg, rid))
         for m in spec.models:  # multi-task grids: the single-task references (mode B, no extra's overrides)
+            if m.reference:
+                continue
             for dim in spec.dims:
                 for task in spec.single_task:
                     for seed in spec.seeds:

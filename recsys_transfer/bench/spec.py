@@ -65,6 +65,8 @@ class ModelSpec:
     params: dict | None = None  # replaces model.params of the pipeline when given
     overrides: tuple[str, ...] = ()
     label: str = ""  # the model's name in tables (default: name), so one model can appear with other params
+    reference: str = ""  # multi-task grids: the model (label) whose single-task runs are this one's NTG reference,
+    # for a model that cannot train one task alone (ESMM); default: its own single-task runs
 
     @property
     def column(self) -> str:
@@ -127,6 +129,11 @@ class GridSpec:
                 raise ValueError(f"{label}: need at least one, with unique names; got {names}")
         if not self.dims or any(d < 1 for d in self.dims):
             raise ValueError(f"dims: need positive embedding dims, got {list(self.dims)}")
+        labels = [m.column for m in self.models]
+        for m in self.models:
+            if m.reference and (m.reference not in labels or m.reference == m.column):
+                raise ValueError(f"models: {m.column!r} takes its reference from {m.reference!r}, which must be "
+                                 "another model of the grid")
         names = [t.name for t in self.single_task]
         if len(set(names)) != len(names):
             raise ValueError(f"single_task: task names must be unique, got {names}")
