@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q fbgemm-gpu-cpu==1.8.0
 	$(PIP) install -q --no-deps torchrec==1.8.0
 	$(PIP) install -q -e '.[cpu,dev]'
+	# torch-rechub: the peer of benchmarks/mtl_throughput.py, so its smoke test runs in CI; --no-deps (it would pull
+	# another torch), its MTL models need only numpy, pandas, scikit-learn, torch and tqdm, installed above
+	$(PIP) install -q --no-deps torch-rechub==0.9.0
 	$(PY) -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
