@@ -268,3 +268,19 @@ single_task: [{{name: label}}, {{name: purchase}}]
     g.write_text(body.replace("REF", "mmoe"))
     with pytest.raises(UserError, match="takes its reference from 'mmoe'"):
         load_grid(g)
+
+
+def test_run_ids_survive_config_keys_added_later():
+    """Ids recorded with the code of 3e02fa3, before data.prepare gained schema / genres / history / conversion /
+    variant and the multitask section: a run that uses none of them keeps its id, so a grid resumes its runs."""
+    from recsys_transfer.bench.runner import run_id_of
+    from recsys_transfer.config import load_config
+
+    recorded = {("synthetic.yaml", ("train.seed=1",)): "x-0d98fcf666",
+                ("movielens100k.yaml", ("transfer.mode=+Ours", "train.seed=0")): "x-e8209ebe85",
+                ("criteo8k.yaml", ()): "x-262f0a8560"}
+    for (pipeline, overrides), rid in recorded.items():
+        assert run_id_of(load_config(ROOT / "pipelines" / pipeline, list(overrides)), "x") == rid
+    moved = load_config(ROOT / "pipelines" / "movielens100k.yaml",
+                        ["transfer.mode=+Ours", "train.seed=0", "data.prepare.history=3"])
+    assert run_id_of(moved, "x") != "x-e8209ebe85"

@@ -66,12 +66,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("+", "p"))
 
 
+#: ``data.prepare`` keys added after runs were recorded, with the value that means "not used": a run that does not
+#: use one hashes as it did before the key existed (a new config key must not rename every finished run)
+LATER_PREPARE_KEYS = {"schema": None, "genres": "combination", "history": 0, "conversion": False, "variant": None}
+
+
 def run_id_of(cfg: RunConfig, slug: str) -> str:
     tree = cfg.to_dict()
     tree["train"].pop("progress", None)
     tree.pop("log", None)  # how a run is watched, not what it computes
     if not cfg.multitask.enabled and tree.get("multitask") == dataclasses.asdict(MultitaskConfig()):
         tree.pop("multitask")  # runs from before the section existed keep their ids
+    prepare = (tree.get("data") or {}).get("prepare") or {}
+    for key, default in LATER_PREPARE_KEYS.items():  # likewise for data.prepare keys added later, when unused
+        if key in prepare and prepare[key] == default:
+            prepare.pop(key)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{_slug(slug)}-{digest}"
 
