@@ -9,7 +9,10 @@
   softmax ``cross_entropy(scores, 0)`` (no log-Q correction: a model that samples non-uniformly subtracts
   ``log q`` from its scores itself); ``bpr`` is ``mean_{b, j} softplus(s_bj - s_b0)`` over the N negatives
   (Rendle et al. 2009, Eq. 4, without the regularizer); with full candidates (``scores [B, num_items]``, label =
-  the positive item id): the full softmax ``cross_entropy(scores, item id)``.
+  the positive item id): the full softmax ``cross_entropy(scores, item id)``, or ``bpr``
+  ``mean_b softplus(s_b,y- - s_b,y)`` with one negative label ``y-`` per row drawn uniformly from the other
+  ``C - 1`` items (PeterRec Eq. 8: "a false label randomly sampled from Y \\ y"; from torch's global generator,
+  which the train state checkpoints).
 
 Model-specific terms: a model may return, next to its task outputs, auxiliary outputs keyed by a term name
 (:class:`recsys_transfer.types.ModelOutput`); the term named by the key's part before ``/`` turns the value into a
@@ -41,6 +44,12 @@ def task_loss(task: TaskSpec, output: torch.Tensor, label: torch.Tensor) -> torc
     if task.kind == "multiclass":
         return F.cross_entropy(output, label.long())
     if task.candidates == "full":
+        if task.loss == "bpr":  # PeterRec Eq. 8: y- uniform over Y \ y, one per row (Rendle et al. 2009)
+            y = label.long()
+            shift = torch.randint(1, output.shape[1], y.shape, device=output.device)
+            neg = (y + shift) % output.shape[1]  # uniform over the other C - 1 labels
+            pair = output.gather(1, torch.stack([y, neg], 1))
+            return F.softplus(pair[:, 1] - pair[:, 0]).mean()
         return F.cross_entropy(output, label.long())
     if task.loss == "bpr":
         return F.softplus(output[:, 1:] - output[:, :1]).mean()

@@ -12,7 +12,13 @@ training loss ``sum_k weight_k * loss_k``). Kinds and what the model outputs for
   column 0 and N sampled negatives after it (the label column is not read by the loss); loss ``softmax`` (sampled
   softmax: cross entropy with target 0) or ``bpr`` (``mean_j softplus(s_neg_j - s_pos)``, Rendle et al. 2009).
   ``candidates: full``: ``[B, num_items]`` scores of every item, the label is the positive item's id; loss
-  ``softmax`` (full softmax). Used by the sequence models.
+  ``softmax`` (full softmax) or ``bpr`` (one negative label per row drawn uniformly from the other items: the
+  paper's ``y-`` sampled from ``Y \\ y``, PeterRec Eq. 8). Used by the sequence models.
+  ``eval_candidates`` (default: ``candidates``): what the model outputs in eval mode when it differs from training
+  (a pretraining network trains on sampled candidates at every position and is validated on the full item pool).
+  ``eval_negatives``: a list field holding fixed sampled negative ids per row (e.g. 99, the sampled protocol of
+  He et al. 2017 that PeterRec Sec. 4.1 follows); with full eval candidates, evaluation then also ranks the positive
+  among those ids only (``sampled_hr@k``, ``sampled_mrr@k``, ``sampled_ndcg@k``) next to the full-ranking metrics.
 
 Every prepared dataset carries its tasks in ``meta.json``; a dataset prepared before tasks existed gets one
 ``binary`` task per label column, named after the column (:func:`default_tasks`). A run config may restate them
@@ -36,7 +42,9 @@ class TaskSpec:
     weight: float = 1.0
     num_classes: int | None = None  # multiclass only
     candidates: str = "sampled"  # retrieval only: sampled | full
-    loss: str = "softmax"  # retrieval only: softmax | bpr (bpr needs sampled candidates)
+    loss: str = "softmax"  # retrieval only: softmax | bpr
+    eval_candidates: str | None = None  # retrieval only: sampled | full in eval mode (default: candidates)
+    eval_negatives: str = ""  # retrieval with full eval candidates: list field of fixed sampled negative ids
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name == "mean":
@@ -57,8 +65,15 @@ class TaskSpec:
             raise ValueError(f"task {self.name!r}: candidates must be one of {RETRIEVAL_CANDIDATES}")
         if self.loss not in RETRIEVAL_LOSSES:
             raise ValueError(f"task {self.name!r}: loss must be one of {RETRIEVAL_LOSSES}")
-        if self.kind == "retrieval" and self.loss == "bpr" and self.candidates != "sampled":
-            raise ValueError(f"task {self.name!r}: the bpr loss compares the positive with sampled negatives")
+        if self.eval_candidates is None:
+            object.__setattr__(self, "eval_candidates", self.candidates)
+        if self.eval_candidates not in RETRIEVAL_CANDIDATES:
+            raise ValueError(f"task {self.name!r}: eval_candidates must be one of {RETRIEVAL_CANDIDATES}")
+        if self.kind != "retrieval" and (self.eval_candidates != self.candidates or self.eval_negatives):
+            raise ValueError(f"task {self.name!r}: eval_candidates and eval_negatives are for retrieval tasks")
+        if self.eval_negatives and self.eval_candidates != "full":
+            raise ValueError(f"task {self.name!r}: eval_negatives ranks the positive among fixed ids of the full "
+                             f"scores; it needs eval_candidates: full")
 
     @property
     def width(self) -> int | None:
@@ -74,7 +89,14 @@ class TaskSpec:
         return {"binary": "auc", "regression": "mse", "multiclass": "accuracy", "retrieval": "mrr@10"}[self.kind]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The spec as meta.json / run records hold it; the evaluation keys only when they differ from their
+        defaults (so the records of tasks without them are unchanged)."""
+        out = asdict(self)
+        if out["eval_candidates"] == self.candidates:
+            del out["eval_candidates"]
+        if not out["eval_negatives"]:
+            del out["eval_negatives"]
+        return out
 
 
 def default_tasks(labels: list[str] | tuple[str, ...]) -> tuple[TaskSpec, ...]:

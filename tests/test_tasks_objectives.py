@@ -32,7 +32,9 @@ def test_task_spec_validation():
     assert TWO_CLASS.width == 2 and TaskSpec("r", kind="retrieval").width is None
     for bad in (dict(name="a/b"), dict(name="mean"), dict(name="x", kind="ranking"), dict(name="x", weight=-1.0),
                 dict(name="x", kind="multiclass"), dict(name="x", num_classes=3),
-                dict(name="x", kind="retrieval", candidates="full", loss="bpr")):
+                dict(name="x", kind="retrieval", eval_candidates="all"),
+                dict(name="x", eval_candidates="full"), dict(name="x", eval_negatives="negs"),
+                dict(name="x", kind="retrieval", eval_negatives="negs")):
         with pytest.raises(ValueError):
             TaskSpec(**bad)
 
@@ -175,6 +177,57 @@ def test_retrieval_ranks_equal_the_metrics_module():
     items = torch.randint(0, 8, (50,), generator=g)
     full = _rank_values(TaskSpec("r", kind="retrieval", candidates="full"), scores, items.float())
     assert full.numpy().tolist() == ranking.full_ranking_ranks(scores.numpy(), items.numpy()).tolist()
+
+
+def test_sampled_ranks_among_fixed_negatives_equal_the_metrics_module():
+    """eval_negatives: the positive ranked among the row's own fixed negative ids only (jagged: any count per row),
+    read from the full scores, against ranking.positive_ranks row by row; the metrics come out prefixed."""
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from recsys_transfer.train.evaluate import TaskPredictions, _sampled_ranks, task_metrics
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 5, (30, 12), generator=g).double()  # ties
+    label = torch.randint(0, 12, (30,), generator=g)
+    lengths = torch.randint(0, 6, (30,), generator=g)
+    ids = torch.randint(0, 12, (int(lengths.sum()),), generator=g)
+    got = _sampled_ranks(scores, label, JaggedTensor(values=ids, lengths=lengths)).numpy()
+    lo = 0
+    for b in range(30):
+        negs = ids[lo: lo + lengths[b]].numpy()
+        lo += int(lengths[b])
+        want = ranking.positive_ranks(scores[b, label[b]].numpy()[None], scores[b, negs].numpy()[None])
+        assert got[b] == want[0], b
+    task = TaskSpec("cold", label="y", kind="retrieval", candidates="full", loss="bpr", eval_negatives="negs")
+    full = _rank_values(task, scores, label.float()).numpy()
+    m = task_metrics(task, TaskPredictions(label.numpy().astype(float), full.astype(float), 0, got))
+    assert m["sampled_hr@5"] == pytest.approx(float(np.mean(got <= 5)))
+    assert m["hr@5"] == pytest.approx(float(np.mean(full <= 5))) and m["sampled_hr@5"] >= m["hr@5"]
+    assert resolve_monitor("valid/cold/sampled_mrr@5", (task,)).maximize
+    with pytest.raises(UserError, match="has no metric 'sampled_mrr@5'"):
+        resolve_monitor("valid/r/sampled_mrr@5", (TaskSpec("r", kind="retrieval"),))
+    assert "eval_negatives" not in TaskSpec("r", kind="retrieval").to_json()  # records of older tasks unchanged
+    assert task.to_json()["eval_negatives"] == "negs"
+
+
+def test_full_candidates_bpr_draws_one_other_label_per_row():
+    """PeterRec Eq. 8: softplus(o_y- - o_y) with y- uniform over Y \\ y: equal to a float64 reference drawn from the
+    same generator state, and over many rows the mean of the three other labels' terms (never the label's own)."""
+    task = TaskSpec("cold", label="y", kind="retrieval", candidates="full", loss="bpr")
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(64, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (64,), generator=g)
+    torch.manual_seed(11)
+    got = task_loss(task, scores, y.float())
+    torch.manual_seed(11)
+    neg = (y + torch.randint(1, 7, y.shape)) % 7
+    want = np.mean([np.log1p(np.exp(scores[b, neg[b]].item() - scores[b, y[b]].item())) for b in range(64)])
+    assert float(got) == pytest.approx(want, rel=1e-12) and bool((neg != y).all())
+    many = torch.arange(4, dtype=torch.float64).repeat(40000, 1)  # o_j = j, label 0
+    torch.manual_seed(0)
+    mean = float(task_loss(task, many, torch.zeros(40000)))
+    sp = [float(np.log1p(np.exp(j))) for j in range(4)]
+    assert mean == pytest.approx(sum(sp[1:]) / 3, rel=5e-3)
 
 
 def test_monitor_resolution():

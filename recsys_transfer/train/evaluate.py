@@ -11,7 +11,8 @@ sampled candidates (positive in column 0) or among all items (full candidates; l
 full score matrix is never stored. Metrics per kind (:func:`task_metrics`): binary AUC, log loss, normalized
 entropy, calibration, and with a group field the group AUC, with the transfer field the AUC on rows whose item
 is a head (source) or a tail item; regression MSE, MAE, RMSE; multiclass accuracy and macro-F1; retrieval HR,
-MRR and NDCG at 5 and 10. An undefined metric (no rows, one class, non-finite predictions) is None.
+MRR and NDCG at 5 and 10 (candidates: the task's ``eval_candidates``), and with ``eval_negatives`` the same metrics
+prefixed ``sampled_`` ranking the positive among the row's fixed negative ids only (from the full scores). An undefined metric (no rows, one class, non-finite predictions) is None.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ TASK_METRICS = {
     "multiclass": ("accuracy", "macro_f1"),
     "retrieval": tuple(f"{m}@{k}" for k in RANKING_KS for m in ("hr", "mrr", "ndcg")),
 }
+#: with ``eval_negatives`` a retrieval task also reports the ranking metrics among those ids only
+SAMPLED_RANKING_METRICS = tuple(f"sampled_{m}" for m in TASK_METRICS["retrieval"])
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TaskPredictions:
     labels: np.ndarray
     values: np.ndarray
     nonfinite: int = 0
+    sampled_ranks: np.ndarray | None = None  # retrieval with eval_negatives: rank among those ids only
 
 
 @dataclass
@@ -60,10 +64,21 @@ class Predictions:
 
 
 def _rank_values(task: TaskSpec, out: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    if task.candidates == "sampled":
+    if task.eval_candidates == "sampled":
         return 1 + (out[:, 1:] >= out[:, :1]).sum(1)
     pos = out.gather(1, label.long().unsqueeze(1))
     return (out >= pos).sum(1)  # the positive counts itself once: 1 + #other items scoring >= it
+
+
+def _sampled_ranks(out: torch.Tensor, label: torch.Tensor, negatives) -> torch.Tensor:
+    """Rank of the positive (``label``, an id) among the row's fixed negative ids (a JaggedTensor of ``negatives``)
+    only, from full scores ``out [B, C]``: ``1 + #{negatives of the row scoring >= the positive}``."""
+    lengths = negatives.lengths().to(out.device)
+    ids = negatives.values().to(out.device).long()
+    row = torch.repeat_interleave(torch.arange(len(out), device=out.device), lengths)
+    pos = out.gather(1, label.long().unsqueeze(1)).squeeze(1)  # [B]
+    beats = (out[row, ids] >= pos[row]).long()  # [sum lengths]
+    return 1 + torch.zeros(len(out), dtype=torch.long, device=out.device).index_add_(0, row, beats)
 
 
 def _task_values(task: TaskSpec, out: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +111,7 @@ def predict(model: nn.Module, loader, tasks: tuple[TaskSpec, ...] | list[TaskSpe
     labels: dict[str, list] = {t.name: [] for t in tasks}
     values: dict[str, list] = {t.name: [] for t in tasks}
     finite: dict[str, list] = {t.name: [] for t in tasks}
+    sampled: dict[str, list] = {t.name: [] for t in tasks if t.eval_negatives}
     ids: dict[str, list] = {f: [] for f in fields}
     for batch in loader:
         outputs, _ = split_output(model(batch.to(device, non_blocking=True) if move else batch))
@@ -105,6 +121,9 @@ def predict(model: nn.Module, loader, tasks: tuple[TaskSpec, ...] | list[TaskSpe
             values[t.name].append(v.cpu().numpy())
             finite[t.name].append(ok.cpu().numpy())
             labels[t.name].append(label.numpy().astype(np.float64))
+            if t.eval_negatives:
+                negatives = batch.sparse[t.eval_negatives]
+                sampled[t.name].append(_sampled_ranks(outputs[t.name], label.to(v.device), negatives).cpu().numpy())
         for f in fields:
             ids[f].append(batch.sparse[f].values().numpy())
     flat: list[np.ndarray] = []
@@ -113,11 +132,16 @@ def predict(model: nn.Module, loader, tasks: tuple[TaskSpec, ...] | list[TaskSpe
             flat.append(np.concatenate(parts) if parts else np.zeros(0, dtype))
     for f in fields:
         flat.append(np.concatenate(ids[f]) if ids[f] else np.zeros(0, np.int64))
+    for name, parts in sampled.items():
+        flat.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
     flat = _gather(flat)
     out = {}
     for k, t in enumerate(tasks):
         y, v, ok = flat[3 * k : 3 * k + 3]
         out[t.name] = TaskPredictions(y, np.where(ok, v, np.nan), int((~ok).sum()))
+    after = 3 * len(tasks) + len(fields)
+    for j, name in enumerate(sampled):
+        out[name].sampled_ranks = flat[after + j].astype(np.int64)
     return Predictions(out, {f: flat[3 * len(tasks) + j].astype(np.int64) for j, f in enumerate(fields)})
 
 
@@ -152,6 +176,9 @@ def task_metrics(task: TaskSpec, pred: TaskPredictions, groups: np.ndarray | Non
     else:
         metrics = ranking.ranking_metrics(v.astype(np.int64) if ok else np.zeros(0, np.int64), RANKING_KS)
         out.update({k: (m if ok else None) for k, m in metrics.items()})
+        if pred.sampled_ranks is not None:
+            metrics = ranking.ranking_metrics(pred.sampled_ranks if ok else np.zeros(0, np.int64), RANKING_KS)
+            out.update({f"sampled_{k}": (m if ok else None) for k, m in metrics.items()})
     return out
 
 

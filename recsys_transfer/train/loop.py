@@ -24,11 +24,12 @@ from torch import nn
 
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
-from recsys_transfer.train.evaluate import TASK_METRICS
+from recsys_transfer.train.evaluate import SAMPLED_RANKING_METRICS, TASK_METRICS
 from recsys_transfer.train.progress import Progress, reporter
 from recsys_transfer.train.step import NonFiniteLoss, TrainStep
 
-MAXIMIZE = ("auc", "gauc", "head_auc", "tail_auc", "accuracy", "macro_f1", "hr@", "mrr@", "ndcg@")
+MAXIMIZE = ("auc", "gauc", "head_auc", "tail_auc", "accuracy", "macro_f1", "hr@", "mrr@", "ndcg@", "sampled_hr@",
+            "sampled_mrr@", "sampled_ndcg@")
 MINIMIZE = ("logloss", "ne", "mse", "mae", "rmse")
 
 
@@ -203,8 +204,8 @@ def resolve_monitor(name: str, tasks: tuple[TaskSpec, ...] | list[TaskSpec]) -> 
 
 
 def metric_names(task: TaskSpec) -> list[str]:
-    """The metrics :func:`recsys_transfer.train.evaluate.task_metrics` reports for a task of this kind."""
-    return list(TASK_METRICS[task.kind])
+    """The metrics :func:`recsys_transfer.train.evaluate.task_metrics` reports for this task."""
+    return list(TASK_METRICS[task.kind]) + (list(SAMPLED_RANKING_METRICS) if task.eval_negatives else [])
 
 
 # -- epochs ---------------------------------------------------------------------------------------------------
