@@ -107,10 +107,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``name`` from the model registry; ``params`` are its constructor arguments (checked by the registry)."""
+    """``name`` from the model registry; ``params`` are its constructor arguments (checked by the registry).
+    ``init_from``: a finished run's directory (its ``best/`` model) or a model checkpoint directory whose parameters
+    initialize this model by name before training (a pretrained network that a fine-tuning run loads; the
+    parameters only this model has keep their initialization, the checkpoint's parameters it lacks -- e.g. a
+    pretraining output layer -- are not used; both lists go to ``run.json``)."""
 
     name: str = "deepfm"
     params: dict = field(default_factory=dict)
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)

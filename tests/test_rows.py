@@ -119,6 +119,26 @@ def test_frozen_tables_never_change_and_the_others_do(ml100k_prepared):
         FreezeTables(("t_nope",), rows.slots)
 
 
+def test_a_table_with_requires_grad_false_is_frozen_like_rows_freeze(ml100k_prepared):
+    """A model keeps a table fixed (PeterRec's pretrained item table) by requires_grad=False on its weight: the row
+    pipeline then never updates it and keeps no optimizer state for it, exactly as rows.freeze names it."""
+    out, meta = ml100k_prepared
+    batches = _batches(out, meta, 2)
+    model = _model(meta)
+    key = "embedding.embedding_bags.t_zip.weight"
+    dict(model.named_parameters())[key].requires_grad_(False)
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=0.01))
+    assert [t.stage for t in rows.transforms] == ["freeze"] and rows.transforms[0].names == {"embedding.t_zip"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, Objective(TASKS), torch.optim.SGD(rows.dense_parameters(), lr=0.05), rows)
+    for b in batches:
+        step(b)
+    after = model.state_dict()
+    assert torch.equal(after[key], before[key])
+    assert all(p is not dict(model.named_parameters())[key] for g in rows.optimizer.param_groups for p in g["params"])
+    assert not torch.equal(after["linear.tables.embedding_bags.t_zip.weight"], before["linear.tables.embedding_bags.t_zip.weight"])
+
+
 def test_clipping_bounds_every_applied_row_update(ml100k_prepared):
     out, meta = ml100k_prepared
     batch = _batches(out, meta, 1, size=512)[0]

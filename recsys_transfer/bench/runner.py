@@ -77,6 +77,13 @@ def run_id_of(cfg: RunConfig, slug: str) -> str:
     tree.pop("log", None)  # how a run is watched, not what it computes
     if not cfg.multitask.enabled and tree.get("multitask") == dataclasses.asdict(MultitaskConfig()):
         tree.pop("multitask")  # runs from before the section existed keep their ids
+    if tree.get("model", {}).get("init_from", 0) is None:
+        tree["model"].pop("init_from")  # a key added later, when unused
+    for task in tree.get("tasks") or ():  # likewise the retrieval tasks' evaluation keys
+        if task.get("eval_candidates") == task.get("candidates"):
+            task.pop("eval_candidates", None)
+        if task.get("eval_negatives") == "":
+            task.pop("eval_negatives", None)
     prepare = (tree.get("data") or {}).get("prepare") or {}
     for key, default in LATER_PREPARE_KEYS.items():  # likewise for data.prepare keys added later, when unused
         if key in prepare and prepare[key] == default:

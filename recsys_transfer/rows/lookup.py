@@ -377,7 +377,8 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     """Replace the lookup kernel of every embedding collection of ``model`` (EmbeddingBagCollection or
     EmbeddingCollection, plain or sharded by DistributedModelParallel) by the recording one, and return the
     :class:`RowPipeline` that updates their rows: the row optimizer of ``config`` over every table, keyed by
-    table name, and the ``freeze`` / ``clip`` stages when configured. Register further transforms (the transfer
+    table name, and the ``freeze`` / ``clip`` stages when configured (``freeze``: the tables of ``config.freeze`` and
+    every unsharded table whose weight has ``requires_grad=False``). Register further transforms (the transfer
     barrier) with :meth:`RowPipeline.add_transform`."""
     from torchrec.distributed.embedding import ShardedEmbeddingCollection
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
@@ -404,7 +405,11 @@ def attach_rows(model: nn.Module, config: RowsConfig = RowsConfig()) -> RowPipel
     names = [s.name for s in slots]
     if len(set(names)) != len(names):
         raise UserError(f"two embedding tables share a name: {sorted(n for n in names if names.count(n) > 1)}")
-    freeze = FreezeTables(config.freeze, slots) if config.freeze else None
+    # a model marks a table it keeps fixed (PeterRec's pretrained item table) by requires_grad=False on its weight:
+    # frozen like rows.freeze (unsharded collections; under DMP the flag does not reach the shards: use rows.freeze)
+    marked = tuple(s.name for s in slots if not collections.get(s.collection, True) and not s.weight.requires_grad)
+    names = tuple(config.freeze) + tuple(n for n in marked if n not in config.freeze)
+    freeze = FreezeTables(names, slots) if names else None
     trained = [s for s in slots if freeze is None or not freeze.frozen(s)]  # frozen tables get no optimizer state
     optimizer = make_row_optimizer(config.optimizer, [s.weight for s in trained], names=[s.name for s in trained],
                                    lr=config.lr, **config.optimizer_kwargs) if trained else None

@@ -70,6 +70,43 @@ def load_model(model: nn.Module, path: str | Path, run_id: str | None = None) ->
     model.load_state_dict(state)
 
 
+def load_pretrained(model: nn.Module, source: str | Path) -> dict:
+    """Initialize ``model``'s parameters and buffers from another run's model checkpoint, by name: ``source`` is a
+    run directory (its ``best/``) or a model checkpoint directory (DCP, as :func:`save_model` writes). Names both
+    have are loaded (every rank its shards); names only the model has keep their values (new heads, patches);
+    names only the checkpoint has are left out (a pretraining output layer). A name with another shape, or no
+    name in common, is a :class:`UserError`. Returns ``{"path", "run_id", "loaded", "new", "unused"}`` (names)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(source)
+    if (path / "best" / RUN_MARKER).is_file():
+        path = path / "best"
+    found = checkpoint_run_id(path)
+    if found is None:
+        raise UserError(f"model.init_from {source}: no complete model checkpoint there (a finished run's directory "
+                        f"or its best/ directory)")
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = model.state_dict()
+    common = [k for k in state if k in saved]
+    if not common:
+        raise UserError(f"model.init_from {source}: the checkpoint shares no parameter name with this model "
+                        f"(checkpoint: {sorted(saved)[:4]}...; model: {sorted(state)[:4]}...)")
+    for k in common:
+        want = tuple(getattr(saved[k], "size", ()))
+        have = tuple(state[k].size()) if hasattr(state[k], "size") else ()
+        if want != have:
+            raise UserError(f"model.init_from {source}: {k} is {list(want)} in the checkpoint but {list(have)} in "
+                            f"this model (another dataset's vocabulary or another width?)")
+    subset = {k: state[k] for k in common}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(subset, checkpoint_id=str(path))
+    state.update(subset)
+    model.load_state_dict(state)
+    return {"path": str(path), "run_id": found, "loaded": common, "new": [k for k in state if k not in saved],
+            "unused": sorted(k for k in saved if k not in state)}
+
+
 # -- train-state checkpoints ------------------------------------------------------------------------------------
 
 MANIFEST = "manifest.json"

@@ -202,7 +202,7 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
     from recsys_transfer.data.loader import BatchLoader
     from recsys_transfer.data.prepared import DatasetMeta
     from recsys_transfer.models.registry import build_model, parameter_counts, parameter_line
-    from recsys_transfer.train.checkpoint import CheckpointDir, load_model, save_model
+    from recsys_transfer.train.checkpoint import CheckpointDir, load_model, load_pretrained, save_model
     from recsys_transfer.train.compose import compose_step
     from recsys_transfer.train.distributed import init_distributed, run_on_rank0, shard_model, shutdown
     from recsys_transfer.train.evaluate import evaluate
@@ -254,6 +254,13 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         plan = sharded_plan_rows(model, cfg.sharding) if info.world_size > 1 else []
         if plan and info.is_main:
             write_plan(out, plan)
+        if cfg.model.init_from is not None and resume_from is None:  # a resumed run has its own weights
+            init = load_pretrained(model, cfg.model.init_from)
+            run["init_from"] = {"path": init["path"], "run_id": init["run_id"], "loaded": len(init["loaded"]),
+                                "new": init["new"], "unused": init["unused"]}
+            if info.is_main and cfg.train.progress:
+                print(f"init_from {init['path']} (run {init['run_id']}): {len(init['loaded'])} tensors loaded, "
+                      f"{len(init['new'])} new, {len(init['unused'])} not used", flush=True)
         step = compose_step(model, meta, tasks=tasks, rows=cfg.rows, transfer=cfg.transfer, domains=domains,
                             train=cfg.train, multitask=cfg.multitask)
         rows = step.rows
