@@ -97,7 +97,8 @@ def test_parameter_counts_equal_hand_formulas(adult):
 
     mmoe = build_model("mmoe", meta, embedding_dim=k, num_experts=3, expert_hidden=(5,), tower_hidden=(2,))
     want = 3 * linear(n, 5) + 2 * linear(n, 3) + towers  # experts, one gate per task, towers
-    assert parameter_counts(mmoe) == {"dense": want, "tables": rows * k, "table_rows": rows, "embedding_dims": [k]}
+    assert parameter_counts(mmoe) == {"dense": want, "tables": rows * k, "table_rows": rows, "embedding_dims": [k],
+                                      "trained": want + rows * k}
 
     ple = build_model("ple", meta, embedding_dim=k, num_levels=2, specific_experts=1, shared_experts=2,
                       expert_hidden=(5,), tower_hidden=(2,))

@@ -62,9 +62,11 @@ def build_model(name: str, meta: DatasetMeta, tasks=None, **kwargs) -> nn.Module
 
 
 def parameter_counts(model: nn.Module) -> dict:
-    """``{"dense": n, "tables": n, "table_rows": n, "embedding_dims": [..]}``: trainable parameters outside the
-    embedding collections (what the dense optimizer updates), parameters of the embedding tables (rows x width, what
-    the row pipeline updates), their rows, and the distinct table widths. Each parameter is counted once (shared
+    """``{"dense": n, "tables": n, "table_rows": n, "embedding_dims": [..], "trained": n}``: trainable parameters
+    outside the embedding collections (what the dense optimizer updates), parameters of the embedding tables (rows x
+    width, what the row pipeline updates), their rows, the distinct table widths, and how many parameters training
+    updates (dense + tables, less the tables whose weight has ``requires_grad=False``: the row pipeline freezes
+    them). A model with fixed parts also gets ``frozen_dense`` / ``frozen_tables``. Each parameter is counted once (shared
     storage or shared modules included). The FDN paper's Table 2 ``#params`` counts both."""
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
@@ -78,20 +80,31 @@ def parameter_counts(model: nn.Module) -> dict:
                     rows += p.shape[0]
                     dims.add(int(p.shape[1]))
     seen: set[int] = set()
-    dense = tables = 0
+    dense = tables = frozen_dense = frozen_tables = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         if id(p) in table_ids:
             tables += p.numel()
+            frozen_tables += 0 if p.requires_grad else p.numel()
         elif p.requires_grad:
             dense += p.numel()
-    return {"dense": dense, "tables": tables, "table_rows": rows, "embedding_dims": sorted(dims)}
+        else:
+            frozen_dense += p.numel()
+    out = {"dense": dense, "tables": tables, "table_rows": rows, "embedding_dims": sorted(dims)}
+    if frozen_dense or frozen_tables:  # a model that keeps part of itself fixed (PeterRec's pretrained network)
+        out.update(frozen_dense=frozen_dense, frozen_tables=frozen_tables)
+    out["trained"] = dense + tables - frozen_tables
+    return out
 
 
 def parameter_line(name: str, counts: dict) -> str:
     """``model mmoe: 77,826 dense parameters, 113 embedding rows x 16 (1,808 table parameters)``."""
     dims = "/".join(str(d) for d in counts["embedding_dims"]) or "-"
-    return (f"model {name}: {counts['dense']:,} dense parameters, {counts['table_rows']:,} embedding rows x {dims} "
+    line = (f"model {name}: {counts['dense']:,} dense parameters, {counts['table_rows']:,} embedding rows x {dims} "
             f"({counts['tables']:,} table parameters)")
+    if "frozen_dense" in counts:
+        line += (f"; trains {counts['trained']:,} of {counts['dense'] + counts['frozen_dense'] + counts['tables']:,} "
+                 f"(frozen: {counts['frozen_dense']:,} dense, {counts['frozen_tables']:,} table)")
+    return line
