@@ -1,7 +1,7 @@
 """The ``recsys-transfer`` command line.
 
-    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic,movielens-sequences} | --schema FILE.yaml}
-        --input PATH... --output DIR [--variant A|B|I] [--sequence-task pretrain|profile|cold ...]
+    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic,movielens-sequences}
+        | --schema FILE.yaml} --input PATH... --output DIR [--variant A|B|I] [--sequence-task TASK ...]
     recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite | --resume]
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="raw data -> prepared parquet shards + meta.json")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic", "fdn-synthetic", "movielens-sequences"),
+    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic", "fdn-synthetic",
+                                              "movielens-sequences"),
                         help="a built-in source")
     source.add_argument("--schema", type=Path, help="a schema file (pipelines/datasets/*.yaml) describing any "
                         "CSV/TSV/parquet table, plain or gzip/bz2/xz")

@@ -346,7 +346,8 @@ def test_sequence_config_and_trainer_wiring(ml1m_pretrain, ml100k_prepared, tmp_
         sequence_transform(cfg, ml100k_prepared[1], ml100k_prepared[1].tasks, "train")
     for t in ("pretrain", "profile", "cold"):  # the shipped pipelines parse, with their sequence sections
         pipe = load_config(ROOT / "pipelines" / f"peterrec-{t}.yaml")
-        assert pipe.data.prepare.sequence_task == t and pipe.data.prepare.input == ("../shared/data/movielens-1m-partial",)
+        assert pipe.data.prepare.sequence_task == t
+        assert pipe.data.prepare.input == ("../shared/data/movielens-1m-partial",)
 
 
 def test_docstring_examples_run():

@@ -98,7 +98,7 @@ def _prepare_sequences(config: PrepareConfig, inputs: list[Path], output: str | 
         raise UserError("input: movielens-sequences takes exactly one MovieLens directory")
     if config.min_count is not None or config.hash_size is not None:
         raise UserError("min_count, hash_size: movielens-sequences keeps every rated item (ids 2..)")
-    if config.split != "random" or config.on_bad_row != "error" or (config.genres, config.history) != ("combination", 0):
+    if (config.split, config.on_bad_row, config.genres, config.history) != ("random", "error", "combination", 0):
         raise UserError("split, on_bad_row, genres, history: not options of movielens-sequences (its splits are by "
                         "user or row, seeded; split_fractions replaces the task's)")
     fractions = tuple(config.split_fractions)

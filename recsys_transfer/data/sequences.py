@@ -47,7 +47,15 @@ Every task's ``meta.json`` also lists the list fields ``negatives`` and ``target
 as empty lists) so a model building its EmbeddingCollection from ``meta`` routes them to ``t_items``;
 :class:`SequenceSampling` fills them per batch. ``source`` records the reserved ids, the task, the options, the
 target genres, the class names, the class counts per split and label, the counts of users and items.
-``split_fractions`` other than the global default (0.8, 0.1, 0.1) replace the task's split.
+``split_fractions`` other than the global default (0.8, 0.1, 0.1) replace the task's split; a split takes exactly
+``round(f_train N)`` train and ``round(f_valid N)`` valid units of the ``N`` (users or rows), seeded.
+
+Writing: the directory is the usual prepared layout (:mod:`recsys_transfer.data.prepared`: one parquet shard per
+split, ``vocab/``, ``meta.json``), written here rather than by ``build_prepared``, whose vocabularies number ids by
+training frequency from 1 and cannot reserve the token id. In ``meta.json`` ``input_rows`` / ``skipped_rows``
+count the task's units (users, or (user, target item) pairs for ``cold``; skipped: the users left out, by
+reason); ``frequencies`` are training-split counts; ``eval_negatives`` holds class ids, where 0 is a class, not
+OOV (``info`` prints its count of 0 as ``oov-count``). Everything fits in memory (ML-1M: 1M ratings).
 """
 
 from __future__ import annotations
@@ -484,7 +492,8 @@ class SequenceSampling:
         random_items = rng.integers(FIRST_ITEM, self.vocab_size, size=m, dtype=np.int64)
         out = items.copy()
         to_token = chosen & (action < self.MASK_TOKEN_SHARE)
-        to_random = chosen & (action >= self.MASK_TOKEN_SHARE) & (action < self.MASK_TOKEN_SHARE + self.MASK_RANDOM_SHARE)
+        to_random = (chosen & (action >= self.MASK_TOKEN_SHARE)
+                     & (action < self.MASK_TOKEN_SHARE + self.MASK_RANDOM_SHARE))
         out[to_token] = TOKEN
         out[to_random] = random_items[to_random]
         return out, np.where(chosen, items, PAD)

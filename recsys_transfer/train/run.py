@@ -127,8 +127,8 @@ def sequence_transform(cfg: RunConfig, meta, tasks, split: str, rank: int = 0):
         return None
     from recsys_transfer.data.sequences import SequenceSampling
 
-    sampled_eval = any(t.kind == "retrieval" and (getattr(t, "eval_candidates", None) or t.candidates) == "sampled"
-                       for t in tasks)
+    sampled_eval = any(t.kind == "retrieval"
+                       and (getattr(t, "eval_candidates", None) or t.candidates) == "sampled" for t in tasks)
     return SequenceSampling(cfg.sequence, meta, split=split, negatives=None if split == "train" else sampled_eval,
                             rank=rank)
 
