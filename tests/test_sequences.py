@@ -361,3 +361,20 @@ def test_meta_json_records_the_protocol(source):
     assert d["source"]["target_genres"] == ["Documentary", "Horror"] and d["source"]["max_target"] == 3
     assert d["source"]["eval_negatives"] == 99 and d["tasks"][0]["label"] == "target_item"
     assert [f["name"] for f in d["sparse"]] == ["items", "negatives", "targets", "eval_negatives"]
+
+
+def test_items_negatives_and_targets_share_one_embedding_collection_table(ml1m_pretrain):
+    """What make_ec builds from a sequence dataset's meta: one table t_items for items, negatives and targets (rows
+    0 and 1 are the padding and the token), and a transformed batch looks up in it."""
+    from recsys_transfer.modules.embedding import make_ec
+
+    data, meta = ml1m_pretrain
+    ec = make_ec(meta, 8, ["items", "negatives", "targets"])
+    (config,) = ec.embedding_configs()
+    assert config.name == "t_items" and config.num_embeddings == meta.field("items").vocab_size
+    assert config.feature_names == ["items", "negatives", "targets"]
+    batch = next(iter(_loader(data, meta, SequenceConfig(negatives=50, mask_rate=0.3, token="end"))))
+    out = ec(batch.sparse)
+    for key in ("items", "negatives", "targets"):
+        assert out[key].values().shape == (batch.sparse[key].values().numel(), 8)
+        assert torch.equal(out[key].lengths(), batch.sparse[key].lengths())
