@@ -210,6 +210,9 @@ def test_prepare_is_deterministic_and_seeded(ml100k_dir, tmp_path):
     assert a.dataset_id == b.dataset_id != c.dataset_id
     assert read_split(tmp_path / "a", "test") == read_split(tmp_path / "b", "test")
     assert read_split(tmp_path / "a", "test") != read_split(tmp_path / "c", "test")
+    meta = prepare(PrepareConfig(dataset="movielens-sequences", input=(str(ml100k_dir),), sequence_task="profile",
+                                 split_fractions=(0.5, 0.25, 0.25)), tmp_path / "d", progress=False)
+    assert meta.split_rows == {"train": 472, "valid": 236, "test": 235}  # round(0.5 * 943), round(0.25 * 943)
 
 
 def test_options_are_validated_and_bad_input_is_one_line(ml100k_dir, tmp_path, capsys):
@@ -344,6 +347,12 @@ def test_sequence_config_and_trainer_wiring(ml1m_pretrain, ml100k_prepared, tmp_
     assert sequence_transform(build(RunConfig, {"data": {"path": "x"}}, "c"), meta, meta.tasks, "train") is None
     with pytest.raises(UserError, match="no list field"):  # a dataset that is not a sequence dataset
         sequence_transform(cfg, ml100k_prepared[1], ml100k_prepared[1].tasks, "train")
+    from recsys_transfer.config import config_differences
+
+    current = json.loads(json.dumps(build(RunConfig, {"data": {"path": "x"}}, "c").to_dict()))
+    before = {k: v for k, v in current.items() if k != "sequence"}  # a checkpoint from before the section
+    assert config_differences(before, current) == []
+    assert config_differences(before, json.loads(json.dumps(cfg.to_dict())))  # but a used section differs
     for t in ("pretrain", "profile", "cold"):  # the shipped pipelines parse, with their sequence sections
         pipe = load_config(ROOT / "pipelines" / f"peterrec-{t}.yaml")
         assert pipe.data.prepare.sequence_task == t
