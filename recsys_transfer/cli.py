@@ -1,7 +1,7 @@
 """The ``recsys-transfer`` command line.
 
-    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic} | --schema FILE.yaml} --input PATH...
-        --output DIR [--variant A|B|I]
+    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic,movielens-sequences}
+        | --schema FILE.yaml} --input PATH... --output DIR [--variant A|B|I] [--sequence-task TASK ...]
     recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite | --resume]
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="raw data -> prepared parquet shards + meta.json")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic", "fdn-synthetic"),
+    source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic", "fdn-synthetic",
+                                              "movielens-sequences"),
                         help="a built-in source")
     source.add_argument("--schema", type=Path, help="a schema file (pipelines/datasets/*.yaml) describing any "
                         "CSV/TSV/parquet table, plain or gzip/bz2/xz")
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="movielens: a movie's genres as one value (default) or as a list field (multi-hot bag)")
     p.add_argument("--history", type=int, default=0, metavar="N",
                    help="movielens: add a list field of the user's last N items rated before each rating")
+    g = p.add_argument_group("movielens-sequences (PeterRec's user sequences and transfer tasks)")
+    g.add_argument("--sequence-task", choices=("pretrain", "profile", "cold"), default=None)
+    g.add_argument("--sequence-length", type=int, default=50, metavar="N", help="keep each user's last N items")
+    g.add_argument("--target-genres", nargs="+", default=(), metavar="GENRE",
+                   help="pretrain, cold: the target item domain (default: Documentary Horror)")
+    g.add_argument("--max-target", type=int, default=3, help="cold: a cold user has 1..G target ratings")
     p.add_argument("--overwrite", action="store_true", help="replace another prepared dataset in --output")
     p.add_argument("--allow-degenerate", action="store_true",
                    help="prepare even if a split has zero rows or a binary label has one class in train")
@@ -148,7 +155,9 @@ def prepare_config(args: argparse.Namespace):
                              head_fraction=args.head_fraction, head_min_count=args.head_min_count,
                              on_bad_row=args.on_bad_row, allow_degenerate=args.allow_degenerate,
                              genres=args.genres, history=args.history, conversion=args.conversion,
-                             variant=args.variant)
+                             variant=args.variant, sequence_task=args.sequence_task,
+                             sequence_length=args.sequence_length, target_genres=tuple(args.target_genres),
+                             max_target=args.max_target)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

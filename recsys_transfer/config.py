@@ -13,6 +13,7 @@ A pipeline file (``pipelines/*.yaml``) has these sections::
     train:    {epochs: 10, batch_size: 1024, lr: 1.0e-3, monitor: valid/label/auc, device: auto, ...}
     checkpoint: {every_steps: 500, keep: 2}     # train-state checkpoints (resume); default: each epoch end
     log:      {tensorboard: true, every_steps: 50}  # TensorBoard scalars (rank 0); plain progress lines off a terminal
+    sequence: {negatives: 1024, mask_rate: 0.3, token: end, seed: 0}  # sequence models: per-batch sampling
 
 Unknown keys are rejected at every level with the file, the key path and the known keys (no silent typos like
 ``batchsize``); ``--set train.epochs=3`` style overrides are parsed as YAML scalars and go through the same check.
@@ -33,7 +34,8 @@ import yaml
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
 
-DATASETS = ("movielens", "criteo", "synthetic", "fdn-synthetic")
+DATASETS = ("movielens", "criteo", "synthetic", "fdn-synthetic", "movielens-sequences")
+SEQUENCE_TASKS = ("pretrain", "profile", "cold")  # movielens-sequences (data/sequences.py)
 FDN_VARIANTS = ("A", "B", "I")  # fdn-synthetic: Dataset-A, Dataset-B (single-task oracles), Dataset-I (multi-task)
 TRAINING_MODES = ("B", "+T", "+Ours", "select", "lexico")  # paper Sec. 5 notation; not a pooling mode
 SELECTIVE_MODES = ("+Ours", "select")  # modes that need the selective target domain T'_eta
@@ -69,6 +71,12 @@ class PrepareConfig:
     history: int = 0  # movielens: a list field of the user's last N items rated before this rating (0 = none)
     conversion: bool = False  # synthetic: add a post-click conversion label `purchase` (CTR / CVR / CTCVR)
     variant: str | None = None  # fdn-synthetic: A | B | I (default I); no other dataset takes it
+    # movielens-sequences (data/sequences.py): the task, the last-n cut, the target-domain genres (pretrain,
+    # cold; empty: the source's default, Documentary and Horror) and the most target ratings of a cold user (cold)
+    sequence_task: str | None = None
+    sequence_length: int = 50
+    target_genres: tuple[str, ...] = ()
+    max_target: int = 3
 
     def __post_init__(self) -> None:
         if self.schema is not None and self.dataset is not None:
@@ -95,6 +103,26 @@ class PrepareConfig:
                 raise ValueError(f"variant must be one of {FDN_VARIANTS}, got {self.variant!r}")
         elif self.variant is not None:
             raise ValueError("variant: an fdn-synthetic option (data.prepare.dataset: fdn-synthetic)")
+        self._check_sequences()
+
+    def _check_sequences(self) -> None:
+        if self.dataset != "movielens-sequences":
+            if (self.sequence_task, self.sequence_length, self.target_genres, self.max_target) != (None, 50, (), 3):
+                raise ValueError("sequence_task, sequence_length, target_genres, max_target: movielens-sequences "
+                                 "options (data.prepare.dataset: movielens-sequences)")
+            return
+        if self.sequence_task not in SEQUENCE_TASKS:
+            raise ValueError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {self.sequence_task!r}")
+        if isinstance(self.sequence_length, bool) or not self.sequence_length >= 2:
+            raise ValueError(f"sequence_length must be an integer >= 2, got {self.sequence_length!r}")
+        if isinstance(self.max_target, bool) or not self.max_target >= 1:
+            raise ValueError(f"max_target must be an integer >= 1, got {self.max_target!r}")
+        if self.max_target != 3 and self.sequence_task != "cold":
+            raise ValueError("max_target: an option of sequence_task cold")
+        if self.target_genres and self.sequence_task == "profile":
+            raise ValueError("target_genres: an option of sequence_task pretrain or cold")
+        if len(set(self.target_genres)) != len(self.target_genres):
+            raise ValueError(f"target_genres lists a genre twice: {list(self.target_genres)}")
 
 
 @dataclass(frozen=True)
@@ -500,6 +528,35 @@ class LogConfig:
                              "to turn progress lines off")
 
 
+SEQUENCE_TOKENS = ("none", "end", "both")
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """The per-batch sampling of sequence models (:class:`recsys_transfer.data.sequences.SequenceSampling`, applied
+    by the loader; needs a ``movielens-sequences`` dataset): ``negatives`` item ids per training batch (a shared
+    pool for a sampled softmax; 0 = none), ``mask_rate`` (GRec's masking with the 80/10/10 rule; 0 = none, the
+    causal NextItNet), ``token`` (``end``: append the special token [TCL]; ``both``: also prepend it [TCS]) and the
+    ``seed`` of the draws (with the epoch and batch index, so a resumed run gets the same batches)."""
+
+    negatives: int = 0
+    mask_rate: float = 0.0
+    token: str = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.negatives, bool) or not isinstance(self.negatives, int) or self.negatives < 0:
+            raise ValueError(f"sequence.negatives must be an integer >= 0, got {self.negatives!r}")
+        if not 0.0 <= self.mask_rate <= 1.0:
+            raise ValueError(f"sequence.mask_rate must be in [0, 1], got {self.mask_rate}")
+        if self.token not in SEQUENCE_TOKENS:
+            raise ValueError(f"sequence.token must be one of {SEQUENCE_TOKENS}, got {self.token!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.negatives > 0 or self.mask_rate > 0 or self.token != "none"
+
+
 #: config keys that may differ between a checkpoint and the run resuming it (they do not change its numbers)
 RESUMABLE_CHANGES = ("train.epochs", "train.progress", "train.threads", "train.device", "train.eval_batch_size",
                      "checkpoint.every_steps", "checkpoint.keep", "checkpoint.enabled", "data.prepare", "log",
@@ -518,6 +575,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         default = dataclasses.asdict(MultitaskConfig())
         if path == "multitask" and a == "<absent>" and b in (default, {**default, "tasks": []}):
             continue  # a checkpoint from before the section existed: the default is what it ran
+        if path == "sequence" and a == "<absent>" and b == dataclasses.asdict(SequenceConfig()):
+            continue  # likewise
         if isinstance(a, dict) and isinstance(b, dict) and a and b:
             out.extend(config_differences(a, b, path + "."))
         elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
@@ -537,6 +596,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

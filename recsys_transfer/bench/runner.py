@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys_transfer.bench.spec import SINGLE_TASK, GridSpec
-from recsys_transfer.config import MultitaskConfig, RunConfig, load_config
+from recsys_transfer.config import MultitaskConfig, RunConfig, SequenceConfig, load_config
 
 ALL_TASKS = "all"
 CSV_COLUMNS = ["dataset", "model", "mode", "dim", "params", "seed", "extra", "lam", "overrides", "tasks", "task",
@@ -68,7 +68,8 @@ def _slug(text: str) -> str:
 
 #: ``data.prepare`` keys added after runs were recorded, with the value that means "not used": a run that does not
 #: use one hashes as it did before the key existed (a new config key must not rename every finished run)
-LATER_PREPARE_KEYS = {"schema": None, "genres": "combination", "history": 0, "conversion": False, "variant": None}
+LATER_PREPARE_KEYS = {"schema": None, "genres": "combination", "history": 0, "conversion": False, "variant": None,
+                      "sequence_task": None, "sequence_length": 50, "target_genres": (), "max_target": 3}
 
 
 def run_id_of(cfg: RunConfig, slug: str) -> str:
@@ -84,6 +85,8 @@ def run_id_of(cfg: RunConfig, slug: str) -> str:
             task.pop("eval_candidates", None)
         if task.get("eval_negatives") == "":
             task.pop("eval_negatives", None)
+    if not cfg.sequence.enabled and tree.get("sequence") == dataclasses.asdict(SequenceConfig()):
+        tree.pop("sequence")  # likewise
     prepare = (tree.get("data") or {}).get("prepare") or {}
     for key, default in LATER_PREPARE_KEYS.items():  # likewise for data.prepare keys added later, when unused
         if key in prepare and prepare[key] == default:

@@ -202,6 +202,7 @@ class BatchLoader:
         meta: DatasetMeta | None = None,
         prefetch: int = 4,
         pin_memory: bool = False,
+        transform: Callable[[Batch, int, int], Batch] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise UserError(f"split must be one of {SPLITS}, got {split!r}")
@@ -213,6 +214,9 @@ class BatchLoader:
             raise UserError(f"prefetch must be >= 0, got {prefetch}")
         self.prefetch = prefetch
         self.pin_memory = pin_memory  # batches in page-locked memory (built in the loader thread), for GPU copies
+        # transform(batch, epoch, batch index) -> batch, applied to every batch (e.g. data.sequences.
+        # SequenceSampling): the index counts the epoch's batches from 0, so a resumed epoch gets the same batches
+        self.transform = transform
         self.data_dir = Path(data_dir)
         self.meta = meta or DatasetMeta.load(self.data_dir)
         self.split = split
@@ -335,6 +339,7 @@ class BatchLoader:
         a buffer open the first batch of the next one. The first ``start_batch`` batches are passed over: their
         rows are counted, not gathered, and a buffer holding none of the served rows is not read."""
         bs = self.batch_size
+        index = self.start_batch  # the epoch's number of the next batch served
         skip = self.start_batch * bs  # rows of the stream before the first served batch
         seen = 0  # rows of the stream before the current buffer
         carry: _Rows | None = None
@@ -353,17 +358,19 @@ class BatchLoader:
                 carry = _Rows.concat([carry, part(0, pos)])
                 if len(carry) < bs:
                     continue
-                yield self._to_batch(carry)
+                yield self._to_batch(carry, index)
+                index += 1
                 carry = None
             while pos + bs <= n:
-                yield self._to_batch(part(pos, pos + bs))
+                yield self._to_batch(part(pos, pos + bs), index)
+                index += 1
                 pos += bs
             if pos < n:
                 carry = part(pos, n)
         if carry is not None and len(carry) and not self.drop_last:
-            yield self._to_batch(carry)
+            yield self._to_batch(carry, index)
 
-    def _to_batch(self, rows: _Rows) -> Batch:
+    def _to_batch(self, rows: _Rows, index: int = 0) -> Batch:
         n = len(rows)
         if not self._lists:
             # KJT values are field-major: all rows of field 0, then field 1, ...; lengths [F * B], all ones.
@@ -392,4 +399,6 @@ class BatchLoader:
             sparse=sparse,
             labels={name: labels[:, k] for k, name in enumerate(self.meta.labels)},
         )
+        if self.transform is not None:
+            batch = self.transform(batch, self.epoch, index)
         return batch.pin_memory() if self.pin_memory else batch

@@ -119,6 +119,20 @@ def resolve_tasks(cfg: RunConfig, meta) -> tuple:
     return tasks
 
 
+def sequence_transform(cfg: RunConfig, meta, tasks, split: str, rank: int = 0):
+    """The ``sequence`` section's per-batch sampling for the loader of ``split`` (None when the section is off):
+    training batches get negatives and masking; evaluation batches the tokens, and negatives only when a task is
+    evaluated on sampled candidates."""
+    if not cfg.sequence.enabled:
+        return None
+    from recsys_transfer.data.sequences import SequenceSampling
+
+    sampled_eval = any(t.kind == "retrieval"
+                       and (getattr(t, "eval_candidates", None) or t.candidates) == "sampled" for t in tasks)
+    return SequenceSampling(cfg.sequence, meta, split=split, negatives=None if split == "train" else sampled_eval,
+                            rank=rank)
+
+
 def report_field(cfg: RunConfig, meta) -> str | None:
     """The field whose head/tail AUC every mode reports (B too, for comparison): the first single-valued transfer
     field (a row of a list field has no one item to call head or tail)."""
@@ -268,9 +282,11 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         common = dict(rank=info.rank, world_size=info.world_size, meta=meta, pin_memory=pin)
         train = BatchLoader(data, "train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                             drop_last=info.world_size > 1, shuffle_buffer_rows=cfg.train.shuffle_buffer_rows,
-                            **common)
-        valid = BatchLoader(data, "valid", cfg.train.eval_batch_size, **common)
-        test = BatchLoader(data, "test", cfg.train.eval_batch_size, **common)
+                            transform=sequence_transform(cfg, meta, tasks, "train", info.rank), **common)
+        valid = BatchLoader(data, "valid", cfg.train.eval_batch_size,
+                            transform=sequence_transform(cfg, meta, tasks, "valid", info.rank), **common)
+        test = BatchLoader(data, "test", cfg.train.eval_batch_size,
+                           transform=sequence_transform(cfg, meta, tasks, "test", info.rank), **common)
         ema = (EMA(_unique_tensors(list(model.parameters()) + rows.table_weights), cfg.train.ema_decay)
                if cfg.train.ema_decay > 0 else None)
 
