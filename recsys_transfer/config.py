@@ -119,8 +119,6 @@ class PrepareConfig:
             raise ValueError(f"max_target must be an integer >= 1, got {self.max_target!r}")
         if self.max_target != 3 and self.sequence_task != "cold":
             raise ValueError("max_target: an option of sequence_task cold")
-        if self.target_genres and self.sequence_task == "profile":
-            raise ValueError("target_genres: an option of sequence_task pretrain or cold")
         if len(set(self.target_genres)) != len(self.target_genres):
             raise ValueError(f"target_genres lists a genre twice: {list(self.target_genres)}")
 

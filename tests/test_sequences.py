@@ -30,9 +30,10 @@ GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Com
                "Western")
 TARGET = {"Documentary", "Horror"}
 AGES = (1, 18, 25, 35, 45, 50, 56)
-# measured on the real files: (ratings, users, items, target items, cold users, cold rows, pretrain users)
-HEADLINE = {"ml-100k": (100_000, 943, 1682, 142, 400, 730, 943),
-            "ml-1m-partial": (299_418, 5755, 3527, 421, 2325, 4003, 5701)}
+# measured on the real files: (ratings, users, items, target items, cold users, cold rows, pretrain users,
+# profile users = users with a source-domain rating)
+HEADLINE = {"ml-100k": (100_000, 943, 1682, 142, 400, 730, 943, 943),
+            "ml-1m-partial": (299_418, 5755, 3527, 421, 2325, 4003, 5701, 5709)}
 
 
 # -- the raw files, read independently ---------------------------------------------------------------------------
@@ -141,8 +142,10 @@ def test_profile_labels_and_class_counts(source):
     name, _, data, prepared = source
     out, meta = prepared["profile"]
     ids = data["ids"]
-    users = sorted(data["by_user"])
-    assert meta.total_rows == len(users) == HEADLINE[name][1]
+    src = {u: [ids[i] for _, i in seq if not data["genres"][i] & TARGET] for u, seq in data["by_user"].items()}
+    users = sorted(u for u, s in src.items() if s)  # the users with a source-domain rating
+    assert meta.total_rows == len(users) == HEADLINE[name][7]
+    assert meta.skipped_rows == len(data["by_user"]) - len(users)
     n = len(users)
     assert meta.split_rows["train"] == round(0.7 * n) and meta.split_rows["valid"] == round(0.03 * n)
     expected = {lab: Counter(data["users"][u][k] for u in users) for k, lab in enumerate(("gender", "age",
@@ -151,7 +154,7 @@ def test_profile_labels_and_class_counts(source):
     for split in ("train", "valid", "test"):
         rows = read_split(out, split)
         for k, u in enumerate(rows["user"]):
-            assert rows["items"][k] == _last([ids[i] for _, i in data["by_user"][u]])
+            assert rows["items"][k] == _last(src[u])  # the pretraining sequence: source-domain items
             for j, lab in enumerate(("gender", "age", "occupation")):
                 assert rows[lab][k] == data["users"][u][j]
                 got[lab][int(rows[lab][k])] += 1
@@ -163,7 +166,8 @@ def test_profile_labels_and_class_counts(source):
     assert recorded == expected
     assert [t.num_classes for t in meta.tasks] == [2, 7, 21]
     if name == "ml-1m-partial":  # literal checks of the measured classes
-        assert expected["gender"] == {0: 1607, 1: 4148}
+        assert expected["gender"] == {0: 1598, 1: 4111}
+        assert expected["age"] == {0: 207, 1: 1020, 2: 2003, 3: 1133, 4: 520, 5: 472, 6: 354}
         assert len(expected["occupation"]) == 21 and len(expected["age"]) == 7
     else:
         assert expected["gender"] == {0: 273, 1: 670}
@@ -183,7 +187,7 @@ def test_cold_rows_targets_and_eval_negatives(source):
         src = [ids[i] for _, i in seq if not data["genres"][i] & TARGET]
         if 1 <= len(tgt) <= 3 and src:
             cold[u] = ({classes[i] for i in tgt}, _last(src))
-    _, _, _, n_classes, n_cold, n_rows, _ = HEADLINE[name]
+    _, _, _, n_classes, n_cold, n_rows, _, _ = HEADLINE[name]
     assert (len(classes), len(cold), sum(len(t) for t, _ in cold.values())) == (n_classes, n_cold, n_rows)
     assert meta.source["num_target_classes"] == n_classes and meta.source["cold_users"] == n_cold
     assert meta.total_rows == n_rows and meta.field("eval_negatives").vocab_size == n_classes

@@ -17,7 +17,7 @@ Time order: each user's ratings sorted by timestamp, ties by raw movie id (Movie
 resolution and many same-second ratings; the raw id makes the order a function of the data, not of line order).
 A sequence keeps the LAST ``sequence_length`` items of that order, stored jagged (no padding).
 
-Target domain (``pretrain`` and ``cold``): the items having any genre in ``target_genres`` (default Documentary
+Target domain (every task): the items having any genre in ``target_genres`` (default Documentary
 and Horror, chosen because on both ML-100K and ML-1M-partial it gives many cold users AND more than the
 99 + ``max_target`` target items that the sampled evaluation needs: measured, ML-100K 400 cold users over 142
 target items, ML-1M-partial 2,325 over 421); the source domain is every other item.
@@ -31,7 +31,10 @@ Tasks (one prepared directory each; every row also carries the raw ``user`` id i
   rows keep the last item inside ``items`` (the model predicts every position); valid/test rows hold it out:
   ``items`` = the last n items BEFORE it and ``next_item`` is what full-pool MRR@5 ranks. Task ``next``
   (retrieval; sampled candidates and sampled softmax in training, full candidates in evaluation).
-* ``profile``: one row per user with any rating; ``items`` = all the user's items (last n); multiclass labels
+* ``profile``: one row per user with any source-domain rating (none: counted skip); ``items`` = the user's
+  source-domain items (last n): the sequences the network was pretrained on, as the paper's GenEst / AgeEst users
+  are ColdRec-2's source users with their source sequences (Sec. 4.1), so no input row of a frozen item table is
+  an untrained one; multiclass labels
   ``gender`` (0 F, 1 M), ``age`` (7 brackets, ML-1M's codes 1, 18, 25, 35, 45, 50, 56 -> 0..6; ML-100K's ages in
   years bucketed into them: <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+, as ML-1M's README defines the codes),
   ``occupation`` (ML-1M's codes 0..20; ML-100K's 21 occupation names in alphabetical order -> 0..20). Split by
@@ -194,16 +197,16 @@ def prepare_sequences(
               _Field("targets", FIRST_ITEM + n_items, "items")]
     extra_vocab: dict[str, pl.DataFrame] = {}
 
-    if task in ("pretrain", "cold"):
-        known = sorted(set(df["genres"].explode().drop_nulls().to_list()))
-        unknown = [g for g in target_genres if g not in known]
-        if not target_genres or unknown:
-            raise UserError(f"target_genres: {unknown or 'none given'} not genre(s) of {d} (its genres: {known})")
-        is_target = df["genres"].list.eval(pl.element().is_in(list(target_genres))).list.any()
-        df = df.with_columns(is_target.alias("target"))
-        source.update(target_genres=list(target_genres), target_items=int(df.filter("target")["item"].n_unique()),
-                      target_ratings=int(df["target"].sum()))
-        src = df.filter(~pl.col("target"))
+    # every task reads the source domain: the pretraining sequences, and the fine-tuning tasks' inputs
+    known = sorted(set(df["genres"].explode().drop_nulls().to_list()))
+    unknown = [g for g in target_genres if g not in known]
+    if not target_genres or unknown:
+        raise UserError(f"target_genres: {unknown or 'none given'} not genre(s) of {d} (its genres: {known})")
+    is_target = df["genres"].list.eval(pl.element().is_in(list(target_genres))).list.any()
+    df = df.with_columns(is_target.alias("target"))
+    source.update(target_genres=list(target_genres), target_items=int(df.filter("target")["item"].n_unique()),
+                  target_ratings=int(df["target"].sum()))
+    src = df.filter(~pl.col("target"))
 
     if task == "pretrain":
         per_user = src.group_by("user", maintain_order=True).len()
@@ -216,11 +219,13 @@ def prepare_sequences(
         rows = rows.with_columns(pl.when(pl.col("__split") == 0).then(pl.col("items")).otherwise(held).alias("items"))
         rows = rows.with_columns(pl.col("last").alias("next_item"))
         labels = ["next_item"]
-        tasks = [_task(name="next", label="next_item", kind="retrieval", candidates="sampled", loss="softmax",
-                       eval_candidates="full")]
+        tasks = [TaskSpec(name="next", label="next_item", kind="retrieval", candidates="sampled", loss="softmax",
+                          eval_candidates="full")]
     elif task == "profile":
-        rows = _sequences(df, sequence_length)
-        users = df.group_by("user", maintain_order=True).agg(pl.col("gender", "age", "occupation").first())
+        has_src = src["user"].unique()
+        skipped["users without a source-domain rating"] = source["users"] - len(has_src)
+        rows = _sequences(src, sequence_length)  # the sequences the network was pretrained on (GenEst's inputs)
+        users = src.group_by("user", maintain_order=True).agg(pl.col("gender", "age", "occupation").first())
         if layout == "ml-100k":
             occ = pl.col("occupation").replace_strict(list(OCCUPATIONS_100K), list(range(21)), default=None)
             occ_names = list(OCCUPATIONS_100K)
@@ -279,8 +284,8 @@ def prepare_sequences(
         rows = rows.with_columns(pl.Series("__split", _split_codes(len(rows), fractions, _seed(seed, task, 0))))
         labels = ["target_item"]
         fields.append(_Field("eval_negatives", n_classes))
-        tasks = [_task(name="cold", label="target_item", kind="retrieval", candidates="full", loss="softmax",
-                       eval_negatives="eval_negatives")]
+        tasks = [TaskSpec(name="cold", label="target_item", kind="retrieval", candidates="full", loss="bpr",
+                          eval_negatives="eval_negatives")]  # BPR for item recommendation (Eq. 8)
         extra_vocab["targets"] = targets.select("item", pl.col("class").alias("id"), "count")
         source.update(max_target=max_target, num_target_classes=n_classes, cold_users=len(cold_users),
                       eval_negatives=EVAL_NEGATIVES)
@@ -295,13 +300,6 @@ def prepare_sequences(
     return _write(rows, fields, labels, tasks, Path(output), dataset=f"{layout}-sequences-{task}", source=source,
                   skipped=skipped, head_tail=head_tail, vocab=vocab, extra_vocab=extra_vocab, overwrite=overwrite,
                   allow_degenerate=allow_degenerate)
-
-
-def _task(**kwargs) -> TaskSpec:
-    """A TaskSpec with the keys of the shared interface this TaskSpec knows (``eval_candidates``,
-    ``eval_negatives`` come with the training core's TaskSpec; until then they are left out)."""
-    known = set(TaskSpec.__dataclass_fields__)
-    return TaskSpec(**{k: v for k, v in kwargs.items() if k in known})
 
 
 def _class_counts(values: pl.Series) -> dict[str, int]:
