@@ -1,0 +1,107 @@
+"""What the sequence models (NextItNet, GRec, PeterRec) share: the item table, the dilated CNN over the user's item
+sequence, and the sampled-softmax scores.
+
+Data contract (docs: PETERREC_INTERFACE.md; the sequence datasets' ``meta.json``): the list field ``items`` holds
+each user's items in time order (jagged; no padding stored); optional list fields ``negatives`` (the batch's shared
+pool of sampled negative ids, spread over the rows) and ``targets`` (same lengths as ``items``: the original id at
+masked positions, 0 elsewhere) share its vocabulary (``vocab_of: items``). Reserved ids: 0 = padding / "not
+predicted" (never inside ``items``), 1 = the special token ([MASK] = [TCS] = [TCL], the paper's footnote 1), items
+from 2.
+
+Shapes: B rows, L = the longest row of the batch, C = ``embedding_dim`` (the paper's k), V = ``vocab_size`` of
+``items``, S = the pool of negatives, M = the predicted positions of the batch.
+
+Parameter names are the same in every sequence model (``embedding.embeddings.t_items.weight``,
+``cnn.blocks.<i>.{conv1,ln1,conv2,ln2}.*``), so a fine-tuning model loads a pretraining run's weights by name.
+The item table lives in ONE TorchRec EmbeddingCollection (``self.embedding``, built by
+:func:`recsys_transfer.modules.embedding.make_ec`, one table ``t_items`` serving every field of its vocabulary) that
+each forward calls once with the batch's KeyedJaggedTensor, so the row pipeline records (or freezes) its rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_transfer.data.prepared import DatasetMeta
+from recsys_transfer.errors import UserError
+from recsys_transfer.modules.dilated_cnn import DilatedCNN, init_truncated_normal, left_padded, padding_mask
+from recsys_transfer.modules.embedding import make_ec, table_name
+
+ITEMS, NEGATIVES, TARGETS = "items", "negatives", "targets"
+PAD_ID, TOKEN_ID, FIRST_ITEM = 0, 1, 2
+
+
+def with_keys(kjt: KeyedJaggedTensor, keys: Sequence[str]) -> KeyedJaggedTensor:
+    """``kjt`` itself when it holds every one of ``keys``; else ``kjt`` plus each missing key as an empty feature
+    (length 0 on every row), so a collection over those fields can look it up (an evaluation batch has no
+    ``negatives`` or ``targets``)."""
+    missing = [k for k in keys if k not in kjt.keys()]
+    if not missing:
+        return kjt
+    B = kjt.stride()
+    lengths = torch.cat([kjt.lengths(), kjt.lengths().new_zeros(B * len(missing))])
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(kjt.keys()) + missing, values=kjt.values(), lengths=lengths)
+
+
+def sampled_scores(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor,
+                   negatives: torch.Tensor, negative_ids: torch.Tensor) -> torch.Tensor:
+    """Sampled-softmax logits over a shared negative pool: ``query [M, C]``, the positive items' rows
+    ``positive [M, C]`` (ids ``positive_ids [M]``) and the pool's rows ``negatives [S, C]`` (ids
+    ``negative_ids [S]``) -> ``[M, 1 + S]``: ``<q_m, e_pos>`` in column 0, ``<q_m, e_s>`` after it, and ``-inf``
+    where a negative IS the positive (an accidental hit: the data does not remove them)."""
+    pos = (query * positive).sum(dim=1, keepdim=True)  # [M, 1]
+    neg = query @ negatives.t()  # [M, S]
+    neg = neg.masked_fill(negative_ids.unsqueeze(0) == positive_ids.unsqueeze(1), float("-inf"))  # [M, S]
+    return torch.cat([pos, neg], dim=1)  # [M, 1 + S]
+
+
+class SequenceBackbone(nn.Module):
+    """The item table and the dilated CNN (module docstring); subclasses add the outputs.
+
+    ``fields``: the list fields of ``items``' vocabulary the collection serves (those present in ``meta``).
+    """
+
+    def __init__(self, meta: DatasetMeta, model: str, embedding_dim: int, dilations: Sequence[int], kernel: int,
+                 causal: bool, fields: Sequence[str]) -> None:
+        super().__init__()
+        if ITEMS not in meta.sparse_names or not meta.field(ITEMS).multi_valued:
+            raise UserError(f"{model}: needs the list field {ITEMS!r} of a sequence dataset (prepare it with the "
+                            f"movielens-sequences recipe); this dataset has {meta.sparse_names}")
+        if embedding_dim < 1:
+            raise UserError(f"{model}: embedding_dim must be >= 1, got {embedding_dim}")
+        for f in fields:
+            if f in meta.sparse_names and meta.field(f).table_field != ITEMS:
+                raise UserError(f"{model}: field {f!r} must share the vocabulary of {ITEMS!r} (vocab_of: {ITEMS})")
+        self.dataset_id = meta.dataset_id
+        self.num_items = meta.field(ITEMS).vocab_size  # V, reserved ids included
+        self.fields = [ITEMS] + [f for f in fields if f != ITEMS and f in meta.sparse_names]
+        self.embedding = make_ec(meta, embedding_dim, self.fields)
+        init_truncated_normal(self.table.weight)  # the official code's item embedding init
+        self.cnn = DilatedCNN(embedding_dim, tuple(dilations), kernel, causal)
+
+    @property
+    def table(self) -> nn.Embedding:
+        return self.embedding.embeddings[table_name(ITEMS)]
+
+    def lookup(self, kjt: KeyedJaggedTensor) -> dict:
+        """The collection's ONE call per forward: ``{field: JaggedTensor of [n, C] rows}``."""
+        return self.embedding(with_keys(kjt, self.fields))
+
+    def embed_items(self, kjt: KeyedJaggedTensor, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x [B, L, C], ids [B, L], mask [B, L, 1])``: the left-padded rows of ``items`` (zero vectors and id 0
+        at padding), their ids, and the padding mask."""
+        lengths = kjt[ITEMS].lengths()
+        x = left_padded(rows[ITEMS].values(), lengths)  # [B, L, C]
+        ids = left_padded(kjt[ITEMS].values(), lengths, x.shape[1])  # [B, L]
+        return x, ids, padding_mask(lengths, x.shape[1], x.dtype)  # mask [B, L, 1]
+
+    def full_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """``h [B, C]`` -> ``[B, V]``: the score of every item (tied to the item table), ``-inf`` at the reserved
+        ids 0 and 1 (never a next item). Reads the table directly: an evaluation output (no row gradient)."""
+        scores = h @ self.table.weight.t()  # [B, V]
+        scores[:, :FIRST_ITEM] = float("-inf")
+        return scores
