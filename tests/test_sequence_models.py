@@ -352,7 +352,7 @@ def test_nextitnet_pretraining_loss_decreases():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.3 * losses[0], losses
 
 
@@ -489,3 +489,72 @@ def test_peterrec_loads_a_pretrained_network_by_name_and_keeps_it_bitwise_during
         if n in frozen:
             assert torch.equal(p, frozen[n]) and p.grad is None, n
     assert model.patches[0].mp1.up.weight.abs().sum() > 0  # the patches did train
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the row pipeline: the item table's rows are updated (or frozen) through the collection's one call per forward
+
+
+def _count_calls(ec) -> list[int]:
+    calls = [0]
+    forward = ec.forward
+
+    def counted(kjt):
+        calls[0] += 1
+        return forward(kjt)
+
+    ec.forward = counted
+    return calls
+
+
+def test_pretraining_through_the_row_pipeline_updates_only_the_touched_rows():
+    from recsys_transfer.config import RowsConfig
+    from recsys_transfer.rows.lookup import attach_rows
+
+    torch.manual_seed(13)
+    model = NextItNet(seq_meta(40), embedding_dim=8, dilations=(1, 4))
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=1e-2))
+    calls = _count_calls(model.embedding)
+    dense = torch.optim.Adam(rows.dense_parameters(), lr=1e-2)
+    batch = seq_batch({"items": [[2, 3, 4, 5], [6, 7, 8]], "negatives": [[9, 10], [11]]})
+    before = model.table.weight.detach().clone()
+    losses = []
+    for _ in range(5):
+        loss = task_loss(NEXT, model(batch)["next"], torch.zeros(2))
+        dense.zero_grad(set_to_none=True)
+        rows.begin(loss)
+        loss.backward()
+        rows.apply()
+        dense.step()
+        losses.append(float(loss.detach()))
+    assert calls[0] == 5 and losses[-1] < losses[0]
+    changed = (model.table.weight.detach() != before).any(dim=1).nonzero().view(-1).tolist()
+    assert changed == list(range(2, 12))  # the sequences' items and the pool: nothing else
+    assert model.table.weight.grad is None  # row updates, no dense table gradient
+
+
+@pytest.mark.parametrize("variant", ["peterrec", "fine_all"])
+def test_fine_tuning_through_the_row_pipeline_freezes_the_item_table_unless_fine_all(variant):
+    from recsys_transfer.config import RowsConfig
+    from recsys_transfer.rows.lookup import attach_rows
+
+    torch.manual_seed(14)
+    model = PeterRec(profile_meta(12), variant=variant, embedding_dim=8, dilations=(1,), label_vocab={"cold": 5})
+    frozen_tables = tuple(model.parameter_summary()["frozen_tables"])
+    rows = attach_rows(model, RowsConfig(optimizer="adam", lr=1e-2, freeze=frozen_tables))
+    dense = torch.optim.Adam(rows.dense_parameters(), lr=1e-2)
+    assert {id(p) for p in rows.dense_parameters()} == {
+        id(p) for n, p in model.named_parameters() if p.requires_grad and not n.startswith("embedding.")}
+    batch = seq_batch({"items": [[2, 3, 4, 1], [5, 6, 1]]}, labels={"age": [3, 1], "target_item": [0, 4]})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(2):
+        out = model(batch)
+        loss = task_loss(AGE, out["age"], batch.labels["age"]) + task_loss(COLD, out["cold"],
+                                                                           batch.labels["target_item"])
+        dense.zero_grad(set_to_none=True)
+        rows.begin(loss)
+        loss.backward()
+        rows.apply()
+        dense.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in model.trainable_parameters()), n
