@@ -558,3 +558,15 @@ def test_fine_tuning_through_the_row_pipeline_freezes_the_item_table_unless_fine
         dense.step()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) == (n not in model.trainable_parameters()), n
+
+
+def test_the_collection_always_sees_the_models_fields_in_one_order():
+    from recsys_transfer.models.sequence import with_keys
+
+    batch = seq_batch({"eval_negatives": [[1], [2, 3]], "targets": [[0, 4], [5]], "items": [[2, 4], [5]]})
+    kjt = with_keys(batch.sparse, ["items", "negatives", "targets"])
+    assert kjt.keys() == ["items", "negatives", "targets"]
+    assert kjt["items"].values().tolist() == [2, 4, 5] and kjt["targets"].lengths().tolist() == [2, 1]
+    assert kjt["negatives"].lengths().tolist() == [0, 0]
+    same = seq_batch({"items": [[2]], "negatives": [[3]]}).sparse
+    assert with_keys(same, ["items", "negatives"]) is same

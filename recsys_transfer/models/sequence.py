@@ -36,15 +36,24 @@ PAD_ID, TOKEN_ID, FIRST_ITEM = 0, 1, 2
 
 
 def with_keys(kjt: KeyedJaggedTensor, keys: Sequence[str]) -> KeyedJaggedTensor:
-    """``kjt`` itself when it holds every one of ``keys``; else ``kjt`` plus each missing key as an empty feature
-    (length 0 on every row), so a collection over those fields can look it up (an evaluation batch has no
-    ``negatives`` or ``targets``)."""
-    missing = [k for k in keys if k not in kjt.keys()]
-    if not missing:
+    """A KJT holding exactly ``keys``, in that order: ``kjt`` itself when it already does; else its features among
+    ``keys`` and each missing key as an empty feature (length 0 on every row: an evaluation batch has no
+    ``negatives`` or ``targets``), other keys dropped. One fixed key list per model, so a sharded collection (whose
+    input split is set up from the first batch's keys) sees the same keys in every batch."""
+    if kjt.keys() == list(keys):
         return kjt
     B = kjt.stride()
-    lengths = torch.cat([kjt.lengths(), kjt.lengths().new_zeros(B * len(missing))])
-    return KeyedJaggedTensor.from_lengths_sync(keys=list(kjt.keys()) + missing, values=kjt.values(), lengths=lengths)
+    present = set(kjt.keys())
+    values, lengths = [], []
+    for k in keys:
+        if k in present:
+            jt = kjt[k]
+            values.append(jt.values())
+            lengths.append(jt.lengths())
+        else:
+            lengths.append(kjt.lengths().new_zeros(B))
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=torch.cat(values) if values else
+                                               kjt.values()[:0], lengths=torch.cat(lengths))
 
 
 def sampled_scores(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor,
