@@ -410,6 +410,8 @@ def test_peterrec_refuses_bad_settings():
         PeterRec(meta, variant="fine_some", label_vocab={"cold": 5})
     with pytest.raises(UserError, match="label vocabulary"):
         PeterRec(meta)
+    cold = DatasetMeta(**{**meta.__dict__, "source": {"num_target_classes": 9}})  # what the cold dataset records
+    assert PeterRec(cold, embedding_dim=8, dilations=(1,)).heads["cold"].out_features == 9
     with pytest.raises(UserError, match="unknown argument"):
         build_model("peterrec", meta, insertions="d")
 

@@ -15,7 +15,7 @@ nothing of theirs is skipped but the task) with model patches in every residual 
 
 Then ``o = u W + b`` (Eq. 5): a multiclass task gets ``[B, num_classes]``; a retrieval task over a target-label
 vocabulary Y (``candidates: full``) gets full scores ``[B, |Y|]`` (|Y| from ``label_vocab[task name]`` or the
-dataset's ``meta.source["label_vocab"][label]``); a binary / regression task ``[B]``. The losses (BPR or CE,
+cold dataset's ``meta.source["num_target_classes"]``); a binary / regression task ``[B]``. The losses (BPR or CE,
 Eq. 8) are the objective's.
 
 Variants (what is trained; every other parameter has ``requires_grad=False``; the item table ``t_items`` stays in
@@ -105,10 +105,11 @@ class PeterRec(SequenceBackbone):
         if task.candidates != "full":
             raise UserError(f"peterrec: retrieval task {task.name!r} scores the whole target-label vocabulary "
                             "(candidates: full), got candidates: sampled")
-        size = (label_vocab or {}).get(task.name) or meta.source.get("label_vocab", {}).get(task.label)
+        size = (label_vocab or {}).get(task.name) or meta.source.get("num_target_classes")
         if not size or size < 2:
             raise UserError(f"peterrec: retrieval task {task.name!r} needs the size of its label vocabulary: "
-                            f"label_vocab: {{{task.name}: |Y|}} (or meta.source.label_vocab.{task.label})")
+                            f"label_vocab: {{{task.name}: |Y|}} (the cold dataset records it as "
+                            "source.num_target_classes)")
         return int(size)
 
     def _set_trainable(self, tune_layernorm: bool) -> None:
