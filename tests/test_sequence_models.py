@@ -572,3 +572,23 @@ def test_the_collection_always_sees_the_models_fields_in_one_order():
     assert kjt["negatives"].lengths().tolist() == [0, 0]
     same = seq_batch({"items": [[2]], "negatives": [[3]]}).sparse
     assert with_keys(same, ["items", "negatives"]) is same
+
+
+def test_full_softmax_option_is_the_cross_entropy_over_every_item():
+    """softmax='full': the pool is every item 2..V-1 (the positive's own column at -inf), so the objective's
+    sampled-softmax loss equals the full softmax over the items."""
+    torch.manual_seed(15)
+    model = NextItNet(seq_meta(12), embedding_dim=8, dilations=(1,), softmax="full")
+    items = [[2, 3, 4], [5, 6]]
+    out = model(seq_batch({"items": items, "negatives": [[9], []]}))["next"]  # the batch's pool is replaced
+    assert out.shape == (3, 1 + 10)
+    table = model.table.weight.detach()
+    x, mask = padded([table[torch.tensor(s)] for s in items], 3)
+    h = model.cnn(x, mask).detach()
+    logits = torch.stack([h[0, 0], h[0, 1], h[1, 1]]) @ table[2:].t()  # [M, 10]
+    positives = torch.tensor([3, 4, 6])
+    want = F.cross_entropy(logits, positives - 2)
+    torch.testing.assert_close(task_loss(NEXT, out, torch.zeros(2)), want)
+    model(seq_batch({"items": items}))  # no negatives feature needed
+    with pytest.raises(UserError, match="softmax"):
+        NextItNet(seq_meta(12), softmax="fuII")

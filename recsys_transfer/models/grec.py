@@ -38,8 +38,8 @@ class GRec(NextItNet):
     causal = False
 
     def __init__(self, meta: DatasetMeta, embedding_dim: int = 64, dilations: Sequence[int] = (1, 4) * 4,
-                 kernel: int = 3, tasks: tuple[TaskSpec, ...] | None = None) -> None:
-        super().__init__(meta, embedding_dim, dilations, kernel, tasks)
+                 kernel: int = 3, softmax: str = "sampled", tasks: tuple[TaskSpec, ...] | None = None) -> None:
+        super().__init__(meta, embedding_dim, dilations, kernel, softmax, tasks)
         if TARGETS not in meta.sparse_names:
             raise UserError(f"GRec predicts masked items: the dataset needs the list field {TARGETS!r} "
                             "(vocab_of: items), written by sequence.mask_rate > 0")

@@ -18,8 +18,12 @@ the item at position t + 1. Output for the one retrieval task (``{task name: sco
 Departures: the output layer is TIED to the item table (the TF code has a separate ``softmax_w``; RecBole's port
 ties it too), so the pool's rows and the positives' rows are looked up through the same collection call as the
 input and the row pipeline updates them; padding is masked instead of embedded (modules/dilated_cnn.py); the
-sequences are not cut to a fixed length here (the data keeps the last n). Training without a ``negatives`` feature
-(full softmax) is refused: it would touch every row of the table outside the row pipeline.
+sequences are not cut to a fixed length here (the data keeps the last n).
+
+``softmax="full"`` (the issue's option): the pool is every item ``2..V-1`` instead of the batch's sampled
+negatives, looked up through the same collection call (so the row pipeline records every row: costly for large
+V); with the positive's own column at ``-inf`` this is exactly the full softmax over the items, in the same
+``[M, 1 + S]`` layout (S = V - 2). Training with ``softmax="sampled"`` and no ``negatives`` feature is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
-from recsys_transfer.models.sequence import ITEMS, NEGATIVES, TARGETS, SequenceBackbone, sampled_scores
+from recsys_transfer.models.sequence import (FIRST_ITEM, ITEMS, NEGATIVES, TARGETS, SequenceBackbone, sampled_scores,
+                                             with_pool)
 from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
 
@@ -47,10 +52,16 @@ class NextItNet(SequenceBackbone):
     causal = True
 
     def __init__(self, meta: DatasetMeta, embedding_dim: int = 64, dilations: Sequence[int] = (1, 4) * 4,
-                 kernel: int = 3, tasks: tuple[TaskSpec, ...] | None = None) -> None:
+                 kernel: int = 3, softmax: str = "sampled", tasks: tuple[TaskSpec, ...] | None = None) -> None:
         name = type(self).__name__
+        if softmax not in ("sampled", "full"):
+            raise UserError(f"{name}: softmax must be 'sampled' or 'full', got {softmax!r}")
         super().__init__(meta, name, embedding_dim, dilations, kernel, self.causal, [ITEMS, NEGATIVES, TARGETS])
         self.task = retrieval_task(tuple(tasks or meta.tasks), name)
+        self.softmax = softmax
+        if softmax == "full" and NEGATIVES not in self.fields:
+            raise UserError(f"{name}: softmax 'full' looks the item pool up as the feature {NEGATIVES!r}, which the "
+                            "dataset's meta does not list (the sequence datasets do)")
 
     def predicted(self, kjt, rows, x: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, h: torch.Tensor):
         """``(query [M, C], positive rows [M, C], positive ids [M])`` of the training positions: position t
@@ -64,7 +75,10 @@ class NextItNet(SequenceBackbone):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         kjt = batch.sparse
-        if self.training and NEGATIVES not in kjt.keys():
+        if self.training and self.softmax == "full":  # the pool: every item
+            kjt = with_pool(kjt, self.fields, NEGATIVES, torch.arange(FIRST_ITEM, self.num_items,
+                                                                      device=kjt.values().device))
+        elif self.training and NEGATIVES not in kjt.keys():
             raise UserError(f"{type(self).__name__} trains on the batch's sampled negatives (feature {NEGATIVES!r}): "
                             "set sequence.negatives > 0")
         rows = self.lookup(kjt)  # the collection's one call

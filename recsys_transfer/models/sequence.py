@@ -56,6 +56,25 @@ def with_keys(kjt: KeyedJaggedTensor, keys: Sequence[str]) -> KeyedJaggedTensor:
                                                kjt.values()[:0], lengths=torch.cat(lengths))
 
 
+def with_pool(kjt: KeyedJaggedTensor, keys: Sequence[str], pool_key: str, pool: torch.Tensor) -> KeyedJaggedTensor:
+    """:func:`with_keys` with feature ``pool_key`` replaced by the ids ``pool [S]``, all on the first row (the pool
+    is the batch's, shared by every row)."""
+    kjt = with_keys(kjt, keys)
+    B = kjt.stride()
+    values, lengths = [], []
+    for k in keys:
+        if k == pool_key:
+            values.append(pool.to(kjt.values().dtype))
+            n = kjt.lengths().new_zeros(B)
+            n[0] = len(pool)
+            lengths.append(n)
+        else:
+            jt = kjt[k]
+            values.append(jt.values())
+            lengths.append(jt.lengths())
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=torch.cat(values), lengths=torch.cat(lengths))
+
+
 def sampled_scores(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor,
                    negatives: torch.Tensor, negative_ids: torch.Tensor) -> torch.Tensor:
     """Sampled-softmax logits over a shared negative pool: ``query [M, C]``, the positive items' rows
