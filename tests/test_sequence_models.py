@@ -362,6 +362,11 @@ def test_sequence_models_refuse_wrong_data():
     model = NextItNet(seq_meta(12), embedding_dim=8, dilations=(1,))
     with pytest.raises(UserError, match="negatives"):
         model(seq_batch({"items": [[2, 3]]}))
+    with pytest.raises(UserError, match="negatives"):  # the datasets store the feature empty without sampling
+        model(seq_batch({"items": [[2, 3]], "negatives": [[]]}))
+    grec = GRec(seq_meta(12), embedding_dim=8, dilations=(1,))
+    with pytest.raises(UserError, match="mask_rate"):
+        grec(seq_batch({"items": [[2, 3]], "negatives": [[4]], "targets": [[0, 0]]}))
     with pytest.raises(UserError, match="retrieval"):
         NextItNet(seq_meta(12, tasks=(TaskSpec("age", kind="multiclass", num_classes=3),)))
 

@@ -52,7 +52,10 @@ class GRec(NextItNet):
         target_rows = left_padded(rows[TARGETS].values(), lengths, x.shape[1])  # [B, L, C]
         target_ids = left_padded(kjt[TARGETS].values(), lengths, x.shape[1])  # [B, L]
         chosen = target_ids != PAD_ID  # [B, L]
-        return h[chosen], target_rows[chosen], target_ids[chosen]
+        query = h[chosen]  # [M, C]
+        if query.shape[0] == 0:
+            raise UserError("GRec: no masked position in this batch (every target is 0): set sequence.mask_rate > 0")
+        return query, target_rows[chosen], target_ids[chosen]
 
     def eval_hidden(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         token = self.table.weight[TOKEN_ID].expand(x.shape[0], 1, -1)  # [B, 1, C]

@@ -78,13 +78,13 @@ class NextItNet(SequenceBackbone):
         if self.training and self.softmax == "full":  # the pool: every item
             kjt = with_pool(kjt, self.fields, NEGATIVES, torch.arange(FIRST_ITEM, self.num_items,
                                                                       device=kjt.values().device))
-        elif self.training and NEGATIVES not in kjt.keys():
-            raise UserError(f"{type(self).__name__} trains on the batch's sampled negatives (feature {NEGATIVES!r}): "
-                            "set sequence.negatives > 0")
         rows = self.lookup(kjt)  # the collection's one call
         x, ids, mask = self.embed_items(kjt, rows)  # [B, L, C], [B, L], [B, L, 1]
         if not self.training:
             return {self.task.name: self.full_scores(self.eval_hidden(x, mask))}  # [B, V]
+        if NEGATIVES not in rows or rows[NEGATIVES].values().shape[0] == 0:  # a shape, no sync
+            raise UserError(f"{type(self).__name__} trains on the batch's sampled negatives (feature {NEGATIVES!r}), "
+                            "and this batch has none: set sequence.negatives > 0 (or softmax: full)")
         h = self.cnn(x, mask)  # [B, L, C]
         query, positive, positive_ids = self.predicted(kjt, rows, x, ids, mask, h)  # [M, C], [M, C], [M]
         scores = sampled_scores(query, positive, positive_ids, rows[NEGATIVES].values(), kjt[NEGATIVES].values())
