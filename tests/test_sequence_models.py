@@ -457,6 +457,11 @@ def test_variants_train_their_parameter_sets():
         f"heads.{t}.{p}" for t in ("age", "cold") for p in ("weight", "bias")} | {
         last + f"{m}.{p}" for m in ("conv2", "ln2") for p in ("weight", "bias")}
     assert {n for n in models["peterrec"].trainable_parameters() if "conv" in n} == set()
+    batch = seq_batch({"items": [[2, 3, 1], [4, 1]]})
+    for v, model in models.items():  # a frozen table's rows are detached: FineCLS runs no backward below its heads
+        x, _, mask = model.embed_items(batch.sparse, model.lookup(batch.sparse))
+        assert x.requires_grad == (v in ("fine_all", "fine_zero")), v
+        assert model.encode(x, mask).requires_grad == (v != "fine_cls"), v
     no_ln = PeterRec(meta, embedding_dim=C, dilations=(1, 4), tune_layernorm=False, label_vocab={"cold": 5})
     assert no_ln.parameter_summary()["trained"] == nb * patch + heads
 

@@ -130,6 +130,7 @@ class PeterRec(SequenceBackbone):
         for module in train:
             for p in module.parameters():
                 p.requires_grad_(True)
+        self.table_frozen = not self.table.weight.requires_grad
 
     # -- parameter accounting ------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, int]:

@@ -110,6 +110,7 @@ class SequenceBackbone(nn.Module):
         self.embedding = make_ec(meta, embedding_dim, self.fields)
         init_truncated_normal(self.table.weight)  # the official code's item embedding init
         self.cnn = DilatedCNN(embedding_dim, tuple(dilations), kernel, causal)
+        self.table_frozen = False  # a flag, not the weight's requires_grad: a sharded collection has no .weight
 
     @property
     def table(self) -> nn.Embedding:
@@ -121,9 +122,14 @@ class SequenceBackbone(nn.Module):
 
     def embed_items(self, kjt: KeyedJaggedTensor, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x [B, L, C], ids [B, L], mask [B, L, 1])``: the left-padded rows of ``items`` (zero vectors and id 0
-        at padding), their ids, and the padding mask."""
+        at padding), their ids, and the padding mask. A frozen item table (``self.table_frozen``, set with
+        ``requires_grad=False`` on its weight by the fine-tuning variants that keep it) gives DETACHED rows: no backward reaches the lookup (the row pipeline would drop its rows anyway), and a
+        network frozen below the head (FineCLS) runs no backward through the CNN."""
         lengths = kjt[ITEMS].lengths()
-        x = left_padded(rows[ITEMS].values(), lengths)  # [B, L, C]
+        values = rows[ITEMS].values()  # [N, C]
+        if self.table_frozen:
+            values = values.detach()
+        x = left_padded(values, lengths)  # [B, L, C]
         ids = left_padded(kjt[ITEMS].values(), lengths, x.shape[1])  # [B, L]
         return x, ids, padding_mask(lengths, x.shape[1], x.dtype)  # mask [B, L, 1]
 
