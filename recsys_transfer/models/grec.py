@@ -12,7 +12,7 @@ sides; the hidden vector at a chosen position scores its original item. Outputs 
 * training: ``[M, 1 + S]`` over the M chosen positions of the batch (``targets != 0``): column 0 the original
   item, then the shared negative pool, accidental hits at ``-inf``;
 * evaluation: ``[B, V]``: the token id 1 is appended to every row and its hidden vector scores every item (the
-  item after the sequence, predicted as a masked position), reserved ids at ``-inf``.
+  item after the sequence, predicted as a masked position), reserved ids at the lowest finite score.
 
 Departures: GRec's encoder-decoder (its projector network) is not built -- PeterRec pretrains the masked objective
 "by directly adding a softmax layer on the encoder of GRec", which is what this is; tied output layer, masked

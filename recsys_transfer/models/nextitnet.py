@@ -13,7 +13,7 @@ the item at position t + 1. Output for the one retrieval task (``{task name: sco
   candidates. The pool is uniform over items and shared by the batch (FACTS.md: the official code samples
   ``0.2 x items`` per step through TF's sampled softmax); no log-Q correction (uniform sampling).
 * evaluation: ``[B, V]``: ``<h_L, e_v>`` for every item v from the last position (the item after the whole
-  sequence; the validation row's label is that held-out item), reserved ids 0 / 1 at ``-inf``.
+  sequence; the validation row's label is that held-out item), reserved ids 0 / 1 at the lowest finite score.
 
 Departures: the output layer is TIED to the item table (the TF code has a separate ``softmax_w``; RecBole's port
 ties it too), so the pool's rows and the positives' rows are looked up through the same collection call as the

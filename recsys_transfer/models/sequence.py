@@ -134,8 +134,9 @@ class SequenceBackbone(nn.Module):
         return x, ids, padding_mask(lengths, x.shape[1], x.dtype)  # mask [B, L, 1]
 
     def full_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """``h [B, C]`` -> ``[B, V]``: the score of every item (tied to the item table), ``-inf`` at the reserved
-        ids 0 and 1 (never a next item). Reads the table directly: an evaluation output (no row gradient)."""
+        """``h [B, C]`` -> ``[B, V]``: the score of every item (tied to the item table), the lowest finite value at
+        the reserved ids 0 and 1 (never a next item; finite because the evaluation counts a row holding a
+        non-finite score as failed). Reads the table directly: an evaluation output (no row gradient)."""
         scores = h @ self.table.weight.t()  # [B, V]
-        scores[:, :FIRST_ITEM] = float("-inf")
+        scores[:, :FIRST_ITEM] = torch.finfo(scores.dtype).min
         return scores
