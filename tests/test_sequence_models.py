@@ -308,11 +308,21 @@ def test_nextitnet_training_scores_every_next_item_against_the_shared_pool():
             torch.testing.assert_close(out[m, 1 + j], torch.as_tensor(want))
     assert out[0, 2] == float("-inf")  # row 0 predicts item 3 at its first position: the pool's 3 is masked
     model.eval()
+    calls = _count_calls(model.embedding)
     with torch.no_grad():
         full = model(seq_batch({"items": [[2, 3, 4, 5], [6, 7]]}))["next"]  # no negatives in evaluation
-    assert full.shape == (2, 12)
+    assert calls[0] == 1 and full.shape == (2, 12)  # every item's row came through the same one call
     assert (full[:, :2] == torch.finfo(full.dtype).min).all() and torch.isfinite(full).all()
     torch.testing.assert_close(full[:, 2:], h[:2, -1] @ table[2:].t())
+
+
+def test_evaluation_reads_the_table_when_the_dataset_lists_no_negatives_feature():
+    torch.manual_seed(16)
+    model = NextItNet(seq_meta(12, fields=("items",)), embedding_dim=8, dilations=(1,)).eval()
+    with torch.no_grad():
+        full = model(seq_batch({"items": [[2, 3], [4]]}))["next"]
+        x, mask = padded([model.table.weight[torch.tensor(s)] for s in ([2, 3], [4])], 2)
+        torch.testing.assert_close(full[:, 2:], model.cnn(x, mask)[:, -1] @ model.table.weight[2:].t())
 
 
 def test_grec_predicts_the_masked_positions_from_both_sides():
@@ -459,7 +469,7 @@ def test_variants_train_their_parameter_sets():
     assert {n for n in models["peterrec"].trainable_parameters() if "conv" in n} == set()
     batch = seq_batch({"items": [[2, 3, 1], [4, 1]]})
     for v, model in models.items():  # a frozen table's rows are detached: FineCLS runs no backward below its heads
-        x, _, mask = model.embed_items(batch.sparse, model.lookup(batch.sparse))
+        x, _, mask = model.embed_items(*model.lookup(batch.sparse))
         assert x.requires_grad == (v in ("fine_all", "fine_zero")), v
         assert model.encode(x, mask).requires_grad == (v != "fine_cls"), v
     no_ln = PeterRec(meta, embedding_dim=C, dilations=(1, 4), tune_layernorm=False, label_vocab={"cold": 5})

@@ -16,8 +16,8 @@ sides; the hidden vector at a chosen position scores its original item. Outputs 
 
 Departures: GRec's encoder-decoder (its projector network) is not built -- PeterRec pretrains the masked objective
 "by directly adding a softmax layer on the encoder of GRec", which is what this is; tied output layer, masked
-padding and the refused full softmax as NextItNet's. The evaluation's appended token reads the table's row 1
-directly (an evaluation output, no gradient).
+padding and the full-softmax option as NextItNet's. The evaluation's appended token is row 1 of the evaluation's
+all-items lookup.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class GRec(NextItNet):
             raise UserError("GRec: no masked position in this batch (every target is 0): set sequence.mask_rate > 0")
         return query, target_rows[chosen], target_ids[chosen]
 
-    def eval_hidden(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        token = self.table.weight[TOKEN_ID].expand(x.shape[0], 1, -1)  # [B, 1, C]
+    def eval_hidden(self, x: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        token = table[TOKEN_ID].expand(x.shape[0], 1, -1)  # [B, 1, C]
         x = torch.cat([x, token], dim=1)  # [B, L + 1, C]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1, 1)], dim=1)  # [B, L + 1, 1]
         return self.cnn(x, mask)[:, -1]  # [B, C]

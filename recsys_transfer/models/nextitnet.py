@@ -12,7 +12,8 @@ the item at position t + 1. Output for the one retrieval task (``{task name: sco
   softmax (``candidates: sampled``, ``loss: softmax``) is then the cross entropy of Eq. 1 over the sampled
   candidates. The pool is uniform over items and shared by the batch (FACTS.md: the official code samples
   ``0.2 x items`` per step through TF's sampled softmax); no log-Q correction (uniform sampling).
-* evaluation: ``[B, V]``: ``<h_L, e_v>`` for every item v from the last position (the item after the whole
+* evaluation: ``[B, V]``: ``<h_L, e_v>`` for every item v (all ids looked up as the ``negatives`` feature in the
+  collection's one call, so a sharded table serves them) from the last position (the item after the whole
   sequence; the validation row's label is that held-out item), reserved ids 0 / 1 at the lowest finite score.
 
 Departures: the output layer is TIED to the item table (the TF code has a separate ``softmax_w``; RecBole's port
@@ -69,19 +70,20 @@ class NextItNet(SequenceBackbone):
         valid = mask[:, :-1, 0].bool()  # [B, L - 1]
         return h[:, :-1][valid], x[:, 1:][valid], ids[:, 1:][valid]
 
-    def eval_hidden(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def eval_hidden(self, x: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``[B, C]``: the hidden vector that scores the item after the sequence."""
         return self.cnn(x, mask)[:, -1]  # left padding: position L - 1 is every row's last item
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        kjt = batch.sparse
-        if self.training and self.softmax == "full":  # the pool: every item
-            kjt = with_pool(kjt, self.fields, NEGATIVES, torch.arange(FIRST_ITEM, self.num_items,
-                                                                      device=kjt.values().device))
-        rows = self.lookup(kjt)  # the collection's one call
+        if not self.training:  # full scores over every item: the pool is the whole table
+            kjt, rows, table = self.item_rows(batch.sparse)
+            x, _, mask = self.embed_items(kjt, rows)  # [B, L, C], [B, L, 1]
+            return {self.task.name: self.full_scores(self.eval_hidden(x, mask, table), table)}  # [B, V]
+        pool = None
+        if self.softmax == "full":  # the pool: every item
+            pool = torch.arange(FIRST_ITEM, self.num_items, device=batch.sparse.values().device)
+        kjt, rows = self.lookup(batch.sparse, pool)  # the collection's one call
         x, ids, mask = self.embed_items(kjt, rows)  # [B, L, C], [B, L], [B, L, 1]
-        if not self.training:
-            return {self.task.name: self.full_scores(self.eval_hidden(x, mask))}  # [B, V]
         if NEGATIVES not in rows or rows[NEGATIVES].values().shape[0] == 0:  # a shape, no sync
             raise UserError(f"{type(self).__name__} trains on the batch's sampled negatives (feature {NEGATIVES!r}), "
                             "and this batch has none: set sequence.negatives > 0 (or softmax: full)")

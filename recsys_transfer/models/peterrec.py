@@ -168,8 +168,7 @@ class PeterRec(SequenceBackbone):
         return (h * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)  # [B, C]
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        kjt = batch.sparse
-        rows = self.lookup(kjt)  # the collection's one call
+        kjt, rows = self.lookup(batch.sparse)  # the collection's one call
         x, _, mask = self.embed_items(kjt, rows)  # [B, L, C], [B, L, 1]
         u = self.user_vector(self.encode(x, mask), mask)  # [B, C]
         out = {}

@@ -116,15 +116,19 @@ class SequenceBackbone(nn.Module):
     def table(self) -> nn.Embedding:
         return self.embedding.embeddings[table_name(ITEMS)]
 
-    def lookup(self, kjt: KeyedJaggedTensor) -> dict:
-        """The collection's ONE call per forward: ``{field: JaggedTensor of [n, C] rows}``."""
-        return self.embedding(with_keys(kjt, self.fields))
+    def lookup(self, kjt: KeyedJaggedTensor, pool: torch.Tensor | None = None) -> tuple[KeyedJaggedTensor, dict]:
+        """The collection's ONE call per forward: ``(the KJT looked up, {field: JaggedTensor of [n, C] rows})``.
+        ``pool``: item ids looked up as the ``negatives`` feature instead of the batch's (every item, for the full
+        softmax and the evaluation's full scores: through the collection, so a sharded table serves them too)."""
+        kjt = with_keys(kjt, self.fields) if pool is None else with_pool(kjt, self.fields, NEGATIVES, pool)
+        return kjt, self.embedding(kjt)
 
     def embed_items(self, kjt: KeyedJaggedTensor, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x [B, L, C], ids [B, L], mask [B, L, 1])``: the left-padded rows of ``items`` (zero vectors and id 0
         at padding), their ids, and the padding mask. A frozen item table (``self.table_frozen``, set with
-        ``requires_grad=False`` on its weight by the fine-tuning variants that keep it) gives DETACHED rows: no backward reaches the lookup (the row pipeline would drop its rows anyway), and a
-        network frozen below the head (FineCLS) runs no backward through the CNN."""
+        ``requires_grad=False`` on its weight by the fine-tuning variants that keep it) gives DETACHED rows: no
+        backward reaches the lookup (the row pipeline would drop its rows anyway), and a network frozen below the
+        head (FineCLS) runs no backward through the CNN."""
         lengths = kjt[ITEMS].lengths()
         values = rows[ITEMS].values()  # [N, C]
         if self.table_frozen:
@@ -133,10 +137,20 @@ class SequenceBackbone(nn.Module):
         ids = left_padded(kjt[ITEMS].values(), lengths, x.shape[1])  # [B, L]
         return x, ids, padding_mask(lengths, x.shape[1], x.dtype)  # mask [B, L, 1]
 
-    def full_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """``h [B, C]`` -> ``[B, V]``: the score of every item (tied to the item table), the lowest finite value at
-        the reserved ids 0 and 1 (never a next item; finite because the evaluation counts a row holding a
-        non-finite score as failed). Reads the table directly: an evaluation output (no row gradient)."""
-        scores = h @ self.table.weight.t()  # [B, V]
+    def item_rows(self, kjt: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, dict, torch.Tensor]:
+        """For evaluation: ``(kjt, rows, table [V, C])``, every item's row (ids 0..V-1) looked up with the batch in
+        the collection's one call; the table's weight itself when the dataset lists no ``negatives`` feature."""
+        if NEGATIVES not in self.fields:
+            kjt, rows = self.lookup(kjt)
+            return kjt, rows, self.table.weight
+        kjt, rows = self.lookup(kjt, torch.arange(self.num_items, device=kjt.values().device))
+        return kjt, rows, rows[NEGATIVES].values()
+
+    @staticmethod
+    def full_scores(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``h [B, C]``, ``table [V, C]`` -> ``[B, V]``: the score of every item (tied to the item table), the
+        lowest finite value at the reserved ids 0 and 1 (never a next item; finite because the evaluation counts a
+        row holding a non-finite score as failed)."""
+        scores = h @ table.t()  # [B, V]
         scores[:, :FIRST_ITEM] = torch.finfo(scores.dtype).min
         return scores
