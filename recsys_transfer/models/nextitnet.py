@@ -84,7 +84,7 @@ class NextItNet(SequenceBackbone):
             pool = torch.arange(FIRST_ITEM, self.num_items, device=batch.sparse.values().device)
         kjt, rows = self.lookup(batch.sparse, pool)  # the collection's one call
         x, ids, mask = self.embed_items(kjt, rows)  # [B, L, C], [B, L], [B, L, 1]
-        if NEGATIVES not in rows or rows[NEGATIVES].values().shape[0] == 0:  # a shape, no sync
+        if NEGATIVES not in self.fields or rows[NEGATIVES].values().shape[0] == 0:  # a shape, no sync
             raise UserError(f"{type(self).__name__} trains on the batch's sampled negatives (feature {NEGATIVES!r}), "
                             "and this batch has none: set sequence.negatives > 0 (or softmax: full)")
         h = self.cnn(x, mask)  # [B, L, C]
