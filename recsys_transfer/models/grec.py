@@ -45,9 +45,8 @@ class GRec(NextItNet):
                             "(vocab_of: items), written by sequence.mask_rate > 0")
 
     def predicted(self, kjt, rows, x, ids, mask, h):
-        """The chosen positions (``targets != 0``): their hidden vectors, original items' rows and ids."""
-        if TARGETS not in kjt.keys():
-            raise UserError(f"GRec trains on masked positions (feature {TARGETS!r}): set sequence.mask_rate > 0")
+        """The chosen positions (``targets != 0``; ``targets`` has the lengths of ``items``): their hidden vectors,
+        original items' rows and ids."""
         lengths = kjt[ITEMS].lengths()
         target_rows = left_padded(rows[TARGETS].values(), lengths, x.shape[1])  # [B, L, C]
         target_ids = left_padded(kjt[TARGETS].values(), lengths, x.shape[1])  # [B, L]

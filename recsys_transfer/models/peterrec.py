@@ -19,8 +19,9 @@ cold dataset's ``meta.source["num_target_classes"]``); a binary / regression tas
 Eq. 8) are the objective's.
 
 Variants (what is trained; every other parameter has ``requires_grad=False``; the item table ``t_items`` stays in
-the EmbeddingCollection and a frozen one is ALSO marked by ``requires_grad=False`` on its weight, which the row
-pipeline freezes like ``rows.freeze``):
+the EmbeddingCollection, and a frozen one also gets ``requires_grad=False`` on its weight and its looked-up rows
+are detached, so no row gradient is recorded for it; ``parameter_summary()["frozen_tables"]`` names it for
+``rows.freeze``):
 
 =============  =========================================================================  ==========
 variant        trained                                                                    pretrained
