@@ -612,3 +612,26 @@ def test_full_softmax_option_is_the_cross_entropy_over_every_item():
     model(seq_batch({"items": items}))  # no negatives feature needed
     with pytest.raises(UserError, match="softmax"):
         NextItNet(seq_meta(12), softmax="fuII")
+
+
+@pytest.mark.parametrize("name", ["nextitnet", "grec", "peterrec"])
+def test_registered_sequence_models_build_with_their_defaults(name):
+    """The registry's defaults: 64 channels, blocks (1, 4) x 4 (conv rates 1, 2, 4, 8 four times), kernel 3."""
+    tasks = (AGE,) if name == "peterrec" else (NEXT,)
+    meta = seq_meta(30, tasks=tasks)
+    model = build_model(name, meta).eval()
+    assert model.dataset_id == meta.dataset_id and len(model.cnn.blocks) == 8
+    with torch.no_grad():
+        out = model(seq_batch({"items": [[2, 3, 4, 1], [5, 1]]}))
+    assert out[tasks[0].name].shape == ((2, 7) if name == "peterrec" else (2, 30))
+
+
+def test_model_patch_with_the_papers_relu():
+    torch.manual_seed(17)
+    mp = ModelPatch(8, 2, activation="relu").double()
+    randomize(mp)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    want = x + torch.relu(x @ mp.down.weight.t() + mp.down.bias) @ mp.up.weight.t() + mp.up.bias
+    torch.testing.assert_close(mp(x), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(UserError, match="activation"):
+        ModelPatch(8, 2, activation="tanh")
