@@ -635,3 +635,18 @@ def test_model_patch_with_the_papers_relu():
     torch.testing.assert_close(mp(x), want, rtol=1e-12, atol=1e-12)
     with pytest.raises(UserError, match="activation"):
         ModelPatch(8, 2, activation="tanh")
+
+
+def test_a_copied_peterrec_patches_its_own_copy_of_the_pretrained_blocks():
+    """deepcopy (best-model snapshots) keeps each patched block pointing at the copy's pretrained block."""
+    import copy
+
+    model = PeterRec(profile_meta(), embedding_dim=8, dilations=(1, 4), label_vocab={"cold": 5})
+    twin = copy.deepcopy(model)
+    for pb, block in zip(twin.patches, twin.cnn.blocks):
+        assert pb.block is block and pb.block.conv1.weight is block.conv1.weight
+    assert twin.patches[0].block is not model.cnn.blocks[0]
+    with torch.no_grad():
+        twin.cnn.blocks[0].conv1.weight.add_(torch.randn_like(twin.cnn.blocks[0].conv1.weight))  # (a constant: LN undoes it)
+    batch = seq_batch({"items": [[2, 3, 1]]})
+    assert not torch.allclose(twin(batch)["age"], model(batch)["age"])
