@@ -647,6 +647,7 @@ def test_a_copied_peterrec_patches_its_own_copy_of_the_pretrained_blocks():
         assert pb.block is block and pb.block.conv1.weight is block.conv1.weight
     assert twin.patches[0].block is not model.cnn.blocks[0]
     with torch.no_grad():
-        twin.cnn.blocks[0].conv1.weight.add_(torch.randn_like(twin.cnn.blocks[0].conv1.weight))  # (a constant: LN undoes it)
+        w = twin.cnn.blocks[0].conv1.weight
+        w.add_(torch.randn_like(w))  # random: a constant shift of every output channel is undone by the LayerNorm
     batch = seq_batch({"items": [[2, 3, 1]]})
     assert not torch.allclose(twin(batch)["age"], model(batch)["age"])
