@@ -171,7 +171,7 @@ def test_block_dilation_rates_and_init_follow_the_official_code():
     block = DilatedResidualBlock(64, 4)
     assert block.conv1.dilation == (4,) and block.conv2.dilation == (8,) and block.conv1.kernel_size == (3,)
     w = block.conv1.weight
-    assert w.abs().max() <= 0.04 and abs(float(w.detach().std()) - 0.0176) < 0.002  # truncated at 2 std: std 0.88 * 0.02
+    assert w.abs().max() <= 0.04 and abs(float(w.detach().std()) - 0.0176) < 0.002  # cut at 2 std: std 0.88 * 0.02
     assert torch.equal(block.conv1.bias, torch.zeros(64)) and block.ln1.eps == 1e-8
     cnn = DilatedCNN(8)
     assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in cnn.blocks] == [(1, 2), (4, 8)] * 4

@@ -35,8 +35,7 @@ import torch
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
-from recsys_transfer.models.sequence import (FIRST_ITEM, ITEMS, NEGATIVES, TARGETS, SequenceBackbone, sampled_scores,
-                                             with_pool)
+from recsys_transfer.models.sequence import FIRST_ITEM, ITEMS, NEGATIVES, TARGETS, SequenceBackbone, sampled_scores
 from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
 
