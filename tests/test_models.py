@@ -12,7 +12,8 @@ from recsys_transfer.data.loader import BatchLoader
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.data.synthetic import SyntheticConfig, prepare_synthetic
 from recsys_transfer.errors import UserError
-from recsys_transfer.models.registry import CTR_MODELS, MODELS, MULTITASK_MODELS, build_model, model_arguments
+from recsys_transfer.models.registry import (CTR_MODELS, MODELS, MULTITASK_MODELS, SEQUENCE_MODELS, build_model,
+                                             model_arguments)
 from recsys_transfer.modules.fm import FIRST_ORDER_WIDTH
 from recsys_transfer.modules.interacting import InteractingLayer
 from recsys_transfer.objectives import Objective
@@ -49,8 +50,10 @@ def first_batch(data_dir, meta, batch_size: int) -> Batch:
 
 def test_registry_lists_the_paper_models():
     assert set(CTR_MODELS) == {"lr", "fm", "deepfm", "autoint"}
-    assert set(MODELS) == set(CTR_MODELS) | {"single_task", "shared_bottom", "mmoe", "cgc", "ple", "esmm", "fdn"}
-    assert set(MULTITASK_MODELS) == set(MODELS) - set(CTR_MODELS)
+    assert set(MODELS) == set(CTR_MODELS) | {"single_task", "shared_bottom", "mmoe", "cgc", "ple", "esmm", "fdn",
+                                             "nextitnet", "grec", "peterrec"}
+    assert set(MULTITASK_MODELS) == set(MODELS) - set(CTR_MODELS) - set(SEQUENCE_MODELS)
+    assert set(SEQUENCE_MODELS) == {"nextitnet", "grec", "peterrec"}  # tests/test_sequence_models.py
     assert "embedding_dim" in model_arguments("deepfm") and "meta" not in model_arguments("deepfm")
 
 
@@ -438,7 +441,8 @@ def test_make_ec_gives_each_features_rows_and_torchrec_gradients(lists_prepared)
     torch.testing.assert_close(weight.grad, want)
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS) - {"esmm"}))  # esmm needs two tasks
+# esmm needs two tasks; the sequence models need a sequence dataset (tests/test_sequence_models.py)
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"esmm"} - set(SEQUENCE_MODELS)))
 def test_every_model_trains_on_list_fields_and_a_shared_table(name, lists_prepared):
     data, meta = lists_prepared
     torch.manual_seed(0)

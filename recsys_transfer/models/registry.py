@@ -20,8 +20,11 @@ from recsys_transfer.models.deepfm import DeepFM
 from recsys_transfer.models.esmm import ESMM
 from recsys_transfer.models.fdn import FDN
 from recsys_transfer.models.fm import FM
+from recsys_transfer.models.grec import GRec
 from recsys_transfer.models.lr import LR
 from recsys_transfer.models.mmoe import MMoE
+from recsys_transfer.models.nextitnet import NextItNet
+from recsys_transfer.models.peterrec import PeterRec
 from recsys_transfer.models.ple import CGC, PLE
 from recsys_transfer.models.shared_bottom import SharedBottom
 from recsys_transfer.models.single_task import SingleTask
@@ -32,7 +35,9 @@ CTR_MODELS: dict[str, type[nn.Module]] = {"lr": LR, "fm": FM, "deepfm": DeepFM, 
 MULTITASK_MODELS: dict[str, type[nn.Module]] = {
     "single_task": SingleTask, "shared_bottom": SharedBottom, "mmoe": MMoE, "cgc": CGC, "ple": PLE, "esmm": ESMM,
     "fdn": FDN}
-MODELS: dict[str, type[nn.Module]] = {**CTR_MODELS, **MULTITASK_MODELS}
+#: sequence models (models/sequence.py: an EmbeddingCollection over the ``items`` list field and a dilated CNN)
+SEQUENCE_MODELS: dict[str, type[nn.Module]] = {"nextitnet": NextItNet, "grec": GRec, "peterrec": PeterRec}
+MODELS: dict[str, type[nn.Module]] = {**CTR_MODELS, **MULTITASK_MODELS, **SEQUENCE_MODELS}
 
 
 def model_arguments(name: str) -> list[str]:
