@@ -111,7 +111,14 @@ def select_domains(cfg: RunConfig, data: Path, meta) -> dict | None:
 
 
 def resolve_tasks(cfg: RunConfig, meta) -> tuple:
-    tasks = tuple(cfg.tasks) or tuple(meta.tasks)
+    """The run's tasks: ``tasks:`` of the config, else the dataset's. A config task given by its name alone
+    (``tasks: [{name: age}]``, every other key at its default) is the dataset's task of that name, so one task of a
+    dataset is chosen without restating its kind, classes or candidates."""
+    from recsys_transfer.tasks import TaskSpec
+
+    known = {t.name: t for t in meta.tasks}
+    tasks = tuple(known[t.name] if t.name in known and t == TaskSpec(name=t.name) else t for t in cfg.tasks)
+    tasks = tasks or tuple(meta.tasks)
     try:
         check_tasks(tasks, list(meta.labels), "tasks")
     except ValueError as exc:
@@ -260,6 +267,13 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         domains = select_domains(cfg, data, meta)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model.name, meta, tasks=tasks, **cfg.model.params)
+        wants = getattr(model, "pretrained", None)  # a fine-tuning model says whether it starts from pretraining
+        if wants is True and cfg.model.init_from is None:
+            raise UserError(f"model {cfg.model.name} ({cfg.model.params.get('variant', 'default variant')}) fine-tunes "
+                            f"a pretrained network: set model.init_from to the pretraining run's directory")
+        if wants is False and cfg.model.init_from is not None:
+            raise UserError(f"model {cfg.model.name} ({cfg.model.params.get('variant')}) trains from a random "
+                            f"initialization: model.init_from does not apply")
         run["parameters"] = parameter_counts(model)  # before sharding: the whole model's
         if info.is_main and cfg.train.progress:
             print(parameter_line(cfg.model.name, run["parameters"]), flush=True)
