@@ -448,8 +448,13 @@ class RowPipeline:
         """Close the phase: per recorded call (in record order), combine per-task gradients, run the transforms,
         apply the directions through the row optimizer."""
         records, self._records, self._phase = self._records, {}, False
-        for by_task in records.values():
-            self._run(self._combine(by_task))
+        calls = [self._combine(by_task) for by_task in records.values()]
+        for transform in self.transforms:  # a stage that needs every call first (surgery under torchrun)
+            prepare = getattr(transform, "prepare", None)
+            if prepare is not None:
+                prepare(calls, self)
+        for call in calls:
+            self._run(call)
 
 
     @staticmethod
