@@ -100,6 +100,7 @@ def test_sharded_surgery_equals_single_process(adult_prepared, tmp_path):
             assert not split
         # the surgery's state: the same task orders drawn on every rank; GradVac's targets equal on every rank that
         # holds a group (row-wise and dense groups: all of them; a table-wise table's: its rank) and to one process
+        assert all("data_parallel=False" in part["refused"] for part in parts)  # DDP + one backward per task
         states = [part["surgery"] for part in parts]
         for s in states:
             assert torch.equal(s["generator"], want_surgery["generator"]) and s["steps"] == want_surgery["steps"]

@@ -43,8 +43,24 @@ one ``g_main`` per row -- then the transfer stage's barrier on that ``g_main`` (
 barrier's guarantee ``<g_main_i, mu_i> >= phi_i`` is then with respect to the surgered ``g_main``, not the raw sum
 of the task gradients (tested on real data in ``tests/test_surgery.py``).
 
-Under row-wise sharding each rank's cosines are over its own rows of a table (no all-reduce of the Gram entries):
-not the single-process result; table-wise shards see the global batch of their tables and match it.
+Under torchrun (DistributedModelParallel) the result is the single-process one on the same global batch (tested
+on 2 ranks, row-wise and table-wise, PCGrad and GradVac, both row groupings: final weights within 1e-7, the same
+EMA targets on every rank: ``tests/test_surgery_distributed.py``):
+
+* rows: a table's touched rows are split over the ranks (row-wise: each rank records its block's rows; table-wise:
+  the owning rank records all of them for the global batch, the others none), and a ``tables`` group spans ranks
+  and lookup calls. :meth:`RowSurgery.prepare` sums each rank's part of every group's Gram entries in ONE
+  all-reduce of a ``[K * K + 1, groups]`` float64 tensor (with a flag per group recorded by two tasks or more),
+  over every row group of the model in one order on every rank; every rank then runs Algorithm 2 on the global
+  Gram matrices -- the same coefficients and EMA targets, of every group, on every rank (so the checkpointed
+  surgery state is the same on every rank) -- and applies them to its own rows. The row gradients themselves are
+  the global batch's (TorchRec divides them by the world size in each backward, one per task);
+* dense: the step averages each task's dense gradients over the ranks before :class:`DenseSurgery` reads them
+  (:mod:`recsys_transfer.train.step`: DDP averages only the first backward after a forward, so the model is
+  sharded without it, ``shard_model(..., data_parallel=False)``, which the trainer does when there is surgery);
+* the task orders: the generator is seeded by ``multitask.seed`` alone and drawn once per step on every rank (a
+  skipped non-finite batch is skipped by every rank: its loss is all-reduced first), so every rank draws the same
+  orders.
 """
 
 from __future__ import annotations

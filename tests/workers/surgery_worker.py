@@ -5,7 +5,8 @@ the same global batches (rank r takes rows [r*B, (r+1)*B) of each global batch o
 DistributedModelParallel without DDP (``shard_model(..., data_parallel=False)``), with the step of
 ``compose_step`` (Adam rows, the default dense optimizer, PCGrad or GradVac over the shared dense layers and the
 rows), and saves its local shards (with their row offsets), the dense parameters and the surgery's state to
---out/<sharding>-<method>-<row_groups>/rank<r>.pt. One process group for every config: torchrun starts once.
+--out/<sharding>-<method>-<row_groups>/rank<r>.pt. One process group for every config: torchrun starts once. First, the
+same step over a model sharded WITH DDP is built and its refusal recorded.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def main() -> int:
     info = init_distributed()
     meta = DatasetMeta.load(args.data)
     W, B = info.world_size, args.batch
+    # one backward per task with DDP around the dense part is refused (DDP averages one backward per forward)
+    try:
+        compose_step(shard_model(model_of(meta), info.device, sharding_type="row_wise"), meta, rows=ROWS,
+                     multitask=multitask_of("pcgrad", "table"))
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
     for config in args.configs.split(","):
         sharding, method, row_groups = config.split(":")
         torch.manual_seed(0)
@@ -72,7 +80,8 @@ def main() -> int:
                 saved[key] = [([0] * value.dim(), value.detach().clone())]
         out = args.out / config.replace(":", "-")
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": saved, "surgery": step.surgery.surgery.state_dict()}, out / f"rank{info.rank}.pt")
+        torch.save({"state": saved, "surgery": step.surgery.surgery.state_dict(), "refused": refused},
+                   out / f"rank{info.rank}.pt")
     exit_rank(0)
 
 
