@@ -21,8 +21,9 @@ sys.path.insert(0, str(WORKER.parent))
 from surgery_worker import ROWS, model_of, multitask_of  # noqa: E402
 
 STEPS, LOCAL_BATCH, WORLD = 4, 64, 2
+#: sharding:method:row_groups[:weighting] (uncertainty: log-variances, dense parameters outside the model)
 CONFIGS = ("row_wise:gradvac:table", "row_wise:pcgrad:tables", "table_wise:gradvac:table",
-           "row_wise:gradvac:tables", "table_wise:pcgrad:tables")
+           "row_wise:gradvac:tables", "table_wise:pcgrad:tables", "row_wise:gradvac:table:uncertainty")
 #: the largest difference seen per config (printed: the measured agreement, not only the tolerance)
 MAX_DIFF: dict[str, float] = {}
 
@@ -39,16 +40,17 @@ def adult_prepared(adult_dir: Path, tmp_path_factory):
     return out, meta
 
 
-def _single_process(data: Path, meta, init: dict, method: str, row_groups: str):
+def _single_process(data: Path, meta, init: dict, method: str, row_groups: str, *weighting: str):
     torch.manual_seed(0)
     model = model_of(meta)
     model.load_state_dict(init)
-    step = compose_step(model, meta, rows=ROWS, multitask=multitask_of(method, row_groups))
+    step = compose_step(model, meta, rows=ROWS, multitask=multitask_of(method, row_groups, *weighting))
     for k, batch in enumerate(BatchLoader(data, "train", WORLD * LOCAL_BATCH, drop_last=True, prefetch=0)):
         if k == STEPS:
             break
         step(batch)
-    return model.state_dict(), step.surgery.surgery.state_dict()
+    learned = {k: v.detach().clone() for k, v in step.weighting.parameters().items()} if step.weighting else {}
+    return model.state_dict(), step.surgery.surgery.state_dict(), learned
 
 
 @pytest.mark.distributed
@@ -72,8 +74,8 @@ def test_sharded_surgery_equals_single_process(adult_prepared, tmp_path):
     print(f"torchrun: {time.perf_counter() - start:.1f} s for {len(CONFIGS)} configs")
 
     for config in CONFIGS:
-        sharding, method, row_groups = config.split(":")
-        want, want_surgery = _single_process(data, meta, init, method, row_groups)
+        sharding, method, row_groups, *weighting = config.split(":")
+        want, want_surgery, want_learned = _single_process(data, meta, init, method, row_groups, *weighting)
         parts = [torch.load(tmp_path / "out" / config.replace(":", "-") / f"rank{k}.pt") for k in range(WORLD)]
         diff, split = 0.0, set()
         for key, full in want.items():
@@ -100,6 +102,11 @@ def test_sharded_surgery_equals_single_process(adult_prepared, tmp_path):
             assert not split
         # the surgery's state: the same task orders drawn on every rank; GradVac's targets equal on every rank that
         # holds a group (row-wise and dense groups: all of them; a table-wise table's: its rank) and to one process
+        for part in parts:  # a loss weighting's parameters (no DDP ever averaged them): equal to one process
+            assert part["weighting"].keys() == want_learned.keys() and (bool(want_learned) == bool(weighting))
+            for name, value in want_learned.items():
+                torch.testing.assert_close(part["weighting"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+                diff = max(diff, float((part["weighting"][name] - value).abs().max()))
         assert all("data_parallel=False" in part["refused"] for part in parts)  # DDP + one backward per task
         states = [part["surgery"] for part in parts]
         for s in states:

@@ -4,7 +4,8 @@ For each --configs entry ``sharding:method:row_groups`` each rank trains the sam
 the same global batches (rank r takes rows [r*B, (r+1)*B) of each global batch of size W*B) under
 DistributedModelParallel without DDP (``shard_model(..., data_parallel=False)``), with the step of
 ``compose_step`` (Adam rows, the default dense optimizer, PCGrad or GradVac over the shared dense layers and the
-rows), and saves its local shards (with their row offsets), the dense parameters and the surgery's state to
+rows; a loss weighting when the entry names one), and saves its local shards (with their row offsets), the dense
+parameters, the weighting's learned parameters and the surgery's state to
 --out/<sharding>-<method>-<row_groups>/rank<r>.pt. One process group for every config: torchrun starts once. First, the
 same step over a model sharded WITH DDP is built and its refusal recorded.
 """
@@ -32,8 +33,9 @@ def model_of(meta) -> DeepFM:
     return DeepFM(meta, embedding_dim=8, hidden=(16, 16))
 
 
-def multitask_of(method: str, row_groups: str) -> MultitaskConfig:
-    return MultitaskConfig(surgery=method, row_groups=row_groups, groups="layer", beta=0.2, seed=3)
+def multitask_of(method: str, row_groups: str, weighting: str = "equal") -> MultitaskConfig:
+    return MultitaskConfig(surgery=method, row_groups=row_groups, groups="layer", beta=0.2, seed=3,
+                           weighting=weighting)
 
 
 ROWS = RowsConfig(optimizer="adam", lr=1e-2)
@@ -44,7 +46,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--init", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--configs", required=True, help="sharding:method:row_groups,...")
+    p.add_argument("--configs", required=True, help="sharding:method:row_groups[:weighting],...")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
     args = p.parse_args()
@@ -60,12 +62,12 @@ def main() -> int:
     except ValueError as exc:
         refused = str(exc)
     for config in args.configs.split(","):
-        sharding, method, row_groups = config.split(":")
+        sharding, method, row_groups, *weighting = config.split(":")
         torch.manual_seed(0)
         model = model_of(meta)
         model.load_state_dict(torch.load(args.init))
         dmp = shard_model(model, info.device, sharding_type=sharding, data_parallel=False)
-        step = compose_step(dmp, meta, rows=ROWS, multitask=multitask_of(method, row_groups))
+        step = compose_step(dmp, meta, rows=ROWS, multitask=multitask_of(method, row_groups, *weighting))
         loader = BatchLoader(args.data, "train", W * B, drop_last=True, prefetch=0)
         for k, batch in enumerate(loader):
             if k == args.steps:
@@ -80,7 +82,9 @@ def main() -> int:
                 saved[key] = [([0] * value.dim(), value.detach().clone())]
         out = args.out / config.replace(":", "-")
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": saved, "surgery": step.surgery.surgery.state_dict(), "refused": refused},
+        learned = {k: v.detach().clone() for k, v in step.weighting.parameters().items()} if step.weighting else {}
+        torch.save({"state": saved, "surgery": step.surgery.surgery.state_dict(), "refused": refused,
+                    "weighting": learned},
                    out / f"rank{info.rank}.pt")
     exit_rank(0)
 
