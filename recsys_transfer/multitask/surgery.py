@@ -349,13 +349,12 @@ class RowSurgery(RowTransform):
             if len(names) < 2 or not call.tables:
                 continue
             pos = torch.tensor([tasks.index(n) for n in names], device=device)
+            flat = [torch.cat([g.reshape(-1) for g in call.task_grads[n]]) for n in names]
             if self.row_groups == "tables":
                 call_groups = [self._call_group(call)]
-                flat = [torch.cat([g.reshape(-1) for g in call.task_grads[n]]) for n in names]
                 gram = _gram(flat, None)
             else:
                 call_groups = [t.slot.name for t in call.tables]
-                flat = [torch.cat([g.reshape(-1) for g in call.task_grads[n]]) for n in names]
                 sizes = [g.numel() for g in call.task_grads[names[0]]]
                 gram = _gram(flat, sizes if len(sizes) > 1 else None)
             cols = torch.tensor([column[g] for g in call_groups], device=device)

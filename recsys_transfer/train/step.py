@@ -19,15 +19,17 @@ weights recorded before the change, ``tests/test_reference_updates.py``).
 Under torchrun (DistributedModelParallel) the dense gradients must be those of the global batch: the mean over
 the ranks of each rank's gradient (every rank's loss is its local batch's mean, local batches of equal size).
 TorchRec wraps the dense part in DDP, whose hooks all-reduce (average) the gradients of ONE backward per forward:
-measured (torch 2.x, TorchRec's ``static_graph=True``), the first backward after a forward is averaged, the hooks
-of the later ones are ignored (that task's dense gradient stays the rank's own, and with
-``gradient_as_bucket_view`` a later step can read a stale bucket), and ``no_sync`` fails an internal assertion of
-the reducer in a static graph's first iteration. So one backward per task (``per_task``, gradient surgery) refuses
+measured on 2 gloo ranks (torch 2.x, TorchRec's ``static_graph=True``, ``gradient_as_bucket_view``), the first
+backward after a forward is averaged and the hooks of the later ones are ignored (the second task's dense gradient
+stayed the rank's own; in one probe a later step's even repeated an earlier one), and ``no_sync`` fails an
+internal assertion of the reducer in a static graph's first iteration; GradVac / PCGrad through DDP ended up to
+0.02 from the single-process weights after 4 steps (``tests/test_surgery_distributed.py``'s setting). So one
+backward per task (``per_task``, gradient surgery) refuses
 a DDP-wrapped model: shard it with ``shard_model(..., data_parallel=False)`` (no DDP; the dense parameters are
 replicated) and this step averages the dense gradients itself -- each task's, taken aside by the surgery, before
 the surgery reads them (:class:`~recsys_transfer.multitask.surgery.DenseSurgery`), and whatever else the
-parameters accumulated -- in one all-reduce (a sum divided by the world size, DDP's averaging). Dense parameters
-no DDP averages (a loss weighting's log-variances, also under DDP) are averaged the same way. In one process
+parameters accumulated -- in one all-reduce (the sum, divided by the world size: the mean, as DDP). Dense
+parameters no DDP averages (a loss weighting's log-variances, also under DDP) are averaged the same way. In one process
 nothing of this runs: the arithmetic is unchanged.
 """
 
