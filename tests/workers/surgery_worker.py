@@ -66,7 +66,8 @@ def main() -> int:
         torch.manual_seed(0)
         model = model_of(meta)
         model.load_state_dict(torch.load(args.init))
-        dmp = shard_model(model, info.device, sharding_type=sharding, data_parallel=False)
+        # surgery: no DDP (one backward per task); none: TorchRec's DDP (the weighting's parameters are outside it)
+        dmp = shard_model(model, info.device, sharding_type=sharding, data_parallel=method == "none")
         step = compose_step(dmp, meta, rows=ROWS, multitask=multitask_of(method, row_groups, *weighting))
         loader = BatchLoader(args.data, "train", W * B, drop_last=True, prefetch=0)
         for k, batch in enumerate(loader):
@@ -83,7 +84,8 @@ def main() -> int:
         out = args.out / config.replace(":", "-")
         out.mkdir(parents=True, exist_ok=True)
         learned = {k: v.detach().clone() for k, v in step.weighting.parameters().items()} if step.weighting else {}
-        torch.save({"state": saved, "surgery": step.surgery.surgery.state_dict(), "refused": refused,
+        surgery = step.surgery.surgery.state_dict() if step.surgery is not None else None
+        torch.save({"state": saved, "surgery": surgery, "refused": refused,
                     "weighting": learned},
                    out / f"rank{info.rank}.pt")
     exit_rank(0)
