@@ -173,7 +173,7 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
 
     ``data_parallel``: wrap the dense (unsharded) part in DDP, TorchRec's default, whose gradient hooks average
     the dense gradients of ONE backward per forward. False: no DDP -- the dense parameters are replicated
-    (broadcast from rank 0 once, :class:`ReplicatedDense`) and the training step averages their gradients itself
+    (broadcast from rank 0 once, :func:`_replicated_dense`) and the training step averages their gradients itself
     (:class:`recsys_transfer.train.step.TrainStep`): needed for one backward per task (gradient surgery,
     ``rows.per_task``), which DDP cannot serve (module docstring of :mod:`recsys_transfer.train.step`).
     """
@@ -196,13 +196,15 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
     plan = run_on_rank0(lambda: plans.plan_sharding(model, device.type, choices, sharders, config,
                                                     batch_size=batch_size))
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    wrapper = None if data_parallel else ReplicatedDense()
+    wrapper = None if data_parallel else _replicated_dense()
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders, data_parallel_wrapper=wrapper)
     copy_into_shards(dmp, init)
     return dmp
 
 
-def _replicated_dense_wrapper():
+def _replicated_dense():
+    """A :class:`torchrec.distributed.model_parallel.DataParallelWrapper` without DDP (``shard_model(...,
+    data_parallel=False)``)."""
     from torchrec.distributed.model_parallel import DataParallelWrapper
 
     class ReplicatedDense(DataParallelWrapper):
@@ -223,13 +225,7 @@ def _replicated_dense_wrapper():
                     continue
                 dist.broadcast(t.data, src=0, group=env.process_group)
 
-    return ReplicatedDense
-
-
-def ReplicatedDense():  # noqa: N802 - a factory named as the class it builds
-    """A :class:`torchrec.distributed.model_parallel.DataParallelWrapper` without DDP (``shard_model(...,
-    data_parallel=False)``; see the class's docstring)."""
-    return _replicated_dense_wrapper()()
+    return ReplicatedDense()
 
 
 @torch.no_grad()
