@@ -39,7 +39,7 @@ from torch import nn
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
-from recsys_transfer.modules.embedding import make_ebc
+from recsys_transfer.modules.embedding import make_ebc, output_keys, values_in_order
 from recsys_transfer.modules.fm import FirstOrder
 from recsys_transfer.modules.heads import TaskColumns
 from recsys_transfer.modules.interacting import InteractingLayer
@@ -65,6 +65,7 @@ class AutoInt(nn.Module):
         self.num_sparse = len(meta.sparse_names)
         self.num_fields = self.num_sparse + len(meta.dense)
         self.embedding = make_ebc(meta, embedding_dim, pooling=pooling)
+        self._keys = output_keys(self.embedding)  # its column order (sharded: values_in_order)
         # One learnable vector v_d per dense field (Eq. 4); None when the dataset has no dense fields.
         self.dense_embedding = nn.Parameter(torch.empty(len(meta.dense), embedding_dim)) if meta.dense else None
         dims = [embedding_dim] + [heads * att_dim] * num_layers
@@ -80,7 +81,7 @@ class AutoInt(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         B = batch.batch_size
-        e = self.embedding(batch.sparse).values().view(B, self.num_sparse, -1)  # [B, F_sparse, k]
+        e = values_in_order(self.embedding(batch.sparse), self._keys).view(B, self.num_sparse, -1)  # [B, F_sparse, k]
         if self.dense_embedding is not None:
             e_dense = batch.dense.unsqueeze(2) * self.dense_embedding  # [B, D, 1] * [D, k] -> [B, D, k]
             e = torch.cat([e, e_dense], dim=1)  # [B, F, k], F = F_sparse + D

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from recsys_transfer.data.prepared import DatasetMeta
-from recsys_transfer.modules.embedding import make_ebc
+from recsys_transfer.modules.embedding import make_ebc, output_keys, values_in_order
 from recsys_transfer.modules.fm import FirstOrder, fm_second_order
 from recsys_transfer.modules.heads import TaskColumns
 from recsys_transfer.modules.mlp import MLP
@@ -38,6 +38,7 @@ class DeepFM(nn.Module):
         self.columns = TaskColumns(tuple(tasks or meta.tasks), "deepfm")
         self.num_fields = len(meta.sparse_names)
         self.embedding = make_ebc(meta, embedding_dim, pooling=pooling)
+        self._keys = output_keys(self.embedding)  # its column order (sharded: values_in_order)
         self.linear = FirstOrder(meta, pooling)
         self.dnn = MLP(self.num_fields * embedding_dim + len(meta.dense), hidden, self.columns.width, dropout,
                        batch_norm)
@@ -47,7 +48,7 @@ class DeepFM(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         B = batch.batch_size
-        flat = self.embedding(batch.sparse).values()  # [B, F * k]
+        flat = values_in_order(self.embedding(batch.sparse), self._keys)  # [B, F * k]
         v = flat.view(B, self.num_fields, -1)  # [B, F, k]
         deep = self.dnn(torch.cat([flat, batch.dense], dim=1))  # [B, W]
         first = self.linear(batch.sparse, batch.dense).unsqueeze(1)  # [B, 1]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from recsys_transfer.data.prepared import DatasetMeta
-from recsys_transfer.modules.embedding import make_ebc
+from recsys_transfer.modules.embedding import make_ebc, output_keys, values_in_order
 from recsys_transfer.modules.fm import FIRST_ORDER_WIDTH, FirstOrder, fm_second_order
 from recsys_transfer.modules.heads import single_score_task
 from recsys_transfer.tasks import TaskSpec
@@ -33,6 +33,7 @@ class FM(nn.Module):
         self.task = single_score_task(tuple(tasks or meta.tasks), "fm").name
         self.num_fields = len(meta.sparse_names)
         self.embedding = make_ebc(meta, embedding_dim, pooling=pooling)
+        self._keys = output_keys(self.embedding)  # its column order (sharded: values_in_order)
         self.linear = FirstOrder(meta, pooling)
         self.bias = nn.Parameter(torch.zeros(1))
         for p in self.embedding.parameters():
@@ -40,6 +41,6 @@ class FM(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         B = batch.batch_size
-        v = self.embedding(batch.sparse).values().view(B, self.num_fields, -1)  # [B, F, k]
+        v = values_in_order(self.embedding(batch.sparse), self._keys).view(B, self.num_fields, -1)  # [B, F, k]
         logit = self.bias + self.linear(batch.sparse, batch.dense) + fm_second_order(v)
         return {self.task: logit}

@@ -18,7 +18,7 @@ from torch import nn
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
-from recsys_transfer.modules.embedding import make_ebc
+from recsys_transfer.modules.embedding import make_ebc, output_keys, values_in_order
 from recsys_transfer.modules.heads import TaskColumns
 from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
@@ -47,6 +47,7 @@ class MultiTaskBase(nn.Module):
         self.tasks = self.columns.tasks
         self.num_fields = len(meta.sparse_names)
         self.embedding = make_ebc(meta, embedding_dim, pooling=pooling) if self.num_fields else None
+        self._keys = output_keys(self.embedding) if self.embedding is not None else []  # its column order
         if self.embedding is None and pooling:
             raise UserError(f"{model}: pooling {pooling} given, but the dataset has no sparse fields")
         self.input_dim = self.num_fields * embedding_dim + len(meta.dense)
@@ -60,7 +61,7 @@ class MultiTaskBase(nn.Module):
         """``[B, F * k + D]``: the sparse fields' pooled embeddings, then the dense features."""
         if self.embedding is None:
             return batch.dense  # [B, D]
-        flat = self.embedding(batch.sparse).values()  # [B, F * k]
+        flat = values_in_order(self.embedding(batch.sparse), self._keys)  # [B, F * k]
         return torch.cat([flat, batch.dense], dim=1) if batch.dense.shape[1] else flat  # [B, F * k + D]
 
     def output_layers(self, in_dim: int) -> nn.ModuleList:

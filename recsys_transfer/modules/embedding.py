@@ -112,6 +112,26 @@ def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu",
                                                      device=torch.device(device)))
 
 
+def output_keys(ebc: EmbeddingBagCollection) -> list[str]:
+    """The keys of an unsharded EmbeddingBagCollection's output ``KeyedTensor``, in its column order (each table's
+    features, tables in config order): record them at construction and read the output with
+    :func:`values_in_order`."""
+    return [name for cfg in ebc.embedding_bag_configs() for name in cfg.feature_names]
+
+
+def values_in_order(kt, keys: Sequence[str]) -> torch.Tensor:
+    """``kt.values()`` (``[B, sum D]``) with its key blocks in the order ``keys`` (:func:`output_keys` of the
+    unsharded collection). A collection sharded by DistributedModelParallel lists its output keys in the order of
+    its shardings (table-wise: rank by rank), not the config's: a model that reads the values positionally (a deep
+    network on the concatenated fields) would otherwise see its fields permuted under table-wise sharding -- a
+    different function of the same weights than in one process (measured: DeepFM on Adult, logits apart from the
+    first step). Unsharded, and whenever the order already agrees (row-wise), this is ``kt.values()`` itself."""
+    if list(kt.keys()) == list(keys):
+        return kt.values()
+    by_key = kt.to_dict()
+    return torch.cat([by_key[k] for k in keys], dim=1)
+
+
 def make_ec(meta: DatasetMeta, dim: int, fields: Sequence[str] | None = None,
             device: str = "cpu") -> EmbeddingCollection:
     """An EmbeddingCollection (unpooled lookups, for sequence models) with one ``dim``-wide table per vocabulary

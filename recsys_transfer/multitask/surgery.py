@@ -43,8 +43,24 @@ one ``g_main`` per row -- then the transfer stage's barrier on that ``g_main`` (
 barrier's guarantee ``<g_main_i, mu_i> >= phi_i`` is then with respect to the surgered ``g_main``, not the raw sum
 of the task gradients (tested on real data in ``tests/test_surgery.py``).
 
-Under row-wise sharding each rank's cosines are over its own rows of a table (no all-reduce of the Gram entries):
-not the single-process result; table-wise shards see the global batch of their tables and match it.
+Under torchrun (DistributedModelParallel) the result is the single-process one on the same global batch (tested
+on 2 ranks, row-wise and table-wise, PCGrad and GradVac, both row groupings: final weights within 1e-7, the same
+EMA targets on every rank: ``tests/test_surgery_distributed.py``):
+
+* rows: a table's touched rows are split over the ranks (row-wise: each rank records its block's rows; table-wise:
+  the owning rank records all of them for the global batch, the others none), and a ``tables`` group spans ranks
+  and lookup calls. :meth:`RowSurgery.prepare` sums each rank's part of every group's Gram entries in ONE
+  all-reduce of a ``[K * K + 1, groups]`` float64 tensor (with a flag per group recorded by two tasks or more),
+  over every row group of the model in one order on every rank; every rank then runs Algorithm 2 on the global
+  Gram matrices -- the same coefficients and EMA targets, of every group, on every rank (so the checkpointed
+  surgery state is the same on every rank) -- and applies them to its own rows. The row gradients themselves are
+  the global batch's (TorchRec divides them by the world size in each backward, one per task);
+* dense: the step averages each task's dense gradients over the ranks before :class:`DenseSurgery` reads them
+  (:mod:`recsys_transfer.train.step`: DDP averages only the first backward after a forward, so the model is
+  sharded without it, ``shard_model(..., data_parallel=False)``, which the trainer does when there is surgery);
+* the task orders: the generator is seeded by ``multitask.seed`` alone and drawn once per step on every rank (a
+  skipped non-finite batch is skipped by every rank: its loss is all-reduced first), so every rank draws the same
+  orders.
 """
 
 from __future__ import annotations
@@ -52,6 +68,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from recsys_transfer.config import DENSE_GROUPS, ROW_GROUPS, SURGERIES
@@ -198,11 +215,19 @@ class Surgery:
             for g in grads[1:]:
                 out = out + g
             return out
+        lengths = None if lengths is None or len(groups) == 1 else lengths
+        c = self.coefficients(names, _gram([g.reshape(-1) for g in grads], lengths), groups)
+        return _combine(grads, c.sum(0), lengths)
+
+    def coefficients(self, names: Sequence[str], gram: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
+        """Algorithm 2 for the tasks ``names`` (at least two) on their Gram matrix ``gram`` (``[K, K, G]``, one
+        entry per group of ``groups``): ``c`` (``[K, K, G]``, ``g'_i = sum_m c[i, m] g_m``); GradVac's targets of
+        these groups are updated (EMA)."""
+        if not self.orders:
+            self.new_step()
         index = {n: k for k, n in enumerate(names)}
         orders = [[index[o] for o in self.orders[n] if o in index] for n in names]
         chosen = [n in self.chosen for n in names]
-        lengths = None if lengths is None or len(groups) == 1 else lengths
-        gram = _gram([g.reshape(-1) for g in grads], lengths)
         targets = pos = None
         if self.method == "gradvac":
             k, dev = len(self.tasks), gram.device
@@ -221,7 +246,7 @@ class Surgery:
                             if full is None else full.to(sub.device).clone())
                     full[pos.unsqueeze(1), pos.unsqueeze(0)] = sub
                     self.targets[group] = full
-        return _combine(grads, c.sum(0), lengths)
+        return c
 
     def state_dict(self) -> dict:
         return {"method": self.method, "tasks": list(self.tasks), "beta": self.beta,
@@ -257,13 +282,21 @@ class RowSurgery(RowTransform):
         if row_groups not in ROW_GROUPS:
             raise ValueError(f"row_groups must be one of {ROW_GROUPS}, got {row_groups!r}")
         self.surgery, self.row_groups = surgery, row_groups
+        self._prepared = None  # under torchrun: this step's (group -> column, [K, groups] weights) (prepare)
+        self._groups: list[str] | None = None  # under torchrun: every row group of the model (prepare)
 
     @torch.no_grad()
     def __call__(self, call: CallRows, context: StepContext) -> None:
         names = [n for n in self.surgery.tasks if n in call.task_grads]
-        if len(names) < 2 or not call.tables:
+        if len(names) < 2:
             return
         rest = [n for n in call.task_grads if n not in names]
+        if self._prepared is not None:  # under torchrun: the coefficients of every group are ready (prepare)
+            if call.tables:
+                self._apply_prepared(call, names, rest)
+            return
+        if not call.tables:
+            return
         if call.shared is not None and call.task_whole:
             self._shared(call, names, rest)
             return
@@ -279,6 +312,84 @@ class RowSurgery(RowTransform):
             g = part.view(t.grad.shape)
             for n in rest:
                 g = g + call.task_grads[n][k]
+            t.grad = g
+        if call.shared is not None:  # the later stages and the optimizer read the whole array
+            tables = sorted(call.tables, key=lambda t: t.span[0])
+            _check_cover(tables, len(call.shared.rows))
+            call.shared.grad = torch.cat([t.grad for t in tables])
+            for t in call.tables:
+                t.grad = call.shared.grad[t.span[0] : t.span[1]]
+
+    # -- under torchrun ---------------------------------------------------------------------------------------
+    def prepare(self, calls: list[CallRows], pipeline) -> None:
+        """Called by :meth:`RowPipeline.apply` with every recorded call of the step, before any is transformed.
+        In one process: nothing (each call is done in :meth:`__call__`, as always). Under torchrun with sharded
+        tables, a table's rows are split over ranks (row-wise: each rank records its own rows; table-wise: one
+        rank records all of them, the others none) and a ``tables`` group (a collection) over ranks and lookup
+        calls. So every rank sums its part of each group's Gram entries ``<g_m, g_n>`` (``[K, K]`` per group, the
+        surgery's ``K`` tasks), over every group of the model -- known to all ranks, in one order -- with a flag
+        per group that it was recorded with at least two surgery tasks; ONE all-reduce (sum) of that
+        ``[K * K + 1, groups]`` float64 tensor over the world gives every rank the Gram matrices of the global
+        batch's rows, as one process has them; every rank then runs Algorithm 2 on the same numbers (the same
+        coefficients and EMA targets, of every group, on every rank) and applies the coefficients to its own rows
+        (:meth:`__call__`). A task absent from a group (it does not read the table) has zero Gram entries there:
+        Algorithm 2 skips its pairs, as it skips a zero gradient, which is what one process does without it."""
+        self._prepared = None
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                and any(pipeline.collections.values())):
+            return
+        tasks = self.surgery.tasks
+        k = len(tasks)
+        groups = self._all_groups(pipeline)
+        column = {g: j for j, g in enumerate(groups)}
+        device = next((s.weight.device for s in pipeline.slots), torch.device("cpu"))
+        acc = torch.zeros((k * k + 1, len(groups)), dtype=torch.float64, device=device)
+        for call in calls:
+            names = [n for n in tasks if n in call.task_grads]
+            if len(names) < 2 or not call.tables:
+                continue
+            pos = torch.tensor([tasks.index(n) for n in names], device=device)
+            flat = [torch.cat([g.reshape(-1) for g in call.task_grads[n]]) for n in names]
+            if self.row_groups == "tables":
+                call_groups = [self._call_group(call)]
+                gram = _gram(flat, None)
+            else:
+                call_groups = [t.slot.name for t in call.tables]
+                sizes = [g.numel() for g in call.task_grads[names[0]]]
+                gram = _gram(flat, sizes if len(sizes) > 1 else None)
+            cols = torch.tensor([column[g] for g in call_groups], device=device)
+            index = (pos.unsqueeze(1) * k + pos.unsqueeze(0)).reshape(-1)  # rows of acc of the names' pairs
+            acc[index.unsqueeze(1), cols.unsqueeze(0)] += gram.reshape(len(names) * len(names), -1)
+            acc[k * k, cols] = 1.0
+        dist.all_reduce(acc)
+        present = [j for j, flag in enumerate(acc[k * k].tolist()) if flag > 0]
+        gram = acc[: k * k, present].reshape(k, k, len(present))
+        weights = (self.surgery.coefficients(list(tasks), gram, [groups[j] for j in present]).sum(0)
+                   if present else None)  # [K, present groups]
+        self._prepared = ({groups[j]: c for c, j in enumerate(present)}, weights)
+
+    def _all_groups(self, pipeline) -> list[str]:
+        """Every row group of the model, in one order on every rank: each table (``table``; the union of every
+        rank's tables, gathered once) or each collection (``tables``)."""
+        if self._groups is None:
+            if self.row_groups == "tables":
+                self._groups = sorted("rows:" + c for c in pipeline.collections)
+            else:
+                names: list = [None] * dist.get_world_size()
+                dist.all_gather_object(names, sorted(s.name for s in pipeline.slots))
+                self._groups = sorted({n for part in names for n in part})
+        return self._groups
+
+    def _apply_prepared(self, call: CallRows, names: list[str], rest: list[str]) -> None:
+        """``g_main`` of each table of ``call`` from the coefficients :meth:`prepare` computed for its group."""
+        columns, weights = self._prepared
+        pos = [self.surgery.tasks.index(n) for n in names]
+        for j, t in enumerate(call.tables):
+            group = self._call_group(call) if self.row_groups == "tables" else t.slot.name
+            col = columns[group]
+            g = _combine([call.task_grads[n][j] for n in names], weights[pos, col : col + 1], None)
+            for n in rest:
+                g = g + call.task_grads[n][j]
             t.grad = g
         if call.shared is not None:  # the later stages and the optimizer read the whole array
             tables = sorted(call.tables, key=lambda t: t.span[0])
@@ -337,6 +448,11 @@ class DenseSurgery:
             if p.grad is not None:
                 grads[name] = grads[name] + p.grad if name in grads else p.grad
                 p.grad = None
+
+    def pending(self) -> list[torch.Tensor]:
+        """The gradients collected so far (every task's, in task then parameter order): under torchrun the step
+        averages them over the ranks, in place, before :meth:`apply` (:mod:`recsys_transfer.train.step`)."""
+        return [g for n in self.surgery.tasks if n in self._grads for g in self._grads[n].values()]
 
     @torch.no_grad()
     def apply(self) -> None:

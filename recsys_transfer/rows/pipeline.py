@@ -265,6 +265,11 @@ class RowTransform(abc.ABC):
     def __call__(self, call: CallRows, context: StepContext) -> None:
         """Set the directions of ``call``'s rows (``CallRows.shared.direction`` or ``TableRows.direction``)."""
 
+    def prepare(self, calls: list["CallRows"], pipeline: "RowPipeline") -> None:
+        """Called once per step (phase) with every recorded call, before any call is transformed: for a stage that
+        needs all of them first (gradient surgery under torchrun: one all-reduce for every group). Default:
+        nothing."""
+
     def reads_rows(self, slot: TableSlot) -> bool:
         """Whether this transform reads the values of ``slot``'s touched rows (every column), not only their
         gradients: then the lookup may not take its one-column path for that table."""
@@ -445,11 +450,17 @@ class RowPipeline:
         slots[self._task] = call
 
     def apply(self) -> None:
-        """Close the phase: per recorded call (in record order), combine per-task gradients, run the transforms,
-        apply the directions through the row optimizer."""
+        """Close the phase: combine each recorded call's per-task gradients, let the transforms see every call
+        (:meth:`RowTransform.prepare`), then per call (in record order) run the transforms and apply the directions
+        through the row optimizer."""
         records, self._records, self._phase = self._records, {}, False
-        for by_task in records.values():
-            self._run(self._combine(by_task))
+        calls = [self._combine(by_task) for by_task in records.values()]
+        for transform in self.transforms:  # a stage that needs every call first (RowTransform.prepare)
+            prepare = getattr(transform, "prepare", None)
+            if prepare is not None:
+                prepare(calls, self)
+        for call in calls:
+            self._run(call)
 
 
     @staticmethod

@@ -157,7 +157,8 @@ def exit_rank(code: int = 0) -> NoReturn:
 
 def shard_model(model: nn.Module, device: torch.device, sharding_type: str | None = None,
                 compute_kernel: str = "fused", fused_params: dict | None = None, *,
-                sharding: ShardingConfig | None = None, batch_size: int | None = None) -> nn.Module:
+                sharding: ShardingConfig | None = None, batch_size: int | None = None,
+                data_parallel: bool = True) -> nn.Module:
     """Wrap ``model`` in DistributedModelParallel with a planner-produced plan (:mod:`recsys_transfer.train.sharding`).
 
     ``sharding``: the run's :class:`~recsys_transfer.config.ShardingConfig` (per-table overrides, the size policy,
@@ -169,6 +170,12 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
     refuses the others on every rank). ``fused_params`` go to the sharders (e.g. the fused optimizer of plain TorchRec training); with
     the row pipeline the lookup kernel is replaced after sharding and the fused optimizer is not used. The model's
     own initial weights are kept (:func:`copy_into_shards`).
+
+    ``data_parallel``: wrap the dense (unsharded) part in DDP, TorchRec's default, whose gradient hooks average
+    the dense gradients of ONE backward per forward. False: no DDP -- the dense parameters are replicated
+    (broadcast from rank 0 once, :func:`_replicated_dense`) and the training step averages their gradients itself
+    (:class:`recsys_transfer.train.step.TrainStep`): needed for one backward per task (gradient surgery,
+    ``rows.per_task``), which DDP cannot serve (module docstring of :mod:`recsys_transfer.train.step`).
     """
     from torchrec.distributed.model_parallel import DistributedModelParallel
 
@@ -189,9 +196,36 @@ def shard_model(model: nn.Module, device: torch.device, sharding_type: str | Non
     plan = run_on_rank0(lambda: plans.plan_sharding(model, device.type, choices, sharders, config,
                                                     batch_size=batch_size))
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    wrapper = None if data_parallel else _replicated_dense()
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders, data_parallel_wrapper=wrapper)
     copy_into_shards(dmp, init)
     return dmp
+
+
+def _replicated_dense():
+    """A :class:`torchrec.distributed.model_parallel.DataParallelWrapper` without DDP (``shard_model(...,
+    data_parallel=False)``)."""
+    from torchrec.distributed.model_parallel import DataParallelWrapper
+
+    class ReplicatedDense(DataParallelWrapper):
+        """DistributedModelParallel's data-parallel wrapper that does NOT wrap the dense part in DDP: its parameters
+        and buffers are broadcast from rank 0 once (as DDP's constructor does) and stay plain modules; whoever
+        trains them averages their gradients over the ranks (:class:`recsys_transfer.train.step.TrainStep`)."""
+
+        @torch.no_grad()
+        def wrap(self, dmp, env, device) -> None:
+            from torchrec.distributed.types import ShardedModule
+
+            module = dmp._dmp_wrapped_module
+            if env.world_size == 1:
+                return
+            sharded = [n for n, m in module.named_modules() if isinstance(m, ShardedModule)]
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                if any(name.startswith(s + ".") for s in sharded) or not isinstance(t, torch.Tensor):
+                    continue
+                dist.broadcast(t.data, src=0, group=env.process_group)
+
+    return ReplicatedDense()
 
 
 @torch.no_grad()

@@ -277,7 +277,10 @@ def run_training(cfg: RunConfig, output: str | Path, *, overwrite: bool = False,
         run["parameters"] = parameter_counts(model)  # before sharding: the whole model's
         if info.is_main and cfg.train.progress:
             print(parameter_line(cfg.model.name, run["parameters"]), flush=True)
-        model = (shard_model(model, info.device, sharding=cfg.sharding, batch_size=cfg.train.batch_size)
+        # one backward per task (surgery, rows.per_task): no DDP, the step averages the dense gradients itself
+        per_task = cfg.rows.per_task or cfg.multitask.surgery != "none"
+        model = (shard_model(model, info.device, sharding=cfg.sharding, batch_size=cfg.train.batch_size,
+                             data_parallel=not per_task)
                  if info.world_size > 1 else model.to(info.device))
         plan = sharded_plan_rows(model, cfg.sharding) if info.world_size > 1 else []
         if plan and info.is_main:

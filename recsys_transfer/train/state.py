@@ -19,7 +19,9 @@ What it holds (flat keys; every rank saves its part, DCP writes each once):
   every rank except the per-task train losses, which are each rank's own), the sums of the epoch in progress, the
   RNG states (torch CPU/CUDA, numpy, random), the transfer stage's subsample generators, the discriminators'
   call counters and last-step statistics, gradient surgery's state (GradVac's EMA targets per task pair and
-  group, the generator of the task orders: :class:`recsys_transfer.multitask.surgery.Surgery`);
+  group, the generator of the task orders: :class:`recsys_transfer.multitask.surgery.Surgery`; the same on every
+  rank -- every rank computes every group's targets from the all-reduced Gram entries -- so it follows any
+  resharding exactly);
 * ``meta``: format, run id, config, world size, library versions and the sharding plan.
 
 The data position is the epoch and the number of batches trained in it (never an iterator position: the loader's

@@ -15,6 +15,22 @@
 
 With one task and no surgery this is exactly the arithmetic of the fused row update it replaced (tested against
 weights recorded before the change, ``tests/test_reference_updates.py``).
+
+Under torchrun (DistributedModelParallel) the dense gradients must be those of the global batch: the mean over
+the ranks of each rank's gradient (every rank's loss is its local batch's mean, local batches of equal size).
+TorchRec wraps the dense part in DDP, whose hooks all-reduce (average) the gradients of ONE backward per forward:
+measured on 2 gloo ranks (torch 2.x, TorchRec's ``static_graph=True``, ``gradient_as_bucket_view``), the first
+backward after a forward is averaged and the hooks of the later ones are ignored (the second task's dense gradient
+stayed the rank's own; in one probe a later step's even repeated an earlier one), and ``no_sync`` fails an
+internal assertion of the reducer in a static graph's first iteration; GradVac / PCGrad through DDP ended up to
+0.02 from the single-process weights after 4 steps (``tests/test_surgery_distributed.py``'s setting). So one
+backward per task (``per_task``, gradient surgery) refuses
+a DDP-wrapped model: shard it with ``shard_model(..., data_parallel=False)`` (no DDP; the dense parameters are
+replicated) and this step averages the dense gradients itself -- each task's, taken aside by the surgery, before
+the surgery reads them (:class:`~recsys_transfer.multitask.surgery.DenseSurgery`), and whatever else the
+parameters accumulated -- in one all-reduce (the sum, divided by the world size: the mean, as DDP). Dense
+parameters no DDP averages (a loss weighting's log-variances, also under DDP) are averaged the same way. In one process
+nothing of this runs: the arithmetic is unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from recsys_transfer.config import TrainConfig
@@ -41,6 +58,39 @@ def dense_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     momentum = 0.9 if config.optimizer == "momentum" else 0.0
     return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay, fused=True)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _ddp_parameters(model: nn.Module) -> set[int] | None:
+    """The ids of the parameters whose gradients a DDP inside ``model`` averages (None: no DDP)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    found = None
+    for module in model.modules():
+        if isinstance(module, DistributedDataParallel):
+            ignored = getattr(module, "parameters_to_ignore", set())
+            found = (found or set()) | {id(p) for n, p in module.module.named_parameters() if n not in ignored}
+    return found
+
+
+def average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks (in place: a sum divided by the world size), one all-reduce
+    per dtype and device. Every rank passes tensors of the same shapes in the same order (a collective)."""
+    world = _world_size()
+    if world == 1 or not tensors:
+        return
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for ts in by_kind.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat)
+        flat /= world
+        for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+            t.copy_(part.view_as(t))
 
 
 @dataclass
@@ -88,6 +138,22 @@ class TrainStep:
         self.skip_nonfinite = skip_nonfinite
         self.weighting = weighting
         self.surgery = surgery
+        # dense parameters whose gradients this step averages over the ranks (module docstring): under torchrun,
+        # all of the dense optimizer's that no DDP averages; none in one process
+        self._average: list[nn.Parameter] = []
+        if _world_size() > 1:
+            ddp = _ddp_parameters(model)
+            if ddp is not None and per_task:
+                raise ValueError("one backward per task (gradient surgery, rows.per_task) under torchrun needs the "
+                                 "dense part without DDP, which averages one backward per forward: shard the model "
+                                 "with shard_model(..., data_parallel=False)")
+            self._average = [p for group in dense.param_groups for p in group["params"]
+                             if ddp is None or id(p) not in ddp]
+
+    def _average_dense(self, extra: list[torch.Tensor] = ()) -> None:
+        """Average the dense gradients over the ranks (module docstring); ``extra``: gradients taken aside."""
+        if self._average:
+            average_over_ranks([p.grad for p in self._average if p.grad is not None] + list(extra))
 
     def __call__(self, batch) -> StepResult:
         # 1. forward
@@ -118,6 +184,7 @@ class TrainStep:
         if self.rows is not None:
             self.rows.apply()
         # 5. dense update
+        self._average_dense()
         self.dense.step()
         return StepResult(value, {k: v.detach() for k, v in losses.items()})
 
@@ -163,7 +230,8 @@ class TrainStep:
         # 4. row transforms (surgery -> transfer -> freeze -> clip) and the row optimizer, touched rows only
         if self.rows is not None:
             self.rows.apply()
-        # 5. dense: surgery per group, then the update
+        # 5. dense: the global batch's gradients (torchrun), surgery per group, then the update
+        self._average_dense(self.surgery.pending() if self.surgery is not None else [])
         if self.surgery is not None:
             self.surgery.apply()
         self.dense.step()
