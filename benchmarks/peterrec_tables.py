@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, as the runs (``python -m`` in ROOT) use
 PROFILE_TASKS = ("gender", "age", "occupation")
 TASKS = (*PROFILE_TASKS, "cold")
 LABELS = {"fine_zero": "FineZero", "fine_all": "FineAll", "peterrec": "PeterRec", "peter_zero": "PeterZero",
@@ -131,6 +132,16 @@ def execute(runs: list[Run], workdir: Path, jobs: int, threads: int) -> None:
             raise SystemExit(f"run {r.name} failed: see {log}")
 
     print(f"{len(todo)} of {len(runs)} runs to train", flush=True)
+    # every data directory is prepared here, once, before runs that share it start in parallel
+    from recsys_transfer.config import load_config
+    from recsys_transfer.train.run import ensure_prepared
+
+    seen: set[str] = set()
+    for r in todo:
+        cfg = load_config(ROOT / "pipelines" / r.pipeline, list(r.overrides))
+        if cfg.data.path not in seen:
+            seen.add(cfg.data.path)
+            ensure_prepared(cfg)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, todo))
 
