@@ -1,0 +1,526 @@
+"""Pretraining throughput (sequences/s) and validation MRR@5 of our NextItNet against RecBole's NextItNet, side by
+side on the SAME sequences, dimensions and batches (issue 14, section 5).
+
+Data (built in memory, seeded; no prepared directory is needed):
+
+* ``ml1m``: ``../shared/data/movielens-1m-partial`` (``ratings_part1.tsv`` + ``ratings_part2.tsv``, tab-separated
+  ``user_id movie_id rating timestamp``; every rating is an interaction): each user's items in time order (ties by
+  movie id), the LAST ``--seq-len`` kept; users with fewer than 2 items dropped. Item ids: ``0`` padding, ``1`` the
+  special token (never in a sequence here), ``2..`` the movies by descending frequency (ties by movie id), as the
+  shared PeterRec interface reserves them.
+* ``synthetic``: the same schema at scale (``--syn-users`` x ``--seq-len``, ``--syn-items`` items): every item is
+  drawn from a Zipf(``--syn-zipf``) long tail, except that with probability ``--syn-follow`` the next item is the
+  fixed successor of the previous one (a seeded random map), so next-item models have something to learn and a
+  validation MRR@5 separates a trained model from popularity.
+
+Split 90/10 by user (seeded, as the interface's ``task: pretrain``). Training: every train sequence, left-padded
+with 0 to ``--seq-len`` (the official code's zero padding at the beginning), gives input ``x = s[:-1]`` and targets
+``y = s[1:]``; every position whose input and target are both items is predicted (``len - 1`` targets per
+sequence). Validation: for each validation user, the last item is held out and ranked against the WHOLE item pool
+(ids 2.., padding and the special token excluded; pessimistic ties, ``recsys_transfer.metrics.ranking``) from the
+scores after the preceding items: MRR@5 (and HR@5, NDCG@10, MRR@10).
+
+The network is the same on both sides: embedding 64 (``--dim``), RecBole's default ``block_num: 5`` with
+``dilations: [1, 4]`` (10 residual blocks, convolution rates 1,2 / 4,8 repeated 5 times; our
+``dilations=(1, 4) * 5``), kernel 3, Adam lr 1e-3 (RecBole's ``learning_rate``, no weight decay), batch
+``--batch-size`` sequences, ``--epochs`` epochs; each epoch's order is one seeded permutation that every
+implementation follows, and every implementation trains on the identical ``[B, n-1]`` tensors of each step.
+
+Implementations (``--impls``):
+
+* ``recbole``: ``recbole.model.sequential_recommender.NextItNet`` (``pip install recbole==1.2.1 --no-deps``, see the
+  Makefile), built from a plain config dict and a one-method dataset stub (its ``__init__`` reads only
+  ``dataset.num(item_field)``), its own initialisation, layers and loss terms (``loss_type: CE``, ``reg_weight``
+  1e-5 on the item table, the output layer and the residual blocks' weights), trained by ``torch.optim.Adam`` as its
+  Trainer does. RecBole's ``forward`` returns only the LAST position (its data pipeline instead turns every prefix
+  of a sequence into a row), so to train every position of the same batch we run its layers without that slice:
+  ``final_layer(residual_blocks(item_embedding(x)))`` -> ``[B, n-1, 64]``, CE over ALL items (its only softmax) at
+  the predicted positions. Validation uses its own ``full_sort_predict(Interaction)``.
+* ``recbole-last``: the same model through its unchanged ``calculate_loss(Interaction)`` (one target per row: the
+  last item), on the same batches; throughput of its public API path. One target per sequence instead of
+  ``len - 1``: its validation MRR is that of a model trained on far fewer targets, not a like-for-like quality
+  point; to cover every position RecBole's pipeline feeds ``len - 1`` prefix rows per sequence, so its sequences/s
+  on that path is about its rows/s divided by the targets per sequence (the table's last column).
+* ``ours``: ``recsys_transfer.models.nextitnet.NextItNet`` -- see ``Ours`` (skipped with a line when our model is not
+  importable yet).
+
+Padding: we left-pad (the NextItNet convention: a causal model's last position is the last item). RecBole's own
+``SequentialDataset`` right-pads and its NextItNet still reads position -1; left padding is what its model needs.
+
+Timing is INTERLEAVED in one process: for every step each implementation trains on the same batch, in an order
+rotating from step to step, so background load on the shared machine hits all alike; each step (forward, loss,
+backward, optimizer step) is timed on its own, batches are built outside the timers. Per epoch, sequences/s =
+batch size / the median step time over the epoch's steps after ``--warmup`` steps; reported: the median over the
+epochs (repeats) and their range, and the plain total (sequences / summed step time).
+
+Usage::
+
+    python benchmarks/sequence_throughput.py --dataset ml1m                       # the recorded comparison
+    python benchmarks/sequence_throughput.py --dataset synthetic --epochs 1 --max-steps 60   # throughput at scale
+
+Results go to ``benchmarks/results/sequence_throughput_<dataset>.{json,md}`` (``--tag`` adds a suffix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput_vs_peers import log, machine_record  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DATA = Path(os.environ.get("RECSYS_DATA_DIR", REPO.parent / "shared" / "data"))
+ML1M_RAW = DATA / "movielens-1m-partial"
+IMPLS = ("ours", "recbole", "recbole-last")
+PAD, SPECIAL, FIRST_ITEM = 0, 1, 2
+
+
+def have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def have_recbole() -> bool:
+    return have("recbole")
+
+
+def have_ours() -> bool:
+    return have("recsys_transfer.models.nextitnet")
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def ml1m_sequences(raw: Path, seq_len: int) -> tuple[list[np.ndarray], int, dict]:
+    """Per user (ascending user id), the last ``seq_len`` items in time order, ids remapped to 2.. by descending
+    frequency; users with < 2 items dropped. Returns (sequences, vocabulary size incl. 0 and 1, info)."""
+    parts = sorted(raw.glob("ratings_part*.tsv"))
+    if not parts:
+        raise FileNotFoundError(f"no ratings_part*.tsv under {raw}")
+    arr = np.concatenate([np.loadtxt(p, delimiter="\t", skiprows=1, dtype=np.int64) for p in parts])
+    user, movie, ts = arr[:, 0], arr[:, 1], arr[:, 3]
+    movies, counts = np.unique(movie, return_counts=True)
+    rank = np.lexsort((movies, -counts))  # most frequent first, ties by movie id
+    ids = np.empty(len(movies), dtype=np.int64)
+    ids[rank] = np.arange(FIRST_ITEM, FIRST_ITEM + len(movies))
+    item = ids[np.searchsorted(movies, movie)]
+    order = np.lexsort((movie, ts, user))
+    user, item = user[order], item[order]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    ends = np.r_[starts[1:], len(user)]
+    seqs = [item[max(s, e - seq_len):e] for s, e in zip(starts, ends) if e - s >= 2]
+    info = {"source": str(raw), "files": [p.name for p in parts], "interactions": int(len(arr)),
+            "users": int(len(starts)), "users_kept": len(seqs), "items": int(len(movies))}
+    return seqs, FIRST_ITEM + len(movies), info
+
+
+def synthetic_sequences(users: int, seq_len: int, items: int, zipf: float, follow: float,
+                        seed: int) -> tuple[list[np.ndarray], int, dict]:
+    """``users`` sequences of exactly ``seq_len`` items from ``items`` items: Zipf(``zipf``) popularity over a
+    seeded random item order; with probability ``follow`` the next item is the previous one's fixed successor."""
+    rng = np.random.default_rng([seed, 17])
+    p = 1.0 / np.arange(1, items + 1) ** zipf
+    p /= p.sum()
+    popular = rng.permutation(items)  # item of popularity rank r
+    succ = rng.permutation(items)
+    draws = popular[rng.choice(items, size=(users, seq_len), p=p)]
+    follows = rng.random((users, seq_len)) < follow
+    seq = draws.copy()
+    for t in range(1, seq_len):
+        seq[:, t] = np.where(follows[:, t], succ[seq[:, t - 1]], draws[:, t])
+    seq += FIRST_ITEM
+    info = {"source": "synthetic", "users": users, "items": items, "zipf": zipf, "follow": follow, "seed": seed,
+            "distinct_items_used": int(len(np.unique(seq)))}
+    return list(seq), FIRST_ITEM + items, info
+
+
+def split_users(n: int, valid_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng([seed, 90]).permutation(n)
+    n_valid = max(1, int(round(n * valid_frac)))
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def left_pad(seqs: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-width:]
+        out[i, width - len(s):] = s
+    return out
+
+
+class Sequences:
+    """The train tensors ``x``/``y`` ([N, n-1], left-padded; ``y`` = 0 where not predicted) and the validation
+    inputs/targets, with one seeded batch order per epoch shared by every implementation."""
+
+    def __init__(self, seqs: list[np.ndarray], vocab: int, seq_len: int, valid_frac: float, seed: int) -> None:
+        import torch
+
+        self.vocab, self.seq_len, self.seed = vocab, seq_len, seed
+        train_idx, valid_idx = split_users(len(seqs), valid_frac, seed)
+        full = left_pad([seqs[i] for i in train_idx], seq_len)
+        x, y = full[:, :-1], full[:, 1:].copy()
+        y[x == PAD] = PAD
+        self.x, self.y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+        self.targets = int((y != PAD).sum())
+        self.valid_x = torch.from_numpy(left_pad([seqs[i][:-1] for i in valid_idx], seq_len - 1))
+        self.valid_y = np.array([seqs[i][-1] for i in valid_idx], dtype=np.int64)
+
+    @property
+    def n_train(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, epoch: int, batch_size: int):
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
+        for s in range(0, self.n_train, batch_size):
+            idx = perm[s:s + batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def validation_metrics(score_fn, data: Sequences, batch_size: int = 1024) -> dict:
+    """Full-pool ranking of each validation user's held-out last item; ``score_fn(x [b, n-1]) -> [b, V]``."""
+    import torch
+
+    from recsys_transfer.metrics.ranking import full_ranking_ranks, ranking_metrics
+
+    ranks = []
+    with torch.no_grad():
+        for s in range(0, len(data.valid_y), batch_size):
+            scores = score_fn(data.valid_x[s:s + batch_size]).float().numpy()
+            exclude = np.zeros_like(scores, dtype=bool)
+            exclude[:, :FIRST_ITEM] = True
+            ranks.append(full_ranking_ranks(scores, data.valid_y[s:s + batch_size], exclude))
+    return ranking_metrics(np.concatenate(ranks), ks=(5, 10))
+
+
+# -- implementations -------------------------------------------------------------------------------------------
+
+
+class RecBole:
+    """RecBole's NextItNet (see the module docstring); ``all_positions=False`` is ``recbole-last``."""
+
+    ITEM, SEQ, LEN = "item_id", "item_id_list", "item_length"
+
+    def __init__(self, vocab: int, args, all_positions: bool = True) -> None:
+        import torch
+        from recbole.model.sequential_recommender.nextitnet import NextItNet
+
+        class _Dataset:  # all SequentialRecommender.__init__ reads from a dataset
+            def num(self, field: str) -> int:
+                assert field == RecBole.ITEM, field
+                return vocab
+
+        config = {"USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": self.ITEM, "LIST_SUFFIX": "_list",
+                  "ITEM_LIST_LENGTH_FIELD": self.LEN, "NEG_PREFIX": "neg_", "MAX_ITEM_LIST_LENGTH": args.seq_len - 1,
+                  "device": torch.device("cpu"), "embedding_size": args.dim, "block_num": args.blocks,
+                  "dilations": list(args.dilations), "kernel_size": 3, "reg_weight": args.reg_weight,
+                  "loss_type": "CE"}
+        torch.manual_seed(args.seed)
+        self.model = NextItNet(config, _Dataset())
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=0.0)
+        self.all_positions = all_positions
+        self.targets_per_step: list[int] = []
+
+    def interaction(self, x, y=None):
+        from recbole.data.interaction import Interaction
+
+        d = {self.SEQ: x, self.LEN: (x != PAD).sum(1)}
+        if y is not None:
+            d[self.ITEM] = y
+        return Interaction(d)
+
+    def loss(self, x, y):
+        import torch
+
+        m = self.model
+        if not self.all_positions:
+            return m.calculate_loss(self.interaction(x, y[:, -1])), x.shape[0]
+        out = m.final_layer(m.residual_blocks(m.item_embedding(x)))  # its forward() without the [:, -1] slice
+        mask = y != PAD
+        logits = torch.matmul(out[mask], m.item_embedding.weight.transpose(0, 1))
+        loss = m.loss_fct(logits, y[mask])
+        reg = m.reg_loss([m.item_embedding.weight, m.final_layer.weight])
+        return loss + m.reg_weight * reg + m.reg_loss_rb(), int(mask.sum())
+
+    def step(self, x, y) -> tuple[float, int]:
+        self.model.train()
+        self.opt.zero_grad()
+        loss, n = self.loss(x, y)
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach()), n
+
+    def scores(self, x):
+        self.model.eval()
+        return self.model.full_sort_predict(self.interaction(x))
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+class Ours:
+    """Our NextItNet on the same tensors. PLUG-IN POINT: everything specific to our model is in this class.
+
+    Needs from ``recsys_transfer.models.nextitnet`` (seqmodels branch): a model with embedding ``args.dim``,
+    ``dilations=tuple(args.dilations) * args.blocks``, kernel 3, trained on the batch ``x``/``y`` (every position
+    with ``y != 0``), and full scores ``[b, V]`` of the item after ``x`` for validation. Until it lands, building
+    it raises ``NotImplementedError`` and ``main`` skips the side with a line."""
+
+    def __init__(self, vocab: int, args) -> None:
+        if not have_ours():
+            raise NotImplementedError("recsys_transfer.models.nextitnet is not importable (seqmodels not merged)")
+        raise NotImplementedError("our NextItNet exists but this benchmark's Ours side is not wired to it yet")
+
+    def step(self, x, y) -> tuple[float, int]:  # -> (loss, predicted positions)
+        raise NotImplementedError
+
+    def scores(self, x):  # -> [b, V]
+        raise NotImplementedError
+
+    def parameters(self) -> int:
+        raise NotImplementedError
+
+
+def build(name: str, vocab: int, args):
+    if name == "ours":
+        return Ours(vocab, args)
+    if name == "recbole":
+        return RecBole(vocab, args, all_positions=True)
+    if name == "recbole-last":
+        return RecBole(vocab, args, all_positions=False)
+    raise ValueError(name)
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+
+
+def train_interleaved(impls: dict, data: Sequences, args) -> dict:
+    """Every implementation trains on every step's batch, order rotating per step; each step timed alone."""
+    stats = {n: {"epochs": [], "losses": [], "valid": []} for n in impls}
+    names = list(impls)
+    step_no = 0
+    for epoch in range(args.epochs):
+        times = {n: [] for n in names}
+        seqs = {n: 0 for n in names}
+        targets = {n: 0 for n in names}
+        loss_sum = {n: 0.0 for n in names}
+        load0 = os.getloadavg()[0]
+        for k, (x, y) in enumerate(data.batches(epoch, args.batch_size)):
+            if args.max_steps and k >= args.max_steps:
+                break
+            r = step_no % len(names)
+            for n in names[r:] + names[:r]:
+                t0 = time.perf_counter()
+                loss, t = impls[n].step(x, y)
+                dt = time.perf_counter() - t0
+                times[n].append(dt)
+                seqs[n] += x.shape[0]
+                targets[n] += t
+                loss_sum[n] += loss
+            step_no += 1
+        load1 = os.getloadavg()[0]
+        for n in names:
+            warm = args.warmup if epoch == 0 else 0
+            timed = times[n][warm:] or times[n]
+            med = statistics.median(timed)
+            stats[n]["epochs"].append({"steps": len(times[n]), "sequences": seqs[n], "targets": targets[n],
+                                       "median_step_s": med, "seq_per_s_median": args.batch_size / med,
+                                       "seq_per_s_total": seqs[n] / sum(times[n]), "step_s": times[n],
+                                       "train_loss": loss_sum[n] / max(1, len(times[n])),
+                                       "load": [load0, load1]})
+            if not args.no_eval and (epoch == args.epochs - 1 or args.eval_every_epoch):
+                stats[n]["valid"].append({"epoch": epoch + 1, **validation_metrics(impls[n].scores, data)})
+            log(f"epoch {epoch + 1} {n}: {args.batch_size / med:,.0f} seq/s (median step {med * 1e3:.1f} ms), "
+                f"loss {stats[n]['epochs'][-1]['train_loss']:.4f}"
+                + (f", valid MRR@5 {stats[n]['valid'][-1]['mrr@5']:.4f}" if stats[n]["valid"]
+                   and stats[n]["valid"][-1]["epoch"] == epoch + 1 else ""))
+    return stats
+
+
+def summarize(stats: dict, impls: dict) -> dict:
+    out = {}
+    for n, s in stats.items():
+        per_epoch = [e["seq_per_s_median"] for e in s["epochs"]]
+        steps = sum(e["steps"] for e in s["epochs"])
+        out[n] = {"parameters": impls[n].parameters(), "steps": steps,
+                  "seq_per_s": statistics.median(per_epoch), "seq_per_s_epochs": per_epoch,
+                  "seq_per_s_total": sum(e["sequences"] for e in s["epochs"])
+                  / sum(sum(e["step_s"]) for e in s["epochs"]),
+                  "targets_per_seq": sum(e["targets"] for e in s["epochs"]) / sum(e["sequences"]
+                                                                                   for e in s["epochs"]),
+                  "final_train_loss": s["epochs"][-1]["train_loss"],
+                  "valid": s["valid"][-1] if s["valid"] else None, "valid_epochs": s["valid"]}
+    return out
+
+
+def compare(summary: dict, mrr_tolerance: float) -> dict:
+    """ours vs each RecBole variant: sequences/s ratio, MRR@5 difference, and whether they count as equal."""
+    if "ours" not in summary:
+        return {}
+    out = {}
+    for peer in ("recbole", "recbole-last"):
+        if peer not in summary:
+            continue
+        o, p = summary["ours"], summary[peer]
+        d = {"ratio": o["seq_per_s"] / p["seq_per_s"]}
+        if o["valid"] and p["valid"]:
+            d["mrr5_diff"] = o["valid"]["mrr@5"] - p["valid"]["mrr@5"]
+            d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance)
+        out[peer] = d
+    return out
+
+
+def load_data(args) -> tuple[Sequences, dict]:
+    if args.dataset == "ml1m":
+        seqs, vocab, info = ml1m_sequences(Path(args.raw or ML1M_RAW), args.seq_len)
+    else:
+        seqs, vocab, info = synthetic_sequences(args.syn_users, args.seq_len, args.syn_items, args.syn_zipf,
+                                                args.syn_follow, args.seed)
+    data = Sequences(seqs, vocab, args.seq_len, args.valid_frac, args.seed)
+    info |= {"vocab": vocab, "train_sequences": data.n_train, "valid_sequences": len(data.valid_y),
+             "train_targets_per_epoch": data.targets, "mean_length": float(np.mean([len(s) for s in seqs]))}
+    return data, info
+
+
+def fmt(v, nd: int = 4) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def write_markdown(path: Path, rec: dict) -> None:
+    a, m, info, res = rec["config"], rec["machine"], rec["data"], rec["result"]
+    lines = ["# NextItNet pretraining throughput: ours vs RecBole", "",
+             f"Command: `{rec['command']}`  ",
+             f"Commit: `{m['git_commit']}` (working tree dirty: {m['git_dirty']})  ",
+             f"Machine: {m['cpu_count']} CPUs, {m['platform']}; torch {m['torch']} (threads={m['torch_threads']}, "
+             f"interop={m['torch_interop_threads']}), recbole {rec.get('recbole_version')}  ",
+             f"Load average at start {rec['load_start']}, at end {rec['load_end']} (shared machine)  ",
+             f"Data `{a['dataset']}`: {info['train_sequences']:,} train / {info['valid_sequences']:,} validation "
+             f"sequences (split by user, seed {a['seed']}), vocabulary {info['vocab']:,} (items + padding + "
+             f"special), mean length {info['mean_length']:.1f} (max {a['seq_len']}), "
+             f"{info['train_targets_per_epoch']:,} train targets per epoch  ",
+             f"Network: embedding {a['dim']}, {a['blocks']} x dilations {a['dilations']} "
+             f"({a['blocks'] * len(a['dilations'])} residual blocks, kernel 3); batch {a['batch_size']} sequences; "
+             f"Adam lr {a['lr']}; {a['epochs']} epoch(s)"
+             + (f", at most {a['max_steps']} steps each" if a["max_steps"] else "")
+             + f"; timing interleaved per step, first {a['warmup']} steps of epoch 1 untimed for the median.", ""]
+    if rec["skipped"]:
+        lines += [f"Not run: {k}: {v}" for k, v in rec["skipped"].items()] + [""]
+    lines += ["| impl | parameters | sequences/s (median step) | per epoch | sequences/s (total) | "
+              "targets per sequence | valid MRR@5 | HR@5 | NDCG@10 | final train loss |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for n, s in res["impls"].items():
+        v = s["valid"] or {}
+        lines.append(f"| {n} | {s['parameters']:,} | {s['seq_per_s']:,.0f} | "
+                     f"{', '.join(f'{x:,.0f}' for x in s['seq_per_s_epochs'])} | {s['seq_per_s_total']:,.0f} | "
+                     f"{s['targets_per_seq']:.1f} | {fmt(v.get('mrr@5'))} | {fmt(v.get('hr@5'))} | "
+                     f"{fmt(v.get('ndcg@10'))} | {s['final_train_loss']:.4f} |")
+    lines.append("")
+    for peer, c in res["comparison"].items():
+        lines.append(f"- ours / {peer}: **{c['ratio']:.2f}x** sequences/s"
+                     + (f"; MRR@5 ours - {peer} {c['mrr5_diff']:+.4f} (equal within {a['mrr_tolerance']}: "
+                        f"{'yes' if c['equal_mrr5'] else 'no'})" if "mrr5_diff" in c else ""))
+    if "recbole-last" in res["impls"]:
+        s = res["impls"]["recbole-last"]
+        tps = info["train_targets_per_epoch"] / info["train_sequences"]
+        lines.append(f"- recbole-last trains one target per sequence; covering every position as RecBole's "
+                     f"pipeline does ({tps:.1f} prefix rows per sequence) would give about "
+                     f"{s['seq_per_s'] / tps:,.0f} sequences/s")
+    for n, s in res["impls"].items():
+        if len(s["valid_epochs"]) > 1:
+            lines.append(f"- {n} valid MRR@5 per epoch: "
+                         + ", ".join(f"{e['epoch']}: {e['mrr@5']:.4f}" for e in s["valid_epochs"]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=("ml1m", "synthetic"), default="ml1m")
+    p.add_argument("--raw", default=None, help="ML-1M-partial directory (default ../shared/data/...)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
+    p.add_argument("--seq-len", type=int, default=50)
+    p.add_argument("--valid-frac", type=float, default=0.1)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--blocks", type=int, default=5)
+    p.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--reg-weight", type=float, default=1e-5, help="RecBole's reg_weight (its default)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--max-steps", type=int, default=0, help="steps per epoch at most (0: the whole epoch)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-every-epoch", action="store_true")
+    p.add_argument("--mrr-tolerance", type=float, default=0.005,
+                   help="ours counts as equal in MRR@5 when at most this much below")
+    p.add_argument("--syn-users", type=int, default=100_000)
+    p.add_argument("--syn-items", type=int, default=20_000)
+    p.add_argument("--syn-zipf", type=float, default=1.0)
+    p.add_argument("--syn-follow", type=float, default=0.5)
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    args.impls = [s for s in args.impls.split(",") if s]
+    bad = set(args.impls) - set(IMPLS)
+    if bad:
+        p.error(f"unknown --impls {sorted(bad)}; choose from {IMPLS}")
+    return args
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    t0 = time.perf_counter()
+    data, info = load_data(args)
+    log(f"{args.dataset}: {info['train_sequences']} train / {info['valid_sequences']} valid sequences, vocab "
+        f"{info['vocab']}, {info['train_targets_per_epoch']} targets/epoch ({time.perf_counter() - t0:.1f}s, untimed)")
+    impls, skipped = {}, {}
+    for n in args.impls:
+        if n.startswith("recbole") and not have_recbole():
+            skipped[n] = "recbole not installed (pip install recbole==1.2.1 --no-deps, see the Makefile)"
+            continue
+        try:
+            impls[n] = build(n, data.vocab, args)
+        except NotImplementedError as e:
+            skipped[n] = str(e)
+    for n, why in skipped.items():
+        log(f"skipping {n}: {why}")
+    if not impls:
+        raise SystemExit("no implementation to run")
+    stats = train_interleaved(impls, data, args)
+    summary = summarize(stats, impls)
+    rec = {"command": "python benchmarks/sequence_throughput.py " + " ".join(argv if argv is not None
+                                                                               else sys.argv[1:]),
+           "config": vars(args), "machine": machine_record(), "data": info, "skipped": skipped,
+           "recbole_version": __import__("recbole").__version__ if have_recbole() else None,
+           "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
+           "result": {"impls": summary, "comparison": compare(summary, args.mrr_tolerance)},
+           "per_epoch": {n: [{k: v for k, v in e.items() if k != "step_s"} for e in s["epochs"]]
+                         for n, s in stats.items()}}
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sequence_throughput_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    write_markdown(out / f"{stem}.md", rec)
+    log(f"wrote {out / stem}.{{json,md}}")
+    return rec
+
+
+if __name__ == "__main__":
+    main()
