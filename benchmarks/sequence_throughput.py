@@ -71,6 +71,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -81,7 +82,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("RECSYS_DATA_DIR", REPO.parent / "shared" / "data"))
 ML1M_RAW = DATA / "movielens-1m-partial"
-IMPLS = ("ours", "recbole", "recbole-last")
+IMPLS = ("ours", "ours-dense", "recbole", "recbole-last")
 PAD, SPECIAL, FIRST_ITEM = 0, 1, 2
 
 
@@ -98,6 +99,26 @@ def have_recbole() -> bool:
 
 def have_ours() -> bool:
     return have("recsys_transfer.models.nextitnet")
+
+
+def ours_source() -> dict | None:
+    """Where our NextItNet was imported from (its files' sha256 and their checkout's commit): while the model is
+    on another branch, a run may put that checkout first on PYTHONPATH, and the record must say so."""
+    if not have_ours():
+        return None
+    import hashlib
+    import subprocess
+
+    import recsys_transfer
+
+    root = Path(recsys_transfer.__file__).resolve().parent
+    files = ["models/nextitnet.py", "models/sequence.py", "modules/dilated_cnn.py"]
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *files], capture_output=True,
+                           text=True).stdout.strip()
+    return {"package": str(root), "commit": git, "model_files_uncommitted": bool(dirty),
+            "sha256": {f: hashlib.sha256((root / f).read_bytes()).hexdigest()[:16] for f in files
+                       if (root / f).is_file()}}
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -160,6 +181,16 @@ def left_pad(seqs: list[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
+class TrainBatch(NamedTuple):
+    """``x``/``y`` ``[b, n-1]`` (inputs, targets; 0 = padding / not predicted), ``full [b, n]`` the left-padded
+    sequences they come from, ``key`` (seed, epoch, step) seeding anything a side draws for the batch."""
+
+    x: object  # torch.Tensor (torch is imported lazily)
+    y: object
+    full: object
+    key: tuple
+
+
 class Sequences:
     """The train tensors ``x``/``y`` ([N, n-1], left-padded; ``y`` = 0 where not predicted) and the validation
     inputs/targets, with one seeded batch order per epoch shared by every implementation."""
@@ -172,6 +203,7 @@ class Sequences:
         full = left_pad([seqs[i] for i in train_idx], seq_len)
         x, y = full[:, :-1], full[:, 1:].copy()
         y[x == PAD] = PAD
+        self.full = torch.from_numpy(full)
         self.x, self.y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
         self.targets = int((y != PAD).sum())
         self.valid_x = torch.from_numpy(left_pad([seqs[i][:-1] for i in valid_idx], seq_len - 1))
@@ -182,10 +214,11 @@ class Sequences:
         return self.x.shape[0]
 
     def batches(self, epoch: int, batch_size: int):
+        """``TrainBatch`` es of one epoch: the same rows in the same order for every implementation."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_train)
-        for s in range(0, self.n_train, batch_size):
+        for k, s in enumerate(range(0, self.n_train, batch_size)):
             idx = perm[s:s + batch_size]
-            yield self.x[idx], self.y[idx]
+            yield TrainBatch(self.x[idx], self.y[idx], self.full[idx], (self.seed, epoch, k))
 
 
 def validation_metrics(score_fn, data: Sequences, batch_size: int = 1024) -> dict:
@@ -253,7 +286,11 @@ class RecBole:
         reg = m.reg_loss([m.item_embedding.weight, m.final_layer.weight])
         return loss + m.reg_weight * reg + m.reg_loss_rb(), int(mask.sum())
 
-    def step(self, x, y) -> tuple[float, int]:
+    def prepare(self, batch: TrainBatch):
+        return batch.x, batch.y
+
+    def step(self, prepared) -> tuple[float, int]:
+        x, y = prepared
         self.model.train()
         self.opt.zero_grad()
         loss, n = self.loss(x, y)
@@ -270,31 +307,109 @@ class RecBole:
 
 
 class Ours:
-    """Our NextItNet on the same tensors. PLUG-IN POINT: everything specific to our model is in this class.
+    """Our NextItNet (``recsys_transfer.models.nextitnet.NextItNet``) on the same rows. Everything specific to our
+    model is in this class.
 
-    Needs from ``recsys_transfer.models.nextitnet`` (seqmodels branch): a model with embedding ``args.dim``,
-    ``dilations=tuple(args.dilations) * args.blocks``, kernel 3, trained on the batch ``x``/``y`` (every position
-    with ``y != 0``), and full scores ``[b, V]`` of the item after ``x`` for validation. Until it lands, building
-    it raises ``NotImplementedError`` and ``main`` skips the side with a line."""
+    The model is built on an in-memory :class:`DatasetMeta` of a sequence dataset (list field ``items`` of
+    vocabulary V, ids 0 / 1 reserved; ``negatives`` sharing it; task ``next``: retrieval, sampled softmax), with
+    ``embedding_dim=args.dim``, ``dilations=tuple(args.dilations) * args.blocks``, kernel 3. Each step's batch is
+    a TorchRec ``KeyedJaggedTensor``: ``items`` = each row's sequence (jagged, no padding: the model left-pads and
+    masks), ``negatives`` = the batch's shared pool of ``--negatives`` ids drawn uniformly from 2..V-1 (seeded by the
+    step; spread over the rows as the data side does), built outside the timer like RecBole's tensors. The model
+    predicts the same positions (``len - 1`` per sequence) and its output ``[M, 1 + S]`` goes through
+    ``objectives.task_loss`` (cross entropy, the positive in column 0).
 
-    def __init__(self, vocab: int, args) -> None:
+    ``trainer=True`` (``ours``): the step ``recsys-transfer train`` runs (``compose_step`` -> ``TrainStep``, mode B:
+    the item table by row-wise Adam on the rows the batch touched through the row pipeline, the CNN by the fused
+    dense Adam), lr ``args.lr``. ``trainer=False`` (``ours-dense``): ``torch.optim.Adam`` over every parameter with
+    the table's dense gradient, as the RecBole side (isolates the model from the row pipeline)."""
+
+    TASK = "next"
+
+    def __init__(self, vocab: int, args, trainer: bool = True) -> None:
         if not have_ours():
-            raise NotImplementedError("recsys_transfer.models.nextitnet is not importable (seqmodels not merged)")
-        raise NotImplementedError("our NextItNet exists but this benchmark's Ours side is not wired to it yet")
+            raise NotImplementedError("recsys_transfer.models.nextitnet is not importable (the seqmodels branch "
+                                      "is not merged here)")
+        import torch
 
-    def step(self, x, y) -> tuple[float, int]:  # -> (loss, predicted positions)
-        raise NotImplementedError
+        from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
+        from recsys_transfer.data.prepared import DatasetMeta, SparseFieldMeta
+        from recsys_transfer.models.nextitnet import NextItNet
+        from recsys_transfer.objectives import task_loss
+        from recsys_transfer.tasks import TaskSpec
+        from recsys_transfer.train.compose import compose_step
 
-    def scores(self, x):  # -> [b, V]
-        raise NotImplementedError
+        self.vocab = vocab
+        self.negatives = args.negatives if args.negatives >= 0 else max(1, round(0.2 * (vocab - FIRST_ITEM)))
+        task = TaskSpec(name=self.TASK, label="next_item", kind="retrieval", candidates="sampled", loss="softmax")
+
+        def field(name, vocab_of=None):
+            return SparseFieldMeta(name=name, vocab_size=vocab, oov_index=0, hashed=False, min_count=1,
+                                   frequencies=[1] * vocab, head_ids=[], multi_valued=True, vocab_of=vocab_of)
+
+        fields = [field("items")] + ([field("negatives", "items")] if self.negatives else [])
+        self.meta = DatasetMeta(dataset="sequence-throughput", sparse=fields, dense=[], labels=["next_item"],
+                                split={}, head_tail={}, split_rows={}, split_files={}, input_rows=0, skipped_rows=0,
+                                skip_reasons={}, source={}, tasks=(task,))
+        self.task, self.task_loss = task, task_loss
+        torch.manual_seed(args.seed)
+        self.model = NextItNet(self.meta, embedding_dim=args.dim, dilations=tuple(args.dilations) * args.blocks,
+                               kernel=3, tasks=(task,))
+        self.trainer = trainer
+        if trainer:
+            self.step_fn = compose_step(self.model, self.meta, rows=RowsConfig(optimizer="adam", lr=args.lr),
+                                        transfer=TransferConfig(mode="B"),
+                                        train=TrainConfig(optimizer="adam", lr=args.lr))
+        else:
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def batch(self, full, key=None):
+        """``full [b, w]`` left-padded -> a ``Batch`` (``items`` jagged; ``negatives`` drawn from ``key``)."""
+        import torch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        from recsys_transfer.types import Batch
+
+        b = full.shape[0]
+        lengths = (full != PAD).sum(1)
+        values = full[full != PAD]  # row-major: each row's items in order
+        keys = ["items"]
+        if key is not None and self.negatives:
+            rng = np.random.default_rng(list(key) + [7])
+            neg = torch.from_numpy(rng.integers(FIRST_ITEM, self.vocab, size=self.negatives))
+            share = torch.full((b,), self.negatives // b, dtype=torch.long)
+            share[: self.negatives % b] += 1
+            values, lengths, keys = torch.cat([values, neg]), torch.cat([lengths, share]), keys + ["negatives"]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
+        return Batch(dense=torch.zeros(b, 0), sparse=kjt, labels={"next_item": torch.zeros(b)})
+
+    def prepare(self, batch: TrainBatch):
+        return self.batch(batch.full, batch.key), int((batch.y != PAD).sum())
+
+    def step(self, prepared) -> tuple[float, int]:
+        batch, targets = prepared
+        self.model.train()
+        if self.trainer:
+            return float(self.step_fn(batch).loss), targets
+        self.opt.zero_grad()
+        out = self.model(batch)[self.TASK]
+        assert out.shape[0] == targets, (out.shape, targets)
+        loss = self.task_loss(self.task, out, batch.labels["next_item"])
+        loss.backward()
+        self.opt.step()
+        return float(loss.detach()), targets
+
+    def scores(self, x):
+        self.model.eval()
+        return self.model(self.batch(x))[self.TASK]
 
     def parameters(self) -> int:
-        raise NotImplementedError
+        return sum(p.numel() for p in self.model.parameters())
 
 
 def build(name: str, vocab: int, args):
-    if name == "ours":
-        return Ours(vocab, args)
+    if name in ("ours", "ours-dense"):
+        return Ours(vocab, args, trainer=name == "ours")
     if name == "recbole":
         return RecBole(vocab, args, all_positions=True)
     if name == "recbole-last":
@@ -316,16 +431,17 @@ def train_interleaved(impls: dict, data: Sequences, args) -> dict:
         targets = {n: 0 for n in names}
         loss_sum = {n: 0.0 for n in names}
         load0 = os.getloadavg()[0]
-        for k, (x, y) in enumerate(data.batches(epoch, args.batch_size)):
+        for k, batch in enumerate(data.batches(epoch, args.batch_size)):
             if args.max_steps and k >= args.max_steps:
                 break
             r = step_no % len(names)
             for n in names[r:] + names[:r]:
+                prepared = impls[n].prepare(batch)  # untimed: each side's input objects from the same rows
                 t0 = time.perf_counter()
-                loss, t = impls[n].step(x, y)
+                loss, t = impls[n].step(prepared)
                 dt = time.perf_counter() - t0
                 times[n].append(dt)
-                seqs[n] += x.shape[0]
+                seqs[n] += batch.x.shape[0]
                 targets[n] += t
                 loss_sum[n] += loss
             step_no += 1
@@ -365,19 +481,19 @@ def summarize(stats: dict, impls: dict) -> dict:
 
 
 def compare(summary: dict, mrr_tolerance: float) -> dict:
-    """ours vs each RecBole variant: sequences/s ratio, MRR@5 difference, and whether they count as equal."""
-    if "ours" not in summary:
-        return {}
+    """``"<ours>/<peer>"`` for each of our variants against each RecBole one: the sequences/s ratio, the MRR@5
+    difference, and whether ours counts as equal (at most ``mrr_tolerance`` below)."""
     out = {}
-    for peer in ("recbole", "recbole-last"):
-        if peer not in summary:
-            continue
-        o, p = summary["ours"], summary[peer]
-        d = {"ratio": o["seq_per_s"] / p["seq_per_s"]}
-        if o["valid"] and p["valid"]:
-            d["mrr5_diff"] = o["valid"]["mrr@5"] - p["valid"]["mrr@5"]
-            d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance)
-        out[peer] = d
+    for mine in ("ours", "ours-dense"):
+        for peer in ("recbole", "recbole-last"):
+            if mine not in summary or peer not in summary:
+                continue
+            o, p = summary[mine], summary[peer]
+            d = {"ratio": o["seq_per_s"] / p["seq_per_s"]}
+            if o["valid"] and p["valid"]:
+                d["mrr5_diff"] = o["valid"]["mrr@5"] - p["valid"]["mrr@5"]
+                d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance)
+            out[f"{mine}/{peer}"] = d
     return out
 
 
@@ -404,6 +520,11 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"Commit: `{m['git_commit']}` (working tree dirty: {m['git_dirty']})  ",
              f"Machine: {m['cpu_count']} CPUs, {m['platform']}; torch {m['torch']} (threads={m['torch_threads']}, "
              f"interop={m['torch_interop_threads']}), recbole {rec.get('recbole_version')}  ",
+             *([f"Our model imported from `{rec['ours_source']['package']}` (commit "
+                f"`{rec['ours_source']['commit'][:12]}`, model files uncommitted there: "
+                f"{rec['ours_source']['model_files_uncommitted']}; sha256 "
+                + ", ".join(f"{k} {v}" for k, v in rec["ours_source"]["sha256"].items()) + ")  "]
+              if rec.get("ours_source") else []),
              f"Load average at start {rec['load_start']}, at end {rec['load_end']} (shared machine)  ",
              f"Data `{a['dataset']}`: {info['train_sequences']:,} train / {info['valid_sequences']:,} validation "
              f"sequences (split by user, seed {a['seed']}), vocabulary {info['vocab']:,} (items + padding + "
@@ -426,9 +547,10 @@ def write_markdown(path: Path, rec: dict) -> None:
                      f"{s['targets_per_seq']:.1f} | {fmt(v.get('mrr@5'))} | {fmt(v.get('hr@5'))} | "
                      f"{fmt(v.get('ndcg@10'))} | {s['final_train_loss']:.4f} |")
     lines.append("")
-    for peer, c in res["comparison"].items():
-        lines.append(f"- ours / {peer}: **{c['ratio']:.2f}x** sequences/s"
-                     + (f"; MRR@5 ours - {peer} {c['mrr5_diff']:+.4f} (equal within {a['mrr_tolerance']}: "
+    for pair, c in res["comparison"].items():
+        mine, peer = pair.split("/")
+        lines.append(f"- {mine} / {peer}: **{c['ratio']:.2f}x** sequences/s"
+                     + (f"; MRR@5 {mine} - {peer} {c['mrr5_diff']:+.4f} (equal within {a['mrr_tolerance']}: "
                         f"{'yes' if c['equal_mrr5'] else 'no'})" if "mrr5_diff" in c else ""))
     if "recbole-last" in res["impls"]:
         s = res["impls"]["recbole-last"]
@@ -453,6 +575,8 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--blocks", type=int, default=5)
     p.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--negatives", type=int, default=-1,
+                   help="ours: sampled negatives per batch (shared pool); -1: 0.2 x items, the official code's")
     p.add_argument("--reg-weight", type=float, default=1e-5, help="RecBole's reg_weight (its default)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -509,6 +633,7 @@ def main(argv=None) -> dict:
                                                                                else sys.argv[1:]),
            "config": vars(args), "machine": machine_record(), "data": info, "skipped": skipped,
            "recbole_version": __import__("recbole").__version__ if have_recbole() else None,
+           "ours_source": ours_source() if any(n.startswith("ours") for n in impls) else None,
            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
            "result": {"impls": summary, "comparison": compare(summary, args.mrr_tolerance)},
            "per_epoch": {n: [{k: v for k, v in e.items() if k != "step_s"} for e in s["epochs"]]

@@ -41,9 +41,11 @@ def test_synthetic_sequences_and_the_train_targets():
     assert data.targets == int((y != 0).sum()) == sum(1 if r[0] == 0 else 3 for r in x)
     for vx, vy in zip(data.valid_x.numpy(), data.valid_y):
         assert (vy, tuple(vx)) in {(6, (0, 0, 5)), (10, (7, 8, 9))}
-    e0 = [xb.numpy().tolist() for xb, _ in data.batches(0, 5)]
-    assert e0 == [xb.numpy().tolist() for xb, _ in data.batches(0, 5)]  # every impl sees the same order
-    assert e0 != [xb.numpy().tolist() for xb, _ in data.batches(1, 5)]
+    e0 = [bt.x.numpy().tolist() for bt in data.batches(0, 5)]
+    assert e0 == [bt.x.numpy().tolist() for bt in data.batches(0, 5)]  # every impl sees the same order
+    assert e0 != [bt.x.numpy().tolist() for bt in data.batches(1, 5)]
+    for bt in data.batches(0, 5):  # x / y are the full sequences shifted
+        assert (bt.full[:, :-1] == bt.x).all() and ((bt.full[:, 1:] == bt.y) | (bt.y == 0)).all()
 
 
 def test_ml1m_partial_sequences(ml1m_partial_dir):
@@ -95,3 +97,19 @@ def test_recbole_loss_is_its_calculate_loss_at_the_last_position():
 def test_unknown_impl_is_an_error():
     with pytest.raises(SystemExit):
         _bench().parse_args(["--impls", "recbole,nope"])
+
+
+def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
+    """Both sides on the same batches: the same predicted positions per step, comparisons in the record."""
+    pytest.importorskip("recbole")
+    b = _bench()
+    if not b.have_ours():
+        pytest.skip("recsys_transfer.models.nextitnet not here yet (seqmodels branch)")
+    rec = b.main([*TINY, "--impls", "ours,ours-dense,recbole", "--negatives", "20", "--results-dir", str(tmp_path)])
+    impls = rec["result"]["impls"]
+    assert impls["ours"]["targets_per_seq"] == impls["recbole"]["targets_per_seq"] == pytest.approx(11.0)
+    # the same network: ours and RecBole's differ only in RecBole's output layer (final_layer, C x C + C)
+    assert impls["recbole"]["parameters"] - impls["ours"]["parameters"] == 8 * 8 + 8
+    assert set(rec["result"]["comparison"]) == {"ours/recbole", "ours-dense/recbole"}
+    assert rec["ours_source"]["sha256"]
+    assert "ours / recbole" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
