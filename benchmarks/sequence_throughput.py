@@ -417,6 +417,86 @@ def build(name: str, vocab: int, args):
     raise ValueError(name)
 
 
+# -- fine-tuning step time: PeterRec vs FineAll ----------------------------------------------------------------
+
+
+def have_peterrec() -> bool:
+    return have("recsys_transfer.models.peterrec")
+
+
+def finetune_times(data: Sequences, args, pretrained=None) -> dict:
+    """ms per fine-tuning step of each ``--finetune`` variant of ``recsys_transfer.models.peterrec.PeterRec``
+    (backbone nextitnet with the pretraining dims, insertion ``--ft-insertion``, head ``tcl``: the data appends
+    [TCL] = id 1 to every sequence) on a multiclass task of ``--ft-classes`` classes (seeded random labels: the
+    step's cost does not depend on them), trained by the step ``recsys-transfer train`` runs (``compose_step``:
+    row-wise Adam for the item table unless frozen, fused Adam for the trainable dense parameters), batch
+    ``--ft-batch-size`` sequences. ``pretrained``: our trained NextItNet, whose weights every variant loads by
+    name first (not needed for timing; keeps the patched network's activations realistic). Interleaved: one
+    untimed round, then ``--ft-rounds`` rounds of ``--ft-steps`` pre-built batches per variant, order rotating;
+    the median round."""
+    import torch
+
+    from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
+    from recsys_transfer.data.prepared import DatasetMeta, SparseFieldMeta
+    from recsys_transfer.models.peterrec import PeterRec
+    from recsys_transfer.tasks import TaskSpec
+    from recsys_transfer.train.compose import compose_step
+    from recsys_transfer.types import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    task = TaskSpec(name="profile", label="profile", kind="multiclass", num_classes=args.ft_classes)
+    items = SparseFieldMeta(name="items", vocab_size=data.vocab, oov_index=0, hashed=False, min_count=1,
+                            frequencies=[1] * data.vocab, head_ids=[], multi_valued=True)
+    meta = DatasetMeta(dataset="sequence-throughput-ft", sparse=[items], dense=[], labels=["profile"], split={},
+                       head_tail={}, split_rows={}, split_files={}, input_rows=0, skipped_rows=0, skip_reasons={},
+                       source={}, tasks=(task,))
+    rng = np.random.default_rng([args.seed, 55])
+    batches = []
+    for k in range(args.ft_steps):
+        idx = rng.choice(data.n_train, size=min(args.ft_batch_size, data.n_train), replace=False)
+        full = data.full[idx]
+        lengths = (full != PAD).sum(1) + 1
+        values = torch.cat([torch.cat([r[r != PAD], torch.tensor([SPECIAL])]) for r in full])  # + [TCL]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=["items"], values=values, lengths=lengths)
+        labels = torch.from_numpy(rng.integers(0, args.ft_classes, size=len(idx))).float()
+        batches.append(Batch(dense=torch.zeros(len(idx), 0), sparse=kjt, labels={"profile": labels}))
+    steps, params = {}, {}
+    for v in args.finetune:
+        torch.manual_seed(args.seed)
+        model = PeterRec(meta, backbone="nextitnet", variant=v, insertion=args.ft_insertion, head="tcl",
+                         embedding_dim=args.dim, dilations=tuple(args.dilations) * args.blocks, tasks=(task,))
+        if pretrained is not None:
+            missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
+            assert not unexpected, unexpected
+        params[v] = model.parameter_summary()
+        frozen = tuple(params[v]["frozen_tables"])
+        steps[v] = compose_step(model, meta, rows=RowsConfig(optimizer="adam", lr=args.lr, freeze=frozen),
+                                transfer=TransferConfig(mode="B"), train=TrainConfig(optimizer="adam", lr=args.lr))
+        steps[v].model_ref = model
+    names = list(steps)
+    rounds = {v: [] for v in names}
+    for r in range(args.ft_rounds + 1):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            steps[v].model_ref.train()
+            t0 = time.perf_counter()
+            for b in batches:
+                steps[v](b)
+            dt = (time.perf_counter() - t0) / len(batches)
+            if r:
+                rounds[v].append(dt * 1e3)
+    med = {v: statistics.median(rounds[v]) for v in names}
+    base = med.get("fine_all")
+    out = {"variants": {v: {"ms_per_step": med[v], "rounds_ms": rounds[v], **params[v],
+                            "vs_fine_all": (med[v] / base) if base else None} for v in names},
+           "batch_size": min(args.ft_batch_size, data.n_train), "steps": args.ft_steps, "rounds": args.ft_rounds,
+           "insertion": args.ft_insertion, "classes": args.ft_classes,
+           "loaded_pretrained": pretrained is not None}
+    for v in names:
+        log(f"fine-tune {v}: {med[v]:.1f} ms/step, trains {params[v]['trained']:,} parameters "
+            f"({params[v]['share_of_fine_all']:.1%} of FineAll's)")
+    return out
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 
 
@@ -562,6 +642,23 @@ def write_markdown(path: Path, rec: dict) -> None:
         if len(s["valid_epochs"]) > 1:
             lines.append(f"- {n} valid MRR@5 per epoch: "
                          + ", ".join(f"{e['epoch']}: {e['mrr@5']:.4f}" for e in s["valid_epochs"]))
+    ft = rec.get("finetune")
+    if ft:
+        lines += ["", "## Fine-tuning step time: PeterRec vs FineAll", "",
+                  f"PeterRec on the pretraining network (nextitnet, same dims), insertion {ft['insertion']}, head "
+                  f"tcl ([TCL] appended), a {ft['classes']}-class task with random labels (cost only), batch "
+                  f"{ft['batch_size']}, the trainer's step (row-wise Adam on the item table unless frozen, fused "
+                  f"Adam on the trainable dense parameters); {ft['steps']} pre-built batches per round, one untimed "
+                  f"round, {ft['rounds']} interleaved rounds, the median; pretrained weights loaded: "
+                  f"{ft['loaded_pretrained']}.", "",
+                  "| variant | ms/step | vs fine_all | trained parameters | share of FineAll's | frozen tables |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for v, d in ft["variants"].items():
+            lines.append(f"| {v} | {d['ms_per_step']:.1f} | "
+                         + (f"{d['vs_fine_all']:.2f}x" if d["vs_fine_all"] else "-")
+                         + f" | {d['trained']:,} | {d['share_of_fine_all']:.1%} | "
+                         f"{', '.join(d['frozen_tables']) or '-'} |")
+        lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -589,6 +686,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-every-epoch", action="store_true")
     p.add_argument("--mrr-tolerance", type=float, default=0.005,
                    help="ours counts as equal in MRR@5 when at most this much below")
+    p.add_argument("--finetune", default="peterrec,fine_all",
+                   help="PeterRec variants whose fine-tuning step is timed after pretraining ('' to skip)")
+    p.add_argument("--ft-batch-size", type=int, default=512, help="fine-tuning batch (FACTS.md: 512)")
+    p.add_argument("--ft-steps", type=int, default=10)
+    p.add_argument("--ft-rounds", type=int, default=5)
+    p.add_argument("--ft-insertion", default="d")
+    p.add_argument("--ft-classes", type=int, default=7, help="the profile task's classes (7: age brackets)")
     p.add_argument("--syn-users", type=int, default=100_000)
     p.add_argument("--syn-items", type=int, default=20_000)
     p.add_argument("--syn-zipf", type=float, default=1.0)
@@ -597,6 +701,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     args.impls = [s for s in args.impls.split(",") if s]
+    args.finetune = [s for s in args.finetune.split(",") if s]
     bad = set(args.impls) - set(IMPLS)
     if bad:
         p.error(f"unknown --impls {sorted(bad)}; choose from {IMPLS}")
@@ -610,6 +715,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
     load_start = [round(v, 2) for v in os.getloadavg()]
+    machine = machine_record()  # at the start: the commit that runs
     t0 = time.perf_counter()
     data, info = load_data(args)
     log(f"{args.dataset}: {info['train_sequences']} train / {info['valid_sequences']} valid sequences, vocab "
@@ -625,17 +731,26 @@ def main(argv=None) -> dict:
             skipped[n] = str(e)
     for n, why in skipped.items():
         log(f"skipping {n}: {why}")
-    if not impls:
+    if not impls and not args.finetune:
         raise SystemExit("no implementation to run")
-    stats = train_interleaved(impls, data, args)
+    stats = train_interleaved(impls, data, args) if impls else {}
     summary = summarize(stats, impls)
+    finetune = None
+    if args.finetune:
+        if have_peterrec():
+            pre = impls.get("ours") or impls.get("ours-dense")
+            finetune = finetune_times(data, args, pre.model if pre is not None else None)
+        else:
+            skipped["finetune"] = "recsys_transfer.models.peterrec is not importable (seqmodels not merged)"
+            log(f"skipping fine-tuning timing: {skipped['finetune']}")
     rec = {"command": "python benchmarks/sequence_throughput.py " + " ".join(argv if argv is not None
                                                                                else sys.argv[1:]),
-           "config": vars(args), "machine": machine_record(), "data": info, "skipped": skipped,
+           "config": vars(args), "machine": machine, "data": info, "skipped": skipped,
            "recbole_version": __import__("recbole").__version__ if have_recbole() else None,
            "ours_source": ours_source() if any(n.startswith("ours") for n in impls) else None,
            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
            "result": {"impls": summary, "comparison": compare(summary, args.mrr_tolerance)},
+           "finetune": finetune,
            "per_epoch": {n: [{k: v for k, v in e.items() if k != "step_s"} for e in s["epochs"]]
                          for n, s in stats.items()}}
     out = Path(args.results_dir)

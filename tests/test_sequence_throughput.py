@@ -61,6 +61,7 @@ def test_recbole_side_trains_on_tiny_synthetic(tmp_path):
     pytest.importorskip("recbole")
     b = _bench()
     rec = b.main([*TINY, "--impls", "recbole,recbole-last", "--syn-follow", "0.9", "--eval-every-epoch",
+                  "--finetune", "",
                   "--results-dir", str(tmp_path), "--tag", "t"])
     impls = rec["result"]["impls"]
     assert list(impls) == ["recbole", "recbole-last"] and rec["result"]["comparison"] == {}
@@ -105,7 +106,8 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
     b = _bench()
     if not b.have_ours():
         pytest.skip("recsys_transfer.models.nextitnet not here yet (seqmodels branch)")
-    rec = b.main([*TINY, "--impls", "ours,ours-dense,recbole", "--negatives", "20", "--results-dir", str(tmp_path)])
+    rec = b.main([*TINY, "--impls", "ours,ours-dense,recbole", "--negatives", "20", "--finetune", "",
+                  "--results-dir", str(tmp_path)])
     impls = rec["result"]["impls"]
     assert impls["ours"]["targets_per_seq"] == impls["recbole"]["targets_per_seq"] == pytest.approx(11.0)
     # the same network: ours and RecBole's differ only in RecBole's output layer (final_layer, C x C + C)
@@ -113,3 +115,16 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
     assert set(rec["result"]["comparison"]) == {"ours/recbole", "ours-dense/recbole"}
     assert rec["ours_source"]["sha256"]
     assert "ours / recbole" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
+
+
+def test_finetune_step_time_of_peterrec_and_fine_all(tmp_path):
+    b = _bench()
+    if not b.have_peterrec():
+        pytest.skip("recsys_transfer.models.peterrec not here yet (seqmodels branch)")
+    rec = b.main([*TINY, "--impls", "ours", "--epochs", "1", "--negatives", "20", "--ft-steps", "2",
+                  "--ft-rounds", "2", "--ft-batch-size", "32", "--results-dir", str(tmp_path)])
+    ft = rec["finetune"]["variants"]
+    assert list(ft) == ["peterrec", "fine_all"] and rec["finetune"]["loaded_pretrained"]
+    assert ft["fine_all"]["vs_fine_all"] == 1.0 and ft["peterrec"]["ms_per_step"] > 0
+    assert ft["peterrec"]["frozen_tables"] == ["t_items"] and ft["peterrec"]["share_of_fine_all"] < 0.5
+    assert "## Fine-tuning step time" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
