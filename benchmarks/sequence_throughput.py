@@ -593,7 +593,8 @@ def compare(summary: dict, mrr_tolerance: float, n_boot: int = 2000, seed: int =
             if o["valid"] and p["valid"]:
                 d["mrr5_diff"] = o["valid"]["mrr@5"] - p["valid"]["mrr@5"]
                 d["mrr5_diff_ci95"] = paired_bootstrap_mrr5(o["valid"]["ranks"], p["valid"]["ranks"], n_boot, seed)
-                d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance or d["mrr5_diff_ci95"][0] <= 0)
+                lo, hi = d["mrr5_diff_ci95"]
+                d["equal_mrr5"] = bool(d["mrr5_diff"] >= -mrr_tolerance or lo <= 0 <= hi)
             out[f"{mine}/{peer}"] = d
     return out
 
@@ -622,10 +623,12 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"Machine: {m['cpu_count']} CPUs, {m['platform']}; torch {m['torch']} (threads={m['torch_threads']}, "
              f"interop={m['torch_interop_threads']}), recbole {rec.get('recbole_version')}  ",
              *([f"Our model imported from `{rec['ours_source']['package']}` (commit "
-                f"`{rec['ours_source']['commit'][:12]}`, model files uncommitted there: "
+                f"`{rec['ours_source']['commit']}`, model files uncommitted there: "
                 f"{rec['ours_source']['model_files_uncommitted']}; sha256 "
                 + ", ".join(f"{k} {v}" for k, v in rec["ours_source"]["sha256"].items()) + ")  "]
               if rec.get("ours_source") else []),
+             *([f"Comparisons recomputed from the recorded ranks by `{rec['rerendered']['by']}` at commit "
+                f"`{rec['rerendered']['commit']}` (the run's numbers unchanged)  "] if rec.get("rerendered") else []),
              f"Load average at start {rec['load_start']}, at end {rec['load_end']} (shared machine)  ",
              f"Data `{a['dataset']}`: {info['train_sequences']:,} train / {info['valid_sequences']:,} validation "
              f"sequences (split by user, seed {a['seed']}), vocabulary {info['vocab']:,} (items + padding + "
@@ -687,6 +690,19 @@ def write_markdown(path: Path, rec: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def rerender(path: Path) -> dict:
+    """``--report``: the comparisons recomputed from a recorded run's validation ranks (this checkout's
+    :func:`compare`) and its markdown written again; the run's numbers are unchanged, the file says so."""
+    rec = json.loads(path.read_text())
+    cfg = rec["config"]
+    rec["result"]["comparison"] = compare(rec["result"]["impls"], cfg["mrr_tolerance"], seed=cfg["seed"])
+    rec["rerendered"] = {"by": "python benchmarks/sequence_throughput.py --report " + path.name,
+                         "commit": machine_record()["git_commit"]}
+    path.write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    write_markdown(path.with_suffix(".md"), rec)
+    return rec
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", choices=("ml1m", "synthetic"), default="ml1m")
@@ -722,6 +738,8 @@ def parse_args(argv=None):
     p.add_argument("--syn-items", type=int, default=20_000)
     p.add_argument("--syn-zipf", type=float, default=1.0)
     p.add_argument("--syn-follow", type=float, default=0.5)
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="only re-render JSON's markdown beside it, recomputing the comparisons from its ranks")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -737,6 +755,8 @@ def main(argv=None) -> dict:
     import torch
 
     args = parse_args(argv)
+    if args.report:
+        return rerender(Path(args.report))
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
     load_start = [round(v, 2) for v in os.getloadavg()]

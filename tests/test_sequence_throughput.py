@@ -124,6 +124,15 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
     c = rec["result"]["comparison"]["ours/recbole"]
     lo, hi = c["mrr5_diff_ci95"]
     assert lo <= c["mrr5_diff"] <= hi
+
+    # --report: the comparison again from the recorded ranks, here with a tolerance that decides on the CI alone
+    path = tmp_path / "sequence_throughput_synthetic.json"
+    saved = json.loads(path.read_text())
+    saved["config"]["mrr_tolerance"] = -1.0
+    path.write_text(json.dumps(saved))
+    again = b.main(["--report", str(path)])["result"]["comparison"]["ours/recbole"]
+    assert again["mrr5_diff_ci95"] == [lo, hi] and again["equal_mrr5"] == (lo <= 0 <= hi)
+    assert "Comparisons recomputed" in path.with_suffix(".md").read_text()
     assert rec["ours_source"]["sha256"]
     assert "ours / recbole" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
 
