@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	# torch-rechub: the peer of benchmarks/mtl_throughput.py, so its smoke test runs in CI; --no-deps (it would pull
 	# another torch), its MTL models need only numpy, pandas, scikit-learn, torch and tqdm, installed above
 	$(PIP) install -q --no-deps torch-rechub==0.9.0
+	# recbole: the peer of benchmarks/sequence_throughput.py (NextItNet); --no-deps (it would pull ray 2.6.3, thop,
+	# plotly, ...); its NextItNet + Interaction import path needs only colorlog, colorama (its exact pins) and texttable
+	$(PIP) install -q --no-deps recbole==1.2.1 colorlog==4.7.2 colorama==0.4.4 texttable==1.7.2
 	$(PY) -c "import torchrec, fbgemm_gpu, torch; print('installed torch', torch.__version__, 'torchrec', torchrec.__version__)"
 	touch $(STAMP)
 
