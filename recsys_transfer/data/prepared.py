@@ -647,6 +647,18 @@ def build_prepared(
                           rows_per_shard=rows_per_shard, row_group_size=row_group_size)
         finally:
             shutil.rmtree(spill_root, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_prepared(meta, tmp, out, old_id, overwrite=overwrite, allow_degenerate=allow_degenerate)
+
+
+def publish_prepared(meta: DatasetMeta, tmp: Path, out: Path, old_id: str | None, *, overwrite: bool,
+                     allow_degenerate: bool) -> DatasetMeta:
+    """Move a dataset built in ``tmp`` into ``out`` once it passes the checks: no degenerate split or label (unless
+    ``allow_degenerate``), and ``out`` holding no other dataset (id ``old_id``) unless ``overwrite``. On a failed
+    check ``tmp`` is removed and ``out`` left as it was."""
+    try:
         if not allow_degenerate:
             check_label_counts(meta)
         if old_id is not None and old_id != meta.dataset_id and not overwrite:

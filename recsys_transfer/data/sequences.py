@@ -78,7 +78,7 @@ from recsys_transfer.data.prepared import (
     DatasetMeta,
     SparseFieldMeta,
     _existing_dataset_id,
-    check_label_counts,
+    publish_prepared,
 )
 from recsys_transfer.data.splits import SPLITS, HeadTailSpec
 from recsys_transfer.errors import UserError
@@ -358,18 +358,10 @@ def _write(rows: pl.DataFrame, fields: list[_Field], labels: list[str], tasks: l
         d["sparse"], d["tasks"], d["label_counts"] = sparse, tuple(tasks), {}
         meta = DatasetMeta(**d)
         meta.write(tmp)
-        if not allow_degenerate:
-            check_label_counts(meta)
-        if old_id is not None and old_id != meta.dataset_id and not overwrite:
-            raise UserError(f"{out}: holds another prepared dataset (id {old_id}; this one is {meta.dataset_id}); "
-                            "pass --overwrite to replace it")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return meta
+    return publish_prepared(meta, tmp, out, old_id, overwrite=overwrite, allow_degenerate=allow_degenerate)
 
 
 # ----------------------------------------------------------------------------------------------------------

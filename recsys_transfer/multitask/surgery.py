@@ -270,6 +270,18 @@ def _check_cover(tables, n_rows: int) -> None:
         raise RuntimeError("the tables of a shared lookup call do not cover its rows")
 
 
+def _write_shared(call: CallRows) -> None:
+    """Gather the tables' new gradients into the call's shared array (the later stages and the optimizer read the
+    whole array) and make each table's gradient a view of it again."""
+    if call.shared is None:
+        return
+    tables = sorted(call.tables, key=lambda t: t.span[0])
+    _check_cover(tables, len(call.shared.rows))
+    call.shared.grad = torch.cat([t.grad for t in tables])
+    for t in call.tables:
+        t.grad = call.shared.grad[t.span[0] : t.span[1]]
+
+
 class RowSurgery(RowTransform):
     """Stage ``surgery`` of the row pipeline: each lookup call's per-task row gradients (``CallRows.task_grads``,
     recorded one backward per task) -> one ``g_main`` per touched row (module docstring). ``row_groups``: ``table``
@@ -313,12 +325,7 @@ class RowSurgery(RowTransform):
             for n in rest:
                 g = g + call.task_grads[n][k]
             t.grad = g
-        if call.shared is not None:  # the later stages and the optimizer read the whole array
-            tables = sorted(call.tables, key=lambda t: t.span[0])
-            _check_cover(tables, len(call.shared.rows))
-            call.shared.grad = torch.cat([t.grad for t in tables])
-            for t in call.tables:
-                t.grad = call.shared.grad[t.span[0] : t.span[1]]
+        _write_shared(call)
 
     # -- under torchrun ---------------------------------------------------------------------------------------
     def prepare(self, calls: list[CallRows], pipeline) -> None:
@@ -391,12 +398,7 @@ class RowSurgery(RowTransform):
             for n in rest:
                 g = g + call.task_grads[n][j]
             t.grad = g
-        if call.shared is not None:  # the later stages and the optimizer read the whole array
-            tables = sorted(call.tables, key=lambda t: t.span[0])
-            _check_cover(tables, len(call.shared.rows))
-            call.shared.grad = torch.cat([t.grad for t in tables])
-            for t in call.tables:
-                t.grad = call.shared.grad[t.span[0] : t.span[1]]
+        _write_shared(call)
 
     @staticmethod
     def _call_group(call: CallRows) -> str:
