@@ -359,21 +359,24 @@ class Ours:
         from recsys_transfer.train.compose import compose_step
 
         self.vocab = vocab
+        self.softmax = getattr(args, "softmax", "sampled")
         self.negatives = args.negatives if args.negatives >= 0 else max(1, round(0.2 * (vocab - FIRST_ITEM)))
+        if self.softmax == "full":  # the model's pool is every item: no batch draws (the field stays in the meta)
+            self.negatives = 0
         task = TaskSpec(name=self.TASK, label="next_item", kind="retrieval", candidates="sampled", loss="softmax")
 
         def field(name, vocab_of=None):
             return SparseFieldMeta(name=name, vocab_size=vocab, oov_index=0, hashed=False, min_count=1,
                                    frequencies=[1] * vocab, head_ids=[], multi_valued=True, vocab_of=vocab_of)
 
-        fields = [field("items")] + ([field("negatives", "items")] if self.negatives else [])
+        fields = [field("items")] + ([field("negatives", "items")] if self.negatives or self.softmax == "full" else [])
         self.meta = DatasetMeta(dataset="sequence-throughput", sparse=fields, dense=[], labels=["next_item"],
                                 split={}, head_tail={}, split_rows={}, split_files={}, input_rows=0, skipped_rows=0,
                                 skip_reasons={}, source={}, tasks=(task,))
         self.task, self.task_loss = task, task_loss
         torch.manual_seed(args.seed)
         self.model = NextItNet(self.meta, embedding_dim=args.dim, dilations=tuple(args.dilations) * args.blocks,
-                               kernel=3, tasks=(task,))
+                               kernel=3, softmax=self.softmax, tasks=(task,))
         self.trainer = trainer
         if trainer:
             self.step_fn = compose_step(self.model, self.meta, rows=RowsConfig(optimizer="adam", lr=args.lr),
@@ -638,7 +641,10 @@ def write_markdown(path: Path, rec: dict) -> None:
              f"({a['blocks'] * len(a['dilations'])} residual blocks, kernel 3); batch {a['batch_size']} sequences; "
              f"Adam lr {a['lr']}; {a['epochs']} epoch(s)"
              + (f", at most {a['max_steps']} steps each" if a["max_steps"] else "")
-             + f"; timing interleaved per step, first {a['warmup']} steps of epoch 1 untimed for the median.", ""]
+             + f"; timing interleaved per step, first {a['warmup']} steps of epoch 1 untimed for the median.  ",
+             "Ours' softmax: " + ("full (every item a candidate, as RecBole's CE)" if a.get("softmax") == "full" else
+                                  f"sampled, a shared uniform pool of {a['negatives']} negatives per batch "
+                                  "(-1: 0.2 x items)"), ""]
     if rec["skipped"]:
         lines += [f"Not run: {k}: {v}" for k, v in rec["skipped"].items()] + [""]
     lines += ["| impl | parameters | sequences/s (median step) | per epoch | sequences/s (total) | "
@@ -715,6 +721,8 @@ def parse_args(argv=None):
     p.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
     p.add_argument("--negatives", type=int, default=-1,
                    help="ours: sampled negatives per batch (shared pool); -1: 0.2 x items, the official code's")
+    p.add_argument("--softmax", choices=("sampled", "full"), default="sampled",
+                   help="ours: the model's softmax option (full: every item is a candidate, as RecBole's CE)")
     p.add_argument("--reg-weight", type=float, default=1e-5, help="RecBole's reg_weight (its default)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -137,6 +137,18 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
     assert "ours / recbole" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
 
 
+def test_ours_with_the_full_softmax(tmp_path):
+    """``--softmax full``: our model's candidates are every item (RecBole's CE), no negatives drawn; recorded."""
+    b = _bench()
+    if not b.have_ours():
+        pytest.skip("recsys_transfer.models.nextitnet not here yet (seqmodels branch)")
+    rec = b.main([*TINY, "--impls", "ours", "--softmax", "full", "--epochs", "1", "--finetune", "",
+                  "--results-dir", str(tmp_path)])
+    assert rec["config"]["softmax"] == "full"
+    assert rec["result"]["impls"]["ours"]["targets_per_seq"] == pytest.approx(11.0)
+    assert "Ours' softmax: full" in (tmp_path / "sequence_throughput_synthetic.md").read_text()
+
+
 def test_finetune_step_time_of_peterrec_and_fine_all(tmp_path):
     b = _bench()
     if not b.have_peterrec():
