@@ -23,9 +23,12 @@ def _script():
 def test_the_tables_plan_every_variant_task_and_seed_with_valid_configs(tmp_path):
     mod = _script()
     args = mod.argparse.Namespace(input=str(tmp_path), seeds=[0, 1, 2], pretrain_seed=0, dim=64, dilations=[1, 4],
-                                  pretrain_epochs=10, epochs=5, grec=True, pretrain_set=[], finetune_set=[])
+                                  pretrain_epochs=10, epochs=5, grec=True, pretrain_set=[], finetune_set=[],
+                                  pretrain_softmax="sampled", pretrain_negatives=1024)
     pre, fine = mod.plan(args, tmp_path)
     assert [r.name for r in pre] == ["pretrain-nextitnet", "pretrain-grec"]
+    nextitnet = load_config(ROOT / "pipelines" / pre[0].pipeline, list(pre[0].overrides))
+    assert nextitnet.model.params["softmax"] == "sampled" and nextitnet.sequence.negatives == 1024  # as recorded
     # 7 variants x 4 tasks + 3 more insertions on age, + GRec's FineAll and PeterRec on 4 tasks; x 3 seeds
     assert len(fine) == (7 * 4 + 3 + 2 * 4) * 3 == len({r.name for r in fine})
     for r in pre + fine:
