@@ -346,9 +346,6 @@ class Ours:
     TASK = "next"
 
     def __init__(self, vocab: int, args, trainer: bool = True) -> None:
-        if not have_ours():
-            raise NotImplementedError("recsys_transfer.models.nextitnet is not importable (the seqmodels branch "
-                                      "is not merged here)")
         import torch
 
         from recsys_transfer.config import RowsConfig, TrainConfig, TransferConfig
@@ -440,10 +437,6 @@ def build(name: str, vocab: int, args):
 
 
 # -- fine-tuning step time: PeterRec vs FineAll ----------------------------------------------------------------
-
-
-def have_peterrec() -> bool:
-    return have("recsys_transfer.models.peterrec")
 
 
 def finetune_times(data: Sequences, args, pretrained=None) -> dict:
@@ -778,10 +771,7 @@ def main(argv=None) -> dict:
         if n.startswith("recbole") and not have_recbole():
             skipped[n] = "recbole not installed (pip install recbole==1.2.1 --no-deps, see the Makefile)"
             continue
-        try:
-            impls[n] = build(n, data.vocab, args)
-        except NotImplementedError as e:
-            skipped[n] = str(e)
+        impls[n] = build(n, data.vocab, args)
     for n, why in skipped.items():
         log(f"skipping {n}: {why}")
     if not impls and not args.finetune:
@@ -790,16 +780,12 @@ def main(argv=None) -> dict:
     summary = summarize(stats, impls)
     finetune = None
     if args.finetune:
-        if have_peterrec():
-            pre = impls.get("ours") or impls.get("ours-dense")
-            try:
-                finetune = finetune_times(data, args, pre.model if pre is not None else None)
-            except Exception as e:  # noqa: BLE001 -- the pretraining results are still recorded
-                skipped["finetune"] = f"failed: {type(e).__name__}: {e}"
-                log(f"fine-tuning timing {skipped['finetune']}")
-        else:
-            skipped["finetune"] = "recsys_transfer.models.peterrec is not importable (seqmodels not merged)"
-            log(f"skipping fine-tuning timing: {skipped['finetune']}")
+        pre = impls.get("ours") or impls.get("ours-dense")
+        try:
+            finetune = finetune_times(data, args, pre.model if pre is not None else None)
+        except Exception as e:  # noqa: BLE001 -- the pretraining results are still recorded
+            skipped["finetune"] = f"failed: {type(e).__name__}: {e}"
+            log(f"fine-tuning timing {skipped['finetune']}")
     rec = {"command": "python benchmarks/sequence_throughput.py " + " ".join(argv if argv is not None
                                                                                else sys.argv[1:]),
            "config": vars(args), "machine": machine, "data": info, "skipped": skipped,

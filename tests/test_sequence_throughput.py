@@ -112,8 +112,6 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
     """Both sides on the same batches: the same predicted positions per step, comparisons in the record."""
     pytest.importorskip("recbole")
     b = _bench()
-    if not b.have_ours():
-        pytest.skip("recsys_transfer.models.nextitnet not here yet (seqmodels branch)")
     rec = b.main([*TINY, "--impls", "ours,ours-dense,recbole", "--negatives", "20", "--finetune", "",
                   "--results-dir", str(tmp_path)])
     impls = rec["result"]["impls"]
@@ -140,8 +138,6 @@ def test_ours_against_recbole_when_our_model_is_importable(tmp_path):
 def test_ours_with_the_full_softmax(tmp_path):
     """``--softmax full``: our model's candidates are every item (RecBole's CE), no negatives drawn; recorded."""
     b = _bench()
-    if not b.have_ours():
-        pytest.skip("recsys_transfer.models.nextitnet not here yet (seqmodels branch)")
     rec = b.main([*TINY, "--impls", "ours", "--softmax", "full", "--epochs", "1", "--finetune", "",
                   "--results-dir", str(tmp_path)])
     assert rec["config"]["softmax"] == "full"
@@ -151,8 +147,6 @@ def test_ours_with_the_full_softmax(tmp_path):
 
 def test_finetune_step_time_of_peterrec_and_fine_all(tmp_path):
     b = _bench()
-    if not b.have_peterrec():
-        pytest.skip("recsys_transfer.models.peterrec not here yet (seqmodels branch)")
     rec = b.main([*TINY, "--impls", "ours", "--epochs", "1", "--negatives", "20", "--ft-steps", "2",
                   "--ft-rounds", "2", "--ft-batch-size", "32", "--results-dir", str(tmp_path)])
     ft = rec["finetune"]["variants"]
