@@ -627,13 +627,7 @@ def build_prepared(
     (the counts are in ``meta.json`` either way, ``label_counts``).
     """
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output exists and is not a directory")
-    old_id = _existing_dataset_id(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    old_id, tmp = staging_dir(out)
     if spill_dir is None:
         spill_root = tmp / "_spill"
         spill_root.mkdir()
@@ -651,6 +645,19 @@ def build_prepared(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return publish_prepared(meta, tmp, out, old_id, overwrite=overwrite, allow_degenerate=allow_degenerate)
+
+
+def staging_dir(out: Path) -> tuple[str | None, Path]:
+    """``(id of the dataset now in out or None, an empty out.tmp/)`` to build a dataset in before
+    :func:`publish_prepared` moves it into ``out``; :class:`UserError` if ``out`` is a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output exists and is not a directory")
+    old_id = _existing_dataset_id(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return old_id, tmp
 
 
 def publish_prepared(meta: DatasetMeta, tmp: Path, out: Path, old_id: str | None, *, overwrite: bool,

@@ -77,8 +77,8 @@ import pyarrow.parquet as pq
 from recsys_transfer.data.prepared import (
     DatasetMeta,
     SparseFieldMeta,
-    _existing_dataset_id,
     publish_prepared,
+    staging_dir,
 )
 from recsys_transfer.data.splits import SPLITS, HeadTailSpec
 from recsys_transfer.errors import UserError
@@ -312,13 +312,8 @@ def _write(rows: pl.DataFrame, fields: list[_Field], labels: list[str], tasks: l
            extra_vocab: dict[str, pl.DataFrame], overwrite: bool, allow_degenerate: bool) -> DatasetMeta:
     """The prepared layout of :mod:`recsys_transfer.data.prepared`, written directly: the ids here are final
     (reserved 0/1, items from 2), which the generic builder's frequency-ordered vocabularies cannot express."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output exists and is not a directory")
-    old_id = _existing_dataset_id(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "vocab").mkdir(parents=True)
+    old_id, tmp = staging_dir(out)
+    (tmp / "vocab").mkdir()
     try:
         vocab.select("item", "id", "count").write_parquet(tmp / "vocab" / "items.parquet")
         for name, table in extra_vocab.items():
