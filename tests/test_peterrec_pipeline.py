@@ -100,3 +100,36 @@ def test_cold_users_get_sampled_and_full_ranking_metrics(pretrained, ml100k_dir)
     for k in (5, 10):
         assert 0 <= m[f"mrr@{k}"] <= m[f"hr@{k}"] <= 1 and 0 <= m[f"sampled_mrr@{k}"] <= m[f"sampled_hr@{k}"] <= 1
         assert m[f"sampled_hr@{k}"] >= m[f"hr@{k}"]  # 99 negatives are a subset of the 141 other target items
+
+
+@pytest.mark.distributed
+def test_pretraining_and_peterrec_under_torchrun(ml100k_dir, tmp_path):
+    """2 processes (gloo, DistributedModelParallel shards the item table): pretraining, then PeterRec loading it by
+    name; the fine-tuned model's pretrained convolutions and item table are bitwise the pretrained ones."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def launch(pipeline: str, out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "recsys_transfer", "launch", "--standalone", "--nproc-per-node", "2", "--",
+               "train", "--config", str(ROOT / "pipelines" / pipeline), "--output", str(out)]
+        for o in TINY + [f"data.path={tmp_path / (pipeline + '-data')}", f"data.prepare.input=[{ml100k_dir}]",
+                         *extra]:
+            cmd += ["--set", o]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    launch("peterrec-pretrain.yaml", tmp_path / "pretrain")
+    launch("peterrec-profile.yaml", tmp_path / "age", "tasks=[{name: age}]",
+           f"model.init_from={tmp_path / 'pretrain'}")
+    run = json.loads((tmp_path / "age" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["init_from"]["loaded"] > 0
+    pre, tuned = _state(tmp_path / "pretrain"), _state(tmp_path / "age")
+    frozen = [k for k in pre if k in tuned and ".ln" not in k]
+    assert any("t_items" in k for k in frozen) and any("conv" in k for k in frozen)
+    for k in frozen:
+        assert torch.equal(pre[k], tuned[k]), k
+    metrics = json.loads((tmp_path / "age" / "metrics.json").read_text())
+    assert metrics["test"]["age"]["rows"] == 943 - round(0.7 * 943) - round(0.03 * 943)
