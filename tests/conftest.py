@@ -78,6 +78,20 @@ def adult_dir(data_dir: Path) -> Path:
     return _real(data_dir, "adult-census", "adult.data")
 
 
+@pytest.fixture(scope="session")
+def adult_prepared(adult_dir: Path, tmp_path_factory):
+    """(prepared dir, meta) of UCI Adult through its recipe (two tasks: income, never_married), built once per
+    session; read-only for the tests that share it."""
+    from recsys_transfer.config import PrepareConfig
+    from recsys_transfer.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("adult") / "prepared"
+    recipe = Path(__file__).parents[1] / "pipelines" / "datasets" / "adult-census.yaml"
+    meta = prepare(PrepareConfig(schema=str(recipe), input=(str(adult_dir / "adult.data"),
+                                                            str(adult_dir / "adult.test"))), out, progress=False)
+    return out, meta
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_terminal_summary(terminalreporter):
     """One line, when real-data tests were skipped, on how to get the data. Only MovieLens-100K among the sets the

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_transfer.config import PrepareConfig, load_config
+from recsys_transfer.config import load_config
 from recsys_transfer.data.loader import BatchLoader
-from recsys_transfer.data.prepare import prepare
 from recsys_transfer.errors import UserError
 from recsys_transfer.models.esmm import product_logit
 from recsys_transfer.models.fdn import FDN
@@ -43,12 +42,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="session")
-def adult(adult_dir: Path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("adult_mtl") / "prepared"
-    meta = prepare(PrepareConfig(schema=str(REPO / "pipelines" / "datasets" / "adult-census.yaml"),
-                                 input=(str(adult_dir / "adult.data"), str(adult_dir / "adult.test"))),
-                   out, progress=False)
-    return out, meta
+def adult(adult_prepared):
+    return adult_prepared
 
 
 def first_batch(data_dir, meta, batch_size: int = 256):

@@ -232,17 +232,13 @@ FIELDS = ("native-country", "occupation")
 
 
 @pytest.fixture(scope="module")
-def adult(adult_dir: Path, tmp_path_factory):
-    from recsys_transfer.config import PrepareConfig
-    from recsys_transfer.data.prepare import prepare
+def adult(adult_prepared, tmp_path_factory):
     from recsys_transfer.transfer.domains import load_domains, select_command
 
-    out = tmp_path_factory.mktemp("adult_mt") / "p"
-    recipe = Path(__file__).parents[1] / "pipelines" / "datasets" / "adult-census.yaml"
-    meta = prepare(PrepareConfig(schema=str(recipe), input=(str(adult_dir / "adult.data"),
-                                                            str(adult_dir / "adult.test"))), out, progress=False)
-    select_command(out, list(FIELDS), out / "selection", top_k=5)
-    return out, meta, load_domains(out / "selection", FIELDS, meta)
+    out, meta = adult_prepared
+    selection = tmp_path_factory.mktemp("adult_selection") / "selection"  # the shared prepared dir stays read-only
+    select_command(out, list(FIELDS), selection, top_k=5)
+    return out, meta, load_domains(selection, FIELDS, meta)
 
 
 def _batches(out, n: int, size: int = 512):

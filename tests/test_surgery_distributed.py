@@ -30,18 +30,6 @@ CONFIGS = ("row_wise:gradvac:table", "row_wise:pcgrad:tables", "table_wise:gradv
 MAX_DIFF: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
-def adult_prepared(adult_dir: Path, tmp_path_factory):
-    from recsys_transfer.config import PrepareConfig
-    from recsys_transfer.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("adult_dist") / "p"
-    recipe = Path(__file__).parents[1] / "pipelines" / "datasets" / "adult-census.yaml"
-    meta = prepare(PrepareConfig(schema=str(recipe), input=(str(adult_dir / "adult.data"),
-                                                            str(adult_dir / "adult.test"))), out, progress=False)
-    return out, meta
-
-
 def _single_process(data: Path, meta, init: dict, method: str, row_groups: str, *weighting: str):
     torch.manual_seed(0)
     model = model_of(meta)
