@@ -19,6 +19,7 @@ from recsys_transfer.transfer.plugin import TransferPlugin
 WORKER = Path(__file__).parent / "workers" / "barrier_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 from seq_model import SeqModel  # noqa: E402
+from shards import assemble  # noqa: E402
 STEPS, LOCAL_BATCH, WORLD = 4, 64, 2
 
 
@@ -79,16 +80,10 @@ def test_sharded_equals_single_process(request, tmp_path, sharding, mode, loss, 
     parts = [torch.load(tmp_path / "out" / f"rank{k}.pt") for k in range(WORLD)]
     layouts = set()
     for key, full in want.items():
-        got = init[key].clone()
-        covered = torch.zeros_like(got, dtype=torch.int32)
-        for rank, part in enumerate(parts):
-            for offsets, tensor in part["state"].get(key, []):
-                sl = tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape))
-                got[sl] = tensor
-                covered[sl] += 1
-                table = case["table"]
-                if key.startswith((f"embedding.embedding_bags.{table}", f"embedding.embeddings.{table}")):
-                    layouts.add((rank, tuple(offsets)))
+        got, covered, shards = assemble(init[key], parts, key)
+        table = case["table"]
+        if key.startswith((f"embedding.embedding_bags.{table}", f"embedding.embeddings.{table}")):
+            layouts.update((rank, offsets) for rank, offsets, _ in shards)
         if "embedding_bags" in key or "embeddings" in key:
             assert bool((covered == 1).all()), f"{key}: shards overlap or miss rows"
         torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5, msg=key)

@@ -18,6 +18,7 @@ from recsys_transfer.train.compose import compose_step
 
 WORKER = Path(__file__).parent / "workers" / "surgery_worker.py"
 sys.path.insert(0, str(WORKER.parent))
+from shards import assemble  # noqa: E402
 from surgery_worker import ROWS, model_of, multitask_of  # noqa: E402
 
 STEPS, LOCAL_BATCH, WORLD = 4, 64, 2
@@ -69,15 +70,9 @@ def test_sharded_surgery_equals_single_process(adult_prepared, tmp_path):
         parts = [torch.load(tmp_path / "out" / config.replace(":", "-") / f"rank{k}.pt") for k in range(WORLD)]
         diff, split = 0.0, set()
         for key, full in want.items():
-            got = init[key].clone()
-            covered = torch.zeros_like(got, dtype=torch.int32)
-            for rank, part in enumerate(parts):
-                for offsets, tensor in part["state"].get(key, []):
-                    sl = tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape))
-                    got[sl] = tensor
-                    covered[sl] += 1
-                    if "embedding_bags" in key and tensor.shape[0] < full.shape[0]:
-                        split.add(key)
+            got, covered, shards = assemble(init[key], parts, key)
+            if "embedding_bags" in key and any(shape[0] < full.shape[0] for _, _, shape in shards):
+                split.add(key)
             if "embedding_bags" in key:
                 assert bool((covered == 1).all()), f"{config} {key}: shards overlap or miss rows"
             else:  # replicated: both ranks hold it, equal
