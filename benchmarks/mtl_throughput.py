@@ -65,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput_vs_peers import (  # noqa: E402  (shared with the DeepFM comparison)
-    TrainerPieces, interleave, load_split, log, machine_record, piece_rows)
+    PeerEpochs, TrainerPieces, interleave, load_split, log, machine_record, piece_rows)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -153,7 +153,7 @@ class Ours(TrainerPieces):
                 {t: p.values.astype(np.float64) for t, p in preds.tasks.items()})
 
 
-class RecHub:
+class RecHub(PeerEpochs):
     def __init__(self, model: str, meta, args, train, test) -> None:
         import torch
         from torch_rechub.basic.features import DenseFeature, SparseFeature
@@ -179,18 +179,12 @@ class RecHub:
         self.batch_size, self.seed = args.batch_size, args.seed
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
-        self._perm, self._pos = None, 0
-
-    def begin_epoch(self, epoch: int) -> None:
-        self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_y))
-        self._pos = 0
 
     def train_piece(self, rows: int) -> tuple[int, float, float]:
         from torch.utils.data import DataLoader
         from torch_rechub.utils.data import TorchDataset
 
-        idx = self._perm[self._pos:self._pos + rows]
-        self._pos += len(idx)
+        idx = self.next_rows(rows)
         x = {n: v[idx] for n, v in self.train_x.items()}  # gathered outside the timer
         y = self.train_y[idx]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

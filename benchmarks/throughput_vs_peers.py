@@ -177,7 +177,24 @@ class Ours(TrainerPieces):
         return float(evaluate(self.model, self.test, self.meta.tasks)[self.meta.tasks[0].name]["auc"])
 
 
-class DeepCTR:
+class PeerEpochs:
+    """A peer's own epoch order over in-memory arrays: ``begin_epoch`` draws a seeded permutation of the
+    ``train_y`` rows, ``next_rows(n)`` hands out its next ``n`` indices (gathered outside the timer)."""
+
+    seed: int
+    train_y: np.ndarray
+
+    def begin_epoch(self, epoch: int) -> None:
+        self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_y))
+        self._pos = 0
+
+    def next_rows(self, rows: int) -> np.ndarray:
+        idx = self._perm[self._pos:self._pos + rows]
+        self._pos += len(idx)
+        return idx
+
+
+class DeepCTR(PeerEpochs):
     name = "deepctr"
 
     def __init__(self, data_dir: Path, meta, args, train, test) -> None:
@@ -197,15 +214,9 @@ class DeepCTR:
         self.train_x, self.train_y = train
         self.test_x, self.test_y = test
         self.names = meta.sparse_names + meta.dense
-        self._perm, self._pos = None, 0
-
-    def begin_epoch(self, epoch: int) -> None:
-        self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_y))
-        self._pos = 0
 
     def train_piece(self, rows: int) -> tuple[int, float, float]:
-        idx = self._perm[self._pos:self._pos + rows]
-        self._pos += len(idx)
+        idx = self.next_rows(rows)
         x = {n: self.train_x[n][idx] for n in self.names}  # gathered outside the timer
         y = self.train_y[idx]
         with contextlib.redirect_stdout(io.StringIO()):
