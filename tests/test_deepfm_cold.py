@@ -31,9 +31,10 @@ def cold_meta(tasks=(COLD,), dense=("x",), source=None) -> DatasetMeta:
     """A cold dataset's fields (``items``; ``negatives`` sharing its vocabulary; ``eval_negatives`` over the Y
     classes) plus ``tags`` (a list field of its own vocabulary) and a dense field, so F = 2 user fields and d = 1."""
     sparse = [_field("items", 12), _field("tags", 5), _field("negatives", 12, "items"), _field("eval_negatives", Y)]
+    source = {"num_target_classes": Y} if source is None else dict(source)
     return DatasetMeta(dataset="cold-test", sparse=sparse, dense=list(dense), labels=sorted({t.label for t in tasks}),
                        split={}, head_tail={}, split_rows={}, split_files={}, input_rows=0, skipped_rows=0,
-                       skip_reasons={}, source={"num_target_classes": Y} if source is None else dict(source), tasks=tuple(tasks))
+                       skip_reasons={}, source=source, tasks=tuple(tasks))
 
 
 ROWS = {"items": [[2, 5, 5, 7], [3], [11, 2]], "tags": [[1, 4], [], [2]], "negatives": [[], [], []],
@@ -144,7 +145,7 @@ def test_refusals_are_one_line_user_errors():
     binary = TaskSpec(name="click", label="click")
     with pytest.raises(UserError, match="one retrieval task, alone"):
         DeepFM(cold_meta(tasks=(COLD, binary)), fields=["items"])
-    with pytest.raises(UserError, match="candidates: full"):
+    with pytest.raises(UserError, match="no output for the retrieval task 'cold' with candidates: sampled"):
         DeepFM(cold_meta(tasks=(TaskSpec(name="cold", label="target_item", kind="retrieval"),)), fields=["items"])
     with pytest.raises(UserError, match="needs the size of its label vocabulary"):
         DeepFM(cold_meta(source={}), fields=["items"])

@@ -96,6 +96,9 @@ class DeepFM(nn.Module):
                 raise UserError(f"deepfm scores the candidates of one retrieval task, alone; got tasks "
                                 f"{[(t.name, t.kind) for t in tasks]}")
             self.task = tasks[0]
+            if self.task.candidates != "full":
+                raise UserError(f"deepfm has no output for the retrieval task {self.task.name!r} with candidates: "
+                                "sampled; it scores every item of a task's label vocabulary (candidates: full)")
             num_candidates = full_candidates(self.task, meta, label_vocab, "deepfm")
             if self.task.eval_candidates != "full":
                 raise UserError(f"deepfm: retrieval task {self.task.name!r} is scored on its full label vocabulary; "
