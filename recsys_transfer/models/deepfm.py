@@ -18,7 +18,8 @@ sharing another's vocabulary (a history of items) reads that field's table, a fe
 that a task's evaluation ranks against (``eval_negatives``) is refused as a feature: the model would see the
 held-out negatives.
 
-Candidate scoring (one retrieval task with ``candidates: full``, e.g. PeterRec's cold-user task,
+Candidate scoring (one retrieval task with ``candidates: full``, alone: sampled candidates or other tasks next to it
+are refused; e.g. PeterRec's cold-user task,
 :mod:`recsys_transfer.data.sequences`): the candidate item ``y`` (a class id in ``0..|Y|-1``, |Y| from
 ``label_vocab`` or ``meta.source["num_target_classes"]``) is one more FM field with its own k-wide embedding ``v_y``
 and first-order weight ``w_y``, and every row is scored against every candidate with the paper's DeepFM on the
