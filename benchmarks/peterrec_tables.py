@@ -1,18 +1,25 @@
-"""PeterRec's Tables 2, 3 and 7 on MovieLens (issue 14, section 4): pretrained vs from scratch, PeterRec vs FineAll vs
-FineCLS vs FineLast, and the patch insertions, on the user-profile tasks (gender, age, occupation) and cold-user
-recommendation, with each run's trained parameters and their share of FineAll's.
+"""PeterRec's Tables 2, 3, 5 and 7 on MovieLens (issue 14, section 4): pretrained vs from scratch, PeterRec vs FineAll
+vs FineCLS vs FineLast, the DeepFM baseline of cold-user recommendation, and the patch insertions, on the user-profile
+tasks (gender, age, occupation) and cold-user recommendation, with each run's trained parameters and their share of
+FineAll's.
 
 Every run is ``recsys-transfer train`` with a shipped pipeline and ``--set`` overrides (the command of each run is
 in the results file), into ``WORKDIR/runs/<name>``; a finished run (``metrics.json`` completed) is not run again, so
 the script resumes. Stage 1 pretrains one network per backbone (``pipelines/peterrec-pretrain.yaml`` NextItNet,
 ``peterrec-pretrain-grec.yaml`` GRec; seed 0); stage 2 fine-tunes every (table, variant, task) for every seed
 (``pipelines/peterrec-profile.yaml`` with ``tasks=[{name: T}]``, ``peterrec-cold.yaml``), loading the pretrained
-network by name (``model.init_from``) unless the variant starts from a random one (PeterZero, FineZero).
+network by name (``model.init_from``) unless the variant starts from a random one (PeterZero, FineZero). Stage 2 also
+trains the DeepFM baseline on the cold task for every seed (``pipelines/peterrec-cold-deepfm.yaml``: the cold users'
+source-domain items as features, every target item scored; from scratch, no pretrained network; embedding width
+``--dim`` as the pretraining's, at most ``--epochs`` epochs as the fine-tuning runs; ``--baseline-set`` adds
+overrides to these runs only, ``--finetune-set`` does not reach them).
 
 * Table 2 analog (the paper's Table 2, causal CNN): FineZero, FineAll, PeterRec, PeterZero;
 * Table 3 analog: FineCLS, FineLast1, FineLast2, FineAll, PeterRec (the paper's Table 3 uses the non-causal CNN;
   here the causal one, so FineAll and PeterRec are Table 2's runs; ``--grec`` adds FineAll and PeterRec on the GRec
   network: the paper's RQ4, causal vs non-causal);
+* Table 5 analog (the paper's RQ3: "the interacted items in S are treated as features" of DeepFM): DeepFM vs
+  PeterRec vs FineAll on cold-user recommendation, with the trained parameters of each;
 * Table 7 analog: PeterRec's insertions (b) (c) (d) (e) on the age task.
 
 Metrics (test split, mean +- std over seeds): profile tasks accuracy; cold task HR@5 and MRR@5 of the true item
@@ -45,11 +52,12 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, as the runs (``python 
 PROFILE_TASKS = ("gender", "age", "occupation")
 TASKS = (*PROFILE_TASKS, "cold")
 LABELS = {"fine_zero": "FineZero", "fine_all": "FineAll", "peterrec": "PeterRec", "peter_zero": "PeterZero",
-          "fine_cls": "FineCLS", "fine_last1": "FineLast1", "fine_last2": "FineLast2"}
+          "fine_cls": "FineCLS", "fine_last1": "FineLast1", "fine_last2": "FineLast2", "deepfm": "DeepFM"}
 TABLE2 = ("fine_zero", "fine_all", "peterrec", "peter_zero")
 TABLE3 = ("fine_cls", "fine_last1", "fine_last2", "fine_all", "peterrec")
 INSERTIONS = ("b", "c", "d", "e")
 PRETRAIN = {"nextitnet": "peterrec-pretrain.yaml", "grec": "peterrec-pretrain-grec.yaml"}
+BASELINE = ("deepfm", "deepfm", "-")  # the DeepFM runs' (backbone, variant, insertion) in the results' cell keys
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Run:
     pipeline: str
     overrides: tuple[str, ...]
     after: str | None = None  # the pretraining run it loads
+    cell: tuple[str, str, str, str, int] | None = None  # (backbone, variant, insertion, task, seed) of a stage-2 run
 
     def command(self, workdir: Path) -> list[str]:
         cmd = [sys.executable, "-m", "recsys_transfer", "train", "--config", str(ROOT / "pipelines" / self.pipeline),
@@ -109,7 +118,14 @@ def plan(args, workdir: Path) -> tuple[list[Run], list[Run]]:
                 after = f"pretrain-{backbone}"
                 ov.append(f"model.init_from={workdir / 'runs' / after}")
             name = f"{backbone}-{variant}-{insertion}-{task}-s{seed}"
-            fine.append(Run(name, pipeline, tuple(ov + args.finetune_set), after))
+            fine.append(Run(name, pipeline, tuple(ov + args.finetune_set), after,
+                            (backbone, variant, insertion, task, seed)))
+    for seed in args.seeds:  # Table 5's DeepFM: from scratch, the pretraining's embedding width
+        ov = _data_overrides(args, workdir, "cold") + [
+            f"model.params.embedding_dim={args.dim}", "train.progress=false", f"train.epochs={args.epochs}",
+            f"train.seed={seed}"]
+        fine.append(Run(f"deepfm-cold-s{seed}", "peterrec-cold-deepfm.yaml", tuple(ov + args.baseline_set),
+                        cell=(*BASELINE, "cold", seed)))
     return pre, fine
 
 
@@ -171,13 +187,13 @@ def collect(args, workdir: Path, pre: list[Run], fine: list[Run]) -> dict:
                                    "best_epoch": m["best_epoch"], "wall_seconds": m["wall_seconds"],
                                    "parameters": m["parameters"], "command": r.command(workdir)}
     for r in fine:
-        backbone, variant, insertion, task, seed = r.name.rsplit("-", 4)
+        backbone, variant, insertion, task, seed = r.cell
         m = _metrics(workdir, r)
         test = m["test"][task]
         keys = ("accuracy", "macro_f1") if task in PROFILE_TASKS else (
             "sampled_hr@5", "sampled_mrr@5", "hr@10", "ndcg@10")
         cell = out["cells"].setdefault(f"{backbone}/{variant}/{insertion}/{task}", {"runs": []})
-        cell["runs"].append({"seed": int(seed[1:]), **{k: test[k] for k in keys},
+        cell["runs"].append({"seed": seed, **{k: test[k] for k in keys},
                              "trained": m["parameters"]["trained"], "best_epoch": m["best_epoch"],
                              "wall_seconds": m["wall_seconds"], "command": r.command(workdir)})
     return out
@@ -199,7 +215,7 @@ def _share(out: dict, backbone: str, variant: str, insertion: str, task: str) ->
 def report(args, out: dict, seconds: float) -> str:
     main = {t: ("accuracy" if t in PROFILE_TASKS else "sampled_hr@5") for t in TASKS}
     lines = [
-        "# PeterRec Tables 2, 3 and 7 analogs on MovieLens (`benchmarks/peterrec_tables.py`)", "",
+        "# PeterRec Tables 2, 3, 5 and 7 analogs on MovieLens (`benchmarks/peterrec_tables.py`)", "",
         f"Command: `{' '.join(['python', 'benchmarks/peterrec_tables.py'] + sys.argv[1:])}`; commit "
         f"{_commit()}; {seconds:.0f} s on {os.uname().machine}, {args.jobs} job(s) x {args.threads} thread(s).", "",
         f"Data: `{args.input}` (recsys_transfer/data/sequences.py: target domain Documentary + Horror; profile rows = "
@@ -234,6 +250,17 @@ def report(args, out: dict, seconds: float) -> str:
     if args.grec:
         table("Non-causal CNN (GRec, [TCS] at both ends, Eq. 6): FineAll and PeterRec", ("fine_all", "peterrec"),
               "grec")
+    lines += ["", "## Table 5 analog: DeepFM vs PeterRec vs FineAll on cold-user recommendation", "",
+              "DeepFM (pipelines/peterrec-cold-deepfm.yaml): the user's source-domain items as one mean-pooled field, "
+              "every target item one more FM field, trained from scratch (no pretrained network); PeterRec and "
+              "FineAll: the causal network of Table 2.", "",
+              "| model | cold HR@5 | cold MRR@5 | cold full HR@10 | trained (cold) |", "|---|---:|---:|---:|---:|"]
+    for backbone, variant, insertion in (BASELINE, ("nextitnet", "peterrec", "d"), ("nextitnet", "fine_all", "d")):
+        row = [_fmt(_cell(out, backbone, variant, insertion, "cold", k)) for k in ("sampled_hr@5", "sampled_mrr@5",
+                                                                                   "hr@10")]
+        trained = _cell(out, backbone, variant, insertion, "cold", "trained")
+        row.append(f"{trained[0]:,}" if trained else "-")
+        lines.append(f"| {LABELS[variant]} | " + " | ".join(row) + " |")
     lines += ["", "## Table 7 analog: insertions on the age task (PeterRec, causal CNN)", "",
               "| insertion | age accuracy | trained |", "|---|---:|---:|"]
     for ins in INSERTIONS:
@@ -245,6 +272,10 @@ def report(args, out: dict, seconds: float) -> str:
         pr, fa, fc = (statistics.fmean(_cell(out, "nextitnet", v, "d", t, k) or [float("nan")])
                       for v in ("peterrec", "fine_all", "fine_cls"))
         lines.append(f"- {t}: PeterRec {100 * pr:.2f}, FineAll {100 * fa:.2f}, FineCLS {100 * fc:.2f} ({k}).")
+    dfm = statistics.fmean(_cell(out, *BASELINE, "cold", "sampled_hr@5") or [float("nan")])
+    pr = statistics.fmean(_cell(out, "nextitnet", "peterrec", "d", "cold", "sampled_hr@5") or [float("nan")])
+    lines.append(f"- cold (Table 5): PeterRec {100 * pr:.2f} {'>=' if pr >= dfm else '<'} DeepFM {100 * dfm:.2f} "
+                 "(sampled_hr@5).")
     d, e = (statistics.fmean(_cell(out, "nextitnet", "peterrec", i, "age", "accuracy") or [float("nan")])
             for i in ("d", "e"))
     lines.append(f"- parallel (d) {'>=' if d >= e else '<'} (e) on age: {100 * d:.2f} vs {100 * e:.2f}.")
@@ -276,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grec", action="store_true", help="also pretrain GRec and fine-tune FineAll / PeterRec on it")
     p.add_argument("--pretrain-set", action="append", default=[], help="extra --set for pretraining runs")
     p.add_argument("--finetune-set", action="append", default=[], help="extra --set for fine-tuning runs")
+    p.add_argument("--baseline-set", action="append", default=[], help="extra --set for the DeepFM runs")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--smoke", action="store_true", help="ML-100K, a tiny network, one seed, one epoch")
@@ -289,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         args.pretrain_epochs = args.epochs = 1
         args.pretrain_set = args.pretrain_set + ["sequence.negatives=32", "train.batch_size=64"]
         args.finetune_set = args.finetune_set + ["train.batch_size=64"]
+        args.baseline_set = args.baseline_set + ["train.batch_size=64", "model.params.hidden=[16]"]
     args.input = str(Path(args.input or data / "movielens-1m-partial").resolve())
     if not Path(args.input).is_dir():
         print(f"peterrec_tables: {args.input}: no such directory (set RECSYS_DATA_DIR or --input)", file=sys.stderr)

@@ -52,6 +52,7 @@ from recsys_transfer.errors import UserError
 from recsys_transfer.models.sequence import ITEMS, SequenceBackbone
 from recsys_transfer.modules.dilated_cnn import init_truncated_normal
 from recsys_transfer.modules.embedding import table_name
+from recsys_transfer.modules.heads import full_candidates
 from recsys_transfer.modules.patches import INSERTIONS, PatchedResidualBlock
 from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.types import Batch
@@ -103,15 +104,7 @@ class PeterRec(SequenceBackbone):
             return task.num_classes
         if task.kind in ("binary", "regression"):
             return 1
-        if task.candidates != "full":
-            raise UserError(f"peterrec: retrieval task {task.name!r} scores the whole target-label vocabulary "
-                            "(candidates: full), got candidates: sampled")
-        size = (label_vocab or {}).get(task.name) or meta.source.get("num_target_classes")
-        if not size or size < 2:
-            raise UserError(f"peterrec: retrieval task {task.name!r} needs the size of its label vocabulary: "
-                            f"label_vocab: {{{task.name}: |Y|}} (the cold dataset records it as "
-                            "source.num_target_classes)")
-        return int(size)
+        return full_candidates(task, meta, label_vocab, "peterrec")
 
     def _set_trainable(self, tune_layernorm: bool) -> None:
         for p in self.parameters():

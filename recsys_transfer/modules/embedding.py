@@ -103,12 +103,13 @@ def table_configs(meta: DatasetMeta, dim: int, fields: Sequence[str] | None = No
     ]
 
 
-def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu",
-             pooling: dict[str, str] | None = None) -> EmbeddingBagCollection:
-    """An EmbeddingBagCollection with one ``dim``-wide table per vocabulary (``device='meta'`` for DMP), pooling
-    list fields by ``pooling`` (``{field: 'sum' | 'mean'}``, default sum), with the grouped lookup (see the module
-    docstring)."""
-    return use_grouped_lookup(EmbeddingBagCollection(tables=table_configs(meta, dim, pooling=pooling),
+def make_ebc(meta: DatasetMeta, dim: int, device: str = "cpu", pooling: dict[str, str] | None = None,
+             fields: Sequence[str] | None = None) -> EmbeddingBagCollection:
+    """An EmbeddingBagCollection with one ``dim``-wide table per vocabulary owner of ``fields`` (default every
+    sparse field; ``device='meta'`` for DMP), pooling list fields by ``pooling`` (``{field: 'sum' | 'mean'}``,
+    default sum), with the grouped lookup (see the module docstring). Its forward reads only its own features of a
+    KeyedJaggedTensor holding more."""
+    return use_grouped_lookup(EmbeddingBagCollection(tables=table_configs(meta, dim, fields, pooling),
                                                      device=torch.device(device)))
 
 

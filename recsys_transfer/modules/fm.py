@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -54,11 +56,12 @@ def fm_second_order(v: torch.Tensor) -> torch.Tensor:
 class FirstOrder(nn.Module):
     """``sum_f w_f[x_f] + <w_d, dense>`` -> ``[B]``, with one (4-wide, column 0 used) table per vocabulary (a
     field sharing another's vocabulary shares its weights; a list field's term is its bag pooled by ``pooling``,
-    :func:`~recsys_transfer.modules.embedding.make_ebc`)."""
+    :func:`~recsys_transfer.modules.embedding.make_ebc`), over ``fields`` (default every sparse field)."""
 
-    def __init__(self, meta: DatasetMeta, pooling: dict[str, str] | None = None) -> None:
+    def __init__(self, meta: DatasetMeta, pooling: dict[str, str] | None = None,
+                 fields: Sequence[str] | None = None) -> None:
         super().__init__()
-        self.tables = make_ebc(meta, FIRST_ORDER_WIDTH, pooling=pooling)
+        self.tables = make_ebc(meta, FIRST_ORDER_WIDTH, pooling=pooling, fields=fields)
         for p in self.tables.parameters():
             nn.init.zeros_(p)
         self.dense = nn.Linear(len(meta.dense), 1, bias=False) if meta.dense else None

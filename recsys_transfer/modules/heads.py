@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
 
@@ -38,3 +39,19 @@ def single_score_task(tasks: tuple[TaskSpec, ...] | list[TaskSpec], model: str) 
         raise UserError(f"{model} computes one score per row: it takes exactly one binary or regression task, got "
                         f"{[(t.name, t.kind) for t in tasks]} (use deepfm or autoint for several tasks)")
     return tasks[0]
+
+
+def full_candidates(task: TaskSpec, meta: DatasetMeta, label_vocab: dict[str, int] | None, model: str) -> int:
+    """``|Y|``, the number of candidates of a retrieval task that a model scores over its whole label vocabulary
+    (``candidates: full``; output ``[B, |Y|]``): ``label_vocab[task.name]``, else the cold dataset's
+    ``meta.source["num_target_classes"]`` (:mod:`recsys_transfer.data.sequences`). :class:`UserError` for
+    sampled candidates or an unknown size."""
+    if task.candidates != "full":
+        raise UserError(f"{model}: retrieval task {task.name!r} scores the whole target-label vocabulary "
+                        "(candidates: full), got candidates: sampled")
+    size = (label_vocab or {}).get(task.name) or meta.source.get("num_target_classes")
+    if not size or size < 2:
+        raise UserError(f"{model}: retrieval task {task.name!r} needs the size of its label vocabulary: "
+                        f"label_vocab: {{{task.name}: |Y|}} (the cold dataset records it as "
+                        "source.num_target_classes)")
+    return int(size)
