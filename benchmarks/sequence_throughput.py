@@ -268,6 +268,10 @@ class RecBole:
         import torch
         from recbole.model.sequential_recommender.nextitnet import NextItNet
 
+        # importing RecBole's sequential models runs sine.py's module-level torch.autograd.set_detect_anomaly(True)
+        # (recbole 1.2.1): every later backward, ours included, would check each gradient for NaN (measured: ~25%
+        # of a RecBole step, more of ours, which has more autograd nodes). Neither side asked for it: off.
+        torch.autograd.set_detect_anomaly(False)
         class _Dataset:  # all SequentialRecommender.__init__ reads from a dataset
             def num(self, field: str) -> int:
                 assert field == RecBole.ITEM, field
@@ -362,15 +366,27 @@ class Ours:
             self.negatives = 0
         task = TaskSpec(name=self.TASK, label="next_item", kind="retrieval", candidates="sampled", loss="softmax")
 
+        self.sampler = getattr(args, "sampler", "uniform")
+        counts = getattr(args, "train_counts", None)  # popularity: the items' training counts (load_data's)
+
         def field(name, vocab_of=None):
             return SparseFieldMeta(name=name, vocab_size=vocab, oov_index=0, hashed=False, min_count=1,
-                                   frequencies=[1] * vocab, head_ids=[], multi_valued=True, vocab_of=vocab_of)
+                                   frequencies=list(counts) if counts is not None else [1] * vocab, head_ids=[],
+                                   multi_valued=True, vocab_of=vocab_of)
 
         fields = [field("items")] + ([field("negatives", "items")] if self.negatives or self.softmax == "full" else [])
         self.meta = DatasetMeta(dataset="sequence-throughput", sparse=fields, dense=[], labels=["next_item"],
                                 split={}, head_tail={}, split_rows={}, split_files={}, input_rows=0, skipped_rows=0,
                                 skip_reasons={}, source={}, tasks=(task,))
         self.task, self.task_loss = task, task_loss
+        self.pool_transform = None
+        if self.sampler == "popularity" and self.negatives:  # the library's draw and log-Q weights, as `train` does
+            from recsys_transfer.config import SequenceConfig
+            from recsys_transfer.data.sequences import SequenceSampling
+
+            self.pool_transform = SequenceSampling(
+                SequenceConfig(negatives=self.negatives, sampler="popularity", sampler_power=args.sampler_power,
+                               seed=args.seed), self.meta, split="train")
         torch.manual_seed(args.seed)
         self.model = NextItNet(self.meta, embedding_dim=args.dim, dilations=tuple(args.dilations) * args.blocks,
                                kernel=3, softmax=self.softmax, tasks=(task,))
@@ -393,14 +409,19 @@ class Ours:
         lengths = (full != PAD).sum(1)
         values = full[full != PAD]  # row-major: each row's items in order
         keys = ["items"]
-        if key is not None and self.negatives:
+        if key is not None and self.negatives and self.pool_transform is None:
             rng = np.random.default_rng(list(key) + [7])
             neg = torch.from_numpy(rng.integers(FIRST_ITEM, self.vocab, size=self.negatives))
             share = torch.full((b,), self.negatives // b, dtype=torch.long)
             share[: self.negatives % b] += 1
             values, lengths, keys = torch.cat([values, neg]), torch.cat([lengths, share]), keys + ["negatives"]
+        if key is not None and self.pool_transform is not None:  # an empty feature the transform fills
+            values, lengths, keys = values, torch.cat([lengths, torch.zeros(b, dtype=lengths.dtype)]), keys + ["negatives"]
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
-        return Batch(dense=torch.zeros(b, 0), sparse=kjt, labels={"next_item": torch.zeros(b)})
+        batch = Batch(dense=torch.zeros(b, 0), sparse=kjt, labels={"next_item": torch.zeros(b)})
+        if key is not None and self.pool_transform is not None:
+            batch = self.pool_transform(batch, epoch=key[1], index=key[2])
+        return batch
 
     def prepare(self, batch: TrainBatch):
         return self.batch(batch.full, batch.key), int((batch.y != PAD).sum())
@@ -412,7 +433,7 @@ class Ours:
             return float(self.step_fn(batch).loss), targets
         self.opt.zero_grad()
         out = self.model(batch)[self.TASK]
-        assert out.shape[0] == targets, (out.shape, targets)
+        assert len(out.query if isinstance(out, tuple) else out) == targets, targets
         loss = self.task_loss(self.task, out, batch.labels["next_item"])
         loss.backward()
         self.opt.step()
@@ -716,6 +737,10 @@ def parse_args(argv=None):
                    help="ours: sampled negatives per batch (shared pool); -1: 0.2 x items, the official code's")
     p.add_argument("--softmax", choices=("sampled", "full"), default="sampled",
                    help="ours: the model's softmax option (full: every item is a candidate, as RecBole's CE)")
+    p.add_argument("--sampler", choices=("uniform", "popularity"), default="uniform",
+                   help="ours, sampled softmax: how the pool is drawn (popularity: (count+1)^power with the log-Q "
+                        "correction; recsys_transfer.data.sequences.negative_distribution)")
+    p.add_argument("--sampler-power", type=float, default=1.0)
     p.add_argument("--reg-weight", type=float, default=1e-5, help="RecBole's reg_weight (its default)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -764,6 +789,8 @@ def main(argv=None) -> dict:
     machine = machine_record()  # at the start: the commit that runs
     t0 = time.perf_counter()
     data, info = load_data(args)
+    args.train_counts = np.bincount(data.full.numpy().ravel(), minlength=data.vocab)  # popularity sampler's counts
+    args.train_counts[PAD] = 0
     log(f"{args.dataset}: {info['train_sequences']} train / {info['valid_sequences']} valid sequences, vocab "
         f"{info['vocab']}, {info['train_targets_per_epoch']} targets/epoch ({time.perf_counter() - t0:.1f}s, untimed)")
     impls, skipped = {}, {}
@@ -788,7 +815,7 @@ def main(argv=None) -> dict:
             log(f"fine-tuning timing {skipped['finetune']}")
     rec = {"command": "python benchmarks/sequence_throughput.py " + " ".join(argv if argv is not None
                                                                                else sys.argv[1:]),
-           "config": vars(args), "machine": machine, "data": info, "skipped": skipped,
+           "config": {k: v for k, v in vars(args).items() if k != "train_counts"}, "machine": machine, "data": info, "skipped": skipped,
            "recbole_version": __import__("recbole").__version__ if have_recbole() else None,
            "ours_source": ours_source() if any(n.startswith("ours") for n in impls) else None,
            "load_start": load_start, "load_end": [round(v, 2) for v in os.getloadavg()],

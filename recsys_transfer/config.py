@@ -527,6 +527,7 @@ class LogConfig:
 
 
 SEQUENCE_TOKENS = ("none", "end", "both")
+SEQUENCE_SAMPLERS = ("uniform", "popularity")
 
 
 @dataclass(frozen=True)
@@ -535,12 +536,18 @@ class SequenceConfig:
     by the loader; needs a ``movielens-sequences`` dataset): ``negatives`` item ids per training batch (a shared
     pool for a sampled softmax; 0 = none), ``mask_rate`` (GRec's masking with the 80/10/10 rule; 0 = none, the
     causal NextItNet), ``token`` (``end``: append the special token [TCL]; ``both``: also prepend it [TCS]) and the
-    ``seed`` of the draws (with the epoch and batch index, so a resumed run gets the same batches)."""
+    ``seed`` of the draws (with the epoch and batch index, so a resumed run gets the same batches). ``sampler``:
+    how the pool is drawn -- ``uniform`` over the items, or ``popularity``: proportional to ``(training count +
+    1) ** sampler_power``, with the sampled softmax's log-Q correction (the batch carries ``log(S q(id))`` as the
+    KJT's weights and the model subtracts it from every logit; :func:`recsys_transfer.data.sequences.
+    negative_distribution`)."""
 
     negatives: int = 0
     mask_rate: float = 0.0
     token: str = "none"
     seed: int = 0
+    sampler: str = "uniform"
+    sampler_power: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.negatives, bool) or not isinstance(self.negatives, int) or self.negatives < 0:
@@ -549,6 +556,12 @@ class SequenceConfig:
             raise ValueError(f"sequence.mask_rate must be in [0, 1], got {self.mask_rate}")
         if self.token not in SEQUENCE_TOKENS:
             raise ValueError(f"sequence.token must be one of {SEQUENCE_TOKENS}, got {self.token!r}")
+        if self.sampler not in SEQUENCE_SAMPLERS:
+            raise ValueError(f"sequence.sampler must be one of {SEQUENCE_SAMPLERS}, got {self.sampler!r}")
+        if isinstance(self.sampler_power, bool) or not self.sampler_power >= 0:  # also rejects NaN
+            raise ValueError(f"sequence.sampler_power must be a number >= 0, got {self.sampler_power!r}")
+        if self.sampler_power != 1.0 and self.sampler != "popularity":
+            raise ValueError("sequence.sampler_power is for sampler: popularity")
 
     @property
     def enabled(self) -> bool:

@@ -12,7 +12,9 @@
   the positive item id): the full softmax ``cross_entropy(scores, item id)``, or ``bpr``
   ``mean_b softplus(s_b,y- - s_b,y)`` with one negative label ``y-`` per row drawn uniformly from the other
   ``C - 1`` items (PeterRec Eq. 8: "a false label randomly sampled from Y \\ y"; from torch's global generator,
-  which the train state checkpoints).
+  which the train state checkpoints). A :class:`~recsys_transfer.types.FactoredScores` output (a full softmax
+  not materialized) gets the same losses over its candidates, the softmax computed in chunks
+  (:func:`factored_softmax_loss`).
 
 Model-specific terms: a model may return, next to its task outputs, auxiliary outputs keyed by a term name
 (:class:`recsys_transfer.types.ModelOutput`); the term named by the key's part before ``/`` turns the value into a
@@ -33,10 +35,69 @@ import torch.nn.functional as F
 
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
+from recsys_transfer.types import FactoredScores
+
+
+#: rows of one chunk of :func:`factored_softmax_loss`: about this many logits (4 MiB of float32) at a time
+CHUNK_LOGITS = 1 << 20
+
+
+class _ChunkedSoftmaxCrossEntropy(torch.autograd.Function):
+    """``mean_m [logsumexp_s <q_m, c_s> - <q_m, c_{y_m}>]`` and its gradients, one chunk of rows at a time.
+
+    Forward computes the loss AND both gradients chunk by chunk (``p = softmax(q_c C^T) - onehot(y)``;
+    ``dq_c = p C``; ``dC += p^T q_c``), so the ``[M, S]`` logits, probabilities and their gradient never exist
+    whole -- only ``[rows, S]`` of them, in cache; backward scales the saved ``[M, C]`` / ``[S, C]`` gradients by
+    the incoming scalar. The same sums as ``cross_entropy(q @ C.T, y)`` (tests hold them equal in float64);
+    measured on CPU (one thread, M 8,030, S 3,527, C 64, forward + backward): 2x faster than the unfused one."""
+
+    @staticmethod
+    def forward(ctx, query, candidates, positive):
+        M, S = query.shape[0], candidates.shape[0]
+        rows = max(1, min(M, CHUNK_LOGITS // max(S, 1)))
+        grad_q = torch.empty_like(query)
+        grad_c = torch.zeros_like(candidates)
+        total = torch.zeros((), dtype=torch.float64, device=query.device)
+        for start in range(0, M, rows):
+            q, y = query[start:start + rows], positive[start:start + rows]
+            logits = q @ candidates.t()  # [rows, S]
+            top = logits.amax(dim=1, keepdim=True)  # [rows, 1]
+            positive_logit = logits.gather(1, y.unsqueeze(1)).squeeze(1)  # [rows]
+            p = logits.sub_(top).exp_()  # one exp pass, in place: exp(logit - max)
+            norm = p.sum(dim=1, keepdim=True)  # [rows, 1]
+            lse = top.squeeze(1) + norm.log().squeeze(1)  # logsumexp
+            total += (lse - positive_logit).sum(dtype=torch.float64)
+            p.div_(norm)  # softmax
+            p[torch.arange(len(y), device=p.device), y] -= 1  # - onehot(y)
+            torch.mm(p, candidates, out=grad_q[start:start + rows])
+            grad_c.addmm_(p.t(), q)
+        ctx.save_for_backward(grad_q.div_(M), grad_c.div_(M))
+        return (total / M).to(query.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_q, grad_c = ctx.saved_tensors
+        return grad * grad_q, grad * grad_c, None
+
+
+def factored_softmax_loss(task: TaskSpec, scores: FactoredScores) -> torch.Tensor:
+    """The loss of a retrieval task on :class:`FactoredScores`: ``softmax`` = the full softmax cross entropy over
+    the candidates (chunked, :class:`_ChunkedSoftmaxCrossEntropy`); ``bpr`` = ``mean_m softplus(s_m,y- -
+    s_m,y)`` with one other candidate ``y-`` per row drawn uniformly (as the full-candidate BPR below)."""
+    q, c, y = scores.query, scores.candidates, scores.positive.long()
+    if len(y) == 0:
+        return q.sum() * 0.0
+    if task.loss == "bpr":
+        shift = torch.randint(1, c.shape[0], y.shape, device=q.device)
+        neg = (y + shift) % c.shape[0]
+        return F.softplus((q * c[neg]).sum(1) - (q * c[y]).sum(1)).mean()
+    return _ChunkedSoftmaxCrossEntropy.apply(q, c, y)
 
 
 def task_loss(task: TaskSpec, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """The loss of one task kind (module docstring), a scalar."""
+    if isinstance(output, FactoredScores):
+        return factored_softmax_loss(task, output)
     if task.kind == "binary":
         return F.binary_cross_entropy_with_logits(output, label.to(output.dtype))
     if task.kind == "regression":

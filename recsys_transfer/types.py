@@ -12,13 +12,14 @@ Shapes (B = batch size, F = number of sparse fields, D = number of dense fields)
 * ``labels``: ``{label column: float32[B]}`` so multi-task models fit the same contract.
 
 A model's ``forward(batch)`` returns ``{task name: output}`` (see :mod:`recsys_transfer.tasks` for each kind's
-shape), or a :class:`ModelOutput` when it also has auxiliary outputs for model-specific loss terms
+shape; a :class:`FactoredScores` for a full softmax too large to materialize), or a :class:`ModelOutput` when it also has auxiliary outputs for model-specific loss terms
 (:mod:`recsys_transfer.objectives`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -43,6 +44,21 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         return Batch(self.dense.pin_memory(), self.sparse.pin_memory(), {k: v.pin_memory() for k, v in self.labels.items()})
+
+
+class FactoredScores(NamedTuple):
+    """A retrieval output too large to materialize: the scores ``query @ candidates.T`` (``query [M, C]``,
+    ``candidates [S, C]``: ``[M, S]``) of M predictions over a shared candidate set, each prediction's positive at
+    column ``positive [M]`` (long). A sequence model's full softmax returns this in training (S = every item), so
+    the objective (:func:`recsys_transfer.objectives.factored_softmax_loss`) computes the cross entropy chunk by
+    chunk without the ``[M, S]`` logits; :meth:`materialize` gives them."""
+
+    query: torch.Tensor
+    candidates: torch.Tensor
+    positive: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        return self.query @ self.candidates.t()  # [M, S]
 
 
 @dataclass

@@ -20,12 +20,12 @@ from recsys_transfer.models.grec import GRec
 from recsys_transfer.models.nextitnet import NextItNet
 from recsys_transfer.models.peterrec import VARIANTS, PeterRec
 from recsys_transfer.models.registry import build_model
-from recsys_transfer.models.sequence import sampled_scores
+from recsys_transfer.models.sequence import batch_log_q, sampled_scores
 from recsys_transfer.modules.dilated_cnn import DilatedCNN, DilatedResidualBlock, left_padded, padding_mask
 from recsys_transfer.modules.patches import ModelPatch, PatchedResidualBlock
 from recsys_transfer.objectives import task_loss
 from recsys_transfer.tasks import TaskSpec
-from recsys_transfer.types import Batch
+from recsys_transfer.types import Batch, FactoredScores
 
 NEXT = TaskSpec(name="next", label="next_item", kind="retrieval", candidates="sampled", loss="softmax")
 
@@ -287,6 +287,37 @@ def test_sampled_scores_and_accidental_hits():
     assert torch.equal(s, want)
     loss = task_loss(NEXT, s, torch.zeros(2))
     torch.testing.assert_close(loss, -(torch.log_softmax(want, 1)[:, 0]).mean())
+
+
+def test_sampled_scores_subtract_the_batch_log_q_from_every_logit():
+    """A weighted batch (sampler popularity): each logit of id y loses log(S q(y)), the positive's too; the
+    accidental hit stays -inf; the model strips the weights before its table lookup."""
+    q = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    pos = torch.tensor([[3.0, 1.0], [2.0, 2.0]])
+    neg = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    kjt = KeyedJaggedTensor(keys=["items", "negatives"], values=torch.tensor([5, 7, 7, 4, 5]),
+                            lengths=torch.tensor([1, 1, 3, 0]), weights=torch.tensor([0.5, -1.0, -1.0, 2.0, 0.5]))
+    log_q = batch_log_q(kjt, 9)
+    assert log_q.tolist() == [0, 0, 0, 0, 2.0, 0.5, 0, -1.0, 0]
+    s = sampled_scores(q, pos, torch.tensor([5, 7]), neg, torch.tensor([7, 4, 5]), log_q)
+    want = torch.tensor([[5.0 - 0.5, 1.0 + 1.0, 2.0 - 2.0, float("-inf")], [-1.0 + 1.0, float("-inf"), -1.0 - 2.0,
+                                                                          -0.5 - 0.5]])
+    assert torch.equal(s, want)
+    assert batch_log_q(KeyedJaggedTensor(keys=["items"], values=torch.tensor([3]), lengths=torch.tensor([1])),
+                       9) is None
+    # the model on a weighted batch: the unweighted scores minus log q of each column's id
+    torch.manual_seed(2)
+    model = NextItNet(seq_meta(12), embedding_dim=4, dilations=(1,))
+    plain = seq_batch({"items": [[2, 3, 4], [5, 6]], "negatives": [[9, 3], [2]]})
+    w = {2: -0.3, 3: 0.7, 4: 1.1, 5: -2.0, 6: 0.2, 9: 0.4}
+    weighted = Batch(plain.dense, KeyedJaggedTensor(
+        keys=plain.sparse.keys(), values=plain.sparse.values(), lengths=plain.sparse.lengths(),
+        weights=torch.tensor([w[int(i)] for i in plain.sparse.values()])), plain.labels)
+    a, b = model(plain)["next"], model(weighted)["next"]
+    ids = torch.tensor([[3, 9, 3, 2], [4, 9, 3, 2], [6, 9, 3, 2]])  # column 0 = the positive, then the pool
+    want = a - torch.tensor([[w[int(i)] for i in r] for r in ids])
+    torch.testing.assert_close(b, want)
+    assert torch.isinf(b[0, 2]) and not torch.isinf(b[1, 2])  # positive 3 drawn as a negative: an accidental hit
 
 
 def test_nextitnet_training_scores_every_next_item_against_the_shared_pool():
@@ -601,7 +632,8 @@ def test_full_softmax_option_is_the_cross_entropy_over_every_item():
     model = NextItNet(seq_meta(12), embedding_dim=8, dilations=(1,), softmax="full")
     items = [[2, 3, 4], [5, 6]]
     out = model(seq_batch({"items": items, "negatives": [[9], []]}))["next"]  # the batch's pool is replaced
-    assert out.shape == (3, 1 + 10)
+    assert isinstance(out, FactoredScores) and out.query.shape == (3, 8) and out.candidates.shape == (10, 8)
+    assert out.positive.tolist() == [1, 2, 4]  # ids 3, 4, 6 among the items 2..11
     table = model.table.weight.detach()
     x, mask = padded([table[torch.tensor(s)] for s in items], 3)
     h = model.cnn(x, mask).detach()
@@ -609,7 +641,17 @@ def test_full_softmax_option_is_the_cross_entropy_over_every_item():
     positives = torch.tensor([3, 4, 6])
     want = F.cross_entropy(logits, positives - 2)
     torch.testing.assert_close(task_loss(NEXT, out, torch.zeros(2)), want)
-    model(seq_batch({"items": items}))  # no negatives feature needed
+    # and its gradient
+    out = model(seq_batch({"items": items}))["next"]
+    task_loss(NEXT, out, torch.zeros(2)).backward()
+    got = model.table.weight.grad.clone()
+    model.zero_grad()
+    table = model.table.weight
+    x, mask = padded([table[torch.tensor(s)] for s in items], 3)
+    h = model.cnn(x, mask)
+    F.cross_entropy(torch.stack([h[0, 0], h[0, 1], h[1, 1]]) @ table[2:].t(), positives - 2).backward()
+    torch.testing.assert_close(got, model.table.weight.grad, rtol=1e-5, atol=1e-8)
+    assert got[2:].abs().min() > 0  # every item row took a gradient (the pool is the whole table)
     with pytest.raises(UserError, match="softmax"):
         NextItNet(seq_meta(12), softmax="fuII")
 

@@ -319,6 +319,42 @@ def test_negatives_tokens_determinism_and_resume(ml1m_pretrain):
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(first[5:], resumed, strict=True))
 
 
+def test_popularity_sampler_draws_by_count_and_weights_every_value_with_log_q(ml1m_pretrain):
+    """sampler popularity (power 0.75) on ML-1M-partial: the pooled draws of a whole epoch follow
+    q ~ (training count + 1)^0.75 (the most popular decile's share within 1 point of its expectation, the counts of
+    the 20 most popular items within 5 sigma), and every value of every feature carries log(S q(id)) as its weight
+    (0 at the reserved ids)."""
+    data, meta = ml1m_pretrain
+    v = meta.field("items").vocab_size
+    counts = np.asarray(meta.field("items").frequencies, dtype=np.float64)
+    q = sequences.negative_distribution(v, "popularity", 0.75, meta.field("items").frequencies)
+    want = np.zeros(v)
+    want[2:] = (counts[2:] + 1) ** 0.75
+    np.testing.assert_allclose(q, want / want.sum(), rtol=1e-12)
+    assert q[0] == q[1] == 0
+    s = 2000
+    loader = _loader(data, meta, SequenceConfig(negatives=s, sampler="popularity", sampler_power=0.75, seed=2,
+                                                token="end"))
+    drawn = np.zeros(v)
+    for b in loader:
+        kjt = b.sparse
+        values, weights = kjt.values().numpy(), kjt.weights().numpy()
+        expect = np.where(values >= 2, np.log(s * q[values].clip(1e-300)), 0.0)
+        np.testing.assert_allclose(weights, expect, rtol=1e-5, atol=1e-5)
+        drawn += np.bincount(kjt["negatives"].values().numpy(), minlength=v)
+    n = drawn.sum()
+    assert n == s * len(loader)
+    top = np.argsort(-q)[:20]
+    assert np.all(np.abs(drawn[top] - n * q[top]) < 5 * np.sqrt(n * q[top]))
+    decile = np.argsort(-q)[: (v - 2) // 10]
+    assert abs(drawn[decile].sum() / n - q[decile].sum()) < 0.01
+    assert q[decile].sum() > 0.3  # far from uniform's 0.1: the test can tell the two apart
+    with pytest.raises(ValueError, match="sampler"):
+        SequenceConfig(negatives=5, sampler="zipf")
+    with pytest.raises(ValueError, match="sampler_power"):
+        SequenceConfig(negatives=5, sampler_power=0.5)  # power without the popularity sampler
+
+
 def test_evaluation_batches_get_tokens_only(ml1m_pretrain):
     data, meta = ml1m_pretrain
     cfg = SequenceConfig(negatives=64, mask_rate=0.3, token="end")

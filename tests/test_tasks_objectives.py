@@ -16,11 +16,12 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.metrics import ranking
 from recsys_transfer.models.registry import build_model
+from recsys_transfer import objectives
 from recsys_transfer.objectives import Objective, task_loss
 from recsys_transfer.tasks import TaskSpec
 from recsys_transfer.train.evaluate import TaskPredictions, _rank_values, evaluate, predict, task_metrics
 from recsys_transfer.train.loop import resolve_monitor
-from recsys_transfer.types import Batch, ModelOutput
+from recsys_transfer.types import Batch, FactoredScores, ModelOutput
 
 BINARY = TaskSpec("click", label="label")
 SCORE = TaskSpec("score", label="label", kind="regression", weight=0.5)
@@ -269,3 +270,42 @@ def test_model_output_with_aux_is_read_by_the_step(ml100k_prepared):
     want = F.binary_cross_entropy_with_logits(torch.zeros(64), batch.labels["label"]) + 0.5 * 4.0
     assert result.loss == pytest.approx(float(want), rel=1e-6)
     assert float(model.scale.detach()) == pytest.approx(2.0 - 0.1 * 0.5 * 2 * 2.0)  # d(0.5 s^2)/ds = s
+
+
+@pytest.mark.parametrize("chunk_logits", [1 << 20, 7 * 5])  # one chunk; chunks of 5 rows (the last one short)
+def test_factored_scores_softmax_equals_the_materialized_cross_entropy(monkeypatch, chunk_logits):
+    """The chunked full softmax of FactoredScores: loss and both gradients equal cross_entropy(q @ C.T, y) in
+    float64, whatever the chunking; a repeated positive and the positive at the first and last columns included."""
+    monkeypatch.setattr(objectives, "CHUNK_LOGITS", chunk_logits)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 6, 3, 3, 1, 2, 5, 4, 0, 6, 2, 1, 3])
+    task = TaskSpec(name="next", kind="retrieval")
+    got = task_loss(task, FactoredScores(q, c, y), torch.zeros(2))
+    (2.5 * got).backward()
+    gq, gc = q.grad.clone(), c.grad.clone()
+    q.grad = c.grad = None
+    want = F.cross_entropy(q @ c.t(), y)
+    (2.5 * want).backward()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gq, q.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gc, c.grad, rtol=1e-12, atol=1e-12)
+    assert float(want) > 0.5  # random scores: far from a zero loss, so equality means something
+
+
+def test_factored_scores_bpr_is_one_uniform_other_candidate_per_row():
+    g = torch.Generator().manual_seed(4)
+    q, c = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    task = TaskSpec(name="next", kind="retrieval", loss="bpr")
+    torch.manual_seed(9)
+    got = task_loss(task, FactoredScores(q, c, y), torch.zeros(1))
+    torch.manual_seed(9)
+    shift = torch.randint(1, 5, y.shape)
+    s = q @ c.t()
+    neg = (y + shift) % 5
+    assert (neg != y).all()
+    want = F.softplus(s[torch.arange(6), neg] - s[torch.arange(6), y]).mean()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

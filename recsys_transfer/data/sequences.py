@@ -363,6 +363,25 @@ def _write(rows: pl.DataFrame, fields: list[_Field], labels: list[str], tasks: l
 # the batch transform
 
 
+def negative_distribution(vocab_size: int, sampler: str, power: float = 1.0,
+                          frequencies=None) -> np.ndarray:
+    """``q [V]``: the probability of each id in one draw of the negative pool, 0 at the reserved ids 0 and 1.
+    ``uniform``: ``1 / (V - 2)`` for every item; ``popularity``: ``(count + 1) ** power`` normalized, ``count`` =
+    the item's training count (``meta``'s ``frequencies``; +1 so an item unseen in training stays drawable and has
+    a finite log-Q). ``power`` 1 is the unigram distribution, 0 uniform (word2vec's 0.75 sits between)."""
+    q = np.zeros(vocab_size, dtype=np.float64)
+    if sampler == "uniform":
+        q[FIRST_ITEM:] = 1.0
+    elif sampler == "popularity":
+        if frequencies is None or len(frequencies) != vocab_size:
+            raise UserError(f"sequence.sampler popularity needs the items' training counts (meta frequencies of "
+                            f"length {vocab_size})")
+        q[FIRST_ITEM:] = (np.asarray(frequencies[FIRST_ITEM:], dtype=np.float64) + 1.0) ** power
+    else:
+        raise UserError(f"sequence.sampler must be uniform or popularity, got {sampler!r}")
+    return q / q.sum()
+
+
 class SequenceSampling:
     """What a sequence model trains on, drawn per batch from ``(config.seed, split, rank, epoch, batch index)`` (so a
     run resumed mid-epoch gets the very batches it would have had); :class:`~recsys_transfer.data.loader.
@@ -380,6 +399,11 @@ class SequenceSampling:
       (``vocab_of: items``), ``S`` ids drawn uniformly WITH replacement from ``2..V-1``, one pool per batch spread
       over the rows (row b holds ``S // B + (b < S % B)`` of them, in pool order; the model concatenates the
       feature's values into the pool ``[S]``). A negative equal to a row's positive is not removed here.
+      ``sampler: popularity``: the ``S`` ids are drawn WITH replacement from :func:`negative_distribution` ``q``
+      instead, and the KJT gets weights: every value's ``log(S q(id))`` (0 at the reserved ids), the log of its
+      expected count in the pool -- the log-Q correction of the sampled softmax (Jean et al. 2015; TF's
+      ``sampled_softmax_loss`` subtracts the same from the true and the sampled logits), which the sequence models
+      apply (:func:`recsys_transfer.models.sequence.sampled_scores`). A uniform pool needs none (a constant).
 
     Evaluation transforms (``training=False``) never mask; they add the tokens, and negatives only if asked
     (``negatives=True``, for a task evaluated on sampled candidates). Other features pass unchanged.
@@ -427,6 +451,13 @@ class SequenceSampling:
         if vocab_size is None or vocab_size <= FIRST_ITEM:
             raise UserError(f"sequence: the item vocabulary needs ids from {FIRST_ITEM} on, got size {vocab_size}")
         self.vocab_size = int(vocab_size)
+        self.popularity = self.negatives and getattr(config, "sampler", "uniform") == "popularity"
+        if self.popularity:
+            q = negative_distribution(self.vocab_size, "popularity", config.sampler_power,
+                                      meta.field("items").frequencies if meta is not None else None)
+            self.cdf = np.cumsum(q)
+            with np.errstate(divide="ignore"):
+                self.log_expected = np.where(q > 0, np.log(config.negatives * q), 0.0).astype(np.float32)
 
     def __call__(self, batch, epoch: int, index: int):
         import torch
@@ -454,13 +485,17 @@ class SequenceSampling:
             cols["targets"] = (targets, lens)
         if self.negatives:
             s = self.config.negatives
-            pool = rng.integers(FIRST_ITEM, self.vocab_size, size=s, dtype=np.int64)
+            if self.popularity:  # inverse CDF; the last id catches a draw above cdf[-1]'s rounding
+                pool = np.minimum(np.searchsorted(self.cdf, rng.random(s), side="right"), self.vocab_size - 1)
+            else:
+                pool = rng.integers(FIRST_ITEM, self.vocab_size, size=s, dtype=np.int64)
             share = np.full(n, s // n if n else 0, dtype=np.int64)
             share[: s % n if n else 0] += 1
             cols["negatives"] = (pool, share)
         new_values = np.concatenate([cols[k][0].astype(np.int64, copy=False) for k in keys])
         new_lengths = np.concatenate([cols[k][1] for k in keys]).astype(np.int32)
-        sparse = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(new_values),
+        weights = torch.from_numpy(self.log_expected[new_values]) if self.popularity else None
+        sparse = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(new_values), weights=weights,
                                    lengths=torch.from_numpy(new_lengths), stride=n)
         return Batch(dense=batch.dense, sparse=sparse, labels=batch.labels)
 

@@ -11,7 +11,9 @@ the item at position t + 1. Output for the one retrieval task (``{task name: sco
   negatives (feature ``negatives``), ``-inf`` where a negative equals the positive. The objective's sampled
   softmax (``candidates: sampled``, ``loss: softmax``) is then the cross entropy of Eq. 1 over the sampled
   candidates. The pool is uniform over items and shared by the batch (FACTS.md: the official code samples
-  ``0.2 x items`` per step through TF's sampled softmax); no log-Q correction (uniform sampling).
+  ``0.2 x items`` per step through TF's sampled softmax). A uniform pool needs no log-Q correction; a pool drawn by
+  popularity (``sequence.sampler: popularity``) comes with the batch's ``log(S q)`` weights, which
+  :func:`~recsys_transfer.models.sequence.sampled_scores` subtracts from every logit.
 * evaluation: ``[B, V]``: ``<h_L, e_v>`` for every item v (all ids looked up as the ``negatives`` feature in the
   collection's one call, so a sharded table serves them) from the last position (the item after the whole
   sequence; the validation row's label is that held-out item), reserved ids 0 / 1 at the lowest finite score.
@@ -23,8 +25,10 @@ sequences are not cut to a fixed length here (the data keeps the last n).
 
 ``softmax="full"`` (the issue's option): the pool is every item ``2..V-1`` instead of the batch's sampled
 negatives, looked up through the same collection call (so the row pipeline records every row: costly for large
-V); with the positive's own column at ``-inf`` this is exactly the full softmax over the items, in the same
-``[M, 1 + S]`` layout (S = V - 2). Training with ``softmax="sampled"`` and no ``negatives`` feature is refused.
+V), and the training output is :class:`~recsys_transfer.types.FactoredScores` ``(query [M, C], the items' rows
+[V - 2, C], positive = id - 2)``: the objective computes the full softmax over the items from them chunk by
+chunk, never the ``[M, V - 2]`` logits (2x faster on CPU than materializing them, and the memory of a chunk, not
+of the whole matrix). Training with ``softmax="sampled"`` and no ``negatives`` feature is refused.
 
 Which softmax (measured, ML-1M-partial: 3,527 items, 5,179 train / 576 validation users, embedding 64,
 5 x [1, 4] blocks, batch 256, torch Adam 1e-3 on every parameter, one seed): the uniform pool is what separates our
@@ -51,9 +55,10 @@ import torch
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
-from recsys_transfer.models.sequence import FIRST_ITEM, ITEMS, NEGATIVES, TARGETS, SequenceBackbone, sampled_scores
+from recsys_transfer.models.sequence import (FIRST_ITEM, ITEMS, NEGATIVES, TARGETS, SequenceBackbone,
+                                             batch_log_q, sampled_scores)
 from recsys_transfer.tasks import TaskSpec
-from recsys_transfer.types import Batch
+from recsys_transfer.types import Batch, FactoredScores
 
 
 def retrieval_task(tasks: tuple[TaskSpec, ...], model: str) -> TaskSpec:
@@ -104,5 +109,9 @@ class NextItNet(SequenceBackbone):
                             "and this batch has none: set sequence.negatives > 0 (or softmax: full)")
         h = self.cnn(x, mask)  # [B, L, C]
         query, positive, positive_ids = self.predicted(kjt, rows, x, ids, mask, h)  # [M, C], [M, C], [M]
-        scores = sampled_scores(query, positive, positive_ids, rows[NEGATIVES].values(), kjt[NEGATIVES].values())
+        if pool is None:
+            scores = sampled_scores(query, positive, positive_ids, rows[NEGATIVES].values(), kjt[NEGATIVES].values(),
+                                    batch_log_q(batch.sparse, self.num_items))
+        else:
+            scores = FactoredScores(query, rows[NEGATIVES].values(), positive_ids - FIRST_ITEM)  # pool = ids 2..V-1
         return {self.task.name: scores}  # [M, 1 + S]

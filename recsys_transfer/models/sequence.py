@@ -75,14 +75,34 @@ def with_pool(kjt: KeyedJaggedTensor, keys: Sequence[str], pool_key: str, pool: 
     return KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=torch.cat(values), lengths=torch.cat(lengths))
 
 
+def batch_log_q(kjt: KeyedJaggedTensor, vocab_size: int) -> torch.Tensor | None:
+    """``[V]``: the log-Q correction of each id the batch holds (the KJT's weights, written by
+    :class:`recsys_transfer.data.sequences.SequenceSampling` with ``sampler: popularity``: ``log(S q(id))``, the
+    log of the id's expected count in the pool), 0 for ids it does not hold; None for an unweighted batch (a
+    uniform pool: the correction is a constant)."""
+    weights = kjt.weights_or_none()
+    if weights is None:
+        return None
+    log_q = weights.new_zeros(vocab_size)
+    log_q[kjt.values().long()] = weights  # one value per id: every occurrence carries the same weight
+    return log_q
+
+
 def sampled_scores(query: torch.Tensor, positive: torch.Tensor, positive_ids: torch.Tensor,
-                   negatives: torch.Tensor, negative_ids: torch.Tensor) -> torch.Tensor:
+                   negatives: torch.Tensor, negative_ids: torch.Tensor,
+                   log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled-softmax logits over a shared negative pool: ``query [M, C]``, the positive items' rows
     ``positive [M, C]`` (ids ``positive_ids [M]``) and the pool's rows ``negatives [S, C]`` (ids
     ``negative_ids [S]``) -> ``[M, 1 + S]``: ``<q_m, e_pos>`` in column 0, ``<q_m, e_s>`` after it, and ``-inf``
-    where a negative IS the positive (an accidental hit: the data does not remove them)."""
+    where a negative IS the positive (an accidental hit: the data does not remove them). With ``log_q [V]``
+    (:func:`batch_log_q`: a pool drawn from a non-uniform ``q``) every logit of id ``y`` is ``<q_m, e_y> -
+    log(S q(y))``, the positive's too (Jean et al. 2015, Eq. 9-10; Bengio and Senecal 2008): the sampled softmax
+    then estimates the full one without the pool's bias toward popular items."""
     pos = (query * positive).sum(dim=1, keepdim=True)  # [M, 1]
     neg = query @ negatives.t()  # [M, S]
+    if log_q is not None:
+        pos = pos - log_q[positive_ids].unsqueeze(1)
+        neg = neg - log_q[negative_ids].unsqueeze(0)
     neg = neg.masked_fill(negative_ids.unsqueeze(0) == positive_ids.unsqueeze(1), float("-inf"))  # [M, S]
     return torch.cat([pos, neg], dim=1)  # [M, 1 + S]
 
@@ -121,6 +141,8 @@ class SequenceBackbone(nn.Module):
         ``pool``: item ids looked up as the ``negatives`` feature instead of the batch's (every item, for the full
         softmax and the evaluation's full scores: through the collection, so a sharded table serves them too)."""
         kjt = with_keys(kjt, self.fields) if pool is None else with_pool(kjt, self.fields, NEGATIVES, pool)
+        if kjt.weights_or_none() is not None:  # the log-Q weights are the model's (batch_log_q), not the table's
+            kjt = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), stride=kjt.stride())
         return kjt, self.embedding(kjt)
 
     def embed_items(self, kjt: KeyedJaggedTensor, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
