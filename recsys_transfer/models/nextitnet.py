@@ -42,9 +42,10 @@ pool is mostly rare items, which the positive soon beats, so the ranking among p
 on the whole pool) gets little gradient. (3,527 uniform draws WITH replacement are not the full softmax: ~37% of
 the items are missing from each pool.) So prefer ``softmax="full"`` wherever the whole table fits a step (ML-1M;
 pipelines/peterrec-pretrain.yaml does); the sampled pool is for large vocabularies, and stays the default (the
-paper's reading). The real model with ``softmax="full"`` on sequence_throughput.py's setting, 10 epochs: MRR@5
-0.0347 vs RecBole's 0.0277 (paired 95% CI of the difference -0.0045, +0.0190), at 0.71x RecBole's sequences/s
-(benchmarks/results/sequence_throughput_ml1m_full.md).
+paper's reading). The real model with ``softmax="full"`` on sequence_throughput.py's setting, 10 epochs, the
+trainer's step: validation MRR@5 0.0280 vs RecBole's 0.0277 (paired 95% CI of the difference -0.0098, +0.0115) at
+1.51x RecBole's sequences/s (528 vs 350, one thread; benchmarks/results/sequence_throughput_ml1m_full.md), from the
+2-D convolution path of the blocks (modules/dilated_cnn.py) and the chunked full softmax (FactoredScores).
 """
 
 from __future__ import annotations
