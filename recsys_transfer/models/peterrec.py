@@ -50,7 +50,7 @@ from torch import nn
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.errors import UserError
 from recsys_transfer.models.sequence import ITEMS, SequenceBackbone
-from recsys_transfer.modules.dilated_cnn import init_truncated_normal
+from recsys_transfer.modules.dilated_cnn import init_truncated_normal, run_blocks
 from recsys_transfer.modules.embedding import table_name
 from recsys_transfer.modules.heads import full_candidates
 from recsys_transfer.modules.patches import INSERTIONS, PatchedResidualBlock
@@ -145,12 +145,7 @@ class PeterRec(SequenceBackbone):
     # -- forward -------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, L, C] -> [B, L, C]``: the pretrained blocks, patched when the variant has patches."""
-        if self.patches is None:
-            return self.cnn(x, mask)
-        x = x * mask
-        for block in self.patches:
-            x = block(x, mask)
-        return x
+        return run_blocks(self.cnn.blocks if self.patches is None else self.patches, x, mask)
 
     def user_vector(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``h [B, L, C]``, ``mask [B, L, 1]`` -> ``u [B, C]`` (Eq. 5-7, module docstring)."""

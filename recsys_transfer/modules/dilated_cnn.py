@@ -132,7 +132,13 @@ class DilatedCNN(nn.Module):
         self.blocks = nn.ModuleList(DilatedResidualBlock(channels, d, kernel, causal) for d in dilations)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = _masked(x, mask)
-        for block in self.blocks:
-            x = block(x, mask)
-        return x
+        return run_blocks(self.blocks, x, mask)
+
+
+def run_blocks(blocks, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [B, L, C]`` masked, then through each of ``blocks`` in turn (each ``block(x, mask)``): the stack's
+    forward, shared with PeterRec's patched blocks (models/peterrec.py)."""
+    x = _masked(x, mask)
+    for block in blocks:
+        x = block(x, mask)
+    return x
