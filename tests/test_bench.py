@@ -278,9 +278,14 @@ def test_run_ids_survive_config_keys_added_later():
 
     recorded = {("synthetic.yaml", ("train.seed=1",)): "x-0d98fcf666",
                 ("movielens100k.yaml", ("transfer.mode=+Ours", "train.seed=0")): "x-e8209ebe85",
-                ("criteo8k.yaml", ()): "x-262f0a8560"}
+                ("criteo8k.yaml", ()): "x-262f0a8560",
+                # recorded at 0d9ee3f, before the sequence section gained sampler / sampler_power
+                ("peterrec-pretrain.yaml", ()): "x-540138c544",
+                ("peterrec-cold.yaml", ("train.seed=1",)): "x-c7a0950416"}
     for (pipeline, overrides), rid in recorded.items():
         assert run_id_of(load_config(ROOT / "pipelines" / pipeline, list(overrides)), "x") == rid
     moved = load_config(ROOT / "pipelines" / "movielens100k.yaml",
                         ["transfer.mode=+Ours", "train.seed=0", "data.prepare.history=3"])
     assert run_id_of(moved, "x") != "x-e8209ebe85"
+    popular = load_config(ROOT / "pipelines" / "peterrec-pretrain.yaml", ["sequence.sampler=popularity"])
+    assert run_id_of(popular, "x") != "x-540138c544"

@@ -66,31 +66,48 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", text.replace("+", "p"))
 
 
-#: ``data.prepare`` keys added after runs were recorded, with the value that means "not used": a run that does not
-#: use one hashes as it did before the key existed (a new config key must not rename every finished run)
-LATER_PREPARE_KEYS = {"schema": None, "genres": "combination", "history": 0, "conversion": False, "variant": None,
-                      "sequence_task": None, "sequence_length": 50, "target_genres": (), "max_target": 3}
+#: config keys added after runs were recorded, by dotted path, with the value that means "not used": a run that does
+#: not use one hashes as it did before the key existed (a new config key must not rename every finished run)
+LATER_KEYS = {
+    "model.init_from": None,
+    "sequence.sampler": "uniform", "sequence.sampler_power": 1.0,
+    **{f"data.prepare.{k}": v for k, v in {
+        "schema": None, "genres": "combination", "history": 0, "conversion": False, "variant": None,
+        "sequence_task": None, "sequence_length": 50, "target_genres": (), "max_target": 3}.items()},
+}
+#: sections added after runs were recorded: dropped when, their later keys aside, they hold their defaults
+LATER_SECTIONS = {"multitask": MultitaskConfig, "sequence": SequenceConfig}
+
+
+def _drop_unused(tree: dict, path: str, default) -> None:
+    *parents, key = path.split(".")
+    node = tree
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and key in node and node[key] == default:
+        node.pop(key)
 
 
 def run_id_of(cfg: RunConfig, slug: str) -> str:
+    """``<slug>-<10 hex digits>``: the hash of the config that decides the run's numbers -- without how it is watched
+    (``train.progress``, ``log``) and without keys and sections added later while they hold their unused value
+    (:data:`LATER_KEYS`, :data:`LATER_SECTIONS`; a retrieval task's evaluation keys when they repeat its training
+    ones), so every recorded run keeps its id."""
     tree = cfg.to_dict()
     tree["train"].pop("progress", None)
     tree.pop("log", None)  # how a run is watched, not what it computes
-    if not cfg.multitask.enabled and tree.get("multitask") == dataclasses.asdict(MultitaskConfig()):
-        tree.pop("multitask")  # runs from before the section existed keep their ids
-    if tree.get("model", {}).get("init_from", 0) is None:
-        tree["model"].pop("init_from")  # a key added later, when unused
-    for task in tree.get("tasks") or ():  # likewise the retrieval tasks' evaluation keys
+    for path, default in LATER_KEYS.items():
+        _drop_unused(tree, path, tuple(default) if isinstance(default, list) else default)
+    for name, section in LATER_SECTIONS.items():
+        later = {p.split(".", 1)[1] for p in LATER_KEYS if p.startswith(f"{name}.")}
+        defaults = {k: v for k, v in dataclasses.asdict(section()).items() if k not in later}
+        if tree.get(name) == defaults:
+            tree.pop(name)
+    for task in tree.get("tasks") or ():  # the retrieval tasks' evaluation keys
         if task.get("eval_candidates") == task.get("candidates"):
             task.pop("eval_candidates", None)
         if task.get("eval_negatives") == "":
             task.pop("eval_negatives", None)
-    if not cfg.sequence.enabled and tree.get("sequence") == dataclasses.asdict(SequenceConfig()):
-        tree.pop("sequence")  # likewise
-    prepare = (tree.get("data") or {}).get("prepare") or {}
-    for key, default in LATER_PREPARE_KEYS.items():  # likewise for data.prepare keys added later, when unused
-        if key in prepare and prepare[key] == default:
-            prepare.pop(key)
     digest = hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{_slug(slug)}-{digest}"
 
