@@ -85,6 +85,29 @@ def test_rank_sharding_disjoint_and_complete(ml100k_prepared, world_size):
     assert union.sort(keys).equals(want.sort(keys))
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_drop_last_serves_every_rank_the_same_number_of_batches(ml100k_prepared, world_size):
+    """Ranks whose parts differ by one row, a batch size that divides the larger part only: without the common
+    count the larger rank would serve one batch more (and, in training, wait in a collective the others never
+    reach: the hang seen with N = 511, W = 2, batch 64)."""
+    out, meta = ml100k_prepared
+    n = meta.split_rows["valid"]
+    sizes = [n * (r + 1) // world_size - n * r // world_size for r in range(world_size)]
+    assert max(sizes) == min(sizes) + 1, sizes  # ML-100K's valid split has an odd number of rows
+    big = max(sizes)
+    bs = next(d for d in range(2, big + 1) if big % d == 0)  # divides the larger part, not the smaller (= big - 1)
+    counts = []
+    for rank in range(world_size):
+        loader = BatchLoader(out, "valid", bs, shuffle=True, seed=2, rank=rank, world_size=world_size,
+                             drop_last=True)
+        batches = list(loader)
+        assert len(batches) == len(loader) and all(b.batch_size == bs for b in batches)
+        counts.append(len(batches))
+        loader.set_epoch(0, start_batch=2)  # resuming mid-epoch stops at the same count
+        assert len(list(loader)) == len(loader) - 2
+    assert counts == [min(sizes) // bs] * world_size
+
+
 def test_drop_last_and_errors(ml100k_prepared):
     out, meta = ml100k_prepared
     n = meta.split_rows["valid"]

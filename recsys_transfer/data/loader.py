@@ -3,7 +3,10 @@
 Rank sharding: the ``N`` rows of a split, in file order, are cut into ``world_size`` contiguous ranges
 ``[N*r//W, N*(r+1)//W)``; rank ``r`` reads only the parquet row groups overlapping its range, so the ranks'
 parts are disjoint, their union is the whole split, and their sizes differ by at most one row. (Ranks may then
-differ by one batch when ``drop_last=False``; distributed training should use ``drop_last=True``.)
+differ by one batch when ``drop_last=False``; distributed training should use ``drop_last=True``, which serves every
+rank the same number of batches, ``(N // W) // batch_size``: a rank holding one row more than another could
+otherwise fill one batch more -- N = 511, W = 2, batch 64 gave 3 and 4 -- and wait forever in a collective the
+others never reach.)
 
 Shuffling (``shuffle=True``) is two-level and memory-bounded, as in TorchRec's and tf.data's loaders: each epoch
 the rank's row-group pieces are visited in an order drawn from ``(seed, epoch, rank)``, pieces are gathered into a
@@ -26,6 +29,7 @@ batches it always did (lengths all ones).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +239,7 @@ class BatchLoader:
         self._list_set = frozenset(self._lists)
         self._columns = self.keys + self.meta.dense + self.meta.labels
         self._pieces, self.num_rows = self._plan()
+        self._fewest_rows = self.meta.split_rows[self.split] // self.world_size  # the smallest rank's rows
         self._files: dict[Path, pq.ParquetFile] = {}
 
     # -- planning ----------------------------------------------------------------------------------------------
@@ -270,8 +275,10 @@ class BatchLoader:
         self.start_batch = start_batch
 
     def __len__(self) -> int:
+        if self.drop_last:  # every rank the same count (module docstring)
+            return self._fewest_rows // self.batch_size
         full, rest = divmod(self.num_rows, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return full + (1 if rest else 0)
 
     # -- reading -----------------------------------------------------------------------------------------------
     def _read_into(self, piece: _Piece, out: _Rows, lo: int) -> list[_Lists]:
@@ -329,9 +336,12 @@ class BatchLoader:
         """Batches in order; with ``prefetch > 0`` they are built (parquet decoding, shuffling, KJT layout) in a
         background thread up to ``prefetch`` batches ahead, overlapping the training step that consumes them
         (pyarrow and numpy release the GIL). Memory: ``prefetch`` extra batches."""
+        batches = self._batches()
+        if self.drop_last:  # the rank holding a row more stops where the others do (module docstring)
+            batches = itertools.islice(batches, max(0, len(self) - self.start_batch))
         if self.prefetch:
-            return read_ahead(self._batches(), name="batch-loader", depth=self.prefetch)
-        return self._batches()
+            return read_ahead(batches, name="batch-loader", depth=self.prefetch)
+        return batches
 
     def _batches(self) -> Iterator[Batch]:
         """The buffers' rows, each buffer in its order, as one stream cut into batches: a batch is gathered from
