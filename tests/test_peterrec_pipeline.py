@@ -144,10 +144,10 @@ def test_pretraining_and_peterrec_under_torchrun(ml100k_dir, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
-    def launch(pipeline: str, out: Path, *extra: str) -> None:
+    def launch(pipeline: str, out: Path, *extra: str, base: list[str] = TINY) -> None:
         cmd = [sys.executable, "-m", "recsys_transfer", "launch", "--standalone", "--nproc-per-node", "2", "--",
                "train", "--config", str(ROOT / "pipelines" / pipeline), "--output", str(out)]
-        for o in TINY + [f"data.path={tmp_path / (pipeline + '-data')}", f"data.prepare.input=[{ml100k_dir}]",
+        for o in base + [f"data.path={tmp_path / (pipeline + '-data')}", f"data.prepare.input=[{ml100k_dir}]",
                          *extra]:
             cmd += ["--set", o]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
@@ -165,3 +165,8 @@ def test_pretraining_and_peterrec_under_torchrun(ml100k_dir, tmp_path):
         assert torch.equal(pre[k], tuned[k]), k
     metrics = json.loads((tmp_path / "age" / "metrics.json").read_text())
     assert metrics["test"]["age"]["rows"] == 943 - round(0.7 * 943) - round(0.03 * 943)
+    # DeepFM's candidate scoring on the cold task, sharded: 511 training rows on 2 ranks (255 / 256) at batch 64
+    # once served the ranks 3 and 4 batches and hung (the loader's drop_last now serves both 3)
+    launch("peterrec-cold-deepfm.yaml", tmp_path / "deepfm", base=DEEPFM_TINY)
+    cold = json.loads((tmp_path / "deepfm" / "metrics.json").read_text())["test"]["cold"]
+    assert cold["rows"] == 730 - round(0.7 * 730) - round(0.03 * 730) and 0 < cold["sampled_hr@5"] <= 1
