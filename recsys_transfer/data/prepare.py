@@ -18,7 +18,8 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.errors import UserError
 
-DEFAULT_MIN_COUNT = {"movielens-sequences": 1, "table-sequences": 1, "movielens": 1, "criteo": 10, "synthetic": 1, "fdn-synthetic": 1}
+DEFAULT_MIN_COUNT = {"movielens-sequences": 1, "table-sequences": 1, "movielens": 1, "criteo": 10, "synthetic": 1,
+                     "fdn-synthetic": 1}
 GENERATED = ("synthetic", "fdn-synthetic")  # built-in sources that generate their rows (take rows, no input)
 
 

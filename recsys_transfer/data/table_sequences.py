@@ -7,15 +7,15 @@ xz compressed (``.csv.gz``; recognized by the first bytes, :mod:`recsys_transfer
 Only the named columns are read; every file must have them (other columns are ignored, their order is free).
 
 * user and item ids: a column whose values (over every file) all read as integers is stored as integers, as
-  MovieLens ids are; otherwise every id is the cell's text (parquet string columns stay strings). The raw id keeps
-  that type in ``vocab/items.parquet`` (and in the shards' ``user`` column, which is ``int64`` for integer user
-  ids and the text for string ones). Ties in the item order (same rating count, same timestamp) are broken by the
-  raw id: numerically for integer ids, by code points for strings.
+  MovieLens ids are; otherwise every id is the cell's text without surrounding spaces (parquet string columns stay
+  strings; other parquet types are refused). The raw id keeps that type in ``vocab/items.parquet`` (and in the
+  shards' ``user`` column, ``int64`` for integer user ids, text otherwise). Ties in the item order (same count,
+  same time) are broken by the raw id: numerically for integer ids, by code points for text.
 * time: numbers (integers or decimals, e.g. unix seconds) or ISO 8601 dates / datetimes (``2020-01-31``,
   ``2020-01-31 08:15``, ``2020-01-31T08:15:00.250``; a value with a ``Z`` or ``+02:00`` offset is converted to UTC,
   one without is taken as written); the first value of a text column decides which, and every value must then be
-  of that kind. Parquet numeric, date and timestamp columns are used as they are. Only the order matters: it sorts
-  each user's items (ties by raw item id, as for MovieLens).
+  of that kind. Parquet numeric, date and timestamp columns are used as they are (a zoned timestamp in UTC). Only
+  the order matters: it sorts each user's items (ties by raw item id, as for MovieLens).
 * domain (optional): ``0`` = source domain, ``1`` = target domain, one value per item (an item with both is an
   error). Without it every item is in the source domain, and only ``pretrain`` can be built.
 
@@ -107,10 +107,10 @@ def _ids(frame: pl.DataFrame, role: str, name: str, path: Path) -> pl.Series:
     if dtype.is_integer():
         values = frame[role].cast(pl.Int64)
     elif dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
-        values = frame[role].cast(pl.String)
+        values = frame[role].cast(pl.String).str.strip_chars()
     else:
         raise DataError(path, f"column {name!r} ({role} ids) has type {dtype}; ids must be integers or text")
-    empty = values.is_null() | (values.str.strip_chars() == "" if values.dtype == pl.String else False)
+    empty = values.is_null() | (values == "" if values.dtype == pl.String else False)
     bad = _first_bad(frame.with_columns(empty.alias("__bad")), pl.col("__bad"))
     if bad is not None:
         raise DataError(path, f"empty {role} value (column {name!r})", bad[LINE_COL])
