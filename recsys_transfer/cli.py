@@ -1,7 +1,8 @@
 """The ``recsys-transfer`` command line.
 
-    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic,movielens-sequences}
-        | --schema FILE.yaml} --input PATH... --output DIR [--variant A|B|I] [--sequence-task TASK ...]
+    recsys-transfer prepare {--dataset {movielens,criteo,synthetic,fdn-synthetic,movielens-sequences,
+        table-sequences} | --schema FILE.yaml} --input PATH... --output DIR [--variant A|B|I]
+        [--sequence-task TASK ...] [--user-column U --item-column I --time-column T [--domain-column D]]
     recsys-transfer info DIR [--field NAME] [--check]
     recsys-transfer select --data DIR [--fields F ...] [--top-k 1000] [--quantile 0.2 | --eta X] [--output DIR]
     recsys-transfer train --config pipelines/NAME.yaml [--set key.path=value ...] --output DIR [--overwrite | --resume]
@@ -60,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="raw data -> prepared parquet shards + meta.json")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=("movielens", "criteo", "synthetic", "fdn-synthetic",
-                                              "movielens-sequences"),
+                                              "movielens-sequences", "table-sequences"),
                         help="a built-in source")
     source.add_argument("--schema", type=Path, help="a schema file (pipelines/datasets/*.yaml) describing any "
                         "CSV/TSV/parquet table, plain or gzip/bz2/xz")
     p.add_argument("--input", type=Path, nargs="*", default=[],
                    help="MovieLens: the directory; Criteo and --schema: one or more files read as one stream; "
-                        "synthetic: none")
+                        "table-sequences: one or more .csv/.tsv/.parquet files; synthetic: none")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--min-count", type=int, default=None,
                    help="values seen fewer times in train map to OOV (default: movielens 1, criteo 10)")
@@ -83,12 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="movielens: a movie's genres as one value (default) or as a list field (multi-hot bag)")
     p.add_argument("--history", type=int, default=0, metavar="N",
                    help="movielens: add a list field of the user's last N items rated before each rating")
-    g = p.add_argument_group("movielens-sequences (PeterRec's user sequences and transfer tasks)")
-    g.add_argument("--sequence-task", choices=("pretrain", "profile", "cold"), default=None)
+    g = p.add_argument_group("movielens-sequences, table-sequences (PeterRec's user sequences and transfer tasks)")
+    g.add_argument("--sequence-task", choices=("pretrain", "profile", "cold"), default=None,
+                   help="table-sequences: pretrain or cold")
     g.add_argument("--sequence-length", type=int, default=50, metavar="N", help="keep each user's last N items")
     g.add_argument("--target-genres", nargs="+", default=(), metavar="GENRE",
-                   help="pretrain, cold: the target item domain (default: Documentary Horror)")
+                   help="movielens-sequences pretrain, cold: the target item domain (default: Documentary Horror)")
     g.add_argument("--max-target", type=int, default=3, help="cold: a cold user has 1..G target ratings")
+    g.add_argument("--user-column", default=None, metavar="NAME", help="table-sequences: the user id column")
+    g.add_argument("--item-column", default=None, metavar="NAME", help="table-sequences: the item id column")
+    g.add_argument("--time-column", default=None, metavar="NAME",
+                   help="table-sequences: the column ordering each user's items (numbers or ISO dates)")
+    g.add_argument("--domain-column", default=None, metavar="NAME",
+                   help="table-sequences: 0 = source-domain item, 1 = target-domain item (needed by cold; "
+                        "absent: every item is source domain)")
     p.add_argument("--overwrite", action="store_true", help="replace another prepared dataset in --output")
     p.add_argument("--allow-degenerate", action="store_true",
                    help="prepare even if a split has zero rows or a binary label has one class in train")
@@ -157,7 +166,9 @@ def prepare_config(args: argparse.Namespace):
                              genres=args.genres, history=args.history, conversion=args.conversion,
                              variant=args.variant, sequence_task=args.sequence_task,
                              sequence_length=args.sequence_length, target_genres=tuple(args.target_genres),
-                             max_target=args.max_target)
+                             max_target=args.max_target, user_column=args.user_column,
+                             item_column=args.item_column, time_column=args.time_column,
+                             domain_column=args.domain_column)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

@@ -34,8 +34,9 @@ import yaml
 from recsys_transfer.errors import UserError
 from recsys_transfer.tasks import TaskSpec
 
-DATASETS = ("movielens", "criteo", "synthetic", "fdn-synthetic", "movielens-sequences")
-SEQUENCE_TASKS = ("pretrain", "profile", "cold")  # movielens-sequences (data/sequences.py)
+DATASETS = ("movielens", "criteo", "synthetic", "fdn-synthetic", "movielens-sequences", "table-sequences")
+SEQUENCE_DATASETS = ("movielens-sequences", "table-sequences")  # data/sequences.py, data/table_sequences.py
+SEQUENCE_TASKS = ("pretrain", "profile", "cold")  # table-sequences: pretrain and cold (no user attributes)
 FDN_VARIANTS = ("A", "B", "I")  # fdn-synthetic: Dataset-A, Dataset-B (single-task oracles), Dataset-I (multi-task)
 TRAINING_MODES = ("B", "+T", "+Ours", "select", "lexico")  # paper Sec. 5 notation; not a pooling mode
 SELECTIVE_MODES = ("+Ours", "select")  # modes that need the selective target domain T'_eta
@@ -71,12 +72,20 @@ class PrepareConfig:
     history: int = 0  # movielens: a list field of the user's last N items rated before this rating (0 = none)
     conversion: bool = False  # synthetic: add a post-click conversion label `purchase` (CTR / CVR / CTCVR)
     variant: str | None = None  # fdn-synthetic: A | B | I (default I); no other dataset takes it
-    # movielens-sequences (data/sequences.py): the task, the last-n cut, the target-domain genres (pretrain,
-    # cold; empty: the source's default, Documentary and Horror) and the most target ratings of a cold user (cold)
+    # movielens-sequences (data/sequences.py) and table-sequences (data/table_sequences.py): the task, the last-n
+    # cut, the target-domain genres (movielens-sequences only; pretrain, cold; empty: the source's default,
+    # Documentary and Horror) and the most target ratings of a cold user (cold)
     sequence_task: str | None = None
     sequence_length: int = 50
     target_genres: tuple[str, ...] = ()
     max_target: int = 3
+    # table-sequences only: the input's column names of the user id, the item id, the time (numbers or ISO dates;
+    # orders each user's items) -- all three required -- and the optional domain column (0 = source-domain item,
+    # 1 = target-domain item; absent: every item is source domain, so only sequence_task pretrain)
+    user_column: str | None = None
+    item_column: str | None = None
+    time_column: str | None = None
+    domain_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.schema is not None and self.dataset is not None:
@@ -106,10 +115,16 @@ class PrepareConfig:
         self._check_sequences()
 
     def _check_sequences(self) -> None:
-        if self.dataset != "movielens-sequences":
+        columns = {"user_column": self.user_column, "item_column": self.item_column,
+                   "time_column": self.time_column, "domain_column": self.domain_column}
+        if self.dataset != "table-sequences" and any(v is not None for v in columns.values()):
+            raise ValueError("user_column, item_column, time_column, domain_column: table-sequences options "
+                             "(data.prepare.dataset: table-sequences)")
+        if self.dataset not in SEQUENCE_DATASETS:
             if (self.sequence_task, self.sequence_length, self.target_genres, self.max_target) != (None, 50, (), 3):
                 raise ValueError("sequence_task, sequence_length, target_genres, max_target: movielens-sequences "
-                                 "options (data.prepare.dataset: movielens-sequences)")
+                                 "options (data.prepare.dataset: movielens-sequences; all but target_genres also "
+                                 "table-sequences)")
             return
         if self.sequence_task not in SEQUENCE_TASKS:
             raise ValueError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {self.sequence_task!r}")
@@ -121,6 +136,27 @@ class PrepareConfig:
             raise ValueError("max_target: an option of sequence_task cold")
         if len(set(self.target_genres)) != len(self.target_genres):
             raise ValueError(f"target_genres lists a genre twice: {list(self.target_genres)}")
+        if self.dataset == "table-sequences":
+            self._check_table_columns(columns)
+
+    def _check_table_columns(self, columns: dict[str, str | None]) -> None:
+        if self.target_genres:
+            raise ValueError("target_genres: a movielens-sequences option; table-sequences marks the target domain "
+                             "by domain_column (1 = target-domain item)")
+        if self.sequence_task == "profile":
+            raise ValueError("sequence_task profile: needs the user attributes (gender, age, occupation) only "
+                             "MovieLens has; table-sequences builds pretrain and cold")
+        missing = [k for k in ("user_column", "item_column", "time_column") if columns[k] is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: required by table-sequences (the input's column names)")
+        named = {k: v for k, v in columns.items() if v is not None}
+        for k, v in named.items():
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"{k} must be a non-empty column name, got {v!r}")
+        if len(set(named.values())) != len(named):
+            raise ValueError(f"user_column, item_column, time_column, domain_column name one column twice: {named}")
+        if self.sequence_task == "cold" and self.domain_column is None:
+            raise ValueError("sequence_task cold: needs domain_column (1 marks the target-domain items)")
 
 
 @dataclass(frozen=True)

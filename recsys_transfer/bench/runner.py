@@ -73,7 +73,8 @@ LATER_KEYS = {
     "sequence.sampler": "uniform", "sequence.sampler_power": 1.0,
     **{f"data.prepare.{k}": v for k, v in {
         "schema": None, "genres": "combination", "history": 0, "conversion": False, "variant": None,
-        "sequence_task": None, "sequence_length": 50, "target_genres": (), "max_target": 3}.items()},
+        "sequence_task": None, "sequence_length": 50, "target_genres": (), "max_target": 3,
+        "user_column": None, "item_column": None, "time_column": None, "domain_column": None}.items()},
 }
 #: sections added after runs were recorded: dropped when, their later keys aside, they hold their defaults
 LATER_SECTIONS = {"multitask": MultitaskConfig, "sequence": SequenceConfig}

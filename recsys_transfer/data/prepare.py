@@ -18,7 +18,8 @@ from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.splits import HeadTailSpec, SplitSpec
 from recsys_transfer.errors import UserError
 
-DEFAULT_MIN_COUNT = {"movielens-sequences": 1, "movielens": 1, "criteo": 10, "synthetic": 1, "fdn-synthetic": 1}
+DEFAULT_MIN_COUNT = {"movielens-sequences": 1, "table-sequences": 1, "movielens": 1, "criteo": 10, "synthetic": 1,
+                     "fdn-synthetic": 1}
 GENERATED = ("synthetic", "fdn-synthetic")  # built-in sources that generate their rows (take rows, no input)
 
 
@@ -48,7 +49,7 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
     min_count = config.min_count if config.min_count is not None else DEFAULT_MIN_COUNT[config.dataset]
     if config.dataset not in GENERATED and config.rows is not None:
         raise UserError(f"rows: only the synthetic datasets are generated; {config.dataset} reads its input")
-    if config.dataset == "movielens-sequences":
+    if config.dataset in ("movielens-sequences", "table-sequences"):
         return _prepare_sequences(config, inputs, output, head_tail, overwrite)
     if config.dataset == "movielens":
         from recsys_transfer.data.movielens import prepare_movielens
@@ -94,16 +95,25 @@ def _prepare_sequences(config: PrepareConfig, inputs: list[Path], output: str | 
                        overwrite: bool) -> DatasetMeta:
     from recsys_transfer.data.sequences import DEFAULT_TARGET_GENRES, prepare_sequences
 
-    if len(inputs) != 1:
+    name = config.dataset
+    if name == "movielens-sequences" and len(inputs) != 1:
         raise UserError("input: movielens-sequences takes exactly one MovieLens directory")
+    if name == "table-sequences" and not inputs:
+        raise UserError("input: table-sequences takes one or more .csv, .tsv or .parquet files")
     if config.min_count is not None or config.hash_size is not None:
-        raise UserError("min_count, hash_size: movielens-sequences keeps every rated item (ids 2..)")
+        raise UserError(f"min_count, hash_size: {name} keeps every rated item (ids 2..)")
     if (config.split, config.on_bad_row, config.genres, config.history) != ("random", "error", "combination", 0):
-        raise UserError("split, on_bad_row, genres, history: not options of movielens-sequences (its splits are by "
+        raise UserError(f"split, on_bad_row, genres, history: not options of {name} (its splits are by "
                         "user or row, seeded; split_fractions replaces the task's)")
     fractions = tuple(config.split_fractions)
-    return prepare_sequences(inputs[0], output, task=config.sequence_task, sequence_length=config.sequence_length,
-                             target_genres=tuple(config.target_genres) or DEFAULT_TARGET_GENRES,
-                             max_target=config.max_target, seed=config.seed,
-                             split_fractions=None if fractions == (0.8, 0.1, 0.1) else fractions,
-                             head_tail=head_tail, overwrite=overwrite, allow_degenerate=config.allow_degenerate)
+    common = dict(task=config.sequence_task, sequence_length=config.sequence_length, max_target=config.max_target,
+                  seed=config.seed, split_fractions=None if fractions == (0.8, 0.1, 0.1) else fractions,
+                  head_tail=head_tail, overwrite=overwrite, allow_degenerate=config.allow_degenerate)
+    if name == "table-sequences":
+        from recsys_transfer.data.table_sequences import prepare_table_sequences
+
+        return prepare_table_sequences(inputs, output, user_column=config.user_column,
+                                       item_column=config.item_column, time_column=config.time_column,
+                                       domain_column=config.domain_column, **common)
+    return prepare_sequences(inputs[0], output, target_genres=tuple(config.target_genres) or DEFAULT_TARGET_GENRES,
+                             **common)

@@ -7,6 +7,13 @@ transform :class:`SequenceSampling` that the sequence models train on.
 the files present (:func:`recsys_transfer.data.movielens.detect_layout`, whose readers this module reuses).
 Implicit feedback: every rating is an interaction, whatever its value.
 
+One builder, :func:`build_sequences`, makes every task below from a frame of interactions (``user``, ``item``,
+``ts``, a ``target`` flag per row); :func:`prepare_sequences` only loads the MovieLens ratings and flags the
+target-domain genres. ``--dataset table-sequences`` (:mod:`recsys_transfer.data.table_sequences`) feeds the same
+builder from any CSV / TSV / parquet table with user, item and time columns and an optional 0/1 domain column; the
+rules here hold for it word for word (read "movie" as "item", "rating" as "interaction", the target genres as the
+items of domain 1), except ``profile``, which needs MovieLens' user attributes.
+
 Item vocabulary (field ``items``, table ``t_items``), the SAME for the three tasks of one input (so a fine-tuning
 run loads the pretrained item table row for row): ``0`` = none / padding (never inside a sequence; ``targets``
 holds it where a position is not predicted), ``1`` = the special token ([MASK] = [TCS] = [TCL], the paper's
@@ -22,8 +29,9 @@ and Horror, chosen because on both ML-100K and ML-1M-partial it gives many cold 
 99 + ``max_target`` target items that the sampled evaluation needs: measured, ML-100K 400 cold users over 142
 target items, ML-1M-partial 2,325 over 421); the source domain is every other item.
 
-Tasks (one prepared directory each; every row also carries the raw ``user`` id in its shard, a column
-``meta.json`` does not list, so the loader never reads it; tests and analyses do):
+Tasks (one prepared directory each; every row also carries the raw ``user`` id in its shard, ``int64``, or text
+for a table with text user ids, a column ``meta.json`` does not list, so the loader never reads it; tests and
+analyses do):
 
 * ``pretrain``: one row per user with at least 2 source-domain ratings (fewer: counted skip); ``items`` = the
   user's source-domain items; label ``next_item`` = the user's LAST source-domain item. Split by user 90/9/1
@@ -66,6 +74,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +173,17 @@ class _Field:
     vocab_of: str | None = None
 
 
+@dataclass(frozen=True)
+class TargetDomain:
+    """How a source marked the target domain (the ``target`` column): ``record`` goes into ``meta.json``'s
+    ``source`` (e.g. ``{"target_genres": [...]}``), ``name`` and ``widen`` word the error of a target domain too
+    small for the sampled evaluation (``name``: e.g. ``"target_genres ['Horror']"``; ``widen``: what to do)."""
+
+    record: dict
+    name: str
+    widen: str
+
+
 def prepare_sequences(
     input_dir: str | Path,
     output: str | Path,
@@ -178,17 +198,88 @@ def prepare_sequences(
     overwrite: bool = False,
     allow_degenerate: bool = False,
 ) -> DatasetMeta:
-    """Raw MovieLens directory -> the prepared sequence dataset of ``task`` in ``output`` (module docstring)."""
+    """Raw MovieLens directory -> the prepared sequence dataset of ``task`` in ``output`` (module docstring): loads
+    the ratings, marks the target domain by ``target_genres`` and hands them to :func:`build_sequences`."""
     if task not in SEQUENCE_TASKS:
         raise UserError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {task!r}")
-    fractions = tuple(split_fractions) if split_fractions is not None else SPLIT_FRACTIONS[task]
     d = Path(input_dir)
     layout, df = load_interactions(d)
+    known = sorted(set(df["genres"].explode().drop_nulls().to_list()))
+    unknown = [g for g in target_genres if g not in known]
+    if not target_genres or unknown:
+        raise UserError(f"target_genres: {unknown or 'none given'} not genre(s) of {d} (its genres: {known})")
+    is_target = df["genres"].list.eval(pl.element().is_in(list(target_genres))).list.any()
+    domain = TargetDomain(record={"target_genres": list(target_genres)},
+                          name=f"target_genres {list(target_genres)}", widen="choose more genres")
+    return build_sequences(
+        df.with_columns(is_target.alias("target")), output, task=task, dataset=f"{layout}-sequences",
+        provenance={"kind": "movielens-sequences", "layout": layout, "input": str(d)}, domain=domain,
+        profile=lambda src: _movielens_profile(src, layout, d), sequence_length=sequence_length,
+        max_target=max_target, seed=seed, split_fractions=split_fractions, head_tail=head_tail, overwrite=overwrite,
+        allow_degenerate=allow_degenerate)
+
+
+def _movielens_profile(src: pl.DataFrame, layout: str, d: Path) -> tuple[pl.DataFrame, dict[str, list]]:
+    """The profile labels of the users in ``src`` (MovieLens ratings with the raw user-file strings): one row per
+    user (``user``, ``gender``, ``age``, ``occupation`` as class ids) and the class names of each label."""
+    users = src.group_by("user", maintain_order=True).agg(pl.col("gender", "age", "occupation").first())
+    if layout == "ml-100k":
+        occ = pl.col("occupation").replace_strict(list(OCCUPATIONS_100K), list(range(21)), default=None)
+        occ_names = list(OCCUPATIONS_100K)
+    else:
+        occ = pl.col("occupation").cast(pl.Int64, strict=False)
+        occ = pl.when(occ.is_between(0, 20)).then(occ)
+        occ_names = list(OCCUPATIONS_1M)
+    users = users.select(
+        "user",
+        pl.col("gender").replace_strict(["F", "M"], [0, 1], default=None).alias("gender"),
+        _age_bracket(layout, pl.col("age")).alias("age"),
+        occ.alias("occupation"),
+    )
+    bad = users.filter(pl.any_horizontal(pl.col("gender", "age", "occupation").is_null()))
+    if len(bad):
+        raise UserError(f"{d}: user {bad['user'][0]} has a gender, age or occupation outside the known classes")
+    return users, {"gender": ["F", "M"], "age": list(AGE_CODES), "occupation": occ_names}
+
+
+def build_sequences(
+    df: pl.DataFrame,
+    output: str | Path,
+    *,
+    task: str,
+    dataset: str,
+    provenance: dict,
+    domain: TargetDomain,
+    profile: Callable[[pl.DataFrame], tuple[pl.DataFrame, dict[str, list]]] | None = None,
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+    max_target: int = DEFAULT_MAX_TARGET,
+    seed: int = 2022,
+    split_fractions: tuple[float, float, float] | None = None,
+    head_tail: HeadTailSpec = HeadTailSpec(),
+    overwrite: bool = False,
+    allow_degenerate: bool = False,
+) -> DatasetMeta:
+    """Interactions -> the prepared sequence dataset of ``task`` in ``output``: the one builder of every source
+    (MovieLens, :mod:`recsys_transfer.data.table_sequences`); the rules are the module docstring's.
+
+    ``df``: one row per interaction, columns ``user`` and ``item`` (raw ids, integers or strings), ``ts`` (any
+    sortable type), ``target`` (bool: the item is in the target domain; the same for every row of an item) and
+    whatever ``profile`` reads. ``dataset``: the name prefix (``meta.json``'s ``dataset`` is ``{dataset}-{task}``);
+    ``provenance``: the first entries of ``meta.json``'s ``source`` (``kind``, ``input``, ...). ``profile`` (task
+    ``profile`` only; a source without user attributes passes None): the source-domain rows -> (one row per user:
+    ``user`` and a class id per label, the class names per label, in label order)."""
+    if task not in SEQUENCE_TASKS:
+        raise UserError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {task!r}")
+    if task == "profile" and profile is None:
+        raise UserError(f"sequence_task profile: {provenance['kind']} has no user attributes to predict (the "
+                        "profile labels come from MovieLens' user file)")
+    fractions = tuple(split_fractions) if split_fractions is not None else SPLIT_FRACTIONS[task]
+    df = df.sort(["user", "ts", "item"], maintain_order=True)
     vocab = item_vocabulary(df)
     df = df.join(vocab.select("item", "id"), on="item", how="left", maintain_order="left")
     n_items = len(vocab)
     skipped: dict[str, int] = {}
-    source = {"kind": "movielens-sequences", "layout": layout, "input": str(d), "task": task,
+    source = {**provenance, "task": task,
               "sequence_length": sequence_length, "seed": seed, "split_fractions": list(fractions),
               "reserved_ids": {"pad": PAD, "token": TOKEN, "first_item": FIRST_ITEM},
               "ratings": len(df), "users": int(df["user"].n_unique()), "items": n_items,
@@ -198,13 +289,7 @@ def prepare_sequences(
     extra_vocab: dict[str, pl.DataFrame] = {}
 
     # every task reads the source domain: the pretraining sequences, and the fine-tuning tasks' inputs
-    known = sorted(set(df["genres"].explode().drop_nulls().to_list()))
-    unknown = [g for g in target_genres if g not in known]
-    if not target_genres or unknown:
-        raise UserError(f"target_genres: {unknown or 'none given'} not genre(s) of {d} (its genres: {known})")
-    is_target = df["genres"].list.eval(pl.element().is_in(list(target_genres))).list.any()
-    df = df.with_columns(is_target.alias("target"))
-    source.update(target_genres=list(target_genres), target_items=int(df.filter("target")["item"].n_unique()),
+    source.update(domain.record, target_items=int(df.filter("target")["item"].n_unique()),
                   target_ratings=int(df["target"].sum()))
     src = df.filter(~pl.col("target"))
 
@@ -225,30 +310,12 @@ def prepare_sequences(
         has_src = src["user"].unique()
         skipped["users without a source-domain rating"] = source["users"] - len(has_src)
         rows = _sequences(src, sequence_length)  # the sequences the network was pretrained on (GenEst's inputs)
-        users = src.group_by("user", maintain_order=True).agg(pl.col("gender", "age", "occupation").first())
-        if layout == "ml-100k":
-            occ = pl.col("occupation").replace_strict(list(OCCUPATIONS_100K), list(range(21)), default=None)
-            occ_names = list(OCCUPATIONS_100K)
-        else:
-            occ = pl.col("occupation").cast(pl.Int64, strict=False)
-            occ = pl.when(occ.is_between(0, 20)).then(occ)
-            occ_names = list(OCCUPATIONS_1M)
-        users = users.select(
-            "user",
-            pl.col("gender").replace_strict(["F", "M"], [0, 1], default=None).alias("gender"),
-            _age_bracket(layout, pl.col("age")).alias("age"),
-            occ.alias("occupation"),
-        )
-        bad = users.filter(pl.any_horizontal(pl.col("gender", "age", "occupation").is_null()))
-        if len(bad):
-            raise UserError(f"{d}: user {bad['user'][0]} has a gender, age or occupation outside the known classes")
+        users, classes = profile(src)
         rows = rows.join(users, on="user", how="left", maintain_order="left")
         rows = rows.with_columns(pl.Series("__split", _split_codes(len(rows), fractions, _seed(seed, task, 0))))
-        labels = ["gender", "age", "occupation"]
-        tasks = [TaskSpec(name="gender", kind="multiclass", num_classes=2),
-                 TaskSpec(name="age", kind="multiclass", num_classes=len(AGE_CODES)),
-                 TaskSpec(name="occupation", kind="multiclass", num_classes=21)]
-        source["classes"] = {"gender": ["F", "M"], "age": list(AGE_CODES), "occupation": occ_names}
+        labels = list(classes)
+        tasks = [TaskSpec(name=lab, kind="multiclass", num_classes=len(names)) for lab, names in classes.items()]
+        source["classes"] = classes
     else:  # cold
         if max_target < 1:
             raise UserError(f"max_target must be >= 1, got {max_target}")
@@ -257,8 +324,8 @@ def prepare_sequences(
                    .with_columns(pl.int_range(0, pl.len(), dtype=pl.Int64).alias("class")))
         n_classes = len(targets)
         if n_classes - max_target < EVAL_NEGATIVES:
-            raise UserError(f"target_genres {list(target_genres)}: {n_classes} target items; the sampled evaluation "
-                            f"needs at least {EVAL_NEGATIVES} + max_target ({max_target}); choose more genres")
+            raise UserError(f"{domain.name}: {n_classes} target items; the sampled evaluation needs at least "
+                            f"{EVAL_NEGATIVES} + max_target ({max_target}); {domain.widen}")
         per_user = tgt.group_by("user").len("n_target")
         cold = per_user.filter(pl.col("n_target") <= max_target)
         has_src = src["user"].unique()
@@ -297,7 +364,7 @@ def prepare_sequences(
         for lab in labels if task == "profile"
     }
     skipped = {reason: n for reason, n in skipped.items() if n}
-    return _write(rows, fields, labels, tasks, Path(output), dataset=f"{layout}-sequences-{task}", source=source,
+    return _write(rows, fields, labels, tasks, Path(output), dataset=f"{dataset}-{task}", source=source,
                   skipped=skipped, head_tail=head_tail, vocab=vocab, extra_vocab=extra_vocab, overwrite=overwrite,
                   allow_degenerate=allow_degenerate)
 
@@ -319,16 +386,18 @@ def _write(rows: pl.DataFrame, fields: list[_Field], labels: list[str], tasks: l
         for name, table in extra_vocab.items():
             table.write_parquet(tmp / "vocab" / f"{name}.parquet")
         extra = [c for c in ("user", "target_raw") if c in rows.columns]  # not in meta: the loader never reads them
+        raw_type = {c: (pa.string(), pl.String) if rows.schema[c] == pl.String else (pa.int64(), pl.Int64)
+                    for c in extra}  # raw ids: integers, or text (table-sequences)
         schema = pa.schema([pa.field(f.name, pa.list_(pa.int64())) for f in fields]
                            + [pa.field(lab, pa.float32()) for lab in labels]
-                           + [pa.field(c, pa.int64()) for c in extra])
+                           + [pa.field(c, raw_type[c][0]) for c in extra])
         split_rows, split_files = {}, {}
         train = rows.filter(pl.col("__split") == 0)
         for code, name in enumerate(SPLITS):
             part = rows.filter(pl.col("__split") == code)
             table = part.select(*[pl.col(f.name).cast(pl.List(pl.Int64)) for f in fields],
                                 *[pl.col(lab).cast(pl.Float32) for lab in labels],
-                                *[pl.col(c).cast(pl.Int64) for c in extra]).to_arrow().cast(schema)
+                                *[pl.col(c).cast(raw_type[c][1]) for c in extra]).to_arrow().cast(schema)
             (tmp / name).mkdir()
             pq.write_table(table, tmp / name / "part-00000.parquet", compression="zstd")
             split_rows[name], split_files[name] = len(part), [f"{name}/part-00000.parquet"]
@@ -443,7 +512,8 @@ class SequenceSampling:
             if missing:
                 raise UserError(f"sequence: the dataset {meta.dataset} has no list field(s) {missing} (a "
                                 "movielens-sequences dataset has items, negatives and targets); prepare it with "
-                                "`prepare --dataset movielens-sequences` or drop the sequence section")
+                                "`prepare --dataset movielens-sequences` (or table-sequences) or drop the sequence "
+                                "section")
             for n in needed[1:]:
                 if meta.field(n).vocab_of != "items":
                     raise UserError(f"sequence: field {n!r} must share the items vocabulary (vocab_of: items)")
