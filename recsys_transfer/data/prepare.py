@@ -93,7 +93,7 @@ def prepare(config: PrepareConfig, output: str | Path, *, overwrite: bool = Fals
 
 def _prepare_sequences(config: PrepareConfig, inputs: list[Path], output: str | Path, head_tail: HeadTailSpec,
                        overwrite: bool) -> DatasetMeta:
-    from recsys_transfer.data.sequences import DEFAULT_TARGET_GENRES, prepare_sequences
+    from recsys_transfer.data.sequences import DEFAULT_TARGET_GENRES, SequenceBuild, prepare_sequences
 
     name = config.dataset
     if name == "movielens-sequences" and len(inputs) != 1:
@@ -106,14 +106,14 @@ def _prepare_sequences(config: PrepareConfig, inputs: list[Path], output: str | 
         raise UserError(f"split, on_bad_row, genres, history: not options of {name} (its splits are by "
                         "user or row, seeded; split_fractions replaces the task's)")
     fractions = tuple(config.split_fractions)
-    common = dict(task=config.sequence_task, sequence_length=config.sequence_length, max_target=config.max_target,
-                  seed=config.seed, split_fractions=None if fractions == (0.8, 0.1, 0.1) else fractions,
-                  head_tail=head_tail, overwrite=overwrite, allow_degenerate=config.allow_degenerate)
+    build = SequenceBuild(task=config.sequence_task, sequence_length=config.sequence_length,
+                          max_target=config.max_target, seed=config.seed,
+                          split_fractions=None if fractions == (0.8, 0.1, 0.1) else fractions, head_tail=head_tail,
+                          overwrite=overwrite, allow_degenerate=config.allow_degenerate)
     if name == "table-sequences":
         from recsys_transfer.data.table_sequences import prepare_table_sequences
 
-        return prepare_table_sequences(inputs, output, user_column=config.user_column,
+        return prepare_table_sequences(inputs, output, build, user_column=config.user_column,
                                        item_column=config.item_column, time_column=config.time_column,
-                                       domain_column=config.domain_column, **common)
-    return prepare_sequences(inputs[0], output, target_genres=tuple(config.target_genres) or DEFAULT_TARGET_GENRES,
-                             **common)
+                                       domain_column=config.domain_column)
+    return prepare_sequences(inputs[0], output, build, tuple(config.target_genres) or DEFAULT_TARGET_GENRES)

@@ -184,24 +184,28 @@ class TargetDomain:
     widen: str
 
 
-def prepare_sequences(
-    input_dir: str | Path,
-    output: str | Path,
-    *,
-    task: str,
-    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-    target_genres: tuple[str, ...] = DEFAULT_TARGET_GENRES,
-    max_target: int = DEFAULT_MAX_TARGET,
-    seed: int = 2022,
-    split_fractions: tuple[float, float, float] | None = None,
-    head_tail: HeadTailSpec = HeadTailSpec(),
-    overwrite: bool = False,
-    allow_degenerate: bool = False,
-) -> DatasetMeta:
+@dataclass(frozen=True)
+class SequenceBuild:
+    """What every sequence source passes to :func:`build_sequences` (module docstring): the ``task``, the last-n cut,
+    the cold task's ``max_target``, the ``seed`` of the splits and negatives, the ``split_fractions`` (None: the
+    task's own), the head/tail spec and the output's ``overwrite`` / ``allow_degenerate``."""
+
+    task: str
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH
+    max_target: int = DEFAULT_MAX_TARGET
+    seed: int = 2022
+    split_fractions: tuple[float, float, float] | None = None
+    head_tail: HeadTailSpec = HeadTailSpec()
+    overwrite: bool = False
+    allow_degenerate: bool = False
+
+
+def prepare_sequences(input_dir: str | Path, output: str | Path, build: SequenceBuild,
+                      target_genres: tuple[str, ...] = DEFAULT_TARGET_GENRES) -> DatasetMeta:
     """Raw MovieLens directory -> the prepared sequence dataset of ``task`` in ``output`` (module docstring): loads
     the ratings, marks the target domain by ``target_genres`` and hands them to :func:`build_sequences`."""
-    if task not in SEQUENCE_TASKS:
-        raise UserError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {task!r}")
+    if build.task not in SEQUENCE_TASKS:
+        raise UserError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {build.task!r}")
     d = Path(input_dir)
     layout, df = load_interactions(d)
     known = sorted(set(df["genres"].explode().drop_nulls().to_list()))
@@ -212,11 +216,9 @@ def prepare_sequences(
     domain = TargetDomain(record={"target_genres": list(target_genres)},
                           name=f"target_genres {list(target_genres)}", widen="choose more genres")
     return build_sequences(
-        df.with_columns(is_target.alias("target")), output, task=task, dataset=f"{layout}-sequences",
+        df.with_columns(is_target.alias("target")), output, build, dataset=f"{layout}-sequences",
         provenance={"kind": "movielens-sequences", "layout": layout, "input": str(d)}, domain=domain,
-        profile=lambda src: _movielens_profile(src, layout, d), sequence_length=sequence_length,
-        max_target=max_target, seed=seed, split_fractions=split_fractions, head_tail=head_tail, overwrite=overwrite,
-        allow_degenerate=allow_degenerate)
+        profile=lambda src: _movielens_profile(src, layout, d))
 
 
 def _movielens_profile(src: pl.DataFrame, layout: str, d: Path) -> tuple[pl.DataFrame, dict[str, list]]:
@@ -245,19 +247,12 @@ def _movielens_profile(src: pl.DataFrame, layout: str, d: Path) -> tuple[pl.Data
 def build_sequences(
     df: pl.DataFrame,
     output: str | Path,
+    build: SequenceBuild,
     *,
-    task: str,
     dataset: str,
     provenance: dict,
     domain: TargetDomain,
     profile: Callable[[pl.DataFrame], tuple[pl.DataFrame, dict[str, list]]] | None = None,
-    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-    max_target: int = DEFAULT_MAX_TARGET,
-    seed: int = 2022,
-    split_fractions: tuple[float, float, float] | None = None,
-    head_tail: HeadTailSpec = HeadTailSpec(),
-    overwrite: bool = False,
-    allow_degenerate: bool = False,
 ) -> DatasetMeta:
     """Interactions -> the prepared sequence dataset of ``task`` in ``output``: the one builder of every source
     (MovieLens, :mod:`recsys_transfer.data.table_sequences`); the rules are the module docstring's.
@@ -268,6 +263,8 @@ def build_sequences(
     ``provenance``: the first entries of ``meta.json``'s ``source`` (``kind``, ``input``, ...). ``profile`` (task
     ``profile`` only; a source without user attributes passes None): the source-domain rows -> (one row per user:
     ``user`` and a class id per label, the class names per label, in label order)."""
+    task, sequence_length, max_target, seed = build.task, build.sequence_length, build.max_target, build.seed
+    split_fractions, head_tail = build.split_fractions, build.head_tail
     if task not in SEQUENCE_TASKS:
         raise UserError(f"sequence_task must be one of {SEQUENCE_TASKS}, got {task!r}")
     if task == "profile" and profile is None:
@@ -365,8 +362,8 @@ def build_sequences(
     }
     skipped = {reason: n for reason, n in skipped.items() if n}
     return _write(rows, fields, labels, tasks, Path(output), dataset=f"{dataset}-{task}", source=source,
-                  skipped=skipped, head_tail=head_tail, vocab=vocab, extra_vocab=extra_vocab, overwrite=overwrite,
-                  allow_degenerate=allow_degenerate)
+                  skipped=skipped, head_tail=head_tail, vocab=vocab, extra_vocab=extra_vocab, overwrite=build.overwrite,
+                  allow_degenerate=build.allow_degenerate)
 
 
 def _class_counts(values: pl.Series) -> dict[str, int]:

@@ -42,8 +42,7 @@ import pyarrow.parquet as pq
 
 from recsys_transfer.data.prepared import DatasetMeta
 from recsys_transfer.data.schema import FileFormat
-from recsys_transfer.data.sequences import DEFAULT_MAX_TARGET, DEFAULT_SEQUENCE_LENGTH, TargetDomain, build_sequences
-from recsys_transfer.data.splits import HeadTailSpec
+from recsys_transfer.data.sequences import SequenceBuild, TargetDomain, build_sequences
 from recsys_transfer.data.tabular import FILE_COL, LINE_COL, read_cells
 from recsys_transfer.errors import DataError, UserError
 
@@ -225,24 +224,11 @@ def _check_item_domains(df: pl.DataFrame, paths: list[Path]) -> None:
                         f"{int(bad['__first'])} at {paths[bad['__f0']]}:{bad['__l0']}", bad[LINE_COL])
 
 
-def prepare_table_sequences(
-    inputs: Sequence[str | Path],
-    output: str | Path,
-    *,
-    task: str,
-    user_column: str,
-    item_column: str,
-    time_column: str,
-    domain_column: str | None = None,
-    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-    max_target: int = DEFAULT_MAX_TARGET,
-    seed: int = 2022,
-    split_fractions: tuple[float, float, float] | None = None,
-    head_tail: HeadTailSpec = HeadTailSpec(),
-    overwrite: bool = False,
-    allow_degenerate: bool = False,
-) -> DatasetMeta:
-    """Interaction files -> the prepared sequence dataset of ``task`` in ``output`` (module docstring)."""
+def prepare_table_sequences(inputs: Sequence[str | Path], output: str | Path, build: SequenceBuild, *,
+                            user_column: str, item_column: str, time_column: str,
+                            domain_column: str | None = None) -> DatasetMeta:
+    """Interaction files -> the prepared sequence dataset of ``build.task`` in ``output`` (module docstring)."""
+    task = build.task
     if task not in TABLE_TASKS:
         raise UserError(f"sequence_task {task!r}: table-sequences builds {' and '.join(TABLE_TASKS)}"
                         + (" (profile needs the user attributes only MovieLens has)" if task == "profile" else ""))
@@ -255,7 +241,5 @@ def prepare_table_sequences(
                               "domain": domain_column}}
     domain = TargetDomain(record={"domain_column": domain_column}, name=f"domain column {domain_column!r}",
                           widen="mark more items as domain 1")
-    return build_sequences(df.select("user", "item", "ts", "target"), output, task=task, dataset="table-sequences",
-                           provenance=provenance, domain=domain, sequence_length=sequence_length,
-                           max_target=max_target, seed=seed, split_fractions=split_fractions, head_tail=head_tail,
-                           overwrite=overwrite, allow_degenerate=allow_degenerate)
+    return build_sequences(df.select("user", "item", "ts", "target"), output, build, dataset="table-sequences",
+                           provenance=provenance, domain=domain)
