@@ -92,19 +92,18 @@ class DilatedResidualBlock(nn.Module):
             init_truncated_normal(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def dilated(self, conv: nn.Conv1d, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def dilated(self, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
         """``psi(x)`` (causal) or ``phi(x)`` (non-causal) of ``conv``: ``[B, L, C] -> [B, L, C]``.
 
         Computed as the 2-D convolution of ``[B, C, 1, L]`` by the ``[C, C, 1, kernel]`` kernel (the same weights,
         the same sums: RecBole's NextItNet does the same), not ``conv1d``: measured on CPU (one thread, B 256,
         L 50, C 64, 10 blocks, forward + backward), oneDNN's 1-D path goes through strided layout copies that the
         2-D one avoids, and the whole stack ran 1.4-1.5x faster (tests/test_sequence_models.py holds it to a
-        hand-written float64 convolution). ``bias`` replaces the conv's own (a caller folding a term into it)."""
+        hand-written float64 convolution)."""
         span = (self.kernel - 1) * conv.dilation[0]
         left = span if self.causal else span // 2
         h = F.pad(x.transpose(1, 2).unsqueeze(2), (left, span - left))  # [B, C, 1, left + L + right]
-        y = F.conv2d(h, conv.weight.unsqueeze(2), conv.bias if bias is None else bias,
-                     dilation=(1, conv.dilation[0]))  # [B, C, 1, L]
+        y = F.conv2d(h, conv.weight.unsqueeze(2), conv.bias, dilation=(1, conv.dilation[0]))  # [B, C, 1, L]
         return y.squeeze(2).transpose(1, 2)  # [B, L, C]
 
     def psi1(self, x: torch.Tensor) -> torch.Tensor:

@@ -100,18 +100,6 @@ class PatchedResidualBlock(nn.Module):
         """A parallel patch's term: ``H_MP(x)`` (Eq. 12) or, without the shortcut, its branch only."""
         return mp(x) if self.parallel_shortcut else mp.branch(x)
 
-    def _parallel(self, mp: ModelPatch, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-        """``psi(x) + H_MP(x)`` of insertion (d) (Eq. 12) as one convolution and one GEMM: the patch's up bias
-        folded into the conv's bias, ``x`` (the patch's shortcut) added to the conv's output, and ``phi_up``'s
-        product accumulated onto that sum by ``addmm`` -- the same sums as ``self._beside(mp, x) + psi(x)`` with two
-        fewer passes over ``[B, L, C]`` per patch (tests/test_sequence_models.py holds it to Eq. 12 in float64)."""
-        base = self.block.dilated(conv, x, bias=conv.bias + mp.up.bias)  # psi(x) + b_up
-        if self.parallel_shortcut:
-            base = x + base
-        g = mp.act(mp.down(x))  # [B, L, K]
-        return torch.addmm(base.reshape(-1, base.shape[-1]), g.reshape(-1, g.shape[-1]),
-                           mp.up.weight.t()).view(base.shape)
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         blk, ins = self.block, self.insertion
         if ins == "b":
@@ -121,8 +109,8 @@ class PatchedResidualBlock(nn.Module):
             h = _masked(torch.relu(blk.ln1(blk.psi1(x))), mask)
             f = self.mp(torch.relu(blk.ln2(blk.psi2(h))))
         elif ins == "d":
-            e = _masked(torch.relu(blk.ln1(self._parallel(self.mp1, blk.conv1, x))), mask)  # E~
-            f = torch.relu(blk.ln2(self._parallel(self.mp2, blk.conv2, e)))
+            e = _masked(torch.relu(blk.ln1(self._beside(self.mp1, x) + blk.psi1(x))), mask)  # E~
+            f = torch.relu(blk.ln2(self._beside(self.mp2, e) + blk.psi2(e)))
         else:  # e
             e = _masked(self._beside(self.mp1, x) + torch.relu(blk.ln1(blk.psi1(x))), mask)  # E~
             f = self._beside(self.mp2, e) + torch.relu(blk.ln2(blk.psi2(e)))
