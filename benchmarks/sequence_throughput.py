@@ -739,7 +739,7 @@ def parse_args(argv=None):
                    help="ours: the model's softmax option (full: every item is a candidate, as RecBole's CE)")
     p.add_argument("--sampler", choices=("uniform", "popularity"), default="uniform",
                    help="ours, sampled softmax: how the pool is drawn (popularity: (count+1)^power with the log-Q "
-                        "correction; recsys_transfer.data.sequences.negative_distribution)")
+                        "correction; recsys_transfer.data.sequences.popularity_distribution)")
     p.add_argument("--sampler-power", type=float, default=1.0)
     p.add_argument("--reg-weight", type=float, default=1e-5, help="RecBole's reg_weight (its default)")
     p.add_argument("--batch-size", type=int, default=256)

@@ -576,7 +576,7 @@ class SequenceConfig:
     how the pool is drawn -- ``uniform`` over the items, or ``popularity``: proportional to ``(training count +
     1) ** sampler_power``, with the sampled softmax's log-Q correction (the batch carries ``log(S q(id))`` as the
     KJT's weights and the model subtracts it from every logit; :func:`recsys_transfer.data.sequences.
-    negative_distribution`)."""
+    popularity_distribution`)."""
 
     negatives: int = 0
     mask_rate: float = 0.0

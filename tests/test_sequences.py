@@ -327,7 +327,7 @@ def test_popularity_sampler_draws_by_count_and_weights_every_value_with_log_q(ml
     data, meta = ml1m_pretrain
     v = meta.field("items").vocab_size
     counts = np.asarray(meta.field("items").frequencies, dtype=np.float64)
-    q = sequences.negative_distribution(v, "popularity", 0.75, meta.field("items").frequencies)
+    q = sequences.popularity_distribution(meta.field("items").frequencies, 0.75)
     want = np.zeros(v)
     want[2:] = (counts[2:] + 1) ** 0.75
     np.testing.assert_allclose(q, want / want.sum(), rtol=1e-12)

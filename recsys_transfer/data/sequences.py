@@ -429,22 +429,13 @@ def _write(rows: pl.DataFrame, fields: list[_Field], labels: list[str], tasks: l
 # the batch transform
 
 
-def negative_distribution(vocab_size: int, sampler: str, power: float = 1.0,
-                          frequencies=None) -> np.ndarray:
-    """``q [V]``: the probability of each id in one draw of the negative pool, 0 at the reserved ids 0 and 1.
-    ``uniform``: ``1 / (V - 2)`` for every item; ``popularity``: ``(count + 1) ** power`` normalized, ``count`` =
-    the item's training count (``meta``'s ``frequencies``; +1 so an item unseen in training stays drawable and has
-    a finite log-Q). ``power`` 1 is the unigram distribution, 0 uniform (word2vec's 0.75 sits between)."""
-    q = np.zeros(vocab_size, dtype=np.float64)
-    if sampler == "uniform":
-        q[FIRST_ITEM:] = 1.0
-    elif sampler == "popularity":
-        if frequencies is None or len(frequencies) != vocab_size:
-            raise UserError(f"sequence.sampler popularity needs the items' training counts (meta frequencies of "
-                            f"length {vocab_size})")
-        q[FIRST_ITEM:] = (np.asarray(frequencies[FIRST_ITEM:], dtype=np.float64) + 1.0) ** power
-    else:
-        raise UserError(f"sequence.sampler must be uniform or popularity, got {sampler!r}")
+def popularity_distribution(frequencies, power: float = 1.0) -> np.ndarray:
+    """``q [V]`` (``V = len(frequencies)``): the probability of each id in one draw of a ``sampler: popularity``
+    pool, ``(count + 1) ** power`` normalized over the items and 0 at the reserved ids 0 and 1; ``count`` = the
+    item's training count (``meta``'s ``frequencies``; +1 so an item unseen in training stays drawable and has a
+    finite log-Q). ``power`` 1 is the unigram distribution, 0 uniform (word2vec's 0.75 sits between)."""
+    q = np.zeros(len(frequencies), dtype=np.float64)
+    q[FIRST_ITEM:] = (np.asarray(frequencies[FIRST_ITEM:], dtype=np.float64) + 1.0) ** power
     return q / q.sum()
 
 
@@ -465,7 +456,7 @@ class SequenceSampling:
       (``vocab_of: items``), ``S`` ids drawn uniformly WITH replacement from ``2..V-1``, one pool per batch spread
       over the rows (row b holds ``S // B + (b < S % B)`` of them, in pool order; the model concatenates the
       feature's values into the pool ``[S]``). A negative equal to a row's positive is not removed here.
-      ``sampler: popularity``: the ``S`` ids are drawn WITH replacement from :func:`negative_distribution` ``q``
+      ``sampler: popularity``: the ``S`` ids are drawn WITH replacement from :func:`popularity_distribution` ``q``
       instead, and the KJT gets weights: every value's ``log(S q(id))`` (0 at the reserved ids), the log of its
       expected count in the pool -- the log-Q correction of the sampled softmax (Jean et al. 2015; TF's
       ``sampled_softmax_loss`` subtracts the same from the true and the sampled logits), which the sequence models
@@ -518,10 +509,12 @@ class SequenceSampling:
         if vocab_size is None or vocab_size <= FIRST_ITEM:
             raise UserError(f"sequence: the item vocabulary needs ids from {FIRST_ITEM} on, got size {vocab_size}")
         self.vocab_size = int(vocab_size)
-        self.popularity = self.negatives and getattr(config, "sampler", "uniform") == "popularity"
+        self.popularity = self.negatives and config.sampler == "popularity"
         if self.popularity:
-            q = negative_distribution(self.vocab_size, "popularity", config.sampler_power,
-                                      meta.field("items").frequencies if meta is not None else None)
+            if meta is None:
+                raise UserError("sequence.sampler popularity draws by the items' training counts: it needs the "
+                                "dataset's meta")
+            q = popularity_distribution(meta.field("items").frequencies, config.sampler_power)
             self.cdf = np.cumsum(q)
             with np.errstate(divide="ignore"):
                 self.log_expected = np.where(q > 0, np.log(config.negatives * q), 0.0).astype(np.float32)
