@@ -360,13 +360,13 @@ class Ours:
         from recsys_transfer.train.compose import compose_step
 
         self.vocab = vocab
-        self.softmax = getattr(args, "softmax", "sampled")
+        self.softmax = args.softmax
         self.negatives = args.negatives if args.negatives >= 0 else max(1, round(0.2 * (vocab - FIRST_ITEM)))
         if self.softmax == "full":  # the model's pool is every item: no batch draws (the field stays in the meta)
             self.negatives = 0
         task = TaskSpec(name=self.TASK, label="next_item", kind="retrieval", candidates="sampled", loss="softmax")
 
-        self.sampler = getattr(args, "sampler", "uniform")
+        self.sampler = args.sampler
         counts = getattr(args, "train_counts", None)  # popularity: the items' training counts (load_data's)
 
         def field(name, vocab_of=None):
@@ -416,7 +416,7 @@ class Ours:
             share[: self.negatives % b] += 1
             values, lengths, keys = torch.cat([values, neg]), torch.cat([lengths, share]), keys + ["negatives"]
         if key is not None and self.pool_transform is not None:  # an empty feature the transform fills
-            values, lengths, keys = values, torch.cat([lengths, torch.zeros(b, dtype=lengths.dtype)]), keys + ["negatives"]
+            lengths, keys = torch.cat([lengths, torch.zeros(b, dtype=lengths.dtype)]), keys + ["negatives"]
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths)
         batch = Batch(dense=torch.zeros(b, 0), sparse=kjt, labels={"next_item": torch.zeros(b)})
         if key is not None and self.pool_transform is not None:

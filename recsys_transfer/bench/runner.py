@@ -98,7 +98,7 @@ def run_id_of(cfg: RunConfig, slug: str) -> str:
     tree["train"].pop("progress", None)
     tree.pop("log", None)  # how a run is watched, not what it computes
     for path, default in LATER_KEYS.items():
-        _drop_unused(tree, path, tuple(default) if isinstance(default, list) else default)
+        _drop_unused(tree, path, default)
     for name, section in LATER_SECTIONS.items():
         later = {p.split(".", 1)[1] for p in LATER_KEYS if p.startswith(f"{name}.")}
         defaults = {k: v for k, v in dataclasses.asdict(section()).items() if k not in later}

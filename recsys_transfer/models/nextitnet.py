@@ -115,4 +115,4 @@ class NextItNet(SequenceBackbone):
                                     batch_log_q(batch.sparse, self.num_items))
         else:
             scores = FactoredScores(query, rows[NEGATIVES].values(), positive_ids - FIRST_ITEM)  # pool = ids 2..V-1
-        return {self.task.name: scores}  # [M, 1 + S]
+        return {self.task.name: scores}  # [M, 1 + S], or the factored [M, V - 2] of the full softmax
